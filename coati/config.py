@@ -1,0 +1,161 @@
+"""TrainConfig: the single source of truth for every training option.
+
+The argparse parser is generated from the dataclass fields, so a new option is one field here. The resolved config
+is saved as ``train_config.json`` next to every export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, nargs: str | None = None) -> Any:
+    """A dataclass field carrying its CLI help text (and choices) in metadata."""
+    meta = {"help": help, "choices": choices, "nargs": nargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """All options of ``train_reward_model.py``; field names are the CLI flags (``--max_len`` etc.).
+
+    Registry-backed choices (``model``, ``loss_fn``, ``strategy``) are validated against their registries in
+    :func:`parse_args`, so the CLI choices cannot drift from the code.
+    """
+
+    # backbone
+    model: str = _opt("llama", "backbone family (registry coati.models.backbones.BACKBONES)")
+    pretrain: str | None = _opt(None, "pretrained weights: local HF folder, Hub id (online), a .gguf file, or the alias "
+                                      "'smollm2-135m'; omitted = random init from --model_config")
+    model_config: str = _opt("tiny", "random-init config when --pretrain is omitted: a preset name of the backbone "
+                                     "(e.g. tiny, small) or a config.json path")
+    tokenizer: str | None = _opt(None, "tokenizer folder or Hub id; default: the backbone's own, or SmolLM2's for a "
+                                       "random-init model")
+    trust_remote_code: bool = _opt(False, "allow Hub remote code when loading (off by default)")
+    # LoRA
+    lora_rank: int = _opt(0, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / rank)")
+    lora_dropout: float = _opt(0.0, "LoRA dropout")
+    lora_train_bias: str = _opt("none", "which biases to train with LoRA", choices=("none", "all", "lora_only"))
+    # loss
+    loss_fn: str = _opt("log_sig", "pairwise loss (registry coati.losses.LOSSES)")
+    # data
+    dataset: list[str] = _opt(["hh-rlhf"], "named datasets, local files (.jsonl/.jsonl.gz/.json/.parquet) or Hub ids",
+                              nargs="+")
+    data_dir: str | None = _opt(None, "where named datasets are looked up first (default: env COATI_DATA_DIR)")
+    eval_dataset: list[str] | None = _opt(None, "evaluation datasets (same forms as --dataset)", nargs="+")
+    eval_split: float = _opt(0.0, "fraction of --dataset held out for evaluation (deterministic, by content hash) "
+                                  "when --eval_dataset is not given")
+    max_samples: int | None = _opt(None, "at most N pairs per dataset (first N usable rows, in file order)")
+    max_eval_samples: int | None = _opt(None, "at most N evaluation pairs per eval dataset")
+    strict_data: bool = _opt(False, "stop at the first bad row (file:line) instead of skipping and counting it")
+    max_len: int = _opt(512, "max tokens per sequence (prompt truncated from the left; the EOS is always kept)")
+    padding_side: str = _opt("right", "padding side of batches (rewards do not depend on it)",
+                             choices=("right", "left"))
+    chat_template: str = _opt("auto", "render conversations with the tokenizer's chat template: auto (when it has "
+                                      "one), always, never", choices=("auto", "always", "never"))
+    # strategy
+    strategy: str = _opt("ddp", "distributed strategy (registry coati.strategies.STRATEGIES)")
+    # optimisation
+    batch_size: int = _opt(4, "pairs per micro-batch per process")
+    accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    max_epochs: int = _opt(1, "passes over the training pairs")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps (overrides max_epochs when reached)")
+    lr: float = _opt(5e-6, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_ratio: float = _opt(0.03, "share of optimizer steps spent in linear warmup before the cosine decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables")
+    bf16: bool = _opt(False, "bf16 autocast for the backbone (weights, optimizer and loss stay fp32)")
+    seed: int = _opt(42, "seed for init, shuffling and dropout")
+    # logging / output
+    log_every: int = _opt(10, "log train metrics every N optimizer steps")
+    eval_every: int = _opt(0, "evaluate every N optimizer steps (0 = only at the end)")
+    eval_batch_size: int | None = _opt(None, "pairs per evaluation batch per process (default: --batch_size)")
+    save_path: str = _opt("out/rm", "export folder: HF model, tokenizer, train_config.json, metrics.jsonl")
+    disable_tqdm: bool = _opt(False, "no progress bar")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of all fields."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        """Write the config as JSON to ``path`` (creates parent folders)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+
+
+def _str2bool(value: str) -> bool:
+    v = value.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def _registry_choices() -> dict[str, tuple[str, ...]]:
+    from coati.losses import LOSSES
+    from coati.models.backbones import BACKBONES
+    from coati.strategies import STRATEGIES
+
+    return {"model": tuple(BACKBONES), "loss_fn": tuple(LOSSES), "strategy": tuple(STRATEGIES)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one ``--<field>`` flag per :class:`TrainConfig` field, defaults shown in ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="train_reward_model.py",
+        description="Train a reward model (backbone + value head) on preference pairs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    registry = _registry_choices()
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"default": default, "help": meta["help"]}
+        choices = registry.get(f.name) or meta.get("choices")
+        if choices:
+            kwargs["choices"] = choices
+        if meta.get("nargs"):
+            kwargs["nargs"] = meta["nargs"]
+        if isinstance(default, bool):
+            kwargs.update(type=_str2bool, nargs="?", const=True)
+        elif f.name in ("max_samples", "max_eval_samples", "max_steps", "eval_batch_size"):
+            kwargs["type"] = int
+        elif isinstance(default, int):
+            kwargs["type"] = int
+        elif isinstance(default, float):
+            kwargs["type"] = float
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse CLI arguments into a validated :class:`TrainConfig`.
+
+    Raises:
+        SystemExit: (from argparse) on an unknown flag, a bad value or an invalid combination, with a message.
+    """
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    cfg = TrainConfig(**vars(ns))
+    errors = []
+    if cfg.max_len < 8:
+        errors.append("--max_len must be at least 8")
+    if cfg.batch_size < 1 or cfg.accumulation_steps < 1:
+        errors.append("--batch_size and --accumulation_steps must be >= 1")
+    if not 0.0 <= cfg.eval_split < 1.0:
+        errors.append("--eval_split must be in [0, 1)")
+    if cfg.lora_rank < 0:
+        errors.append("--lora_rank must be >= 0")
+    if errors:
+        parser.error("; ".join(errors))
+    return cfg

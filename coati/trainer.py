@@ -1,0 +1,218 @@
+"""Training and evaluation loops: one forward for chosen + rejected, metrics all-reduced over ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from coati.data.collate import GlobalBatchSampler, collate_pairs
+from coati.data.template import TokenizedPair
+from coati.strategies.base import Strategy
+
+LANGS = ("en", "zh")
+# columns of a metrics accumulator row: loss * pairs, pairs, correct, margin sum, chosen sum, rejected sum
+_COLS = 6
+
+
+class PairMetrics:
+    """Sums over pairs (overall and per language) that are all-reduced before dividing.
+
+    Definitions: ``acc`` = share of pairs with r_c > r_r (ties count as wrong); ``dist`` = mean of r_c - r_r;
+    ``chosen_reward`` / ``rejected_reward`` = mean rewards; ``loss`` = pair-weighted mean loss.
+    """
+
+    def __init__(self):
+        self.sums = torch.zeros(1 + len(LANGS), _COLS, dtype=torch.float64)
+
+    def add(self, loss: float, chosen: torch.Tensor, rejected: torch.Tensor, langs: list[str]) -> None:
+        """Accumulate one batch. ``chosen``/``rejected``: ``[B]`` rewards; ``loss``: the batch-mean loss."""
+        c, r = chosen.detach().double().cpu(), rejected.detach().double().cpu()
+        rows = torch.stack([torch.full_like(c, loss), torch.ones_like(c), (c > r).double(), c - r, c, r], dim=1)
+        self.sums[0] += rows.sum(0)
+        for j, lang in enumerate(LANGS, start=1):
+            sel = torch.tensor([lg == lang for lg in langs], dtype=torch.bool)
+            if sel.any():
+                self.sums[j] += rows[sel].sum(0)
+
+    def reduce(self, strategy: Strategy) -> "PairMetrics":
+        """All-reduce the sums over ranks (in place)."""
+        strategy.all_reduce(self.sums)
+        return self
+
+    @staticmethod
+    def _row(s: torch.Tensor) -> dict[str, float]:
+        n = s[1].item()
+        if n == 0:
+            return {}
+        return {"loss": s[0].item() / n, "acc": s[2].item() / n, "dist": s[3].item() / n,
+                "chosen_reward": s[4].item() / n, "rejected_reward": s[5].item() / n, "pairs": int(n)}
+
+    def result(self) -> dict:
+        """Overall metrics plus ``languages: {lang: {...}}`` for languages seen."""
+        out = self._row(self.sums[0])
+        out["languages"] = {lang: self._row(self.sums[j]) for j, lang in enumerate(LANGS, start=1)
+                            if self.sums[j, 1] > 0}
+        return out
+
+
+@dataclass
+class TrainerOptions:
+    """Loop settings (a subset of TrainConfig, kept plain so the trainer does not depend on the CLI)."""
+
+    batch_size: int
+    eval_batch_size: int
+    accumulation_steps: int
+    max_epochs: int
+    max_steps: int | None
+    max_grad_norm: float
+    bf16: bool
+    seed: int
+    log_every: int
+    eval_every: int
+    padding_side: str
+    metrics_path: str | None
+    disable_tqdm: bool = False
+
+
+class Trainer:
+    """Fits a reward model on tokenized pairs under a strategy.
+
+    Args:
+        model: the prepared (possibly wrapped) module whose forward is ``(input_ids, attention_mask) -> [N] rewards``.
+        optimizer, scheduler: built by the caller after ``strategy.prepare``.
+        loss_fn: ``(chosen [B], rejected [B], margin [B] | None) -> scalar``; see :mod:`coati.losses`.
+        pad_id: padding token id.
+    """
+
+    def __init__(self, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                 loss_fn: Callable, train_pairs: list[TokenizedPair], eval_pairs: list[TokenizedPair],
+                 pad_id: int, opts: TrainerOptions):
+        self.strategy, self.model, self.optimizer, self.scheduler = strategy, model, optimizer, scheduler
+        self.loss_fn, self.train_pairs, self.eval_pairs = loss_fn, train_pairs, eval_pairs
+        self.pad_id, self.opts = pad_id, opts
+        self.sampler = GlobalBatchSampler(len(train_pairs), opts.batch_size, strategy.world_size, strategy.rank,
+                                          shuffle=True, seed=opts.seed, drop_last=True)
+        self.step = 0
+        self.history: list[dict] = []
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (incomplete accumulation windows are dropped)."""
+        return len(self.sampler) // self.opts.accumulation_steps
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps this run will take."""
+        total = self.steps_per_epoch * self.opts.max_epochs
+        return min(total, self.opts.max_steps) if self.opts.max_steps else total
+
+    def _autocast(self):
+        if self.opts.bf16:
+            return torch.autocast(device_type=self.strategy.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self.strategy.device
+        with self._autocast():
+            rewards = self.model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+        b = rewards.shape[0] // 2
+        chosen, rejected = rewards[:b], rewards[b:]
+        margin = batch["margin"].to(dev) if batch["margin"] is not None else None
+        return self.loss_fn(chosen, rejected, margin), chosen, rejected
+
+    def _log(self, row: dict) -> None:
+        self.history.append(row)
+        if self.strategy.is_main and self.opts.metrics_path:
+            with open(self.opts.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def fit(self) -> list[dict]:
+        """Train for ``total_steps`` optimizer steps; returns the metrics rows (also written to metrics.jsonl)."""
+        opts, strategy = self.opts, self.strategy
+        total = self.total_steps
+        bar = tqdm(total=total, desc="train", disable=opts.disable_tqdm or not strategy.is_main, dynamic_ncols=True)
+        window, t0, tokens = PairMetrics(), time.perf_counter(), 0
+        self.model.train()
+        done = total == 0
+        for epoch in range(opts.max_epochs):
+            if done:
+                break
+            self.sampler.set_epoch(epoch)
+            batches = list(self.sampler)
+            batches = batches[: len(batches) - len(batches) % opts.accumulation_steps]
+            for i, idx in enumerate(batches):
+                last_micro = (i + 1) % opts.accumulation_steps == 0
+                batch = collate_pairs([self.train_pairs[j] for j in idx], self.pad_id, opts.padding_side)
+                tokens += int(batch["attention_mask"].sum())
+                ctx = contextlib.nullcontext() if last_micro else strategy.no_sync(self.model)
+                with ctx:
+                    loss, chosen, rejected = self._forward(batch)
+                    strategy.backward(loss / opts.accumulation_steps)
+                window.add(loss.item(), chosen, rejected, batch["langs"])
+                if not last_micro:
+                    continue
+                if opts.max_grad_norm > 0:
+                    strategy.clip_grad_norm(self.model, opts.max_grad_norm)
+                strategy.optimizer_step(self.optimizer)
+                self.scheduler.step()
+                self.step += 1
+                bar.update(1)
+                if self.step % opts.log_every == 0 or self.step == total:
+                    row = self._train_row(window, epoch, t0, tokens)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['acc']:.3f}", dist=f"{row['dist']:.3f}")
+                    window, t0, tokens = PairMetrics(), time.perf_counter(), 0
+                if opts.eval_every and self.step % opts.eval_every == 0 and self.step != total:
+                    self.evaluate()
+                    self.model.train()
+                if self.step >= total:
+                    done = True
+                    break
+        bar.close()
+        return self.history
+
+    def _train_row(self, window: PairMetrics, epoch: int, t0: float, tokens: int) -> dict:
+        elapsed = time.perf_counter() - t0
+        counts = torch.tensor([float(tokens)], dtype=torch.float64)
+        self.strategy.all_reduce(counts)
+        res = window.reduce(self.strategy).result()
+        row = {"step": self.step, "split": "train", "epoch": epoch, **res,
+               "lr": self.scheduler.get_last_lr()[0], "pairs_per_s": res.get("pairs", 0) / elapsed,
+               "tokens_per_s": counts.item() / elapsed}
+        self._log(row)
+        return row
+
+    @torch.no_grad()
+    def evaluate(self, pairs: list[TokenizedPair] | None = None, split: str = "eval", log: bool = True) -> dict:
+        """Metrics over ``pairs`` (default: the eval pairs), each pair scored once on exactly one rank.
+
+        Returns:
+            the all-reduced metrics row (``step``, ``split``, ``loss``, ``acc``, ``dist``, ``chosen_reward``,
+            ``rejected_reward``, ``pairs``, ``languages``); {} when there is nothing to evaluate.
+        """
+        pairs = self.eval_pairs if pairs is None else pairs
+        if not pairs:
+            return {}
+        self.model.eval()
+        sampler = GlobalBatchSampler(len(pairs), self.opts.eval_batch_size, self.strategy.world_size,
+                                     self.strategy.rank, shuffle=False, drop_last=False)
+        metrics = PairMetrics()
+        bar = tqdm(total=len(sampler), desc=split, leave=False, dynamic_ncols=True,
+                   disable=self.opts.disable_tqdm or not self.strategy.is_main)
+        for idx in sampler:
+            batch = collate_pairs([pairs[j] for j in idx], self.pad_id, self.opts.padding_side)
+            loss, chosen, rejected = self._forward(batch)
+            metrics.add(loss.item(), chosen, rejected, batch["langs"])
+            bar.update(1)
+        bar.close()
+        row = {"step": self.step, "split": split, **metrics.reduce(self.strategy).result()}
+        if log:
+            self._log(row)
+        return row
+

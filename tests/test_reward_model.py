@@ -1,0 +1,75 @@
+"""The reward is read at the last real token, whatever the padding side or the rest of the batch."""
+
+import pytest
+import torch
+
+from coati.data.collate import collate_pairs
+from coati.data.template import TokenizedPair
+from coati.models.backbones import get_backbone
+from coati.models.reward_model import RewardModel, last_token_index
+from conftest import tiny_model
+
+SEQS = [[5, 6, 7, 8, 9, 2], [11, 12, 2], [20, 21, 22, 23, 24, 25, 26, 27, 28, 2]]
+
+
+def _reward_model(name, tokenizer):
+    return RewardModel(tiny_model(name, tokenizer), get_backbone(name).uses_position_ids)
+
+
+def _batch(seqs, pad_id, side):
+    length = max(map(len, seqs))
+    ids = torch.full((len(seqs), length), pad_id)
+    mask = torch.zeros((len(seqs), length), dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(length - len(s), length)
+        ids[i, sl], mask[i, sl] = torch.tensor(s), 1
+    return ids, mask
+
+
+def test_last_token_index_both_sides():
+    mask_r = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    mask_l = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert last_token_index(mask_r).tolist() == [2, 4]
+    assert last_token_index(mask_l).tolist() == [4, 4]
+    with pytest.raises(ValueError, match="no real token"):
+        last_token_index(torch.tensor([[0, 0]]))
+
+
+@pytest.mark.parametrize("name", ["llama", "bloom"])
+def test_rewards_independent_of_padding_side_and_batch(name, tokenizer):
+    rm = _reward_model(name, tokenizer)
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        alone = torch.cat([rm(*_batch([s], pad, "right")) for s in SEQS])
+        right = rm(*_batch(SEQS, pad, "right"))
+        left = rm(*_batch(SEQS, pad, "left"))
+        other = rm(*_batch([SEQS[1], [30] * 40 + [2], SEQS[0], SEQS[2]], pad, "left"))
+    assert right.dtype == torch.float32 and right.shape == (3,)
+    assert torch.allclose(alone, right, atol=1e-5)
+    assert torch.allclose(alone, left, atol=1e-5)
+    assert torch.allclose(alone[[1, 0, 2]], other[[0, 2, 3]], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "bloom"])
+def test_reward_is_value_head_at_last_real_token(name, tokenizer):
+    rm = _reward_model(name, tokenizer)
+    hf = rm.hf_model
+    ids, mask = _batch(SEQS, tokenizer.pad_token_id, "right")
+    with torch.no_grad():
+        rewards = rm(ids, mask)
+        for i, s in enumerate(SEQS):
+            hidden = getattr(hf, hf.base_model_prefix)(torch.tensor([s])).last_hidden_state[0, -1]
+            assert rewards[i].item() == pytest.approx((hf.score.weight[0] @ hidden).item(), abs=1e-5)
+
+
+def test_pad_is_not_eos(tokenizer):
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_collate_layout():
+    items = [TokenizedPair([1, 2, 3], [1, 2], 0.5, "en", "a"), TokenizedPair([4], [5, 6, 7, 8], None, "zh", "b")]
+    batch = collate_pairs(items, pad_id=0, padding_side="left")
+    assert batch["input_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 0, 4], [0, 0, 1, 2], [5, 6, 7, 8]]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 1, 2, 4]
+    assert batch["margin"].tolist() == [0.5, 0.0]
+    assert batch["langs"] == ["en", "zh"]

@@ -1,0 +1,58 @@
+"""Rendering and truncation: the prompt loses its start first, the reward token is always last."""
+
+import pytest
+
+from coati.data.template import SequenceEncoder, render_prompt, use_chat_template
+
+
+class _Tok:
+    """Whitespace tokenizer: token id = int(word)."""
+
+    eos_token_id, bos_token_id, chat_template = 2, None, None
+
+    def __call__(self, text, add_special_tokens=True):
+        class R:
+            input_ids = [int(w) for w in text.split()]
+        return R()
+
+
+def test_fits_untouched():
+    enc = SequenceEncoder(_Tok(), max_len=10)
+    out = enc.encode("10 11 12", "20 21")
+    assert out.input_ids == [10, 11, 12, 20, 21, 2]
+    assert not out.prompt_truncated and not out.answer_truncated
+
+
+def test_prompt_cut_from_left_answer_and_eos_kept():
+    enc = SequenceEncoder(_Tok(), max_len=8)
+    out = enc.encode(" ".join(str(i) for i in range(10, 20)), "30 31 32")
+    assert out.input_ids == [16, 17, 18, 19, 30, 31, 32, 2]
+    assert out.prompt_truncated and not out.answer_truncated
+
+
+def test_long_answer_cut_at_end_keeping_prompt_tail_and_eos():
+    enc = SequenceEncoder(_Tok(), max_len=8, min_prompt_tokens=2)
+    out = enc.encode("10 11 12 13", " ".join(str(i) for i in range(30, 50)))
+    assert out.input_ids == [12, 13, 30, 31, 32, 33, 34, 2]
+    assert out.prompt_truncated and out.answer_truncated
+    assert len(out.input_ids) == 8
+
+
+def test_reward_token_override():
+    enc = SequenceEncoder(_Tok(), max_len=4, reward_token_id=99)
+    assert enc.encode("", "1 2 3 4 5").input_ids == [1, 2, 3, 99]
+
+
+def test_plain_layout_is_hh_rlhf():
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "How?"}]
+    assert render_prompt(msgs, None, False) == "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: How?\n\nAssistant: "
+
+
+def test_chat_template_modes(tokenizer):
+    assert use_chat_template(tokenizer, "auto") is True
+    assert use_chat_template(tokenizer, "never") is False
+    with pytest.raises(ValueError, match="no chat template"):
+        use_chat_template(_Tok(), "always")
+    text = render_prompt([{"role": "user", "content": "你好"}], tokenizer, True)
+    assert text.endswith("<|im_start|>assistant\n") and "你好" in text
