@@ -46,6 +46,13 @@ class TrainConfig:
     lora_train_bias: str = _opt("none", "which biases to train with LoRA", choices=("none", "all", "lora_only"))
     # loss
     loss_fn: str = _opt("log_sig", "pairwise loss (registry coati.losses.LOSSES)")
+    focal_gamma: float = _opt(2.0, "focal loss gamma (0 = log_sig)")
+    penalty: str = _opt("none", "penalty on the scores (registry coati.losses.PENALTIES)")
+    penalty_weight: float = _opt(0.02, "weight of the penalty (averaged over chosen and rejected scores)")
+    reward_bound: float = _opt(5.0, "log_barrier bound B: scores are kept inside (-B, B)")
+    center_rewards_coefficient: float = _opt(0.0, "adds c * mean((r_c + r_r)^2) to keep rewards centred at 0")
+    reward_token: str = _opt("auto", "token appended to every answer where the reward is read: auto / eos (the "
+                                     "EOS) or a token id (e.g. an unused vocabulary id)")
     # data
     dataset: list[str] = _opt(["hh-rlhf"], "named datasets, local files (.jsonl/.jsonl.gz/.json/.parquet) or Hub ids",
                               nargs="+")
@@ -102,11 +109,12 @@ def _str2bool(value: str) -> bool:
 
 
 def _registry_choices() -> dict[str, tuple[str, ...]]:
-    from coati.losses import LOSSES
+    from coati.losses import LOSSES, PENALTIES
     from coati.models.backbones import BACKBONES
     from coati.strategies import STRATEGIES
 
-    return {"model": tuple(BACKBONES), "loss_fn": tuple(LOSSES), "strategy": tuple(STRATEGIES)}
+    return {"model": tuple(BACKBONES), "loss_fn": tuple(LOSSES), "penalty": tuple(PENALTIES),
+            "strategy": tuple(STRATEGIES)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +164,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         errors.append("--eval_split must be in [0, 1)")
     if cfg.lora_rank < 0:
         errors.append("--lora_rank must be >= 0")
+    if cfg.reward_token not in ("auto", "eos") and not cfg.reward_token.isdigit():
+        errors.append(f"--reward_token must be auto, eos or a token id, got {cfg.reward_token!r}")
+    if cfg.reward_bound <= 0:
+        errors.append("--reward_bound must be > 0")
     if errors:
         parser.error("; ".join(errors))
     return cfg

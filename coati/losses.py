@@ -1,15 +1,20 @@
-"""Pairwise reward-model losses.
+"""Pairwise reward-model losses and reward penalties.
 
 Every loss has one signature::
 
     loss(chosen_rewards: [B] float, rejected_rewards: [B] float, margin: [B] float | None) -> scalar float32
 
 and is computed in fp32 with ``F.logsigmoid`` (never ``log(sigmoid(x))``, which returns -inf once sigmoid underflows),
-so it is finite with finite gradients for margins of any size. Add a loss = one function + one entry in ``LOSSES``.
+so it is finite with finite gradients for margins of any size. Loss hyper-parameters are keyword-only arguments with
+defaults (e.g. focal's ``gamma``). A penalty maps the ``[2B]`` scores (chosen and rejected together) to one scalar.
+:func:`build_loss` binds a loss, a penalty and the centering term into one callable of the common signature.
+
+Add a loss = one function + one entry in ``LOSSES``; a penalty = one function + one entry in ``PENALTIES``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -51,10 +56,83 @@ def log_exp_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Ten
     return F.softplus(-_diff(chosen, rejected, margin)).mean()
 
 
+def focal_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, *,
+               gamma: float = 2.0) -> torch.Tensor:
+    """InternLM2's focal ranking loss: mean of ``-(1 - 2 max(0, P - 1/2))^gamma * log P`` with ``P = sigmoid(d)``.
+
+    ``d = r_c - r_r - m``. Source: InternLM2 technical report (arXiv 2403.17297), section 4.2.1 ("Conditional
+    Reward Model", difficulty decay). Pairs already ranked confidently (P near 1) are down-weighted; ``gamma = 0``
+    gives :func:`log_sig_loss`. ``log P`` is ``logsigmoid(d)``; P itself is ``sigmoid(d)`` (both finite for any d).
+    Shapes and dtype as in :func:`log_sig_loss`.
+    """
+    d = _diff(chosen, rejected, margin)
+    weight = (1.0 - 2.0 * (torch.sigmoid(d) - 0.5).clamp(min=0.0)).pow(gamma)
+    return -(weight * F.logsigmoid(d)).mean()
+
+
 LOSSES: dict[str, LossFn] = {
     "log_sig": log_sig_loss,
     "log_exp": log_exp_loss,
+    "focal": focal_loss,
 }
+
+
+def log_barrier_penalty(scores: torch.Tensor, *, bound: float = 5.0) -> torch.Tensor:
+    """Log barrier keeping scores inside ``(-bound, bound)``: mean of ``-(log(bound + r) + log(bound - r))``.
+
+    Scores are clamped to ``+-(bound - 1e-3)`` inside the logarithms so the value stays finite. Source: InternLM2
+    technical report (arXiv 2403.17297), section 4.2.1. At r = 0 it equals ``-2 log(bound)``.
+
+    Args:
+        scores: ``[N]`` rewards (chosen and rejected together). Returns a 0-dim float32 tensor.
+    """
+    r = scores.float().clamp(-bound + 1e-3, bound - 1e-3)
+    return -(torch.log(bound + r) + torch.log(bound - r)).mean()
+
+
+def l2_penalty(scores: torch.Tensor, *, bound: float = 5.0) -> torch.Tensor:
+    """Mean of ``r^2`` over the ``[N]`` scores (``bound`` unused); a soft pull of rewards towards 0."""
+    return scores.float().pow(2).mean()
+
+
+PENALTIES: dict[str, Callable[..., torch.Tensor] | None] = {
+    "none": None,
+    "log_barrier": log_barrier_penalty,
+    "l2": l2_penalty,
+}
+
+
+def build_loss(name: str, *, penalty: str = "none", penalty_weight: float = 0.02, reward_bound: float = 5.0,
+               focal_gamma: float = 2.0, center_rewards_coefficient: float = 0.0) -> LossFn:
+    """One callable of the common signature: ``loss + penalty_weight * penalty + c * mean((r_c + r_r)^2)``.
+
+    The penalty is averaged over all chosen and rejected scores. The centering term follows TRL's
+    ``center_rewards_coefficient`` (Eisenstein et al., "Helping or Herding?", arXiv 2312.09244, section 3).
+
+    Raises:
+        ValueError: unknown loss or penalty name (the message lists the choices).
+    """
+    base = get_loss(name)
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty!r}; choose one of: {', '.join(PENALTIES)}")
+    pen = PENALTIES[penalty]
+    if "gamma" in inspect.signature(base).parameters:
+        gamma = focal_gamma
+        loss_fn = lambda c, r, m: base(c, r, m, gamma=gamma)  # noqa: E731
+    else:
+        loss_fn = base
+    if pen is None and center_rewards_coefficient == 0.0:
+        return loss_fn
+
+    def combined(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+        total = loss_fn(chosen, rejected, margin)
+        if pen is not None:
+            total = total + penalty_weight * pen(torch.cat([chosen, rejected]), bound=reward_bound)
+        if center_rewards_coefficient:
+            total = total + center_rewards_coefficient * (chosen.float() + rejected.float()).pow(2).mean()
+        return total
+
+    return combined
 
 
 def get_loss(name: str) -> LossFn:

@@ -18,9 +18,10 @@ from coati.config import TrainConfig, parse_args
 from coati.data.formats import DataFormatError
 from coati.data.sources import default_data_dir, load_pairs, split_eval
 from coati.data.template import SequenceEncoder, tokenize_pairs, use_chat_template
-from coati.losses import get_loss
+from coati.losses import build_loss
 from coati.models.backbones import get_backbone
-from coati.models.loading import SMOLLM2_ALIAS, build_model, load_tokenizer, resolve_pretrain
+from coati.models.loading import (SMOLLM2_ALIAS, build_model, load_tokenizer, prepare_tokenizer, resolve_pretrain,
+                                  resolve_reward_token)
 from coati.models.lora import apply_lora
 from coati.models.reward_model import RewardModel
 from coati.strategies import StrategyUnavailable, get_strategy
@@ -66,7 +67,9 @@ def run(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     strategy = get_strategy(cfg.strategy)
     backbone = get_backbone(cfg.model)
-    get_loss(cfg.loss_fn)
+    loss_fn = build_loss(cfg.loss_fn, penalty=cfg.penalty, penalty_weight=cfg.penalty_weight,
+                         reward_bound=cfg.reward_bound, focal_gamma=cfg.focal_gamma,
+                         center_rewards_coefficient=cfg.center_rewards_coefficient)
     check_writable(cfg.save_path)
     strategy.setup()
     main = strategy.is_main
@@ -75,6 +78,8 @@ def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(tokenizer_source(cfg), cfg.trust_remote_code)
+    reward_token_id = resolve_reward_token(tokenizer, cfg.reward_token)
+    prepare_tokenizer(tokenizer, reward_token_id)
     data_dir = cfg.data_dir or default_data_dir()
     pairs, report = load_pairs(cfg.dataset, data_dir, cfg.max_samples, cfg.strict_data, cfg.seed)
     if cfg.eval_dataset:
@@ -89,7 +94,7 @@ def run(cfg: TrainConfig) -> dict:
     if not train_pairs:
         raise ValueError("no training pairs left after the evaluation split")
     chat = use_chat_template(tokenizer, cfg.chat_template)
-    encoder = SequenceEncoder(tokenizer, cfg.max_len)
+    encoder = SequenceEncoder(tokenizer, cfg.max_len, reward_token_id)
     train_tok, train_trunc = tokenize_pairs(train_pairs, encoder, chat)
     eval_tok, eval_trunc = tokenize_pairs(eval_pairs, encoder, chat)
     if main:
@@ -124,7 +129,7 @@ def run(cfg: TrainConfig) -> dict:
                           max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed,
                           log_every=cfg.log_every, eval_every=cfg.eval_every, padding_side=cfg.padding_side,
                           metrics_path=metrics_path, disable_tqdm=cfg.disable_tqdm)
-    trainer = Trainer(strategy, model, optimizer, None, get_loss(cfg.loss_fn), train_tok, eval_tok,
+    trainer = Trainer(strategy, model, optimizer, None, loss_fn, train_tok, eval_tok,
                       tokenizer.pad_token_id, opts)
     total = trainer.total_steps
     if total == 0:
@@ -139,12 +144,13 @@ def run(cfg: TrainConfig) -> dict:
     summary = {"steps": trainer.step, "train_pairs": len(train_tok), "eval_pairs": len(eval_tok),
                "world_size": strategy.world_size, "fit_seconds": fit_s,
                "train_pairs_per_s": trainer.step * cfg.batch_size * cfg.accumulation_steps * strategy.world_size
-               / fit_s, "last_train": next((r for r in reversed(trainer.history) if r["split"] == "train"), {}),
+               / fit_s, "train_last_epoch": trainer.epoch_metrics,
                "eval": final_eval, "data": report.to_dict(),
                "truncation": {"train": vars(train_trunc), "eval": vars(eval_trunc)}}
     export_model = strategy.state_dict_for_export(model)
     if main:
-        export_hf(export_model.model, tokenizer, cfg.save_path, cfg.to_dict())
+        export_hf(export_model.model, tokenizer, cfg.save_path, cfg.to_dict(),
+                  extra_config={"reward_token_id": reward_token_id})
         summary["wall_seconds"] = time.perf_counter() - t_start
         with open(os.path.join(cfg.save_path, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)

@@ -101,6 +101,7 @@ class Trainer:
                                           shuffle=True, seed=opts.seed, drop_last=True)
         self.step = 0
         self.history: list[dict] = []
+        self.epoch_metrics: dict = {}  # online train metrics of the last epoch (all ranks, all its batches)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -145,6 +146,7 @@ class Trainer:
             if done:
                 break
             self.sampler.set_epoch(epoch)
+            epoch_sums = PairMetrics()
             batches = list(self.sampler)
             batches = batches[: len(batches) - len(batches) % opts.accumulation_steps]
             for i, idx in enumerate(batches):
@@ -156,6 +158,7 @@ class Trainer:
                     loss, chosen, rejected = self._forward(batch)
                     strategy.backward(loss / opts.accumulation_steps)
                 window.add(loss.item(), chosen, rejected, batch["langs"])
+                epoch_sums.add(loss.item(), chosen, rejected, batch["langs"])
                 if not last_micro:
                     continue
                 if opts.max_grad_norm > 0:
@@ -174,6 +177,7 @@ class Trainer:
                 if self.step >= total:
                     done = True
                     break
+            self.epoch_metrics = {"epoch": epoch, **epoch_sums.reduce(strategy).result()}
         bar.close()
         return self.history
 

@@ -73,3 +73,23 @@ def test_collate_layout():
     assert batch["attention_mask"].sum(1).tolist() == [3, 1, 2, 4]
     assert batch["margin"].tolist() == [0.5, 0.0]
     assert batch["langs"] == ["en", "zh"]
+
+
+def test_margin_column_reaches_the_loss(tokenizer):
+    """A `margin` key in the data enters log_sig as -logsigmoid(r_c - r_r - m)."""
+    import math
+
+    from coati.data.formats import parse_row
+    from coati.data.template import SequenceEncoder, tokenize_pairs
+    from coati.losses import build_loss
+
+    rows = [{"prompt": "Q1", "chosen": "good", "rejected": "bad", "margin": 2.0},
+            {"prompt": "Q2", "chosen": "fine", "rejected": "poor"}]
+    pairs = [parse_row(r) for r in rows]
+    assert [p.margin for p in pairs] == [2.0, None]
+    tok_pairs, _ = tokenize_pairs(pairs, SequenceEncoder(tokenizer, 32), chat_template=False)
+    batch = collate_pairs(tok_pairs, tokenizer.pad_token_id)
+    assert batch["margin"].tolist() == [2.0, 0.0]
+    zeros = torch.zeros(2)
+    loss = build_loss("log_sig")(zeros, zeros, batch["margin"])
+    assert loss.item() == pytest.approx((math.log1p(math.exp(2.0)) + math.log(2)) / 2, abs=1e-6)

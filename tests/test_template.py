@@ -56,3 +56,22 @@ def test_chat_template_modes(tokenizer):
         use_chat_template(_Tok(), "always")
     text = render_prompt([{"role": "user", "content": "你好"}], tokenizer, True)
     assert text.endswith("<|im_start|>assistant\n") and "你好" in text
+
+
+def test_reward_token_survives_truncation_of_prompt_and_answer():
+    enc = SequenceEncoder(_Tok(), max_len=6, reward_token_id=92527, min_prompt_tokens=1)
+    long_prompt = " ".join(str(i) for i in range(100, 120))
+    out = enc.encode(long_prompt, "7 8 9")  # prompt cut from the left
+    assert out.input_ids == [118, 119, 7, 8, 9, 92527] and out.prompt_truncated
+    out = enc.encode(long_prompt, " ".join(str(i) for i in range(10, 30)))  # answer alone too long
+    assert out.input_ids == [119, 10, 11, 12, 13, 92527] and out.answer_truncated
+    assert _Tok.eos_token_id not in out.input_ids
+
+
+def test_reward_token_id_is_checked_against_vocabulary(tokenizer):
+    from coati.models.loading import resolve_reward_token
+
+    assert resolve_reward_token(tokenizer, "auto") == resolve_reward_token(tokenizer, "eos") == tokenizer.eos_token_id
+    assert resolve_reward_token(tokenizer, "5") == 5
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
+        resolve_reward_token(tokenizer, str(len(tokenizer)))

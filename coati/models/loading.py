@@ -14,6 +14,7 @@ import os
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from coati.models.backbones import Backbone, build_config
 
@@ -127,16 +128,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return prepare_tokenizer(tokenizer)
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Set a pad token distinct from EOS and right padding, in place; see :func:`choose_pad_token_id`.
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase,
+                      reward_token_id: int | None = None) -> PreTrainedTokenizerBase:
+    """Set a pad token distinct from the reward token (default: EOS) and right padding, in place.
+
+    See :func:`choose_pad_token_id`.
 
     Raises:
-        ValueError: the tokenizer has no EOS token.
+        ValueError: the tokenizer has no EOS token and no reward token is given.
     """
-    if tokenizer.eos_token_id is None:
+    if reward_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; the reward is read "
-                         "at the EOS appended to every answer, so set one (e.g. tokenizer.eos_token = '</s>')")
-    pad_id = choose_pad_token_id(tokenizer, tokenizer.eos_token_id)
+                         "at the EOS appended to every answer, so set one (e.g. tokenizer.eos_token = '</s>') or "
+                         "pass --reward_token ID")
+    pad_id = choose_pad_token_id(tokenizer, tokenizer.eos_token_id if reward_token_id is None else reward_token_id)
     if tokenizer.pad_token_id != pad_id:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     tokenizer.padding_side = "right"
@@ -167,7 +172,32 @@ def build_model(backbone: Backbone, tokenizer: PreTrainedTokenizerBase, pretrain
                              f"{backbone.name!r} (accepts model_type {', '.join(backbone.model_types)})")
         config.num_labels = 1
         config.pad_token_id = pad_id
-        model = backbone.model_class.from_pretrained(path, config=config, dtype=torch.float32)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the "score.weight MISSING" load report is expected: we say it once
+        try:
+            model = backbone.model_class.from_pretrained(path, config=config, dtype=torch.float32)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        logger.info("loaded %s from %s; value head (score) freshly initialised", backbone.name, pretrain)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def resolve_reward_token(tokenizer: PreTrainedTokenizerBase, spec: str) -> int:
+    """The id appended to every answer where the reward is read.
+
+    Args:
+        spec: ``auto`` or ``eos`` (the tokenizer's EOS), or a decimal token id (XTuner reads InternLM2 rewards at the
+            unused id 92527, for example).
+    Raises:
+        ValueError: the id is outside the vocabulary, or there is no EOS for ``auto``/``eos``.
+    """
+    if spec in ("auto", "eos"):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; give --reward_token ID")
+        return tokenizer.eos_token_id
+    token_id = int(spec)
+    if not 0 <= token_id < len(tokenizer):
+        raise ValueError(f"--reward_token {token_id} is outside the tokenizer's vocabulary (size {len(tokenizer)})")
+    return token_id

@@ -1,0 +1,36 @@
+"""Registries, CLI choices and the README table stay in sync."""
+
+from pathlib import Path
+
+import pytest
+
+from coati.config import build_parser
+from coati.data.formats import FORMATS
+from coati.data.sources import NAMED_DATASETS
+from coati.losses import LOSSES, PENALTIES
+from coati.models.backbones import BACKBONES
+from coati.strategies import STRATEGIES
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def _choices(flag):
+    return {a.dest: a for a in build_parser()._actions}[flag].choices
+
+
+@pytest.mark.parametrize("flag, registry", [("model", BACKBONES), ("loss_fn", LOSSES), ("penalty", PENALTIES),
+                                            ("strategy", STRATEGIES)])
+def test_cli_choices_are_the_registry(flag, registry):
+    assert tuple(_choices(flag)) == tuple(registry)
+
+
+@pytest.mark.parametrize("registry", [BACKBONES, LOSSES, PENALTIES, STRATEGIES, FORMATS, NAMED_DATASETS])
+def test_readme_lists_every_registry_key(registry):
+    for key in registry:
+        assert f"`{key}`" in README, key
+
+
+def test_readme_lists_every_flag():
+    for action in build_parser()._actions:
+        if action.dest != "help":
+            assert f"`--{action.dest}`" in README, action.dest
