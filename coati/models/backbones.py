@@ -21,6 +21,9 @@ from transformers import (
     PreTrainedModel,
 )
 
+from coati.models.internlm2 import (INTERNLM2_LORA_TARGETS, INTERNLM2_PRESETS, internlm2_to_llama_config,
+                                   load_internlm2)
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -36,6 +39,8 @@ class Backbone:
             whose positions come from the attention mask.
         presets: ``--model_config`` preset name -> config kwargs for random init (vocab size comes from the tokenizer).
         load_pretrained: optional ``(path, **kwargs) -> model`` for checkpoints that need conversion.
+        config_from_dict: optional converter of a foreign ``config.json`` dict into ``config_class`` (random init
+            from an InternLM2 config, for example); None = pass the keys to ``config_class``.
     """
 
     name: str
@@ -46,6 +51,7 @@ class Backbone:
     uses_position_ids: bool
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     load_pretrained: Callable[..., PreTrainedModel] | None = None
+    config_from_dict: Callable[[dict[str, Any]], PretrainedConfig] | None = None
 
 
 _LLAMA_PRESETS = {
@@ -87,6 +93,18 @@ BACKBONES: dict[str, Backbone] = {
         uses_position_ids=True,
         presets=_LLAMA_PRESETS,
     ),
+    # InternLM2 checkpoints are converted at load time into native LLaMA modules (no remote code)
+    "internlm2": Backbone(
+        name="internlm2",
+        config_class=LlamaConfig,
+        model_class=LlamaForSequenceClassification,
+        model_types=("internlm2",),
+        lora_targets=INTERNLM2_LORA_TARGETS,
+        uses_position_ids=True,
+        presets=INTERNLM2_PRESETS,
+        load_pretrained=load_internlm2,
+        config_from_dict=internlm2_to_llama_config,
+    ),
 }
 
 
@@ -112,17 +130,23 @@ def build_config(backbone: Backbone, model_config: str, vocab_size: int, pad_tok
     Raises:
         ValueError: unknown preset (lists the presets) or a config.json of another model_type.
     """
+    ids = dict(vocab_size=vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+               bos_token_id=bos_token_id, num_labels=1)
     if os.path.isfile(model_config):
         with open(model_config, encoding="utf-8") as f:
             kwargs = json.load(f)
-        model_type = kwargs.pop("model_type", backbone.model_types[0])
+        model_type = kwargs.get("model_type", backbone.model_types[0])
         if model_type not in backbone.model_types:
             raise ValueError(f"{model_config}: model_type {model_type!r} does not match --model {backbone.name}")
+        if backbone.config_from_dict is not None:
+            config = backbone.config_from_dict(dict(kwargs, **ids))
+            for key, value in ids.items():
+                setattr(config, key, value)
+            return config
+        kwargs.pop("model_type", None)
     elif model_config in backbone.presets:
         kwargs = dict(backbone.presets[model_config])
     else:
         raise ValueError(f"unknown --model_config {model_config!r} for {backbone.name}; presets: "
                          f"{', '.join(backbone.presets)} (or a config.json path)")
-    kwargs.update(vocab_size=vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                  bos_token_id=bos_token_id, num_labels=1)
-    return backbone.config_class(**kwargs)
+    return backbone.config_class(**kwargs, **ids)

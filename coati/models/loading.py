@@ -121,10 +121,21 @@ def choose_pad_token_id(tokenizer: PreTrainedTokenizerBase, reward_token_id: int
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make it safe for reward modelling (EOS present, pad distinct from EOS, right padding).
 
+    InternLM2 tokenizers (``tokenizer_config.json`` naming the remote-code ``InternLM2Tokenizer``), folders holding
+    only a sentencepiece ``tokenizer.model``, and a ``*.model`` file given directly load as a native
+    ``LlamaTokenizer`` from a cache folder, never with remote code; see
+    :func:`coati.models.internlm2.sentencepiece_tokenizer_folder`.
+
     Raises:
         ValueError: the tokenizer has no EOS token (the reward is read at the EOS).
     """
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from coati.models.internlm2 import sentencepiece_tokenizer_folder
+
+    native = sentencepiece_tokenizer_folder(path, cache_dir())
+    if native is not None:
+        tokenizer = AutoTokenizer.from_pretrained(native)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return prepare_tokenizer(tokenizer)
 
 
