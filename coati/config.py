@@ -70,6 +70,9 @@ class TrainConfig:
                                       "one), always, never", choices=("auto", "always", "never"))
     # strategy
     strategy: str = _opt("ddp", "distributed strategy (registry coati.strategies.STRATEGIES)")
+    zero_stage: int = _opt(3, "fsdp: 2 keeps gathered parameters after forward, 3 reshards them (less memory)")
+    cpu_offload: bool = _opt(False, "fsdp: keep sharded parameters and optimizer state in CPU memory")
+    dist_timeout: float = _opt(1800.0, "seconds a collective may wait before every rank stops with an error")
     # optimisation
     batch_size: int = _opt(4, "pairs per micro-batch per process")
     accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
@@ -77,6 +80,7 @@ class TrainConfig:
     max_steps: int | None = _opt(None, "stop after this many optimizer steps (overrides max_epochs when reached)")
     lr: float = _opt(5e-6, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon")
     warmup_ratio: float = _opt(0.03, "share of optimizer steps spent in linear warmup before the cosine decay")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables")
     bf16: bool = _opt(False, "bf16 autocast for the backbone (weights, optimizer and loss stay fp32)")
@@ -85,6 +89,9 @@ class TrainConfig:
     log_every: int = _opt(10, "log train metrics every N optimizer steps")
     eval_every: int = _opt(0, "evaluate every N optimizer steps (0 = only at the end)")
     eval_batch_size: int | None = _opt(None, "pairs per evaluation batch per process (default: --batch_size)")
+    save_every: int = _opt(0, "write a resume checkpoint every N optimizer steps (0 = never)")
+    keep_last: int = _opt(2, "resume checkpoints to keep (oldest deleted first)")
+    resume: str | None = _opt(None, "resume from 'auto' (newest valid checkpoint in --save_path) or a checkpoint folder")
     save_path: str = _opt("out/rm", "export folder: HF model, tokenizer, train_config.json, metrics.jsonl")
     disable_tqdm: bool = _opt(False, "no progress bar")
 

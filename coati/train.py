@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from coati.checkpoint import export_hf
+from coati.checkpoint import (CheckpointError, export_hf, find_resume_checkpoint, load_resume_checkpoint,
+                              save_resume_checkpoint)
 from coati.config import TrainConfig, parse_args
 from coati.data.formats import DataFormatError
 from coati.data.sources import default_data_dir, load_pairs, split_eval
@@ -29,7 +30,8 @@ from coati.trainer import Trainer, TrainerOptions
 
 logger = logging.getLogger("coati")
 
-USER_ERRORS = (ValueError, FileNotFoundError, StrategyUnavailable, DataFormatError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, StrategyUnavailable, DataFormatError, PermissionError,
+               CheckpointError)
 
 
 def seed_everything(seed: int) -> None:
@@ -55,6 +57,16 @@ def check_writable(path: str) -> None:
         raise PermissionError(f"--save_path {path} is not writable: {e}") from None
 
 
+def keep_metrics_until(path: str, step: int) -> None:
+    """Drop metrics rows after ``step`` (all of them for a fresh run), so a resumed run appends where it stopped."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(rows if step > 0 else [])
+
+
 def tokenizer_source(cfg: TrainConfig) -> str:
     """Where the tokenizer comes from: --tokenizer, else the pretrained backbone, else SmolLM2's."""
     if cfg.tokenizer:
@@ -65,7 +77,8 @@ def tokenizer_source(cfg: TrainConfig) -> str:
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and export; returns the summary written to ``<save_path>/summary.json``."""
     t_start = time.perf_counter()
-    strategy = get_strategy(cfg.strategy)
+    strategy = get_strategy(cfg.strategy, zero_stage=cfg.zero_stage, cpu_offload=cfg.cpu_offload,
+                            dist_timeout=cfg.dist_timeout, lora=cfg.lora_rank > 0)
     backbone = get_backbone(cfg.model)
     loss_fn = build_loss(cfg.loss_fn, penalty=cfg.penalty, penalty_weight=cfg.penalty_weight,
                          reward_bound=cfg.reward_bound, focal_gamma=cfg.focal_gamma,
@@ -118,17 +131,15 @@ def run(cfg: TrainConfig) -> dict:
         logger.info("model: %s, %.1fM parameters, %.2fM trainable", cfg.model, n_all / 1e6, n_train / 1e6)
 
     def make_optimizer(params):
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
 
     model, optimizer = strategy.prepare(reward_model, make_optimizer)
     metrics_path = os.path.join(cfg.save_path, "metrics.jsonl")
-    if main and os.path.exists(metrics_path):
-        os.remove(metrics_path)
     opts = TrainerOptions(batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
                           accumulation_steps=cfg.accumulation_steps, max_epochs=cfg.max_epochs,
                           max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed,
                           log_every=cfg.log_every, eval_every=cfg.eval_every, padding_side=cfg.padding_side,
-                          metrics_path=metrics_path, disable_tqdm=cfg.disable_tqdm)
+                          metrics_path=metrics_path, disable_tqdm=cfg.disable_tqdm, save_every=cfg.save_every)
     trainer = Trainer(strategy, model, optimizer, None, loss_fn, train_tok, eval_tok,
                       tokenizer.pad_token_id, opts)
     total = trainer.total_steps
@@ -136,6 +147,22 @@ def run(cfg: TrainConfig) -> dict:
         raise ValueError(f"{len(train_tok)} training pairs make no optimizer step with batch_size {cfg.batch_size} "
                          f"x {strategy.world_size} processes x accumulation {cfg.accumulation_steps}")
     trainer.scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    run_state = {"global_batch": cfg.batch_size * cfg.accumulation_steps * strategy.world_size,
+                 "train_pairs": len(train_tok), "seed": cfg.seed, "total_steps": total}
+    resume_from = find_resume_checkpoint(cfg.save_path, cfg.resume) if cfg.resume else None
+    if resume_from:
+        state = load_resume_checkpoint(resume_from, strategy, model, optimizer, trainer.scheduler)
+        for key, value in run_state.items():
+            if state.get(key) != value:
+                raise CheckpointError(f"{resume_from} was written with {key}={state.get(key)}, this run has {value}; "
+                                      "resume with the same data, seed and global batch")
+        trainer.step = state["step"]
+        if main:
+            logger.info("resumed from %s at step %d (written under %s)", resume_from, trainer.step, state["strategy"])
+    if main:
+        keep_metrics_until(metrics_path, trainer.step)
+    trainer.on_save = lambda step: save_resume_checkpoint(cfg.save_path, step, strategy, model, optimizer,
+                                                          trainer.scheduler, run_state, cfg.keep_last)
     t_fit = time.perf_counter()
     trainer.fit()
     fit_s = time.perf_counter() - t_fit

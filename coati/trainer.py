@@ -79,6 +79,7 @@ class TrainerOptions:
     padding_side: str
     metrics_path: str | None
     disable_tqdm: bool = False
+    save_every: int = 0
 
 
 class Trainer:
@@ -102,6 +103,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.epoch_metrics: dict = {}  # online train metrics of the last epoch (all ranks, all its batches)
+        self.on_save: Callable[[int], None] | None = None  # called with the step every `save_every` steps
 
     @property
     def steps_per_epoch(self) -> int:
@@ -135,23 +137,25 @@ class Trainer:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def fit(self) -> list[dict]:
-        """Train for ``total_steps`` optimizer steps; returns the metrics rows (also written to metrics.jsonl)."""
+        """Train up to ``total_steps`` optimizer steps, starting at ``self.step`` (non-zero after a resume: the data
+        order continues exactly where it stopped). Returns the metrics rows (also written to metrics.jsonl)."""
         opts, strategy = self.opts, self.strategy
-        total = self.total_steps
-        bar = tqdm(total=total, desc="train", disable=opts.disable_tqdm or not strategy.is_main, dynamic_ncols=True)
+        total, spe = self.total_steps, self.steps_per_epoch
+        bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=opts.disable_tqdm or not strategy.is_main)
         window, t0, tokens = PairMetrics(), time.perf_counter(), 0
         self.model.train()
-        done = total == 0
-        for epoch in range(opts.max_epochs):
-            if done:
+        start_epoch = self.step // spe if spe else 0
+        for epoch in range(start_epoch, opts.max_epochs):
+            if self.step >= total:
                 break
             self.sampler.set_epoch(epoch)
             epoch_sums = PairMetrics()
-            batches = list(self.sampler)
-            batches = batches[: len(batches) - len(batches) % opts.accumulation_steps]
-            for i, idx in enumerate(batches):
+            batches = list(self.sampler)[: spe * opts.accumulation_steps]
+            first = (self.step - epoch * spe) * opts.accumulation_steps
+            for i in range(first, len(batches)):
                 last_micro = (i + 1) % opts.accumulation_steps == 0
-                batch = collate_pairs([self.train_pairs[j] for j in idx], self.pad_id, opts.padding_side)
+                batch = collate_pairs([self.train_pairs[j] for j in batches[i]], self.pad_id, opts.padding_side)
                 tokens += int(batch["attention_mask"].sum())
                 ctx = contextlib.nullcontext() if last_micro else strategy.no_sync(self.model)
                 with ctx:
@@ -174,8 +178,9 @@ class Trainer:
                 if opts.eval_every and self.step % opts.eval_every == 0 and self.step != total:
                     self.evaluate()
                     self.model.train()
+                if opts.save_every and self.step % opts.save_every == 0 and self.on_save is not None:
+                    self.on_save(self.step)
                 if self.step >= total:
-                    done = True
                     break
             self.epoch_metrics = {"epoch": epoch, **epoch_sums.reduce(strategy).result()}
         bar.close()
@@ -210,6 +215,10 @@ class Trainer:
         bar = tqdm(total=len(sampler), desc=split, leave=False, dynamic_ncols=True,
                    disable=self.opts.disable_tqdm or not self.strategy.is_main)
         for idx in sampler:
+            if not idx:  # this rank has nothing left in the last batch
+                if self.strategy.lockstep_forward:  # still join the collective forward, count nothing
+                    self._forward(collate_pairs([pairs[0]], self.pad_id, self.opts.padding_side))
+                continue
             batch = collate_pairs([pairs[j] for j in idx], self.pad_id, self.opts.padding_side)
             loss, chosen, rejected = self._forward(batch)
             metrics.add(loss.item(), chosen, rejected, batch["langs"])

@@ -45,7 +45,8 @@ class GlobalBatchSampler:
     ``batch_size * world_size`` pairs; rank r takes ``[r * batch_size, (r + 1) * batch_size)`` of each. A run on W
     ranks with per-rank batch b therefore trains on exactly the global batches of one process with batch W * b.
     Training drops the last incomplete global batch (equal local sizes keep the gradient mean exact);
-    evaluation (``shuffle=False, drop_last=False``) gives every pair to exactly one rank.
+    evaluation (``shuffle=False, drop_last=False``) gives every pair to exactly one rank, and every rank the same
+    number of batches (a rank's last one may be empty), so strategies whose forward is a collective stay in step.
 
     Args:
         num_items: dataset size; batch_size: pairs per rank per batch; world_size, rank: process layout.
@@ -79,5 +80,4 @@ class GlobalBatchSampler:
                 mine = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
             else:  # uneven tail: deal pairs round-robin so every pair is seen exactly once
                 mine = chunk[self.rank::self.world_size]
-            if mine:
-                yield mine
+            yield mine  # may be empty on some ranks in the last evaluation batch (same batch count on every rank)

@@ -9,11 +9,14 @@ from typing import Callable
 
 from coati.strategies.base import Strategy, StrategyUnavailable
 from coati.strategies.ddp import DDPStrategy
+from coati.strategies.fsdp import FSDPStrategy
 from coati.strategies.naive import NaiveStrategy
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "naive": lambda **kw: NaiveStrategy(),
     "ddp": lambda **kw: DDPStrategy(dist_timeout=kw.get("dist_timeout", 1800.0)),
+    "fsdp": lambda **kw: FSDPStrategy(zero_stage=kw.get("zero_stage", 3), cpu_offload=kw.get("cpu_offload", False),
+                                      dist_timeout=kw.get("dist_timeout", 1800.0)),
 }
 
 

@@ -26,6 +26,8 @@ class Strategy(ABC):
     """
 
     name: str = ""
+    #: True when the forward pass is a collective (sharded parameters): every rank must run every forward.
+    lockstep_forward: bool = False
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -77,9 +79,36 @@ class Strategy(ABC):
     def barrier(self) -> None:
         """Wait for every rank."""
 
+    def resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Model + optimizer state to save with torch.distributed.checkpoint (every rank calls it)."""
+        return dcp_state(model, optimizer)
+
+    def load_resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Restore what :meth:`resume_state` gave, after DCP filled it in place."""
+        load_dcp_state(model, optimizer, state)
+
     def state_dict_for_export(self, model: nn.Module) -> nn.Module | None:
         """The plain model to export, on the main rank (None elsewhere)."""
         return self.unwrap(model) if self.is_main else None
 
     def teardown(self) -> None:
         """Release the process group."""
+
+
+def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Model and optimizer state in torch.distributed.checkpoint's strategy-neutral form.
+
+    ``get_state_dict`` strips DDP's ``module.`` prefix and keeps FSDP2's DTensor shards, so the same checkpoint
+    loads under naive, ddp and fsdp (DCP reshards on load).
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of :func:`dcp_state`: put loaded model and optimizer state back."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

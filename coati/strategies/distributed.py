@@ -1,0 +1,65 @@
+"""Process-group plumbing shared by the multi-process strategies (a mixin, not a strategy)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(timeout_s: float) -> tuple[int, int, torch.device]:
+    """Join (or, outside torchrun, create a one-process) default process group.
+
+    Returns:
+        ``(rank, world_size, device)``: ``cuda:LOCAL_RANK`` with nccl when CUDA is available, else CPU with gloo.
+    """
+    if "RANK" not in os.environ:  # plain `python train_reward_model.py`: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class ProcessGroupMixin:
+    """``setup``/``all_reduce``/``barrier``/``teardown`` over torch.distributed's default group.
+
+    Expects ``self.dist_timeout`` (seconds) and sets ``rank``, ``world_size`` and ``device``.
+    """
+
+    dist_timeout: float = 1800.0
+
+    def setup(self) -> None:
+        """Initialise the process group and device."""
+        self.rank, self.world_size, self.device = init_process_group(self.dist_timeout)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place (the tensor may live on CPU; it travels via the group's device)."""
+        t = tensor.to(self.device)
+        dist.all_reduce(t)
+        tensor.copy_(t.to(tensor.device))
+        return tensor
+
+    def barrier(self) -> None:
+        """Wait for all ranks."""
+        dist.barrier()
+
+    def teardown(self) -> None:
+        """Destroy the process group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,97 @@
+"""PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``): ZeRO stage 2 or 3 on CPU (gloo) or GPU (nccl)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable, ContextManager, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from coati.strategies.base import Strategy
+from coati.strategies.distributed import ProcessGroupMixin
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a HF model, found by the class names in its ``_no_split_modules``."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+class FSDPStrategy(ProcessGroupMixin, Strategy):
+    """Fully sharded data parallel: parameters, gradients and optimizer state sharded over ranks.
+
+    Each transformer block is its own FSDP unit, the rest (embeddings, final norm, value head) the root unit.
+    Stage 3 frees gathered parameters after forward (``reshard_after_forward=True``); stage 2 keeps them until
+    backward (less communication, more memory). bf16 comes from the trainer's autocast, as with every strategy, so
+    the numerics match ``ddp``. Rank 0 keeps a CPU copy of the unsharded model for the export.
+
+    Args:
+        zero_stage: 2 or 3.
+        cpu_offload: keep sharded parameters and optimizer state in CPU memory (``CPUOffloadPolicy``; GPU runs).
+        dist_timeout: seconds a collective may wait.
+    Raises:
+        ValueError: zero_stage not 2 or 3.
+    """
+
+    name = "fsdp"
+    lockstep_forward = True
+
+    def __init__(self, zero_stage: int = 3, cpu_offload: bool = False, dist_timeout: float = 1800.0):
+        if zero_stage not in (2, 3):
+            raise ValueError(f"--zero_stage must be 2 or 3 for fsdp, got {zero_stage}")
+        self.zero_stage, self.cpu_offload, self.dist_timeout = zero_stage, cpu_offload, dist_timeout
+        self._export_template: nn.Module | None = None
+
+    def prepare(self, model: nn.Module,
+                make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Shard every transformer block, then the root, and build the optimizer over the sharded parameters."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        if self.is_main:
+            self._export_template = copy.deepcopy(model).cpu()
+        model.to(self.device)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        kwargs = dict(mesh=mesh, reshard_after_forward=self.zero_stage == 3,
+                      offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy())
+        for block in transformer_blocks(model):
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model, make_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """FSDP2 shards in place: the module is its own unwrapped form (parameters are DTensor shards)."""
+        return model
+
+    def no_sync(self, model: nn.Module) -> ContextManager:
+        """Accumulate unsharded-reduced gradients locally on accumulation micro-steps."""
+
+        @contextlib.contextmanager
+        def ctx() -> Iterator[None]:
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return ctx()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the global norm over all shards; returns it as a plain 0-dim tensor."""
+        norm = super().clip_grad_norm(model, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def state_dict_for_export(self, model: nn.Module) -> nn.Module | None:
+        """Gather the full state dict to rank 0 (a collective: every rank calls it) into the CPU copy."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return None
+        self._export_template.load_state_dict(full)
+        return self._export_template
