@@ -64,6 +64,10 @@ class TrainConfig:
     max_eval_samples: int | None = _opt(None, "at most N evaluation pairs per eval dataset")
     strict_data: bool = _opt(False, "stop at the first bad row (file:line) instead of skipping and counting it")
     max_len: int = _opt(512, "max tokens per sequence (prompt truncated from the left; the EOS is always kept)")
+    packing: bool = _opt(True, "pack the chosen and rejected sequences of each batch into rows without padding "
+                               "between them (no attention across sequences); off = padded batches")
+    max_tokens_per_batch: int = _opt(0, "packed row capacity in tokens (0 = 2 x --max_len)")
+    group_by_length: bool = _opt(False, "padded path: batch pairs of similar length together (less padding)")
     padding_side: str = _opt("right", "padding side of batches (rewards do not depend on it)",
                              choices=("right", "left"))
     chat_template: str = _opt("auto", "render conversations with the tokenizer's chat template: auto (when it has "
@@ -72,6 +76,11 @@ class TrainConfig:
     strategy: str = _opt("ddp", "distributed strategy (registry coati.strategies.STRATEGIES)")
     zero_stage: int = _opt(3, "fsdp: 2 keeps gathered parameters after forward, 3 reshards them (less memory)")
     cpu_offload: bool = _opt(False, "fsdp: keep sharded parameters and optimizer state in CPU memory")
+    zero_cpu_offload: bool = _opt(False, "colossalai_zero2: offload optimizer state to CPU")
+    placement_policy: str = _opt("static", "colossalai_gemini: where Gemini places parameters",
+                                 choices=("static", "auto"))
+    mixed_precision: str = _opt("bf16", "colossalai_*: training precision of the ColossalAI plugin",
+                                choices=("bf16", "fp16"))
     dist_timeout: float = _opt(1800.0, "seconds a collective may wait before every rank stops with an error")
     # optimisation
     batch_size: int = _opt(4, "pairs per micro-batch per process")

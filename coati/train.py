@@ -78,7 +78,11 @@ def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and export; returns the summary written to ``<save_path>/summary.json``."""
     t_start = time.perf_counter()
     strategy = get_strategy(cfg.strategy, zero_stage=cfg.zero_stage, cpu_offload=cfg.cpu_offload,
-                            dist_timeout=cfg.dist_timeout, lora=cfg.lora_rank > 0)
+                            dist_timeout=cfg.dist_timeout, lora=cfg.lora_rank > 0,
+                            zero_cpu_offload=cfg.zero_cpu_offload, placement_policy=cfg.placement_policy,
+                            mixed_precision=cfg.mixed_precision, max_grad_norm=cfg.max_grad_norm,
+                            accumulation_steps=cfg.accumulation_steps,
+                            resume_checkpoints=cfg.save_every > 0 or bool(cfg.resume))
     backbone = get_backbone(cfg.model)
     loss_fn = build_loss(cfg.loss_fn, penalty=cfg.penalty, penalty_weight=cfg.penalty_weight,
                          reward_bound=cfg.reward_bound, focal_gamma=cfg.focal_gamma,
@@ -139,7 +143,9 @@ def run(cfg: TrainConfig) -> dict:
                           accumulation_steps=cfg.accumulation_steps, max_epochs=cfg.max_epochs,
                           max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed,
                           log_every=cfg.log_every, eval_every=cfg.eval_every, padding_side=cfg.padding_side,
-                          metrics_path=metrics_path, disable_tqdm=cfg.disable_tqdm, save_every=cfg.save_every)
+                          metrics_path=metrics_path, disable_tqdm=cfg.disable_tqdm, save_every=cfg.save_every,
+                          packing=cfg.packing, max_tokens_per_batch=cfg.max_tokens_per_batch or 2 * cfg.max_len,
+                          group_by_length=cfg.group_by_length)
     trainer = Trainer(strategy, model, optimizer, None, loss_fn, train_tok, eval_tok,
                       tokenizer.pad_token_id, opts)
     total = trainer.total_steps
@@ -176,8 +182,13 @@ def run(cfg: TrainConfig) -> dict:
                "truncation": {"train": vars(train_trunc), "eval": vars(eval_trunc)}}
     export_model = strategy.state_dict_for_export(model)
     if main:
-        export_hf(export_model.model, tokenizer, cfg.save_path, cfg.to_dict(),
-                  extra_config={"reward_token_id": reward_token_id})
+        # reward statistics for normalised scoring (as OpenRLHF stores them): eval set, else the last train epoch
+        stats = final_eval or trainer.epoch_metrics
+        extra = {"reward_token_id": reward_token_id}
+        if stats.get("pairs"):
+            extra.update(reward_mean=stats["reward_mean"], reward_std=stats["reward_std"],
+                         reward_stats_source="eval" if final_eval else "train_last_epoch")
+        export_hf(export_model.model, tokenizer, cfg.save_path, cfg.to_dict(), extra_config=extra)
         summary["wall_seconds"] = time.perf_counter() - t_start
         with open(os.path.join(cfg.save_path, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)

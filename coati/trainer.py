@@ -12,20 +12,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from coati.data.collate import GlobalBatchSampler, collate_pairs
+from coati.data.collate import GlobalBatchSampler, collate_packed, collate_pairs
 from coati.data.template import TokenizedPair
 from coati.strategies.base import Strategy
 
 LANGS = ("en", "zh")
-# columns of a metrics accumulator row: loss * pairs, pairs, correct, margin sum, chosen sum, rejected sum
-_COLS = 6
+# columns of a metrics accumulator row: loss * pairs, pairs, correct, margin sum, chosen sum, rejected sum,
+# sum of squared rewards (chosen and rejected)
+_COLS = 7
 
 
 class PairMetrics:
     """Sums over pairs (overall and per language) that are all-reduced before dividing.
 
     Definitions: ``acc`` = share of pairs with r_c > r_r (ties count as wrong); ``dist`` = mean of r_c - r_r;
-    ``chosen_reward`` / ``rejected_reward`` = mean rewards; ``loss`` = pair-weighted mean loss.
+    ``chosen_reward`` / ``rejected_reward`` = mean rewards; ``loss`` = pair-weighted mean loss; ``reward_mean`` /
+    ``reward_std`` = mean and (population) standard deviation over all 2N chosen and rejected rewards.
     """
 
     def __init__(self):
@@ -34,7 +36,8 @@ class PairMetrics:
     def add(self, loss: float, chosen: torch.Tensor, rejected: torch.Tensor, langs: list[str]) -> None:
         """Accumulate one batch. ``chosen``/``rejected``: ``[B]`` rewards; ``loss``: the batch-mean loss."""
         c, r = chosen.detach().double().cpu(), rejected.detach().double().cpu()
-        rows = torch.stack([torch.full_like(c, loss), torch.ones_like(c), (c > r).double(), c - r, c, r], dim=1)
+        rows = torch.stack([torch.full_like(c, loss), torch.ones_like(c), (c > r).double(), c - r, c, r,
+                            c * c + r * r], dim=1)
         self.sums[0] += rows.sum(0)
         for j, lang in enumerate(LANGS, start=1):
             sel = torch.tensor([lg == lang for lg in langs], dtype=torch.bool)
@@ -51,8 +54,11 @@ class PairMetrics:
         n = s[1].item()
         if n == 0:
             return {}
+        mean = (s[4].item() + s[5].item()) / (2 * n)
+        var = max(s[6].item() / (2 * n) - mean * mean, 0.0)
         return {"loss": s[0].item() / n, "acc": s[2].item() / n, "dist": s[3].item() / n,
-                "chosen_reward": s[4].item() / n, "rejected_reward": s[5].item() / n, "pairs": int(n)}
+                "chosen_reward": s[4].item() / n, "rejected_reward": s[5].item() / n, "pairs": int(n),
+                "reward_mean": mean, "reward_std": var ** 0.5}
 
     def result(self) -> dict:
         """Overall metrics plus ``languages: {lang: {...}}`` for languages seen."""
@@ -80,6 +86,9 @@ class TrainerOptions:
     metrics_path: str | None
     disable_tqdm: bool = False
     save_every: int = 0
+    packing: bool = False
+    max_tokens_per_batch: int = 0  # packed row capacity (tokens); required when packing
+    group_by_length: bool = False
 
 
 class Trainer:
@@ -98,8 +107,9 @@ class Trainer:
         self.strategy, self.model, self.optimizer, self.scheduler = strategy, model, optimizer, scheduler
         self.loss_fn, self.train_pairs, self.eval_pairs = loss_fn, train_pairs, eval_pairs
         self.pad_id, self.opts = pad_id, opts
+        lengths = [len(p.chosen_ids) + len(p.rejected_ids) for p in train_pairs] if opts.group_by_length else None
         self.sampler = GlobalBatchSampler(len(train_pairs), opts.batch_size, strategy.world_size, strategy.rank,
-                                          shuffle=True, seed=opts.seed, drop_last=True)
+                                          shuffle=True, seed=opts.seed, drop_last=True, lengths=lengths)
         self.step = 0
         self.history: list[dict] = []
         self.epoch_metrics: dict = {}  # online train metrics of the last epoch (all ranks, all its batches)
@@ -121,10 +131,16 @@ class Trainer:
             return torch.autocast(device_type=self.strategy.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def collate(self, items: list[TokenizedPair]) -> dict:
+        """A packed or padded batch of ``items`` (see :mod:`coati.data.collate`)."""
+        if self.opts.packing:
+            return collate_packed(items, self.pad_id, self.opts.max_tokens_per_batch)
+        return collate_pairs(items, self.pad_id, self.opts.padding_side)
+
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.strategy.device
         with self._autocast():
-            rewards = self.model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+            rewards = self.model(**{k: v.to(dev) for k, v in batch["inputs"].items()})
         b = rewards.shape[0] // 2
         chosen, rejected = rewards[:b], rewards[b:]
         margin = batch["margin"].to(dev) if batch["margin"] is not None else None
@@ -143,7 +159,7 @@ class Trainer:
         total, spe = self.total_steps, self.steps_per_epoch
         bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=opts.disable_tqdm or not strategy.is_main)
-        window, t0, tokens = PairMetrics(), time.perf_counter(), 0
+        window, t0, tokens = PairMetrics(), time.perf_counter(), [0, 0]
         self.model.train()
         start_epoch = self.step // spe if spe else 0
         for epoch in range(start_epoch, opts.max_epochs):
@@ -155,8 +171,9 @@ class Trainer:
             first = (self.step - epoch * spe) * opts.accumulation_steps
             for i in range(first, len(batches)):
                 last_micro = (i + 1) % opts.accumulation_steps == 0
-                batch = collate_pairs([self.train_pairs[j] for j in batches[i]], self.pad_id, opts.padding_side)
-                tokens += int(batch["attention_mask"].sum())
+                batch = self.collate([self.train_pairs[j] for j in batches[i]])
+                tokens[0] += batch["real_tokens"]
+                tokens[1] += batch["total_tokens"]
                 ctx = contextlib.nullcontext() if last_micro else strategy.no_sync(self.model)
                 with ctx:
                     loss, chosen, rejected = self._forward(batch)
@@ -174,7 +191,7 @@ class Trainer:
                 if self.step % opts.log_every == 0 or self.step == total:
                     row = self._train_row(window, epoch, t0, tokens)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['acc']:.3f}", dist=f"{row['dist']:.3f}")
-                    window, t0, tokens = PairMetrics(), time.perf_counter(), 0
+                    window, t0, tokens = PairMetrics(), time.perf_counter(), [0, 0]
                 if opts.eval_every and self.step % opts.eval_every == 0 and self.step != total:
                     self.evaluate()
                     self.model.train()
@@ -186,14 +203,15 @@ class Trainer:
         bar.close()
         return self.history
 
-    def _train_row(self, window: PairMetrics, epoch: int, t0: float, tokens: int) -> dict:
+    def _train_row(self, window: PairMetrics, epoch: int, t0: float, tokens: list[int]) -> dict:
         elapsed = time.perf_counter() - t0
-        counts = torch.tensor([float(tokens)], dtype=torch.float64)
+        counts = torch.tensor([float(t) for t in tokens], dtype=torch.float64)
         self.strategy.all_reduce(counts)
         res = window.reduce(self.strategy).result()
         row = {"step": self.step, "split": "train", "epoch": epoch, **res,
                "lr": self.scheduler.get_last_lr()[0], "pairs_per_s": res.get("pairs", 0) / elapsed,
-               "tokens_per_s": counts.item() / elapsed}
+               "tokens_per_s": counts[0].item() / elapsed,  # real tokens (padding excluded)
+               "padding_fraction": 1.0 - counts[0].item() / max(counts[1].item(), 1.0)}
         self._log(row)
         return row
 
@@ -217,9 +235,9 @@ class Trainer:
         for idx in sampler:
             if not idx:  # this rank has nothing left in the last batch
                 if self.strategy.lockstep_forward:  # still join the collective forward, count nothing
-                    self._forward(collate_pairs([pairs[0]], self.pad_id, self.opts.padding_side))
+                    self._forward(self.collate([pairs[0]]))
                 continue
-            batch = collate_pairs([pairs[j] for j in idx], self.pad_id, self.opts.padding_side)
+            batch = self.collate([pairs[j] for j in idx])
             loss, chosen, rejected = self._forward(batch)
             metrics.add(loss.item(), chosen, rejected, batch["langs"])
             bar.update(1)

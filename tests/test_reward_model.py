@@ -69,8 +69,9 @@ def test_pad_is_not_eos(tokenizer):
 def test_collate_layout():
     items = [TokenizedPair([1, 2, 3], [1, 2], 0.5, "en", "a"), TokenizedPair([4], [5, 6, 7, 8], None, "zh", "b")]
     batch = collate_pairs(items, pad_id=0, padding_side="left")
-    assert batch["input_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 0, 4], [0, 0, 1, 2], [5, 6, 7, 8]]
-    assert batch["attention_mask"].sum(1).tolist() == [3, 1, 2, 4]
+    assert batch["inputs"]["input_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 0, 4], [0, 0, 1, 2], [5, 6, 7, 8]]
+    assert batch["inputs"]["attention_mask"].sum(1).tolist() == [3, 1, 2, 4]
+    assert (batch["real_tokens"], batch["total_tokens"]) == (10, 16)
     assert batch["margin"].tolist() == [0.5, 0.0]
     assert batch["langs"] == ["en", "zh"]
 
@@ -93,3 +94,19 @@ def test_margin_column_reaches_the_loss(tokenizer):
     zeros = torch.zeros(2)
     loss = build_loss("log_sig")(zeros, zeros, batch["margin"])
     assert loss.item() == pytest.approx((math.log1p(math.exp(2.0)) + math.log(2)) / 2, abs=1e-6)
+
+
+def test_pair_metrics_closed_form():
+    from coati.trainer import PairMetrics
+
+    m = PairMetrics()
+    m.add(0.5, torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), ["en", "zh"])
+    m.add(0.2, torch.tensor([3.0]), torch.tensor([3.0]), ["zh"])  # a tie counts as wrong
+    res = m.result()
+    assert res["pairs"] == 3 and res["acc"] == pytest.approx(1 / 3)
+    assert res["dist"] == pytest.approx((1 - 1 + 0) / 3)
+    assert res["loss"] == pytest.approx((0.5 * 2 + 0.2) / 3)
+    rewards = torch.tensor([2.0, 0.0, 3.0, 1.0, 1.0, 3.0], dtype=torch.float64)
+    assert res["reward_mean"] == pytest.approx(rewards.mean().item())
+    assert res["reward_std"] == pytest.approx(rewards.std(unbiased=False).item())
+    assert res["languages"]["en"]["pairs"] == 1 and res["languages"]["zh"]["acc"] == 0.0

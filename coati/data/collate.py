@@ -13,9 +13,10 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "
     """Stack B pairs into one padded batch of 2B sequences: all chosen first, then all rejected.
 
     Returns:
-        ``input_ids`` ``[2B, L]`` int64 and ``attention_mask`` ``[2B, L]`` int64 (L = longest sequence),
-        ``margin`` ``[B]`` float32 or None (missing margins count as 0 when any pair has one),
-        ``langs`` and ``sources``: lists of B strings.
+        ``inputs``: the model's keyword arguments, ``input_ids`` ``[2B, L]`` int64 and ``attention_mask`` ``[2B, L]``
+        int64 (L = longest sequence); ``margin`` ``[B]`` float32 or None (missing margins count as 0 when any pair
+        has one); ``langs``, ``sources``: lists of B strings; ``real_tokens`` and ``total_tokens``: ints (their
+        ratio is 1 - padding fraction).
     Raises:
         ValueError: empty ``items`` or an unknown padding side.
     """
@@ -31,11 +32,75 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "
         sl = slice(0, len(s)) if padding_side == "right" else slice(length - len(s), length)
         input_ids[row, sl] = torch.tensor(s, dtype=torch.int64)
         attention_mask[row, sl] = 1
+    return _batch(items, {"input_ids": input_ids, "attention_mask": attention_mask}, seqs, input_ids.numel())
+
+
+def _batch(items: list[TokenizedPair], inputs: dict, seqs: list[list[int]], total_tokens: int) -> dict:
     margin = None
     if any(it.margin is not None for it in items):
         margin = torch.tensor([0.0 if it.margin is None else float(it.margin) for it in items], dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin,
-            "langs": [it.lang for it in items], "sources": [it.source for it in items]}
+    return {"inputs": inputs, "margin": margin, "langs": [it.lang for it in items],
+            "sources": [it.source for it in items], "real_tokens": sum(map(len, seqs)), "total_tokens": total_tokens}
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of sequence lengths into rows of at most ``capacity`` tokens.
+
+    Returns:
+        rows as lists of sequence indices (longest first within the order of placement); deterministic.
+    Raises:
+        ValueError: a sequence longer than ``capacity``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        if lengths[i] > capacity:
+            raise ValueError(f"a sequence of {lengths[i]} tokens does not fit a packed row of {capacity} "
+                             "(--max_tokens_per_batch must be at least --max_len)")
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return rows
+
+
+def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int) -> dict:
+    """Pack the 2B sequences of B pairs into rows of at most ``capacity`` tokens, without padding between them.
+
+    Each sequence keeps its own positions (``position_ids`` restart at 0), so no token attends across a sequence
+    boundary and every reward equals the padded path's. Only the end of a row that is not full is padding (given
+    positions 0, 1, ... so it forms a sequence of its own that nothing reads).
+
+    Returns:
+        like :func:`collate_pairs`, with ``inputs`` = ``input_ids`` and ``position_ids`` ``[R, L]`` int64 and
+        ``reward_index`` ``[2B, 2]`` int64: (row, column) of each sequence's last token, chosen first.
+    Raises:
+        ValueError: empty ``items`` or a sequence longer than ``capacity``.
+    """
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
+    rows = pack_rows([len(s) for s in seqs], capacity)
+    length = max(sum(len(seqs[i]) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.int64)
+    reward_index = torch.zeros((len(seqs), 2), dtype=torch.int64)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            n = len(seqs[i])
+            input_ids[r, start:start + n] = torch.tensor(seqs[i], dtype=torch.int64)
+            position_ids[r, start:start + n] = torch.arange(n)
+            reward_index[i] = torch.tensor([r, start + n - 1])
+            start += n
+        position_ids[r, start:] = torch.arange(length - start)
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, "reward_index": reward_index}
+    return _batch(items, inputs, seqs, input_ids.numel())
 
 
 class GlobalBatchSampler:
@@ -48,13 +113,19 @@ class GlobalBatchSampler:
     evaluation (``shuffle=False, drop_last=False``) gives every pair to exactly one rank, and every rank the same
     number of batches (a rank's last one may be empty), so strategies whose forward is a collective stay in step.
 
+    With ``lengths`` (group by length, for the padded path), each run of ``group_size`` global batches of the
+    shuffled order is sorted by length before it is cut, and the batches are shuffled again, so a batch holds pairs
+    of similar length (less padding) while the order over batches stays random.
+
     Args:
         num_items: dataset size; batch_size: pairs per rank per batch; world_size, rank: process layout.
+        lengths: per-item token counts, to group by length (training only).
     """
 
     def __init__(self, num_items: int, batch_size: int, world_size: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = True):
+                 seed: int = 0, drop_last: bool = True, lengths: list[int] | None = None, group_size: int = 64):
         self.num_items, self.batch_size = num_items, batch_size
+        self.lengths, self.group_size = lengths, group_size
         self.world_size, self.rank = world_size, rank
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
@@ -74,6 +145,8 @@ class GlobalBatchSampler:
         else:
             order = list(range(self.num_items))
         g = self.batch_size * self.world_size
+        if self.lengths is not None and self.shuffle:
+            order = self._group_by_length(order, g, gen)
         for start in range(0, len(self) * g, g):
             chunk = order[start:start + g]
             if self.drop_last:
@@ -81,3 +154,14 @@ class GlobalBatchSampler:
             else:  # uneven tail: deal pairs round-robin so every pair is seen exactly once
                 mine = chunk[self.rank::self.world_size]
             yield mine  # may be empty on some ranks in the last evaluation batch (same batch count on every rank)
+
+    def _group_by_length(self, order: list[int], g: int, gen: torch.Generator) -> list[int]:
+        span = g * self.group_size
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=lambda i: self.lengths[i])
+            batches += [chunk[b:b + g] for b in range(0, len(chunk), g)]
+        full = [b for b in batches if len(b) == g]
+        tail = [i for b in batches if len(b) != g for i in b]
+        perm = torch.randperm(len(full), generator=gen).tolist()
+        return [i for p in perm for i in full[p]] + tail

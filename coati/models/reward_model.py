@@ -52,22 +52,76 @@ class RewardModel(nn.Module):
         m = self.model
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards for a batch of sequences.
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, reward_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards for a padded batch (one sequence per row) or a packed batch (several sequences per row).
 
-        Args:
-            input_ids: ``[N, L]`` int64 token ids.
-            attention_mask: ``[N, L]`` 1 on real tokens, 0 on padding (either side).
+        Padded: ``input_ids`` and ``attention_mask`` ``[N, L]`` (1 on real tokens, padding on either side); the
+        reward of row i is read at its last real token.
+        Packed: ``input_ids`` and ``position_ids`` ``[R, L]`` with positions restarting at 0 at each sequence start
+        (tokens of different sequences never attend to each other), ``attention_mask`` None, and ``reward_index``
+        ``[N, 2]`` int64 (row, column) of each sequence's last token.
+
         Returns:
             ``[N]`` float32 rewards, one scalar per sequence (the value head runs in fp32 even under autocast).
         """
         seq_cls = self.hf_model
         body = getattr(seq_cls, seq_cls.base_model_prefix)
-        kwargs = {}
-        if self.uses_position_ids:
-            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
-        idx = last_token_index(attention_mask)
-        last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        if reward_index is None:
+            kwargs = {}
+            if self.uses_position_ids:
+                kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          **kwargs).last_hidden_state
+            idx = last_token_index(attention_mask)
+            last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        else:
+            if self.uses_position_ids:  # transformers derives the block-diagonal causal mask from position_ids
+                hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            else:
+                hidden = alibi_packed_forward(body, input_ids, position_ids)
+            last_hidden = hidden[reward_index[:, 0], reward_index[:, 1]]
         with torch.autocast(device_type=last_hidden.device.type, enabled=False):
             return seq_cls.score(last_hidden.float()).squeeze(-1).float()
+
+
+def packed_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive block-diagonal causal mask for packed rows.
+
+    Args:
+        position_ids: ``[R, L]`` int64, restarting at 0 where a new sequence starts.
+    Returns:
+        ``[R, 1, L, L]`` of ``dtype``: 0 where query i may attend key j (same sequence, j <= i), else the dtype's min.
+    """
+    segment = (position_ids == 0).cumsum(-1)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def alibi_packed_forward(body: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Packed forward of an ALiBi backbone (transformers' ``BloomModel``), which takes no ``position_ids``.
+
+    ALiBi adds ``slope_h * key_position`` to the attention scores (Press et al., "Train Short, Test Long",
+    arXiv 2108.12409, section 3); with key positions restarting per sequence and a block-diagonal causal mask each
+    sequence sees exactly the biases it would see alone.
+
+    Args:
+        body: a ``BloomModel`` (embeddings, ``h`` blocks, ``ln_f``).
+        input_ids, position_ids: ``[R, L]`` int64.
+    Returns:
+        ``[R, L, hidden]`` last hidden states.
+    """
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    hidden = body.word_embeddings_layernorm(body.word_embeddings(input_ids))
+    rows, length = input_ids.shape
+    slopes = _get_alibi_slopes(body.num_heads, input_ids.device)
+    alibi = (slopes[None, :, None] * position_ids[:, None, :].to(slopes.dtype))
+    alibi = alibi.reshape(rows * body.num_heads, 1, length).to(hidden.dtype)
+    mask = packed_causal_mask(position_ids, hidden.dtype)
+    for block in body.h:
+        hidden = block(hidden, layer_past=None, attention_mask=mask, use_cache=False, alibi=alibi)[0]
+    return body.ln_f(hidden)
