@@ -92,6 +92,7 @@ class TrainConfig:
     adam_eps: float = _opt(1e-8, "AdamW epsilon")
     warmup_ratio: float = _opt(0.03, "share of optimizer steps spent in linear warmup before the cosine decay")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables")
+    max_bad_steps: int = _opt(5, "stop after this many consecutive steps skipped for a non-finite loss or gradient")
     bf16: bool = _opt(False, "bf16 autocast for the backbone (weights, optimizer and loss stay fp32)")
     seed: int = _opt(42, "seed for init, shuffling and dropout")
     # logging / output

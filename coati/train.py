@@ -26,12 +26,12 @@ from coati.models.loading import (SMOLLM2_ALIAS, build_model, load_tokenizer, pr
 from coati.models.lora import apply_lora
 from coati.models.reward_model import RewardModel
 from coati.strategies import StrategyUnavailable, get_strategy
-from coati.trainer import Trainer, TrainerOptions
+from coati.trainer import NonFiniteError, Trainer, TrainerOptions
 
 logger = logging.getLogger("coati")
 
 USER_ERRORS = (ValueError, FileNotFoundError, StrategyUnavailable, DataFormatError, PermissionError,
-               CheckpointError)
+               CheckpointError, NonFiniteError)
 
 
 def seed_everything(seed: int) -> None:
@@ -145,7 +145,7 @@ def run(cfg: TrainConfig) -> dict:
                           log_every=cfg.log_every, eval_every=cfg.eval_every, padding_side=cfg.padding_side,
                           metrics_path=metrics_path, disable_tqdm=cfg.disable_tqdm, save_every=cfg.save_every,
                           packing=cfg.packing, max_tokens_per_batch=cfg.max_tokens_per_batch or 2 * cfg.max_len,
-                          group_by_length=cfg.group_by_length)
+                          group_by_length=cfg.group_by_length, max_bad_steps=cfg.max_bad_steps)
     trainer = Trainer(strategy, model, optimizer, None, loss_fn, train_tok, eval_tok,
                       tokenizer.pad_token_id, opts)
     total = trainer.total_steps
@@ -209,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        # the same mistake is found by every rank: say it once (rank 0); anything else is a crash of the rank
+        # that raised it, shown by that rank, and torchrun then stops the others
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

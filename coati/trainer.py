@@ -22,6 +22,10 @@ LANGS = ("en", "zh")
 _COLS = 7
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
 class PairMetrics:
     """Sums over pairs (overall and per language) that are all-reduced before dividing.
 
@@ -53,7 +57,7 @@ class PairMetrics:
     def _row(s: torch.Tensor) -> dict[str, float]:
         n = s[1].item()
         if n == 0:
-            return {}
+            return {"pairs": 0}
         mean = (s[4].item() + s[5].item()) / (2 * n)
         var = max(s[6].item() / (2 * n) - mean * mean, 0.0)
         return {"loss": s[0].item() / n, "acc": s[2].item() / n, "dist": s[3].item() / n,
@@ -86,6 +90,7 @@ class TrainerOptions:
     metrics_path: str | None
     disable_tqdm: bool = False
     save_every: int = 0
+    max_bad_steps: int = 5
     packing: bool = False
     max_tokens_per_batch: int = 0  # packed row capacity (tokens); required when packing
     group_by_length: bool = False
@@ -114,6 +119,8 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch_metrics: dict = {}  # online train metrics of the last epoch (all ranks, all its batches)
         self.on_save: Callable[[int], None] | None = None  # called with the step every `save_every` steps
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (whole run)
+        self._bad_streak = 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -169,6 +176,7 @@ class Trainer:
             epoch_sums = PairMetrics()
             batches = list(self.sampler)[: spe * opts.accumulation_steps]
             first = (self.step - epoch * spe) * opts.accumulation_steps
+            bad_micro = False
             for i in range(first, len(batches)):
                 last_micro = (i + 1) % opts.accumulation_steps == 0
                 batch = self.collate([self.train_pairs[j] for j in batches[i]])
@@ -178,19 +186,22 @@ class Trainer:
                 with ctx:
                     loss, chosen, rejected = self._forward(batch)
                     strategy.backward(loss / opts.accumulation_steps)
-                window.add(loss.item(), chosen, rejected, batch["langs"])
-                epoch_sums.add(loss.item(), chosen, rejected, batch["langs"])
+                finite = bool(torch.isfinite(loss.detach()))
+                bad_micro = bad_micro or not finite
+                if finite:
+                    window.add(loss.item(), chosen, rejected, batch["langs"])
+                    epoch_sums.add(loss.item(), chosen, rejected, batch["langs"])
                 if not last_micro:
                     continue
-                if opts.max_grad_norm > 0:
-                    strategy.clip_grad_norm(self.model, opts.max_grad_norm)
-                strategy.optimizer_step(self.optimizer)
+                self._update(bad_micro)
+                bad_micro = False
                 self.scheduler.step()
                 self.step += 1
                 bar.update(1)
                 if self.step % opts.log_every == 0 or self.step == total:
                     row = self._train_row(window, epoch, t0, tokens)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['acc']:.3f}", dist=f"{row['dist']:.3f}")
+                    if row["pairs"]:  # a window of only skipped steps has no metrics
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['acc']:.3f}", dist=f"{row['dist']:.3f}")
                     window, t0, tokens = PairMetrics(), time.perf_counter(), [0, 0]
                 if opts.eval_every and self.step % opts.eval_every == 0 and self.step != total:
                     self.evaluate()
@@ -203,6 +214,36 @@ class Trainer:
         bar.close()
         return self.history
 
+    def _update(self, bad_loss: bool) -> None:
+        """Clip and apply the accumulated gradients, or skip the update when the loss or the gradient norm is not
+        finite on any rank (the skip is counted; ``max_bad_steps`` in a row stop the run).
+
+        Raises:
+            NonFiniteError: ``max_bad_steps`` consecutive skipped steps; a resume checkpoint of the last good state
+                is written first when checkpointing is on.
+        """
+        opts, strategy = self.opts, self.strategy
+        flag = torch.tensor([float(bad_loss)], dtype=torch.float64)
+        bad = strategy.all_reduce(flag).item() > 0
+        if opts.max_grad_norm > 0 or strategy.checks_grad_norm:
+            norm = strategy.clip_grad_norm(self.model, opts.max_grad_norm if opts.max_grad_norm > 0 else float("inf"))
+            bad = bad or (strategy.checks_grad_norm and not bool(torch.isfinite(norm)))
+        if not bad:
+            strategy.optimizer_step(self.optimizer)
+            self._bad_streak = 0
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self._bad_streak += 1
+        if self._bad_streak >= opts.max_bad_steps:
+            saved = ""
+            if opts.save_every and self.on_save is not None:
+                self.on_save(self.step)  # parameters are still those of the last good step
+                saved = "; the last good state is in the newest checkpoint (resume with --resume auto)"
+            raise NonFiniteError(f"{self._bad_streak} optimizer steps in a row had a non-finite loss or gradient "
+                                 f"(up to step {self.step + 1}); stopping{saved}. Lower --lr, check the data, or "
+                                 "try without --bf16")
+
     def _train_row(self, window: PairMetrics, epoch: int, t0: float, tokens: list[int]) -> dict:
         elapsed = time.perf_counter() - t0
         counts = torch.tensor([float(t) for t in tokens], dtype=torch.float64)
@@ -211,7 +252,8 @@ class Trainer:
         row = {"step": self.step, "split": "train", "epoch": epoch, **res,
                "lr": self.scheduler.get_last_lr()[0], "pairs_per_s": res.get("pairs", 0) / elapsed,
                "tokens_per_s": counts[0].item() / elapsed,  # real tokens (padding excluded)
-               "padding_fraction": 1.0 - counts[0].item() / max(counts[1].item(), 1.0)}
+               "padding_fraction": 1.0 - counts[0].item() / max(counts[1].item(), 1.0),
+               "skipped_steps": self.skipped_steps}
         self._log(row)
         return row
 

@@ -28,6 +28,8 @@ class Strategy(ABC):
     name: str = ""
     #: True when the forward pass is a collective (sharded parameters): every rank must run every forward.
     lockstep_forward: bool = False
+    #: True when :meth:`clip_grad_norm` returns the real global norm, so the trainer can skip non-finite steps.
+    checks_grad_norm: bool = True
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")

@@ -212,6 +212,7 @@ class ColossalAIZero2Strategy(ProcessGroupMixin, Strategy):
 
     name = "colossalai_zero2"
     lockstep_forward = False
+    checks_grad_norm = False  # ColossalAI finds overflow itself (fp16 loss scaling) inside its step
 
     def __init__(self, mixed_precision: str = "bf16", zero_cpu_offload: bool = False, dist_timeout: float = 1800.0,
                  lora: bool = False, max_grad_norm: float = 1.0, resume_checkpoints: bool = False):
@@ -355,6 +356,7 @@ class ColossalAIGeminiStrategy(ProcessGroupMixin, Strategy):
 
     name = "colossalai_gemini"
     lockstep_forward = True
+    checks_grad_norm = False  # ColossalAI finds overflow itself (fp16 loss scaling) inside its step
 
     def __init__(self, mixed_precision: str = "bf16", placement_policy: str = "static", dist_timeout: float = 1800.0,
                  lora: bool = False, max_grad_norm: float = 1.0, accumulation_steps: int = 1,

@@ -1,0 +1,182 @@
+"""Runs lose nothing: exact resume after SIGKILL, skipped non-finite steps, one failing rank stops them all."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from coati.checkpoint import CheckpointError, find_resume_checkpoint, list_checkpoints, verify_checkpoint
+from coati.data.template import TokenizedPair
+from coati.losses import log_sig_loss
+from coati.models.backbones import get_backbone
+from coati.models.reward_model import RewardModel
+from coati.strategies.naive import NaiveStrategy
+from coati.trainer import NonFiniteError, Trainer, TrainerOptions
+from conftest import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+COMMON = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",
+          "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "3", "--max_steps", "8"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+# ------------------------------------------------------------------------------------------ non-finite steps
+
+def _trainer(tokenizer, tmp_path, loss_fn, **opts):
+    strategy = NaiveStrategy()
+    strategy.setup()
+    torch.manual_seed(0)
+    model = RewardModel(tiny_model("llama", tokenizer), True).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    pairs = [TokenizedPair(torch.randint(5, 300, (8,), generator=g).tolist() + [2],
+                           torch.randint(5, 300, (6,), generator=g).tolist() + [2], None, "en", "x") for _ in range(32)]
+    options = dict(batch_size=4, eval_batch_size=4, accumulation_steps=1, max_epochs=1, max_steps=None,
+                   max_grad_norm=1.0, bf16=False, seed=0, log_every=1, eval_every=0, padding_side="right",
+                   metrics_path=str(tmp_path / "metrics.jsonl"))
+    options.update(opts)
+    trainer = Trainer(strategy, model, optimizer, None, loss_fn, pairs, [], tokenizer.pad_token_id,
+                      TrainerOptions(**options))
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return trainer
+
+
+def _nan_on(calls_to_poison):
+    calls = {"n": 0}
+
+    def loss_fn(c, r, m):
+        calls["n"] += 1
+        loss = log_sig_loss(c, r, m)
+        return loss * float("nan") if calls["n"] in calls_to_poison else loss
+    return loss_fn
+
+
+def test_non_finite_steps_are_skipped_and_counted(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, _nan_on({3, 4}))
+    snapshots = []
+    original = trainer.strategy.optimizer_step
+    trainer.strategy.optimizer_step = lambda opt: (snapshots.append(trainer.step), original(opt))
+    rows = trainer.fit()
+    assert trainer.step == 8 and trainer.skipped_steps == 2
+    assert snapshots == [0, 1, 4, 5, 6, 7]  # no update at steps 3 and 4 (0-based 2 and 3)
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert all(math.isfinite(r["loss"]) for r in rows if r.get("pairs"))
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_too_many_bad_steps_stop_with_a_last_good_checkpoint(tokenizer, tmp_path):
+    from coati.checkpoint import save_resume_checkpoint
+
+    trainer = _trainer(tokenizer, tmp_path, _nan_on(set(range(3, 100))), max_bad_steps=3, save_every=100)
+    trainer.on_save = lambda step: save_resume_checkpoint(str(tmp_path), step, trainer.strategy, trainer.model,
+                                                          trainer.optimizer, trainer.scheduler, {}, 2)
+    good = {}
+    original = trainer.strategy.optimizer_step
+
+    def step_and_remember(opt):
+        original(opt)
+        good.update({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+    trainer.strategy.optimizer_step = step_and_remember
+    with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
+        trainer.fit()
+    newest = list_checkpoints(str(tmp_path))[-1]
+    verify_checkpoint(newest)
+    assert newest.endswith("step-000004")  # steps 3, 4, 5 were bad: the state is that of step 2, saved at 4
+    assert all(torch.equal(good[k], v) for k, v in trainer.model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def test_corrupt_or_incomplete_checkpoints_are_skipped(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        d = root / f"step-00000{step}"
+        (d / "rng").mkdir(parents=True)
+        (d / "trainer_state.json").write_text("{}")
+        blob = d / "data.bin"
+        blob.write_bytes(b"x" * 64)
+        import hashlib
+        manifest = {n: {"size": (d / n).stat().st_size, "sha256": hashlib.sha256((d / n).read_bytes()).hexdigest()}
+                    for n in ("trainer_state.json", "data.bin")}
+        (d / "manifest.json").write_text(json.dumps({"files": manifest}))
+    (root / ".step-000006.tmp").mkdir()  # a crash mid-write: never a candidate
+    assert find_resume_checkpoint(str(tmp_path), "auto").endswith("step-000004")
+    (root / "step-000004" / "data.bin").write_bytes(b"y" * 64)  # same size, other bytes
+    assert find_resume_checkpoint(str(tmp_path), "auto").endswith("step-000002")
+    with pytest.raises(CheckpointError, match="checksum"):
+        find_resume_checkpoint(str(tmp_path), str(root / "step-000004"))
+    (root / "step-000002" / "manifest.json").unlink()
+    assert find_resume_checkpoint(str(tmp_path), "auto") is None
+
+
+def _rows(path):
+    keys = ("step", "split", "loss", "acc", "dist", "chosen_reward", "rejected_reward", "pairs", "skipped_steps")
+    return [{k: r.get(k) for k in keys} for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_mid_training_then_resume_matches_uninterrupted(nproc, tmp_path):
+    strategy = ["--strategy", "naive" if nproc == 1 else "ddp", "--batch_size", "4" if nproc == 1 else "2"]
+    launcher = [sys.executable] if nproc == 1 else TORCHRUN + ["--standalone", "--nproc_per_node", "2"]
+    script = [str(REPO / "train_reward_model.py")]
+    args = COMMON + strategy + ["--save_every", "2", "--keep_last", "2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = subprocess.run(launcher + script + args + ["--save_path", str(straight)], env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    victim = subprocess.Popen(launcher + script + args + ["--save_path", str(killed)], env=_env(), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-000004" / "manifest.json").exists():
+        assert victim.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode != 0
+    assert not (killed / "model.safetensors").exists()
+
+    proc = subprocess.run(launcher + script + args + ["--save_path", str(killed), "--resume", "auto"], env=_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _rows(straight), _rows(killed)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "acc", "dist", "chosen_reward", "rejected_reward"):
+            assert abs(ra[key] - rb[key]) < 1e-6, (ra["step"], key)
+    wa, wb = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ distributed faults
+
+@pytest.mark.slow
+def test_one_failing_rank_stops_every_rank_with_its_error_once(tmp_path):
+    cmd = TORCHRUN + ["--standalone", "--nproc_per_node", "2", str(REPO / "tests" / "fixtures" / "fail_on_rank.py"),
+                      "1", "3", "--"] + COMMON + ["--strategy", "ddp", "--batch_size", "2", "--dist_timeout", "60",
+                                                  "--save_path", str(tmp_path / "out")]
+    start = time.time()
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - start
+    assert proc.returncode != 0
+    assert elapsed < 60 + 30, elapsed
+    assert proc.stderr.count("RuntimeError: injected fault on rank 1 at step 3") >= 1
+    assert "injected fault on rank 1" in proc.stderr
+    # rank 0 did not finish or export
+    assert not (tmp_path / "out" / "model.safetensors").exists()
