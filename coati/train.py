@@ -169,15 +169,17 @@ def run(cfg: TrainConfig) -> dict:
         keep_metrics_until(metrics_path, trainer.step)
     trainer.on_save = lambda step: save_resume_checkpoint(cfg.save_path, step, strategy, model, optimizer,
                                                           trainer.scheduler, run_state, cfg.keep_last)
-    t_fit = time.perf_counter()
+    t_fit, start_step = time.perf_counter(), trainer.step
     trainer.fit()
     fit_s = time.perf_counter() - t_fit
     final_eval = trainer.evaluate() if eval_tok else {}
 
+    pairs_trained = (trainer.step - start_step) * cfg.batch_size * cfg.accumulation_steps * strategy.world_size
     summary = {"steps": trainer.step, "train_pairs": len(train_tok), "eval_pairs": len(eval_tok),
-               "world_size": strategy.world_size, "fit_seconds": fit_s,
-               "train_pairs_per_s": trainer.step * cfg.batch_size * cfg.accumulation_steps * strategy.world_size
-               / fit_s, "train_last_epoch": trainer.epoch_metrics,
+               "world_size": strategy.world_size, "fit_seconds": fit_s, "train_seconds": trainer.train_seconds,
+               "train_pairs_per_s": pairs_trained / max(trainer.train_seconds, 1e-9),
+               "train_tokens_per_s": trainer.train_tokens / max(trainer.train_seconds, 1e-9),
+               "skipped_steps": trainer.skipped_steps, "train_last_epoch": trainer.epoch_metrics,
                "eval": final_eval, "data": report.to_dict(),
                "truncation": {"train": vars(train_trunc), "eval": vars(eval_trunc)}}
     export_model = strategy.state_dict_for_export(model)

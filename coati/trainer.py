@@ -120,6 +120,8 @@ class Trainer:
         self.epoch_metrics: dict = {}  # online train metrics of the last epoch (all ranks, all its batches)
         self.on_save: Callable[[int], None] | None = None  # called with the step every `save_every` steps
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (whole run)
+        self.train_seconds = 0.0  # training time of this process's run, evaluation and checkpoints excluded
+        self.train_tokens = 0  # real tokens trained on by all ranks in this run
         self._bad_streak = 0
 
     @property
@@ -203,11 +205,13 @@ class Trainer:
                     if row["pairs"]:  # a window of only skipped steps has no metrics
                         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['acc']:.3f}", dist=f"{row['dist']:.3f}")
                     window, t0, tokens = PairMetrics(), time.perf_counter(), [0, 0]
+                pause = time.perf_counter()  # evaluation and checkpoints do not count as training time
                 if opts.eval_every and self.step % opts.eval_every == 0 and self.step != total:
                     self.evaluate()
                     self.model.train()
                 if opts.save_every and self.step % opts.save_every == 0 and self.on_save is not None:
                     self.on_save(self.step)
+                t0 += time.perf_counter() - pause
                 if self.step >= total:
                     break
             self.epoch_metrics = {"epoch": epoch, **epoch_sums.reduce(strategy).result()}
@@ -249,6 +253,8 @@ class Trainer:
         counts = torch.tensor([float(t) for t in tokens], dtype=torch.float64)
         self.strategy.all_reduce(counts)
         res = window.reduce(self.strategy).result()
+        self.train_seconds += elapsed
+        self.train_tokens += int(counts[0].item())
         row = {"step": self.step, "split": "train", "epoch": epoch, **res,
                "lr": self.scheduler.get_last_lr()[0], "pairs_per_s": res.get("pairs", 0) / elapsed,
                "tokens_per_s": counts[0].item() / elapsed,  # real tokens (padding excluded)
