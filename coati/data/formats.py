@@ -8,12 +8,14 @@ function pair and one registry entry. Common rules for all formats:
 * surrounding whitespace is stripped from every message and answer;
 * an optional numeric ``margin`` key is read in every format;
 * extra keys are ignored;
-* a row that cannot give a usable pair raises :class:`DataFormatError` saying why.
+* a row that cannot give a usable pair raises :class:`DataFormatError` saying why (values quoted in the
+  message are shortened, so a hostile row cannot produce a huge message).
 """
 from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -79,13 +81,31 @@ class Format:
 
 # ---------------------------------------------------------------- shared helpers
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxdict = 6
+_REPR.maxlevel = 3
+
+
+def _brief(value: object) -> str:
+    """A short repr for error messages: hostile rows may hold megabytes or deeply nested values."""
+    return _REPR.repr(value)
+
+
+def _keys(row: Mapping) -> str:
+    """The row's keys for error messages (sorted, at most 10, each shortened)."""
+    keys = sorted(str(k) for k in row)
+    shown = ", ".join(_brief(k) for k in keys[:10])
+    return f"[{shown}{', ...' if len(keys) > 10 else ''}]"
+
+
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
           "system": "system"}
 
 
 def _require(row: Mapping, key: str, types: type | tuple[type, ...], what: str):
     if key not in row:
-        raise DataFormatError(f"missing key {key!r} (keys: {sorted(row)})")
+        raise DataFormatError(f"missing key {key!r} (keys: {_keys(row)})")
     value = row[key]
     if not isinstance(value, types):
         raise DataFormatError(f"{key!r} must be {what}, got {type(value).__name__}")
@@ -99,7 +119,7 @@ def _message(obj: object, where: str) -> Message:
     role = next((obj[k] for k in ("role", "from") if k in obj), None)
     content = next((obj[k] for k in ("content", "value", "text") if k in obj), None)
     if not isinstance(role, str) or role.lower() not in _ROLES:
-        raise DataFormatError(f"{where} has role {role!r}; known roles: {sorted(_ROLES)}")
+        raise DataFormatError(f"{where} has role {_brief(role)}; known roles: {sorted(_ROLES)}")
     if not isinstance(content, str):
         raise DataFormatError(f"{where} needs a string 'content'/'value'/'text', got {type(content).__name__}")
     return {"role": _ROLES[role.lower()], "content": content.strip()}
@@ -128,9 +148,23 @@ def _margin(row: Mapping) -> float | None:
     value = row.get("margin")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataFormatError(f"'margin' must be a finite number, got {value!r}")
-    return float(value)
+    try:  # a JSON integer too large for a float (e.g. 400 digits) overflows
+        number = None if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    except OverflowError:
+        number = None
+    if number is None or not math.isfinite(number):
+        raise DataFormatError(f"'margin' must be a finite number, got {_brief(value)}")
+    return number
+
+
+def _check_text(where: str, text: str) -> None:
+    """Reject lone surrogates (JSON escapes such as ``"\\ud800"``): tokenizers and UTF-8 encoders refuse them."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataFormatError(f"{where} is not valid Unicode (lone surrogate {text[e.start]!r} at character "
+                                  f"{e.start})") from None
 
 
 def _pair(row: Mapping, prompt: list[Message], chosen: str, rejected: str) -> PreferencePair:
@@ -140,6 +174,10 @@ def _pair(row: Mapping, prompt: list[Message], chosen: str, rejected: str) -> Pr
         raise DataFormatError("empty rejected answer")
     if chosen == rejected:
         raise DataFormatError("chosen == rejected")
+    _check_text("chosen answer", chosen)
+    _check_text("rejected answer", rejected)
+    for i, message in enumerate(prompt):
+        _check_text(f"prompt message {i}", message["content"])
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=_margin(row))
 
 
@@ -293,7 +331,7 @@ def detect_format(row: Mapping) -> str:
     for fmt in FORMATS.values():
         if fmt.detect(row):
             return fmt.name
-    raise DataFormatError(f"unrecognised row format (keys: {sorted(row)}); known formats: {', '.join(FORMATS)}")
+    raise DataFormatError(f"unrecognised row format (keys: {_keys(row)}); known formats: {', '.join(FORMATS)}")
 
 
 def parse_row(row: Mapping, fmt: str | None = None) -> PreferencePair:
@@ -306,7 +344,8 @@ def parse_row(row: Mapping, fmt: str | None = None) -> PreferencePair:
     Raises:
         ValueError: ``fmt`` is not a known format name.
         DataFormatError: the row is not usable: undetectable format, missing keys, wrong types, unknown roles,
-            empty chosen/rejected after stripping, chosen == rejected, a non-numeric margin, ...
+            empty chosen/rejected after stripping, chosen == rejected, a non-numeric margin, text that is not
+            valid Unicode (lone surrogates from ``\\ud800``-style JSON escapes), ...
     """
     if fmt is None:
         fmt = detect_format(row)

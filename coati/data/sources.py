@@ -165,14 +165,24 @@ def _read_lines(path: str) -> Iterator[tuple[str, object, str | None]]:
                 except UnicodeDecodeError as e:
                     yield where, None, f"invalid UTF-8 ({e.reason} at byte {e.start})"
                     continue
-                try:
-                    yield where, json.loads(text), None
-                except json.JSONDecodeError as e:
-                    yield where, None, f"invalid JSON ({e.msg} at column {e.colno})"
+                row, problem = _decode_json(text)
+                yield where, row, problem
         except EOFError as e:
             raise _FileError(f"{path}: truncated gzip after line {line} ({e})") from e
         except (OSError, zlib.error) as e:
             raise _FileError(f"{path}: corrupt or unreadable after line {line} ({e})") from e
+
+
+def _decode_json(text: str) -> tuple[object, str | None]:
+    """(value, None), or (None, why) for text that is not JSON (including what ``json`` refuses beyond syntax)."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "invalid JSON (nested too deeply)"
+    except ValueError as e:  # e.g. an integer of more than 4300 digits (sys.get_int_max_str_digits)
+        return None, f"invalid JSON ({str(e)[:200]})"
 
 
 def _read_json(path: str) -> Iterator[tuple[str, object, str | None]]:
@@ -183,12 +193,12 @@ def _read_json(path: str) -> Iterator[tuple[str, object, str | None]]:
     if head == b"{":  # JSON lines, unless the file is one object spread over several lines
         try:
             first_is_row = isinstance(json.loads(data.lstrip().split(b"\n", 1)[0].decode("utf-8-sig")), dict)
-        except ValueError:
+        except (ValueError, RecursionError):
             first_is_row = False
         if not first_is_row:
             try:
                 whole = json.loads(data.decode("utf-8-sig"))
-            except ValueError:  # JSON lines with a broken first line: reported row by row
+            except (ValueError, RecursionError):  # JSON lines with a broken first line: reported row by row
                 whole = None
             if whole is not None:
                 raise DataFormatError(f"{path}: expected a JSON list of rows or JSON lines, got one JSON object "
@@ -220,9 +230,14 @@ def _read_json(path: str) -> Iterator[tuple[str, object, str | None]]:
     except json.JSONDecodeError as e:
         raise _FileError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
                          f"rest of the list not read") from e
+    except RecursionError as e:
+        raise _FileError(f"{path}:{line}: invalid JSON (nested too deeply); rest of the list not read") from e
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise _FileError(f"{path}:{line}: invalid JSON ({str(e)[:200]}); rest of the list not read") from e
 
 
 def _read_parquet(path: str) -> Iterator[tuple[str, object, str | None]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -232,7 +247,7 @@ def _read_parquet(path: str) -> Iterator[tuple[str, object, str | None]]:
             for row in batch.to_pylist():
                 yield f"{path}:row {index}", row, None
                 index += 1
-    except (OSError, ValueError) as e:  # pyarrow errors derive from these
+    except (OSError, ValueError, pa.ArrowException) as e:  # pyarrow errors (most derive from the first two)
         raise _FileError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from e
 
 
@@ -370,7 +385,8 @@ def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max
 def _bucket(pair: PreferencePair) -> float:
     """A stable number in [0, 1) from the pair's content (prompt, chosen, rejected)."""
     key = json.dumps([pair.prompt, pair.chosen, pair.rejected], ensure_ascii=False, sort_keys=True)
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    # surrogatepass: a hand-built pair may hold lone surrogates (parse_row rejects them); same bytes otherwise
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
 
 
 def split_eval(pairs: Sequence[PreferencePair], fraction: float) -> tuple[list[PreferencePair], list[PreferencePair]]:

@@ -1,0 +1,133 @@
+"""User mistakes fail fast through the CLI: exit code 2, one ``error: ...`` line, no traceback, and before the
+model is built (no ``model:`` log line, well under 30 s).
+
+The five CLI runs are started by a module fixture, as many at a time as there are cores, so the file stays fast;
+each test then checks its own run. The
+``error:`` lines are printed at the end of the module (``CLI_ERROR[case]: ...``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ["COATI_DATA_DIR"]  # set by conftest.py (default ../shared/data)
+MAX_SECONDS = 30.0
+COMMON = ["--model", "llama", "--max_steps", "1", "--disable_tqdm"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               COATI_DATA_DIR=DATA_DIR, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def _tokenizer_without_eos(folder: Path) -> Path:
+    """A copy of SmolLM2's tokenizer whose EOS token is removed (reloads with ``eos_token_id`` None)."""
+    from transformers import AutoTokenizer
+
+    from coati.models.loading import SMOLLM2_ALIAS, resolve_pretrain
+
+    tok = AutoTokenizer.from_pretrained(resolve_pretrain(SMOLLM2_ALIAS, with_model=False))
+    tok.eos_token = None
+    tok.save_pretrained(folder)
+    if AutoTokenizer.from_pretrained(folder).eos_token_id is not None:  # older transformers: drop it by hand
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            path = folder / name
+            if path.exists():
+                data = json.loads(path.read_text(encoding="utf-8"))
+                data.pop("eos_token", None)
+                path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    assert AutoTokenizer.from_pretrained(folder).eos_token_id is None
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, request):
+    """Run every case once: ``runs[case]`` is (returncode, stderr, stdout, seconds of that run)."""
+    tmp = tmp_path_factory.mktemp("cli_errors")
+    (tmp / "afile").write_text("a file, not a folder")  # a path under a file cannot be created, even by root
+    all_bad = tmp / "all_bad.jsonl"
+    all_bad.write_text("\n".join([json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}),
+                                  "{not json", json.dumps({"question": "q", "answer": "a"}), "[1, 2]",
+                                  json.dumps({"prompt": "p", "chosen": "a"})]) + "\n", encoding="utf-8")
+    no_eos = _tokenizer_without_eos(tmp / "no_eos_tokenizer")
+    cases = {
+        "unwritable_save_path": ["--save_path", str(tmp / "afile" / "out")],
+        "missing_data_file": ["--dataset", "/no/such.jsonl"],
+        "tokenizer_without_eos": ["--tokenizer", str(no_eos)],
+        "strategy_unavailable": ["--strategy", "colossalai_zero2"],
+        "all_rows_bad": ["--dataset", str(all_bad)],
+    }
+    def launch(args: list[str]) -> tuple[int, str, str, float]:
+        cmd = [sys.executable, str(REPO / "train_reward_model.py")] + COMMON + args
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp, timeout=300)
+        return proc.returncode, proc.stderr, proc.stdout, time.perf_counter() - t0
+
+    # as many runs at a time as there are cores: each run's own time stays close to a lone run's
+    with ThreadPoolExecutor(max_workers=max(1, min(len(cases), os.cpu_count() or 1))) as pool:
+        futures = {case: pool.submit(launch, args if "--save_path" in args
+                                     else args + ["--save_path", str(tmp / f"out_{case}")])
+                   for case, args in cases.items()}
+        results = {case: future.result() for case, future in futures.items()}
+    yield results
+    lines = [f"CLI_ERROR[{case}]: {line}" for case, result in results.items()
+             for line in result[1].splitlines() if line.startswith("error:")]
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if capman is not None and reporter is not None and lines:
+        with capman.global_and_fixture_disabled():
+            reporter.write_line("")
+            for line in lines:
+                reporter.write_line(line)
+
+
+def _error_line(runs, case: str) -> str:
+    code, err, out, seconds = runs[case]
+    assert code == 2, f"exit code {code}\n{err[-3000:]}"
+    assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert len(errors[0]) > len("error: ") + 10
+    # failed before the model was built: no model log line, and fast
+    assert "model:" not in err and "model:" not in out, err[-3000:]
+    assert seconds < MAX_SECONDS, f"{case} took {seconds:.1f} s"
+    return errors[0]
+
+
+def test_unwritable_save_path(runs):
+    line = _error_line(runs, "unwritable_save_path")
+    assert line.startswith("error: --save_path ") and "afile/out is not writable" in line
+    assert "data:" not in runs["unwritable_save_path"][1]  # before the data was read
+
+
+def test_missing_data_file(runs):
+    line = _error_line(runs, "missing_data_file")
+    assert "'/no/such.jsonl'" in line and "no such file" in line
+
+
+def test_tokenizer_without_eos(runs):
+    line = _error_line(runs, "tokenizer_without_eos")
+    assert "no_eos_tokenizer" in line and "has no EOS token" in line and "--reward_token" in line
+
+
+def test_strategy_that_cannot_run_here(runs):
+    line = _error_line(runs, "strategy_unavailable")
+    assert "colossalai_zero2" in line and "ddp" in line and "fsdp" in line
+
+
+def test_data_file_whose_every_row_is_bad(runs):
+    line = _error_line(runs, "all_rows_bad")
+    assert "all_bad.jsonl" in line and "no usable preference pairs" in line
+    err = runs["all_rows_bad"][1]
+    assert "5 rows read, 0 pairs kept, 5 skipped" in err  # the report follows the error line
