@@ -93,6 +93,8 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.03, "share of optimizer steps spent in linear warmup before the cosine decay")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables")
     max_bad_steps: int = _opt(5, "stop after this many consecutive steps skipped for a non-finite loss or gradient")
+    gradient_checkpointing: bool = _opt(False, "recompute block activations in backward (less memory, ~30% "
+                                               "more compute)")
     bf16: bool = _opt(False, "bf16 autocast for the backbone (weights, optimizer and loss stay fp32)")
     seed: int = _opt(42, "seed for init, shuffling and dropout")
     # logging / output

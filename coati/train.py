@@ -125,6 +125,8 @@ def run(cfg: TrainConfig) -> dict:
 
     seed_everything(cfg.seed)
     hf_model = build_model(backbone, tokenizer, cfg.pretrain, cfg.model_config, cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank > 0:
         hf_model = apply_lora(hf_model, backbone.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                               cfg.lora_train_bias)
