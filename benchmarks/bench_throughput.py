@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before timing")
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--max_tokens_per_batch", type=int, default=0, help="packed row capacity (0 = --max_len)")
     p.add_argument("--gradient_checkpointing", choices=("on", "off"), default="off",
                    help="activation recomputation in the coati modes")
     p.add_argument("--trl_gradient_checkpointing", choices=("on", "off"), default="on",
@@ -111,7 +112,7 @@ def run_coati(args, packed: bool) -> dict:
         if step == args.warmup:
             t0 = time.perf_counter()
         items = [pairs[i] for i in idx]
-        batch = (collate_packed(items, tokenizer.pad_token_id, 2 * args.max_len) if packed
+        batch = (collate_packed(items, tokenizer.pad_token_id, args.max_tokens_per_batch or args.max_len) if packed
                  else collate_pairs(items, tokenizer.pad_token_id))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             rewards = model(**batch["inputs"])

@@ -66,7 +66,8 @@ class TrainConfig:
     max_len: int = _opt(512, "max tokens per sequence (prompt truncated from the left; the EOS is always kept)")
     packing: bool = _opt(True, "pack the chosen and rejected sequences of each batch into rows without padding "
                                "between them (no attention across sequences); off = padded batches")
-    max_tokens_per_batch: int = _opt(0, "packed row capacity in tokens (0 = 2 x --max_len)")
+    max_tokens_per_batch: int = _opt(0, "packed row capacity in tokens (0 = --max_len: rows no longer than the "
+                                        "longest allowed sequence keep attention cheap)")
     group_by_length: bool = _opt(False, "padded path: batch pairs of similar length together (less padding)")
     padding_side: str = _opt("right", "padding side of batches (rewards do not depend on it)",
                              choices=("right", "left"))

@@ -146,7 +146,7 @@ def run(cfg: TrainConfig) -> dict:
                           max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed,
                           log_every=cfg.log_every, eval_every=cfg.eval_every, padding_side=cfg.padding_side,
                           metrics_path=metrics_path, disable_tqdm=cfg.disable_tqdm, save_every=cfg.save_every,
-                          packing=cfg.packing, max_tokens_per_batch=cfg.max_tokens_per_batch or 2 * cfg.max_len,
+                          packing=cfg.packing, max_tokens_per_batch=cfg.max_tokens_per_batch or cfg.max_len,
                           group_by_length=cfg.group_by_length, max_bad_steps=cfg.max_bad_steps)
     trainer = Trainer(strategy, model, optimizer, None, loss_fn, train_tok, eval_tok,
                       tokenizer.pad_token_id, opts)
