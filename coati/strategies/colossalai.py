@@ -187,10 +187,67 @@ def _no_resume(name: str):
                      f"state its own way): train without --save_every/--resume, or use --strategy fsdp or ddp.")
 
 
+class _BoosterMixin:
+    """Step plumbing shared by the ColossalAI strategies (a mixin, not a strategy): a Booster owns backward, clipping
+    and the update, and ColossalAI shards the optimizer its own way, so resume checkpoints are refused."""
+
+    _booster = None
+    _optimizer = None
+    _clip_requested = False
+    max_grad_norm: float = 0.0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``booster.backward``: loss scaling (fp16), backward, gradient reduce-scatter into the shards."""
+        self._booster.backward(loss, self._optimizer)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clipping happens in :meth:`optimizer_step` (ColossalAI computes the norm over its shards there).
+
+        Returns:
+            NaN (the norm is known only after the step; see :attr:`last_grad_norm`).
+        Raises:
+            ValueError: ``max_norm`` differs from the ``max_grad_norm`` the strategy was built with.
+        """
+        _check_clip(self.name, self.max_grad_norm, max_norm)
+        self._clip_requested = True
+        return torch.tensor(float("nan"))
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """Global gradient norm (before clipping) measured by the last optimizer step (None before any)."""
+        return None if self._optimizer is None else self._optimizer.get_grad_norm()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unscale, clip, update the master weights, refresh the training-dtype weights, clear gradients.
+
+        Raises:
+            ValueError: not the optimizer from ``prepare``; or the strategy clips but the trainer did not ask to.
+        """
+        wrapper = _booster_optimizer(self._optimizer, optimizer)
+        if self.max_grad_norm > 0 and not self._clip_requested:
+            _check_clip(self.name, self.max_grad_norm, 0.0)
+        self._clip_requested = False
+        wrapper.step()
+        wrapper.zero_grad()
+
+    def resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Raises: ValueError (not supported)."""
+        _no_resume(self.name)
+
+    def load_resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Raises: ValueError (not supported)."""
+        _no_resume(self.name)
+
+    def teardown(self) -> None:
+        """Drop the booster and destroy the process group."""
+        self._booster = self._optimizer = None
+        super().teardown()
+
+
 # ------------------------------------------------------------------------------------------ ZeRO-2
 
 
-class ColossalAIZero2Strategy(ProcessGroupMixin, Strategy):
+class ColossalAIZero2Strategy(_BoosterMixin, ProcessGroupMixin, Strategy):
     """ColossalAI ZeRO stage 2: ``Booster`` + ``LowLevelZeroPlugin(stage=2)``, one process per GPU (torchrun).
 
     Every rank keeps the full model in bf16/fp16; fp32 master weights, optimizer state and gradients are partitioned
@@ -271,64 +328,16 @@ class ColossalAIZero2Strategy(ProcessGroupMixin, Strategy):
         """The RewardModel inside the LowLevelZeroModel (weights in the training dtype, on the GPU)."""
         return model.unwrap() if hasattr(model, "unwrap") else model
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """``booster.backward``: loss scaling (fp16), backward, gradient reduce-scatter into the partitions."""
-        self._booster.backward(loss, self._optimizer)
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clipping happens in :meth:`optimizer_step` (ColossalAI computes the norm over the partitions there).
-
-        Returns:
-            NaN (the norm is known only after the step; see :attr:`last_grad_norm`).
-        Raises:
-            ValueError: ``max_norm`` differs from the ``max_grad_norm`` the strategy was built with.
-        """
-        _check_clip(self.name, self.max_grad_norm, max_norm)
-        self._clip_requested = True
-        return torch.tensor(float("nan"))
-
-    @property
-    def last_grad_norm(self) -> float | None:
-        """Global gradient norm (before clipping) measured by the last optimizer step."""
-        return None if self._optimizer is None else self._optimizer.get_grad_norm()
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Unscale, clip, update the master weights, copy them to the model, clear gradients.
-
-        Raises:
-            ValueError: not the optimizer from ``prepare``; or the strategy clips but the trainer did not ask to.
-        """
-        wrapper = _booster_optimizer(self._optimizer, optimizer)
-        if self.max_grad_norm > 0 and not self._clip_requested:
-            _check_clip(self.name, self.max_grad_norm, 0.0)
-        self._clip_requested = False
-        wrapper.step()
-        wrapper.zero_grad()
-
     def state_dict_for_export(self, model: nn.Module) -> nn.Module | None:
         """Rank 0: a CPU RewardModel holding the trained weights (every rank holds them all under ZeRO-2)."""
         if not self.is_main:
             return None
         return _fill_skeleton(self._skeleton, self.unwrap(model).state_dict())
 
-    def resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Raises: ValueError (not supported)."""
-        _no_resume(self.name)
-
-    def load_resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Raises: ValueError (not supported)."""
-        _no_resume(self.name)
-
-    def teardown(self) -> None:
-        """Drop the booster and destroy the process group."""
-        self._booster = self._optimizer = None
-        super().teardown()
-
-
 # ------------------------------------------------------------------------------------------ Gemini
 
 
-class ColossalAIGeminiStrategy(ProcessGroupMixin, Strategy):
+class ColossalAIGeminiStrategy(_BoosterMixin, ProcessGroupMixin, Strategy):
     """ColossalAI Gemini: ``Booster`` + ``GeminiPlugin``, chunk-based ZeRO-3 with CPU/GPU placement of chunks.
 
     Parameters, gradients and optimizer state live in chunks sharded over ranks; every forward gathers them, so every
@@ -440,56 +449,9 @@ class ColossalAIGeminiStrategy(ProcessGroupMixin, Strategy):
                              f"gradients; build it with the trainer's accumulation_steps.")
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """``booster.backward``: loss scaling (fp16), backward, chunk reduce-scatter."""
-        self._booster.backward(loss, self._optimizer)
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clipping happens in :meth:`optimizer_step` (Gemini computes the norm from its chunks there).
-
-        Returns:
-            NaN (the norm is known only after the step; see :attr:`last_grad_norm`).
-        Raises:
-            ValueError: ``max_norm`` differs from the ``max_grad_norm`` the strategy was built with.
-        """
-        _check_clip(self.name, self.max_grad_norm, max_norm)
-        self._clip_requested = True
-        return torch.tensor(float("nan"))
-
-    @property
-    def last_grad_norm(self) -> float | None:
-        """Global gradient norm (before clipping) measured by the last optimizer step (None without clipping)."""
-        return None if self._optimizer is None else self._optimizer.get_grad_norm()
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Unscale, clip, update the master chunks, refresh the training-dtype chunks, clear gradients.
-
-        Raises:
-            ValueError: not the optimizer from ``prepare``; or the strategy clips but the trainer did not ask to.
-        """
-        wrapper = _booster_optimizer(self._optimizer, optimizer)
-        if self.max_grad_norm > 0 and not self._clip_requested:
-            _check_clip(self.name, self.max_grad_norm, 0.0)
-        self._clip_requested = False
-        wrapper.step()
-        wrapper.zero_grad()
-
     def state_dict_for_export(self, model: nn.Module) -> nn.Module | None:
         """Gather the chunks (every rank must call this) and return a CPU RewardModel on rank 0, None elsewhere."""
         state = model.state_dict(only_rank_0=True)  # collective; rank 0 gets the full tensors
         if not self.is_main:
             return None
         return _fill_skeleton(self._skeleton, state)
-
-    def resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Raises: ValueError (not supported)."""
-        _no_resume(self.name)
-
-    def load_resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Raises: ValueError (not supported)."""
-        _no_resume(self.name)
-
-    def teardown(self) -> None:
-        """Drop the booster and destroy the process group."""
-        self._booster = self._optimizer = None
-        super().teardown()
