@@ -1,0 +1,378 @@
+"""Use a trained reward model: load an exported folder and score texts, preference pairs or Best-of-N candidates.
+
+The exported folder (see :func:`coati.checkpoint.export_hf`) is a Hugging Face ``*ForSequenceClassification`` with
+``num_labels == 1``, its tokenizer and ``train_config.json``. :class:`RewardScorer` scores text exactly as the
+trainer did, so rewards are comparable with the ones seen in training:
+
+* the conversation is rendered with :func:`coati.data.template.render_prompt` (the tokenizer's chat template when
+  ``use_chat_template(tokenizer, train_config["chat_template"])`` says so, default mode ``auto``; otherwise the
+  hh-rlhf ``"\\n\\nHuman: ...\\n\\nAssistant: "`` layout);
+* prompt and answer are tokenized separately and joined by :class:`coati.data.template.SequenceEncoder` with the
+  reward token (``config.reward_token_id``, else the tokenizer's EOS) appended; sequences longer than ``max_len``
+  (``train_config["max_len"]`` unless overridden) lose the start of the prompt first, as in training;
+* the reward is the value head on the hidden state of that last token (:class:`coati.models.reward_model.RewardModel`,
+  position ids from the attention mask except for BLOOM, which uses ALiBi), so scores do not depend on padding or
+  on which other texts share a batch.
+
+Like the training data parser (:mod:`coati.data.formats`), surrounding whitespace is stripped from every message
+and answer before rendering.
+
+Example::
+
+    scorer = RewardScorer.from_pretrained("out/rm")
+    scores = scorer.score_texts(["What is 2+2?"] * 2, ["4.", "5."])
+    scores, best = scorer.best_of_n("What is 2+2?", ["4.", "5.", "four"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from coati.data.template import (
+    SequenceEncoder,
+    TokenizedPair,
+    TruncationStats,
+    render_prompt,
+    tokenize_pairs,
+    use_chat_template,
+)
+from coati.models.loading import load_tokenizer, prepare_tokenizer
+from coati.models.reward_model import RewardModel
+
+logger = logging.getLogger(__name__)
+
+#: used when an export has no ``train_config.json`` (a plain HF reward model): the trainer's defaults.
+DEFAULT_MAX_LEN = 512
+DEFAULT_CHAT_TEMPLATE = "auto"
+
+_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+                 "system": "system"}
+
+Prompt = str | Sequence[dict] | None
+
+
+def normalize_prompt(prompt: Prompt) -> list[dict[str, str]]:
+    """Turn a prompt into ``[{"role", "content"}, ...]`` messages, as the training data parser does.
+
+    Args:
+        prompt: None or ``""`` (empty prompt), a string (one user message), or a list of messages
+            ``{"role"|"from": "system"|"user"|"assistant"|"human"|"gpt"|"bot", "content"|"value"|"text": str}``.
+    Returns:
+        messages with normalised roles and stripped contents.
+    Raises:
+        ValueError: another type, a message that is not an object, an unknown role or a non-string content.
+    """
+    if prompt is None:
+        return []
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt.strip()}] if prompt.strip() else []
+    if not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"a prompt must be a string, a list of messages or None, got {type(prompt).__name__}")
+    out = []
+    for i, msg in enumerate(prompt):
+        if not isinstance(msg, dict):
+            raise ValueError(f"prompt[{i}] must be a message object, got {type(msg).__name__}")
+        role = next((msg[k] for k in ("role", "from") if k in msg), None)
+        content = next((msg[k] for k in ("content", "value", "text") if k in msg), None)
+        if not isinstance(role, str) or role.lower() not in _ROLE_ALIASES:
+            raise ValueError(f"prompt[{i}] has role {role!r}; known roles: {sorted(_ROLE_ALIASES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"prompt[{i}] needs a string 'content', got {type(content).__name__}")
+        out.append({"role": _ROLE_ALIASES[role.lower()], "content": content.strip()})
+    return out
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class RewardScorer:
+    """A loaded reward model that scores (prompt, response) texts in the trainer's layout.
+
+    Build it with :meth:`from_pretrained`. All scoring methods run under ``torch.no_grad`` in batches of
+    ``batch_size`` sequences, sorted by length inside (less padding); results come back in input order.
+
+    Attributes:
+        model: the :class:`~coati.models.reward_model.RewardModel` (eval mode) on ``device``.
+        tokenizer: the export's tokenizer (right padding, pad id distinct from the reward token).
+        encoder: the :class:`~coati.data.template.SequenceEncoder` (``max_len``, reward token id).
+        chat_template: whether prompts are rendered with the tokenizer's chat template.
+        train_config: the export's ``train_config.json`` (``{}`` when absent).
+        device: where the model runs; batch_size: sequences per forward pass.
+        last_truncation: :class:`~coati.data.template.TruncationStats` of the last :meth:`score_pairs` call.
+    """
+
+    def __init__(self, model: RewardModel, tokenizer, encoder: SequenceEncoder, chat_template: bool,
+                 device: torch.device, batch_size: int = 8, train_config: dict | None = None,
+                 reward_mean: float | None = None, reward_std: float | None = None, path: str = ""):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.chat_template = chat_template
+        self.device = device
+        self.batch_size = batch_size
+        self.train_config = train_config or {}
+        self.path = path
+        self.last_truncation = TruncationStats()
+        self._mean: float | None = None
+        self._std: float | None = None
+        if reward_mean is not None or reward_std is not None:
+            self.set_normalization(reward_mean, reward_std)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                        max_len: int | None = None, batch_size: int = 8, reward_mean: float | None = None,
+                        reward_std: float | None = None) -> RewardScorer:
+        """Load an exported reward model folder.
+
+        Args:
+            path: folder written by :func:`coati.checkpoint.export_hf` (or any HF ``*ForSequenceClassification``
+                folder with ``num_labels == 1`` and a tokenizer; without ``train_config.json`` the trainer defaults
+                ``max_len=512`` and ``chat_template=auto`` are used, with a warning).
+            device: ``"cuda"``, ``"cpu"``, a ``torch.device``...; default CUDA when available, else CPU.
+            dtype: weights dtype of the backbone (``torch.float32``, ``torch.bfloat16``, ...); the value head always
+                runs in fp32 and scores are fp32.
+            max_len: maximum tokens per scored sequence; default ``train_config["max_len"]``.
+            batch_size: sequences per forward pass (>= 1).
+            reward_mean / reward_std: normalisation statistics overriding ``config.json``'s ``reward_mean`` /
+                ``reward_std`` (both or neither).
+        Returns:
+            the scorer, model in eval mode on ``device``.
+        Raises:
+            ValueError: ``path`` is not a folder, has no ``config.json``, is not a single-output sequence
+                classifier (``num_labels != 1``), or bad ``max_len`` / ``batch_size`` / statistics.
+        """
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise ValueError(f"{path}: no such model folder (expected an export written by train_reward_model.py "
+                             "--save_path)")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{path}: not a reward-model export (no config.json); pass the --save_path folder of a "
+                             "training run")
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "num_labels", None) != 1:
+            raise ValueError(f"{path}: config.json has num_labels={getattr(config, 'num_labels', None)}, a reward "
+                             "model export has num_labels=1 (one scalar per sequence)")
+        tc_path = os.path.join(path, "train_config.json")
+        train_config = _read_json(tc_path) if os.path.isfile(tc_path) else {}
+        if not train_config:
+            logger.warning("%s has no train_config.json: using max_len=%d and chat_template=%s; scores may not match "
+                           "the layout the model was trained on", path, DEFAULT_MAX_LEN, DEFAULT_CHAT_TEMPLATE)
+        max_len = int(max_len if max_len is not None else train_config.get("max_len", DEFAULT_MAX_LEN))
+        if max_len < 8:
+            raise ValueError(f"max_len must be at least 8, got {max_len}")
+
+        tokenizer = load_tokenizer(path)
+        reward_token_id = getattr(config, "reward_token_id", None)
+        if reward_token_id is None:
+            reward_token_id = tokenizer.eos_token_id
+        prepare_tokenizer(tokenizer, reward_token_id)
+        chat = use_chat_template(tokenizer, train_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE)
+        encoder = SequenceEncoder(tokenizer, max_len, reward_token_id)
+
+        dev = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        hf_model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        hf_model.score.to(torch.float32)  # RewardModel runs the value head in fp32
+        hf_model.to(dev).eval()
+        model = RewardModel(hf_model, uses_position_ids=config.model_type != "bloom").eval()
+
+        if reward_mean is None and reward_std is None:
+            reward_mean = getattr(config, "reward_mean", None)
+            reward_std = getattr(config, "reward_std", None)
+            if (reward_mean is None) != (reward_std is None):
+                logger.warning("%s/config.json has only one of reward_mean/reward_std; normalisation disabled", path)
+                reward_mean = reward_std = None
+        return cls(model, tokenizer, encoder, chat, dev, batch_size, train_config, reward_mean, reward_std, path)
+
+    # ------------------------------------------------------------------ normalisation
+
+    @property
+    def reward_mean(self) -> float | None:
+        """Mean reward used by ``normalize=True`` (``config.json``'s ``reward_mean``), or None when absent."""
+        return self._mean
+
+    @property
+    def reward_std(self) -> float | None:
+        """Reward standard deviation used by ``normalize=True`` (``config.json``'s ``reward_std``), or None."""
+        return self._std
+
+    def set_normalization(self, mean: float | None, std: float | None) -> None:
+        """Set (or clear with ``None, None``) the statistics of ``normalize=True``: score = (r - mean) / std.
+
+        Raises:
+            ValueError: only one of them given, a non-finite value, or ``std <= 0``.
+        """
+        if mean is None and std is None:
+            self._mean = self._std = None
+            return
+        if mean is None or std is None:
+            raise ValueError("give both reward_mean and reward_std")
+        mean, std = float(mean), float(std)
+        if not (math.isfinite(mean) and math.isfinite(std)) or std <= 0:
+            raise ValueError(f"reward statistics must be finite with std > 0, got mean={mean}, std={std}")
+        self._mean, self._std = mean, std
+
+    def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``(r - reward_mean) / reward_std`` (OpenRLHF-style normalised reward), same shape and dtype.
+
+        Raises:
+            ValueError: the export stores no statistics and none were given.
+        """
+        if self._mean is None or self._std is None:
+            raise ValueError(f"{self.path or 'this model'}: config.json has no reward_mean/reward_std, so scores "
+                             "cannot be normalised; retrain with a trainer that stores them (they are computed on the "
+                             "evaluation set at the end of training), or pass the statistics (reward_mean=, "
+                             "reward_std= / --reward_mean --reward_std, e.g. the reward_mean/reward_std of "
+                             "python -m coati.evaluate)")
+        return (rewards - self._mean) / self._std
+
+    # ------------------------------------------------------------------ core
+
+    @torch.no_grad()
+    def score_ids(self, sequences: Sequence[Sequence[int]], progress: bool = False,
+                  desc: str = "scoring") -> torch.Tensor:
+        """Rewards of already encoded sequences (each ending in the reward token, at most ``max_len`` long).
+
+        Args:
+            sequences: N lists of token ids (e.g. :meth:`encode` outputs).
+            progress: show a tqdm bar over batches (on stderr).
+        Returns:
+            ``[N]`` float32 CPU tensor of raw rewards, in input order.
+        Raises:
+            ValueError: an empty sequence.
+        """
+        n = len(sequences)
+        out = torch.empty(n, dtype=torch.float32)
+        if n == 0:
+            return out
+        if any(len(s) == 0 for s in sequences):
+            raise ValueError("cannot score an empty token sequence")
+        order = sorted(range(n), key=lambda i: len(sequences[i]), reverse=True)
+        pad = self.tokenizer.pad_token_id
+        starts = range(0, n, self.batch_size)
+        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+            idx = order[start:start + self.batch_size]
+            length = len(sequences[idx[0]])
+            ids = torch.full((len(idx), length), pad, dtype=torch.int64)
+            mask = torch.zeros((len(idx), length), dtype=torch.int64)
+            for row, i in enumerate(idx):
+                s = sequences[i]
+                ids[row, :len(s)] = torch.as_tensor(list(s), dtype=torch.int64)
+                mask[row, :len(s)] = 1
+            rewards = self.model(ids.to(self.device), mask.to(self.device))
+            out[torch.as_tensor(idx)] = rewards.float().cpu()
+        return out
+
+    def encode(self, prompts: Sequence[Prompt] | None, responses: Sequence[str]) -> list[list[int]]:
+        """Token ids of (prompt, response) pairs in the trainer's layout (see the module docstring).
+
+        Each distinct prompt is rendered and tokenized once (Best-of-N rows share one).
+
+        Args:
+            prompts: N prompts (see :func:`normalize_prompt`) or None for N empty prompts.
+            responses: N response strings.
+        Returns:
+            N lists of token ids, each ending in the reward token.
+        Raises:
+            ValueError: lengths differ, a response is not a string, or a bad prompt.
+        """
+        if prompts is None:
+            prompts = [None] * len(responses)
+        if isinstance(prompts, str) or isinstance(responses, str):
+            raise ValueError("prompts and responses must be lists (one item per text), not single strings")
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        for i, r in enumerate(responses):
+            if not isinstance(r, str):
+                raise ValueError(f"responses[{i}] must be a string, got {type(r).__name__}")
+        tok = self.tokenizer
+        keys, rendered = [], {}
+        for p in prompts:
+            key = p if isinstance(p, str) or p is None else json.dumps(p, sort_keys=True, ensure_ascii=False)
+            if key not in rendered:
+                rendered[key] = render_prompt(normalize_prompt(p), tok, self.chat_template)
+            keys.append(key)
+        uniq = list(rendered)
+        prompt_texts = [rendered[k] for k in uniq]
+        prompt_ids = dict(zip(uniq, tok(prompt_texts, add_special_tokens=False).input_ids)) if uniq else {}
+        answer_ids = tok([r.strip() for r in responses], add_special_tokens=False).input_ids if responses else []
+        return [self.encoder.encode_ids(prompt_ids[k] if rendered[k] else [], a).input_ids
+                for k, a in zip(keys, answer_ids)]
+
+    # ------------------------------------------------------------------ public scoring API
+
+    def score_texts(self, prompts: Sequence[Prompt] | None, responses: Sequence[str], normalize: bool = False,
+                    progress: bool = False) -> list[float]:
+        """Score N (prompt, response) pairs.
+
+        Args:
+            prompts: N prompts, each a string (one user message), a list of ``{"role", "content"}`` messages, or
+                None (empty prompt); or None for N empty prompts.
+            responses: N response strings (the final assistant answer; surrounding whitespace is stripped).
+            normalize: return ``(r - reward_mean) / reward_std`` with the export's statistics.
+            progress: tqdm bar over batches.
+        Returns:
+            N floats (fp32 rewards, unitless logits of the value head), in input order.
+        Raises:
+            ValueError: mismatched lengths, bad prompts/responses, or ``normalize`` without statistics.
+        """
+        if normalize:
+            self.normalize(torch.zeros(1))  # fail before the (possibly long) forward passes
+        rewards = self.score_ids(self.encode(prompts, responses), progress=progress)
+        if normalize:
+            rewards = self.normalize(rewards)
+        return rewards.tolist()
+
+    def score_pairs(self, pairs: Sequence, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score preference pairs exactly as the trainer's evaluation does (:func:`tokenize_pairs`).
+
+        Args:
+            pairs: N :class:`~coati.data.formats.PreferencePair` (``.prompt`` messages, ``.chosen``, ``.rejected``).
+            progress: tqdm bar over batches.
+        Returns:
+            (chosen, rejected): two ``[N]`` float32 CPU tensors of raw rewards, in input order. Truncation counts
+            are kept in :attr:`last_truncation`.
+        """
+        tokenized, stats = tokenize_pairs(list(pairs), self.encoder, self.chat_template)
+        self.last_truncation = stats
+        return self.score_tokenized(tokenized, progress=progress)
+
+    def score_tokenized(self, items: Sequence[TokenizedPair], progress: bool = False) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+        """(chosen, rejected) ``[N]`` float32 rewards of already tokenized pairs (all 2N sequences batched)."""
+        seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
+        rewards = self.score_ids(seqs, progress=progress)
+        n = len(items)
+        return rewards[:n].clone(), rewards[n:].clone()
+
+    def best_of_n(self, prompt: Prompt, responses: Sequence[str], normalize: bool = False) -> tuple[list[float], int]:
+        """Score N candidate responses to one prompt and pick the best (Best-of-N / rejection sampling).
+
+        Args:
+            prompt: a string, a list of messages, or None.
+            responses: N >= 1 candidate strings.
+            normalize: normalised scores (the ranking is the same either way: std > 0).
+        Returns:
+            (scores, best): N floats in the order of ``responses``, and the index of the highest score (the first
+            one on ties).
+        Raises:
+            ValueError: no responses, or see :meth:`score_texts`.
+        """
+        if not responses:
+            raise ValueError("best_of_n needs at least one response")
+        scores = self.score_texts([prompt] * len(responses), responses, normalize=normalize)
+        return scores, max(range(len(scores)), key=lambda i: (scores[i], -i))

@@ -1,0 +1,257 @@
+"""coati.evaluate: metrics against hand-computed values, per-subset / per-language report, plots, CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from coati.checkpoint import export_hf
+from coati.data.sources import load_pairs
+from coati.data.template import tokenize_pairs
+from coati.evaluate import PLOTS, TRAINING_CURVES, calibration_bins, expected_calibration_error, main, pair_metrics
+from coati.models.reward_model import RewardModel
+from coati.scoring import RewardScorer
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+EN_ROWS = [
+    {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "London, I think."},
+    {"prompt": "Name a primary colour.", "chosen": "Red.", "rejected": "Purple is primary."},
+    {"prompt": "How many legs does a spider have?", "chosen": "Eight.", "rejected": "Six."},
+]
+ZH_ROWS = [
+    {"prompt": "中国的首都是哪里？", "chosen": "北京。", "rejected": "上海。"},
+    {"prompt": "一年有几个月？", "chosen": "十二个月。", "rejected": "十个月。"},
+]
+MIXED_ROWS = [  # one English, one Chinese row in a second file
+    {"prompt": "Is water wet?", "chosen": "It makes things wet.", "rejected": "No."},
+    {"prompt": "你好吗？", "chosen": "我很好，谢谢。", "rejected": "不知道。"},
+]
+METRICS_ROWS = [
+    {"step": 1, "split": "train", "loss": 0.70, "acc": 0.40, "dist": -0.01},
+    {"step": 2, "split": "train", "loss": 0.65, "acc": 0.55, "dist": 0.05},
+    {"step": 2, "split": "eval", "loss": 0.68, "acc": 0.50, "dist": 0.02, "languages": {}},
+    {"step": 3, "split": "train", "loss": 0.60, "acc": 0.70, "dist": 0.12},
+    {"step": 4, "split": "train", "loss": 0.52, "acc": 0.80, "dist": 0.20},
+    {"step": 4, "split": "eval", "loss": 0.61, "acc": 0.65, "dist": 0.10},
+]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _perturb(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def export(tokenizer, tmp_path_factory):
+    """(folder, in-memory model) of a perturbed tiny LLaMA exported like the trainer does."""
+    hf = tiny_model("llama", tokenizer)
+    _perturb(hf)
+    path = tmp_path_factory.mktemp("rm_eval")
+    export_hf(hf, tokenizer, str(path), {"model": "llama", "max_len": 64, "chat_template": "auto"},
+              extra_config={"reward_token_id": tokenizer.eos_token_id})
+    return path, hf
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_data")
+    a = _write_jsonl(root / "a.jsonl", EN_ROWS + ZH_ROWS)
+    b = _write_jsonl(root / "b.jsonl", MIXED_ROWS)
+    m = _write_jsonl(root / "metrics.jsonl", METRICS_ROWS)
+    return a, b, m
+
+
+def _check_png(path):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.image as mpimg
+
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    assert len(data) > 5000, (path, len(data))  # a real plot, not an empty canvas
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert float(img[..., :3].std()) > 0.01  # not a blank image
+
+
+# --------------------------------------------------------------------------- metrics by hand
+
+def _sig(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_pair_metrics_match_hand_computed_values():
+    chosen = torch.tensor([2.0, 0.0, 1.0, -1.0])
+    rejected = torch.tensor([0.0, 0.0, 3.0, -1.5])
+    # margins 2, 0, -2, 0.5: correct (r_c > r_r) for pairs 0 and 3 only (the tie counts as wrong)
+    m = pair_metrics(chosen, rejected, bins=10)
+    assert m["pairs"] == 4
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["margin"] == pytest.approx((2 + 0 - 2 + 0.5) / 4)  # 0.125
+    assert m["chosen_reward"] == pytest.approx(0.5) and m["rejected_reward"] == pytest.approx(0.375)
+    # 8 rewards 2, 0, 1, -1, 0, 0, 3, -1.5: mean 3.5 / 8; population variance 17.25 / 8 - mean^2
+    assert m["reward_mean"] == pytest.approx(0.4375)
+    assert m["reward_std"] == pytest.approx(math.sqrt(17.25 / 8 - 0.4375 ** 2))  # 1.40173
+    # confidences max(p, 1-p), p = sigmoid(margin): s(2) = 0.8808 (bin (0.8, 0.9], correct),
+    # 0.5 (bin (0.4, 0.5], wrong), s(2) (bin (0.8, 0.9], wrong), s(0.5) = 0.6225 (bin (0.6, 0.7], correct)
+    s2, s05 = _sig(2.0), _sig(0.5)
+    assert s2 == pytest.approx(0.880797, abs=1e-6) and s05 == pytest.approx(0.622459, abs=1e-6)
+    ece = 2 / 4 * abs(0.5 - s2) + 1 / 4 * abs(0.0 - 0.5) + 1 / 4 * abs(1.0 - s05)
+    assert ece == pytest.approx(0.4097838, abs=1e-6)
+    assert m["ece"] == pytest.approx(ece, abs=1e-9)
+    assert expected_calibration_error(chosen, rejected, 10) == pytest.approx(ece, abs=1e-9)
+    table = {round(b["lo"], 1): b for b in m["calibration"] if b["count"]}
+    assert sorted(table) == [0.4, 0.6, 0.8]
+    assert table[0.8]["count"] == 2 and table[0.8]["accuracy"] == 0.5
+    assert table[0.8]["confidence"] == pytest.approx(s2)
+    assert table[0.4]["accuracy"] == 0.0 and table[0.6]["accuracy"] == 1.0
+    assert sum(b["count"] for b in m["calibration"]) == 4 and len(m["calibration"]) == 10
+    # one bin: |mean accuracy - mean confidence|
+    one = expected_calibration_error(chosen, rejected, 1)
+    assert one == pytest.approx(abs(0.5 - (s2 + 0.5 + s2 + s05) / 4), abs=1e-9)  # 0.221013
+
+
+def test_ece_extremes_and_edge_cases():
+    # confident and right: margins so large that p = 1 in float64 -> conf 1 in the last bin, ECE 0
+    assert expected_calibration_error(torch.tensor([100.0, 50.0]), torch.tensor([0.0, 0.0])) == pytest.approx(0.0)
+    # confident and wrong: ECE 1
+    assert expected_calibration_error(torch.tensor([0.0]), torch.tensor([100.0])) == pytest.approx(1.0)
+    # p = 0.75 for every pair and 3 of 4 right: calibrated
+    d = math.log(3.0)  # sigmoid(log 3) = 0.75
+    c = torch.tensor([d, d, d, -d], dtype=torch.float64)
+    assert expected_calibration_error(c, torch.zeros(4, dtype=torch.float64)) == pytest.approx(0.0, abs=1e-12)
+    assert [b["count"] for b in calibration_bins(c, torch.zeros(4), 5)] == [0, 0, 0, 4, 0]  # (0.6, 0.8]
+    assert pair_metrics(torch.zeros(0), torch.zeros(0)) == {"pairs": 0}
+    with pytest.raises(ValueError):
+        pair_metrics(torch.zeros(2), torch.zeros(3))
+    with pytest.raises(ValueError):
+        calibration_bins(torch.zeros(2), torch.zeros(2), 0)
+
+
+# --------------------------------------------------------------------------- scoring = training evaluation
+
+def test_score_pairs_equal_trainer_layout(export, tokenizer, data_files):
+    path, hf = export
+    scorer = RewardScorer.from_pretrained(str(path), device="cpu", batch_size=3)
+    pairs, _ = load_pairs([str(data_files[0])], seed=None)
+    chosen, rejected = scorer.score_pairs(pairs)
+    assert chosen.shape == rejected.shape == (len(pairs),) and chosen.dtype == torch.float32
+    # the trainer's evaluation: tokenize_pairs with the train config's max_len / chat template, collate, RewardModel
+    from coati.data.template import SequenceEncoder, use_chat_template
+
+    items, _ = tokenize_pairs(pairs, SequenceEncoder(tokenizer, 64, tokenizer.eos_token_id),
+                              use_chat_template(tokenizer, "auto"))
+    seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]  # one batch, chosen then rejected
+    ids = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    with torch.no_grad():
+        rewards = RewardModel(hf, True).eval()(ids, mask)
+    n = len(pairs)
+    assert torch.allclose(chosen, rewards[:n], atol=1e-5) and torch.allclose(rejected, rewards[n:], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- report, languages, plots
+
+def test_report_languages_subsets_and_plots(export, data_files, tmp_path, capsys):
+    path, _ = export
+    a, b, metrics = data_files
+    out = tmp_path / "report"
+    rc = main(["--model_path", str(path), "--dataset", str(a), str(b), "--output_dir", str(out), "--metrics",
+               str(metrics), "--batch_size", "4", "--bins", "5", "--disable_tqdm"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    for key in ("accuracy", "margin", "ece", "reward_mean", "reward_std", "pairs", "subsets", "languages",
+                "calibration", "truncation"):
+        assert key in report, key
+    assert report["pairs"] == 7 and report["bins"] == 5 and len(report["calibration"]) == 5
+    assert {k: v["pairs"] for k, v in report["languages"].items()} == {"en": 4, "zh": 3}
+    assert {k: v["pairs"] for k, v in report["subsets"].items()} == {str(a): 5, str(b): 2}
+    # overall metrics are the pair-weighted combination of the language groups
+    langs = report["languages"]
+    acc = sum(v["accuracy"] * v["pairs"] for v in langs.values()) / 7
+    margin = sum(v["margin"] * v["pairs"] for v in langs.values()) / 7
+    assert report["accuracy"] == pytest.approx(acc) and report["margin"] == pytest.approx(margin)
+    scores = [json.loads(line) for line in (out / "pair_scores.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(scores) == 7 and sum(s["lang"] == "zh" for s in scores) == 3
+    assert report["accuracy"] == pytest.approx(sum(s["chosen_reward"] > s["rejected_reward"] for s in scores) / 7)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "lang `zh`" in md and "lang `en`" in md and "**all**" in md
+    for name in PLOTS + (TRAINING_CURVES,):
+        _check_png(out / name)
+    summary = capsys.readouterr().out
+    assert "7 pairs: accuracy" in summary and "lang zh: 3 pairs" in summary
+
+    # --subset_by file names subsets after the files; no --metrics -> no training curves
+    out2 = tmp_path / "by_file"
+    assert main(["--model_path", str(path), "--dataset", str(a), "--output_dir", str(out2), "--subset_by", "file",
+                 "--disable_tqdm"]) == 0
+    report2 = json.loads((out2 / "report.json").read_text(encoding="utf-8"))
+    assert list(report2["subsets"]) == ["a.jsonl"]
+    assert not (out2 / TRAINING_CURVES).exists()
+
+
+def test_training_curves_from_metrics_fixture(data_files, tmp_path):
+    from coati.evaluate import plot_training_curves, read_metrics_jsonl
+
+    rows = read_metrics_jsonl(str(data_files[2]))
+    assert len(rows) == 6
+    _check_png(plot_training_curves(rows, str(tmp_path / "curves.png")))
+    with pytest.raises(ValueError):
+        plot_training_curves([{"split": "train"}], str(tmp_path / "none.png"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        read_metrics_jsonl(str(bad))
+
+
+# --------------------------------------------------------------------------- CLI errors and smoke
+
+def test_cli_user_errors_exit_2(export, data_files, tmp_path, capsys):
+    path, _ = export
+    a = str(data_files[0])
+    cases = [
+        ["--model_path", str(tmp_path / "nope"), "--dataset", a],
+        ["--model_path", str(path), "--dataset", str(tmp_path / "missing.jsonl")],
+        ["--model_path", str(path), "--dataset", a, "--metrics", str(tmp_path / "missing_metrics.jsonl")],
+        ["--model_path", str(path), "--dataset", a, "--bins", "0"],
+    ]
+    for argv in cases:
+        assert main(argv + ["--output_dir", str(tmp_path / "o"), "--disable_tqdm"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err), err
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_cli_smoke_subprocess(export, data_files, tmp_path):
+    path, _ = export
+    out = tmp_path / "cli"
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "coati.evaluate", "--model_path", str(path), "--dataset",
+                           str(data_files[0]), str(data_files[1]), "--output_dir", str(out), "--metrics",
+                           str(data_files[2]), "--max_samples", "4"],
+                          check=False, capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["pairs"] == 6  # 4 from the first file, 2 from the second
+    for name in ("report.md",) + PLOTS + (TRAINING_CURVES,):
+        assert (out / name).stat().st_size > 0, name
+    assert "accuracy" in proc.stdout
