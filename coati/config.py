@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"default": default, "help": meta["help"]}
+        kwargs: dict[str, Any] = {"default": default, "help": meta["help"].replace("%", "%%")}  # argparse formats help
         choices = registry.get(f.name) or meta.get("choices")
         if choices:
             kwargs["choices"] = choices
