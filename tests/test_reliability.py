@@ -176,7 +176,6 @@ def test_one_failing_rank_stops_every_rank_with_its_error_once(tmp_path):
     elapsed = time.time() - start
     assert proc.returncode != 0
     assert elapsed < 60 + 30, elapsed
-    assert proc.stderr.count("RuntimeError: injected fault on rank 1 at step 3") >= 1
-    assert "injected fault on rank 1" in proc.stderr
+    assert proc.stderr.count("RuntimeError: injected fault on rank 1 at step 3") == 1  # the cause, said once
     # rank 0 did not finish or export
     assert not (tmp_path / "out" / "model.safetensors").exists()
