@@ -196,6 +196,16 @@ class _BoosterMixin:
     _clip_requested = False
     max_grad_norm: float = 0.0
 
+    def setup(self) -> None:
+        """Join the process group (nccl, ``cuda:LOCAL_RANK``) and import colossalai.
+
+        Raises:
+            StrategyUnavailable: no CUDA device, or colossalai fails to import.
+        """
+        super().setup()
+        _require_cuda_device(self.name, self.device)
+        _import_booster(self.name)
+
     def backward(self, loss: torch.Tensor) -> None:
         """``booster.backward``: loss scaling (fp16), backward, gradient reduce-scatter into the shards."""
         self._booster.backward(loss, self._optimizer)
@@ -293,16 +303,6 @@ class ColossalAIZero2Strategy(_BoosterMixin, ProcessGroupMixin, Strategy):
             _no_resume(self.name)
         _check_environment(self.name)
 
-    def setup(self) -> None:
-        """Join the process group (nccl, ``cuda:LOCAL_RANK``) and import colossalai.
-
-        Raises:
-            StrategyUnavailable: no CUDA device, or colossalai fails to import.
-        """
-        super().setup()
-        _require_cuda_device(self.name, self.device)
-        _import_booster(self.name)
-
     def prepare(self, model: nn.Module,
                 make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
                 ) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -398,16 +398,6 @@ class ColossalAIGeminiStrategy(_BoosterMixin, ProcessGroupMixin, Strategy):
         if self.resume_checkpoints:
             _no_resume(self.name)
         _check_environment(self.name)
-
-    def setup(self) -> None:
-        """Join the process group (nccl, ``cuda:LOCAL_RANK``) and import colossalai.
-
-        Raises:
-            StrategyUnavailable: no CUDA device, or colossalai fails to import.
-        """
-        super().setup()
-        _require_cuda_device(self.name, self.device)
-        _import_booster(self.name)
 
     def prepare(self, model: nn.Module,
                 make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
