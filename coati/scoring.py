@@ -44,7 +44,7 @@ from coati.data.template import (
     tokenize_pairs,
     use_chat_template,
 )
-from coati.models.loading import load_tokenizer, prepare_tokenizer
+from coati.models.loading import load_tokenizer
 from coati.models.reward_model import RewardModel
 
 logger = logging.getLogger(__name__)
@@ -175,11 +175,9 @@ class RewardScorer:
         if max_len < 8:
             raise ValueError(f"max_len must be at least 8, got {max_len}")
 
-        tokenizer = load_tokenizer(path)
-        reward_token_id = getattr(config, "reward_token_id", None)
-        if reward_token_id is None:
-            reward_token_id = tokenizer.eos_token_id
-        prepare_tokenizer(tokenizer, reward_token_id)
+        stored = getattr(config, "reward_token_id", None)
+        tokenizer = load_tokenizer(path, reward_token="auto" if stored is None else str(stored))
+        reward_token_id = tokenizer.eos_token_id if stored is None else stored
         chat = use_chat_template(tokenizer, train_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE)
         encoder = SequenceEncoder(tokenizer, max_len, reward_token_id)
 

@@ -21,8 +21,7 @@ from coati.data.sources import default_data_dir, load_pairs, split_eval
 from coati.data.template import SequenceEncoder, tokenize_pairs, use_chat_template
 from coati.losses import build_loss
 from coati.models.backbones import get_backbone
-from coati.models.loading import (SMOLLM2_ALIAS, build_model, load_tokenizer, prepare_tokenizer, resolve_pretrain,
-                                  resolve_reward_token)
+from coati.models.loading import SMOLLM2_ALIAS, build_model, load_tokenizer, resolve_pretrain, resolve_reward_token
 from coati.models.lora import apply_lora
 from coati.models.reward_model import RewardModel
 from coati.strategies import StrategyUnavailable, get_strategy
@@ -94,9 +93,8 @@ def run(cfg: TrainConfig) -> dict:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     seed_everything(cfg.seed)
 
-    tokenizer = load_tokenizer(tokenizer_source(cfg), cfg.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(cfg), cfg.trust_remote_code, cfg.reward_token)
     reward_token_id = resolve_reward_token(tokenizer, cfg.reward_token)
-    prepare_tokenizer(tokenizer, reward_token_id)
     data_dir = cfg.data_dir or default_data_dir()
     pairs, report = load_pairs(cfg.dataset, data_dir, cfg.max_samples, cfg.strict_data, cfg.seed)
     if cfg.eval_dataset:

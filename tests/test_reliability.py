@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from coati.checkpoint import CheckpointError, find_resume_checkpoint, list_checkpoints, verify_checkpoint
 from coati.data.template import TokenizedPair
 from coati.losses import log_sig_loss
-from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
 from coati.strategies.naive import NaiveStrategy
 from coati.trainer import NonFiniteError, Trainer, TrainerOptions

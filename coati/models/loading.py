@@ -118,16 +118,18 @@ def choose_pad_token_id(tokenizer: PreTrainedTokenizerBase, reward_token_id: int
     raise ValueError("could not find a padding token distinct from the reward token")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make it safe for reward modelling (EOS present, pad distinct from EOS, right padding).
+def load_tokenizer(path: str, trust_remote_code: bool = False, reward_token: str = "auto") -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make it safe for reward modelling (pad distinct from the reward token, right padding).
 
     InternLM2 tokenizers (``tokenizer_config.json`` naming the remote-code ``InternLM2Tokenizer``), folders holding
     only a sentencepiece ``tokenizer.model``, and a ``*.model`` file given directly load as a native
     ``LlamaTokenizer`` from a cache folder, never with remote code; see
     :func:`coati.models.internlm2.sentencepiece_tokenizer_folder`.
 
+    Args:
+        reward_token: ``auto``/``eos`` or a token id (see :func:`resolve_reward_token`).
     Raises:
-        ValueError: the tokenizer has no EOS token (the reward is read at the EOS).
+        ValueError: no EOS token with ``auto``/``eos``, or a reward token id outside the vocabulary.
     """
     from coati.models.internlm2 import sentencepiece_tokenizer_folder
 
@@ -136,7 +138,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         tokenizer = AutoTokenizer.from_pretrained(native)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return prepare_tokenizer(tokenizer)
+    return prepare_tokenizer(tokenizer, resolve_reward_token(tokenizer, reward_token))
+
+
+def _no_eos_message(tokenizer: PreTrainedTokenizerBase) -> str:
+    return (f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; the reward is read at the EOS "
+            "appended to every answer, so set one (e.g. tokenizer.eos_token = '</s>') or pass --reward_token ID")
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase,
@@ -149,9 +156,7 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase,
         ValueError: the tokenizer has no EOS token and no reward token is given.
     """
     if reward_token_id is None and tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; the reward is read "
-                         "at the EOS appended to every answer, so set one (e.g. tokenizer.eos_token = '</s>') or "
-                         "pass --reward_token ID")
+        raise ValueError(_no_eos_message(tokenizer))
     pad_id = choose_pad_token_id(tokenizer, tokenizer.eos_token_id if reward_token_id is None else reward_token_id)
     if tokenizer.pad_token_id != pad_id:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
@@ -206,7 +211,7 @@ def resolve_reward_token(tokenizer: PreTrainedTokenizerBase, spec: str) -> int:
     """
     if spec in ("auto", "eos"):
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; give --reward_token ID")
+            raise ValueError(_no_eos_message(tokenizer))
         return tokenizer.eos_token_id
     token_id = int(spec)
     if not 0 <= token_id < len(tokenizer):
