@@ -75,3 +75,19 @@ def test_reward_token_id_is_checked_against_vocabulary(tokenizer):
     assert resolve_reward_token(tokenizer, "5") == 5
     with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
         resolve_reward_token(tokenizer, str(len(tokenizer)))
+
+
+def test_tokenizer_without_eos_needs_an_explicit_reward_token(tokenizer):
+    import copy
+
+    from coati.models.loading import prepare_tokenizer, resolve_reward_token
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    with pytest.raises(ValueError, match="has no EOS token.*--reward_token ID"):
+        resolve_reward_token(tok, "auto")
+    rid = resolve_reward_token(tok, "5")
+    prepare_tokenizer(tok, rid)
+    assert tok.pad_token_id is not None and tok.pad_token_id != 5
+    assert SequenceEncoder(tok, 16, rid).encode("Hi", "there").input_ids[-1] == 5
