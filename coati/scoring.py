@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from coati.data.collate import pad_sequences
 from coati.data.template import (
     SequenceEncoder,
     TokenizedPair,
@@ -264,13 +265,7 @@ class RewardScorer:
         starts = range(0, n, self.batch_size)
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
             idx = order[start:start + self.batch_size]
-            length = len(sequences[idx[0]])
-            ids = torch.full((len(idx), length), pad, dtype=torch.int64)
-            mask = torch.zeros((len(idx), length), dtype=torch.int64)
-            for row, i in enumerate(idx):
-                s = sequences[i]
-                ids[row, :len(s)] = torch.as_tensor(list(s), dtype=torch.int64)
-                mask[row, :len(s)] = 1
+            ids, mask = pad_sequences([sequences[i] for i in idx], pad)
             rewards = self.model(ids.to(self.device), mask.to(self.device))
             out[torch.as_tensor(idx)] = rewards.float().cpu()
         return out

@@ -22,17 +22,30 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
+    seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
+    input_ids, attention_mask = pad_sequences(seqs, pad_id, padding_side)
+    return _batch(items, {"input_ids": input_ids, "attention_mask": attention_mask}, seqs, input_ids.numel())
+
+
+def pad_sequences(seqs, pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad N token-id sequences to the longest one.
+
+    Returns:
+        ``input_ids`` ``[N, L]`` int64 (``pad_id`` on padding) and ``attention_mask`` ``[N, L]`` int64 (1 on real
+        tokens).
+    Raises:
+        ValueError: an unknown padding side.
+    """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.int64)
     attention_mask = torch.zeros((len(seqs), length), dtype=torch.int64)
     for row, s in enumerate(seqs):
         sl = slice(0, len(s)) if padding_side == "right" else slice(length - len(s), length)
-        input_ids[row, sl] = torch.tensor(s, dtype=torch.int64)
+        input_ids[row, sl] = torch.as_tensor(list(s), dtype=torch.int64)
         attention_mask[row, sl] = 1
-    return _batch(items, {"input_ids": input_ids, "attention_mask": attention_mask}, seqs, input_ids.numel())
+    return input_ids, attention_mask
 
 
 def _batch(items: list[TokenizedPair], inputs: dict, seqs: list[list[int]], total_tokens: int) -> dict:
