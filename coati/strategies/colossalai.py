@@ -196,6 +196,17 @@ class _BoosterMixin:
     _clip_requested = False
     max_grad_norm: float = 0.0
 
+    def check(self) -> None:
+        """Cheap checks before any model is loaded (colossalai is not imported here).
+
+        Raises:
+            ValueError: resume checkpoints were asked for.
+            StrategyUnavailable: no CUDA GPU is visible (checked first), or colossalai is not installed.
+        """
+        if self.resume_checkpoints:
+            _no_resume(self.name)
+        _check_environment(self.name)
+
     def setup(self) -> None:
         """Join the process group (nccl, ``cuda:LOCAL_RANK``) and import colossalai.
 
@@ -292,17 +303,6 @@ class ColossalAIZero2Strategy(_BoosterMixin, ProcessGroupMixin, Strategy):
         self._skeleton: nn.Module | None = None
         self._clip_requested = False
 
-    def check(self) -> None:
-        """Cheap checks before any model is loaded (colossalai is not imported here).
-
-        Raises:
-            ValueError: resume checkpoints were asked for.
-            StrategyUnavailable: no CUDA GPU is visible (checked first), or colossalai is not installed.
-        """
-        if self.resume_checkpoints:
-            _no_resume(self.name)
-        _check_environment(self.name)
-
     def prepare(self, model: nn.Module,
                 make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
                 ) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -395,9 +395,7 @@ class ColossalAIGeminiStrategy(_BoosterMixin, ProcessGroupMixin, Strategy):
             raise ValueError(f"--strategy {self.name} does not support LoRA (ColossalAI 0.5.0's GeminiPlugin has no "
                              f"LoRA support and leaves frozen weights unsharded): use --strategy colossalai_zero2, "
                              f"fsdp or ddp with --lora_rank, or drop --lora_rank for full fine-tuning with Gemini.")
-        if self.resume_checkpoints:
-            _no_resume(self.name)
-        _check_environment(self.name)
+        super().check()
 
     def prepare(self, model: nn.Module,
                 make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
