@@ -126,7 +126,7 @@ def run_coati(args, packed: bool) -> dict:
             real += batch["real_tokens"]
             total += batch["total_tokens"]
     elapsed = time.perf_counter() - t0
-    return finish(args, model.hf_model.config, elapsed, real, total, len(pairs))
+    return finish(args, model.hf_model, elapsed, real, total, len(pairs))
 
 
 def run_trl(args) -> dict:
@@ -161,17 +161,17 @@ def run_trl(args) -> dict:
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(data)
         trainer.train()
         elapsed = time.perf_counter() - clock["t0"]
-        config_model = trainer.model.config
-    return finish(args, config_model, elapsed, real, total, len(pairs))
+        return finish(args, trainer.model, elapsed, real, total, len(pairs))
 
 
-def finish(args, config, elapsed: float, real: int, total: int, pool: int) -> dict:
+def finish(args, model, elapsed: float, real: int, total: int, pool: int) -> dict:
     n_pairs = args.steps * args.batch_size
-    seqs = 2 * n_pairs
+    config = model.config
+    non_emb = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     return {"pairs_per_s": n_pairs / elapsed, "tokens_per_s": real / elapsed, "padding_fraction": 1 - real / total,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pairs_used": n_pairs,
-            "pairs_pool": pool, "seconds": elapsed, "real_tokens": real, "mean_seq_len": real / seqs,
-            "layers": config.num_hidden_layers, "hidden": config.hidden_size}
+            "pairs_pool": pool, "seconds": elapsed, "real_tokens": real, "mean_seq_len": real / (2 * n_pairs),
+            "layers": config.num_hidden_layers, "hidden": config.hidden_size, "non_embedding_params": non_emb}
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -205,22 +205,14 @@ def main(argv=None) -> int:
             print(f"{mode} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
         results[mode] = json.loads(line[-1][len("RESULT "):])
-    # model FLOPs per token: non-embedding parameters from one model (same in every mode)
-    from coati.models.backbones import get_backbone
-    from coati.models.loading import SMOLLM2_ALIAS, build_model, load_tokenizer, resolve_pretrain
-
-    tok = load_tokenizer(resolve_pretrain(args.pretrain or SMOLLM2_ALIAS, with_model=False))
-    model = build_model(get_backbone(args.model), tok, args.pretrain, args.model_config)
-    n_params = sum(p.numel() for p in model.parameters())
-    non_emb = n_params - model.get_input_embeddings().weight.numel()
     ceiling = ceilings["bf16" if args.bf16 else "fp32"]
     for r in results.values():
-        flops_per_token = 6 * non_emb + 12 * r["layers"] * r["hidden"] * r["mean_seq_len"]
+        flops_per_token = 6 * r["non_embedding_params"] + 12 * r["layers"] * r["hidden"] * r["mean_seq_len"]
         r["model_tflops_per_s"] = r["tokens_per_s"] * flops_per_token / 1e12
         r["mfu"] = r["tokens_per_s"] * flops_per_token / ceiling
     out = {**results, "setup": {k: v for k, v in vars(args).items() if k != "child"},
            "matmul_ceiling_tflops": {k: v / 1e12 for k, v in ceilings.items()},
-           "non_embedding_params": non_emb, "cpu_threads": torch.get_num_threads()}
+           "cpu_threads": torch.get_num_threads()}
     header = f"{'mode':14} {'pairs/s':>8} {'tokens/s':>9} {'padding':>8} {'peak MB':>8} {'pairs':>6} {'MFU':>6}"
     print(header)
     for mode, r in results.items():
