@@ -7,6 +7,7 @@ from typing import Iterator
 import torch
 
 from coati.data.template import TokenizedPair
+from coati.models.packed_attention import shared_prefix_len
 
 
 def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "right") -> dict:
@@ -15,8 +16,9 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "
     Returns:
         ``inputs``: the model's keyword arguments, ``input_ids`` ``[2B, L]`` int64 and ``attention_mask`` ``[2B, L]``
         int64 (L = longest sequence); ``margin`` ``[B]`` float32 or None (missing margins count as 0 when any pair
-        has one); ``langs``, ``sources``: lists of B strings; ``real_tokens`` and ``total_tokens``: ints (their
-        ratio is 1 - padding fraction).
+        has one); ``langs``, ``sources``: lists of B strings; ``real_tokens`` (tokens of the 2B sequences),
+        ``computed_tokens`` (non-padding positions the model computes; equal here) and ``total_tokens`` (positions
+        computed, padding included): ints; the padding fraction is 1 - computed / total.
     Raises:
         ValueError: empty ``items`` or an unknown padding side.
     """
@@ -48,12 +50,15 @@ def pad_sequences(seqs, pad_id: int, padding_side: str = "right") -> tuple[torch
     return input_ids, attention_mask
 
 
-def _batch(items: list[TokenizedPair], inputs: dict, seqs: list[list[int]], total_tokens: int) -> dict:
+def _batch(items: list[TokenizedPair], inputs: dict, seqs: list[list[int]], total_tokens: int,
+           computed: int | None = None) -> dict:
     margin = None
     if any(it.margin is not None for it in items):
         margin = torch.tensor([0.0 if it.margin is None else float(it.margin) for it in items], dtype=torch.float32)
+    real = sum(map(len, seqs))
     return {"inputs": inputs, "margin": margin, "langs": [it.lang for it in items],
-            "sources": [it.source for it in items], "real_tokens": sum(map(len, seqs)), "total_tokens": total_tokens}
+            "sources": [it.source for it in items], "real_tokens": real, "total_tokens": total_tokens,
+            "computed_tokens": real if computed is None else computed}
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -82,38 +87,67 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int) -> dict:
-    """Pack the 2B sequences of B pairs into rows of at most ``capacity`` tokens, without padding between them.
+def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, share_prefix: bool = True) -> dict:
+    """Pack the 2B sequences of B pairs into rows without padding between them.
 
-    Each sequence keeps its own positions (``position_ids`` restart at 0), so no token attends across a sequence
-    boundary and every reward equals the padded path's. Only the end of a row that is not full is padding (given
-    positions 0, 1, ... so it forms a sequence of its own that nothing reads).
+    With ``share_prefix`` a pair whose chosen and rejected sequences start with the same tokens (the prompt) becomes
+    one group ``[shared | chosen rest | rejected rest]`` computed as if the two were separate sequences (see
+    :mod:`coati.models.packed_attention`), so the prompt is computed once; otherwise, or when the pair shares no
+    token, each sequence is a group of its own. Positions are each token's position in its own sequence, so every
+    reward equals the padded path's.
 
+    Args:
+        capacity: tokens per row; 0 puts the whole batch in one row (no padding at all: for backbones whose packed
+            attention costs nothing per row, the RoPE ones). With a capacity, groups are placed first-fit-decreasing
+            and a shared-prefix group longer than the capacity is split back into its two sequences.
     Returns:
-        like :func:`collate_pairs`, with ``inputs`` = ``input_ids`` and ``position_ids`` ``[R, L]`` int64 and
-        ``reward_index`` ``[2B, 2]`` int64: (row, column) of each sequence's last token, chosen first.
+        like :func:`collate_pairs`, with ``inputs`` = ``input_ids`` and ``position_ids`` ``[R, L]`` int64,
+        ``groups`` ``[G, 5]`` int64 (row, start, prefix_len, chosen_len, rejected_len) and ``reward_index``
+        ``[2B, 2]`` int64: (row, column) of each sequence's last token, chosen first. ``computed_tokens`` counts the
+        token positions computed (``real_tokens`` minus the shared prefixes' second copies).
     Raises:
         ValueError: empty ``items`` or a sequence longer than ``capacity``.
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
-    seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
-    rows = pack_rows([len(s) for s in seqs], capacity)
-    length = max(sum(len(seqs[i]) for i in row) for row in rows)
+    b = len(items)
+    # each group: (token ids, positions, prefix_len, chosen_len, rejected_len, sequence index of each last token)
+    groups = []
+    for i, it in enumerate(items):
+        c, r = list(it.chosen_ids), list(it.rejected_ids)
+        p = shared_prefix_len(c, r) if share_prefix else 0
+        if p > 0 and (not capacity or len(c) + len(r) - p <= capacity):
+            ids = c + r[p:]
+            pos = list(range(len(c))) + list(range(p, len(r)))
+            groups.append((ids, pos, p, len(c) - p, len(r) - p, (i, len(c) - 1), (b + i, len(ids) - 1)))
+        else:
+            groups.append((c, list(range(len(c))), len(c), 0, 0, (i, len(c) - 1)))
+            groups.append((r, list(range(len(r))), len(r), 0, 0, (b + i, len(r) - 1)))
+    if capacity:
+        rows = pack_rows([len(g[0]) for g in groups], capacity)
+    else:
+        rows = [list(range(len(groups)))]
+    length = max(sum(len(groups[g][0]) for g in row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
     position_ids = torch.zeros((len(rows), length), dtype=torch.int64)
-    reward_index = torch.zeros((len(seqs), 2), dtype=torch.int64)
-    for r, row in enumerate(rows):
+    reward_index = torch.zeros((2 * b, 2), dtype=torch.int64)
+    table = []
+    for row_no, row in enumerate(rows):
         start = 0
-        for i in row:
-            n = len(seqs[i])
-            input_ids[r, start:start + n] = torch.tensor(seqs[i], dtype=torch.int64)
-            position_ids[r, start:start + n] = torch.arange(n)
-            reward_index[i] = torch.tensor([r, start + n - 1])
+        for g in row:
+            ids, pos, p, nc, nr, *ends = groups[g]
+            n = len(ids)
+            input_ids[row_no, start:start + n] = torch.tensor(ids, dtype=torch.int64)
+            position_ids[row_no, start:start + n] = torch.tensor(pos, dtype=torch.int64)
+            for seq, last in ends:
+                reward_index[seq] = torch.tensor([row_no, start + last])
+            table.append([row_no, start, p, nc, nr])
             start += n
-        position_ids[r, start:] = torch.arange(length - start)
-    inputs = {"input_ids": input_ids, "position_ids": position_ids, "reward_index": reward_index}
-    return _batch(items, inputs, seqs, input_ids.numel())
+        position_ids[row_no, start:] = torch.arange(length - start)
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, "reward_index": reward_index,
+              "groups": torch.tensor(table, dtype=torch.int64)}
+    seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
+    return _batch(items, inputs, seqs, input_ids.numel(), computed=sum(len(g[0]) for g in groups))
 
 
 class GlobalBatchSampler:

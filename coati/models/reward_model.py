@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from coati.models import packed_attention
+from coati.models.packed_attention import packed_causal_mask
+
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row.
@@ -45,6 +48,8 @@ class RewardModel(nn.Module):
         super().__init__()
         self.model = model
         self.uses_position_ids = uses_position_ids
+        # RoPE backbones attend group by group in packed batches (coati.models.packed_attention)
+        self.packed_attention = uses_position_ids and packed_attention.enable(self.hf_model)
 
     @property
     def hf_model(self) -> nn.Module:
@@ -53,17 +58,22 @@ class RewardModel(nn.Module):
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, reward_index: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, reward_index: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards for a padded batch (one sequence per row) or a packed batch (several sequences per row).
 
         Padded: ``input_ids`` and ``attention_mask`` ``[N, L]`` (1 on real tokens, padding on either side); the
         reward of row i is read at its last real token.
-        Packed: ``input_ids`` and ``position_ids`` ``[R, L]`` with positions restarting at 0 at each sequence start
-        (tokens of different sequences never attend to each other), ``attention_mask`` None, and ``reward_index``
-        ``[N, 2]`` int64 (row, column) of each sequence's last token.
+        Packed (see :mod:`coati.models.packed_attention`): ``input_ids`` and ``position_ids`` ``[R, L]`` (each token's
+        position in its own sequence), ``groups`` ``[G, 5]`` int64 (the group table: plain sequences and
+        shared-prefix pairs), ``attention_mask`` None, and ``reward_index`` ``[N, 2]`` int64 (row, column) of each
+        sequence's last token.
 
         Returns:
             ``[N]`` float32 rewards, one scalar per sequence (the value head runs in fp32 even under autocast).
+        Raises:
+            ValueError: a packed batch without ``groups``, or with shared-prefix groups on a model whose attention
+            implementation cannot run them.
         """
         seq_cls = self.hf_model
         body = getattr(seq_cls, seq_cls.base_model_prefix)
@@ -76,32 +86,27 @@ class RewardModel(nn.Module):
             idx = last_token_index(attention_mask)
             last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
         else:
-            if self.uses_position_ids:  # transformers derives the block-diagonal causal mask from position_ids
+            if groups is None:
+                raise ValueError("a packed batch needs its group table (collate_packed's inputs['groups'])")
+            if self.packed_attention:
+                plan = packed_attention.PackPlan.from_groups(groups, input_ids.shape[0])
+                with packed_attention.packed_forward():
+                    hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                  coati_pack=plan).last_hidden_state
+            elif self.uses_position_ids:  # e.g. flash-attention: transformers splits rows where positions restart
+                if bool((groups[:, 3:] > 0).any()):
+                    raise ValueError(f"shared-prefix packing needs SDPA attention, not "
+                                     f"{seq_cls.config._attn_implementation!r}; pack without prefix sharing")
                 hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
             else:
-                hidden = alibi_packed_forward(body, input_ids, position_ids)
+                hidden = alibi_packed_forward(body, input_ids, position_ids, groups)
             last_hidden = hidden[reward_index[:, 0], reward_index[:, 1]]
         with torch.autocast(device_type=last_hidden.device.type, enabled=False):
             return seq_cls.score(last_hidden.float()).squeeze(-1).float()
 
 
-def packed_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive block-diagonal causal mask for packed rows.
-
-    Args:
-        position_ids: ``[R, L]`` int64, restarting at 0 where a new sequence starts.
-    Returns:
-        ``[R, 1, L, L]`` of ``dtype``: 0 where query i may attend key j (same sequence, j <= i), else the dtype's min.
-    """
-    segment = (position_ids == 0).cumsum(-1)
-    length = position_ids.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
-    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def alibi_packed_forward(body: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def alibi_packed_forward(body: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                         groups: torch.Tensor) -> torch.Tensor:
     """Packed forward of an ALiBi backbone (transformers' ``BloomModel``), which takes no ``position_ids``.
 
     ALiBi adds ``slope_h * key_position`` to the attention scores (Press et al., "Train Short, Test Long",
@@ -121,7 +126,7 @@ def alibi_packed_forward(body: nn.Module, input_ids: torch.Tensor, position_ids:
     slopes = _get_alibi_slopes(body.num_heads, input_ids.device)
     alibi = (slopes[None, :, None] * position_ids[:, None, :].to(slopes.dtype))
     alibi = alibi.reshape(rows * body.num_heads, 1, length).to(hidden.dtype)
-    mask = packed_causal_mask(position_ids, hidden.dtype)
+    mask = packed_causal_mask(groups, rows, length, hidden.dtype)
     for block in body.h:
         hidden = block(hidden, layer_past=None, attention_mask=mask, use_cache=False, alibi=alibi)[0]
     return body.ln_f(hidden)

@@ -1,0 +1,254 @@
+"""Variable-length attention over packed rows, with the prompt of each pair computed once (prefix sharing).
+
+A packed batch is a few rows of tokens holding *groups* back to back. A group is either one sequence, or one
+preference pair laid out as ``[P | C | R]``: the tokens the chosen and rejected sequences share at their start
+(``P``, normally the prompt), then the rest of the chosen sequence (``C``), then the rest of the rejected one
+(``R``). ``C`` attends to ``P`` and to itself, ``R`` to ``P`` and to itself (never to ``C``), and ``R`` takes the
+positions it has in the rejected sequence (``len(P)``, ``len(P) + 1``, ...). Every hidden state is then exactly the
+one the sequence would get alone, while ``P`` is computed once instead of twice; its gradient is the sum of what the
+two sequences send it, as in the unshared computation. The idea is that of Wang et al., "Accelerating Direct
+Preference Optimization with Prefix Sharing" (arXiv 2410.20305, section 3).
+
+Groups are described by a ``[G, 5]`` int64 tensor of ``(row, start, prefix_len, chosen_len, rejected_len)``; a plain
+sequence of ``n`` tokens is ``(row, start, n, 0, 0)``. Tokens of a row that no group covers are padding.
+
+RoPE backbones (LLaMA, InternLM2) run the attention of each group separately (the attention implementation
+``coati_packed``, registered with transformers below: written-out attention on CPU, ``scaled_dot_product_attention``
+on CUDA), so a row may be as long as the whole batch at no quadratic cost: one row, no padding.
+ALiBi backbones (BLOOM) run transformers' own attention with the dense additive mask of :func:`packed_causal_mask`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+#: Name of the attention implementation registered with transformers.
+PACKED_ATTENTION = "coati_packed"
+
+_PACKED_FORWARD = contextvars.ContextVar("coati_packed_forward", default=False)
+
+
+def shared_prefix_len(chosen: list[int], rejected: list[int]) -> int:
+    """Length of the common start of two token sequences, leaving each at least its last token.
+
+    Returns:
+        ``p`` with ``chosen[:p] == rejected[:p]`` and ``p <= min(len) - 1`` (each sequence keeps its own last token,
+        where its reward is read).
+    """
+    limit = min(len(chosen), len(rejected)) - 1
+    p = 0
+    while p < limit and chosen[p] == rejected[p]:
+        p += 1
+    return p
+
+
+def group_layout(groups: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token group id and branch of a packed batch.
+
+    Args:
+        groups: ``[G, 5]`` int64 ``(row, start, prefix_len, chosen_len, rejected_len)``.
+        rows, length: the shape ``[R, L]`` of the packed batch.
+    Returns:
+        ``segment`` ``[R, L]`` int64 (group index, -1 on padding) and ``branch`` ``[R, L]`` int64 (0 shared or plain,
+        1 chosen-only, 2 rejected-only), on ``groups``' device.
+    """
+    segment = torch.full((rows, length), -1, dtype=torch.int64)
+    branch = torch.zeros((rows, length), dtype=torch.int64)
+    for g, (r, s, p, c, n_r) in enumerate(groups.tolist()):
+        segment[r, s:s + p + c + n_r] = g
+        branch[r, s + p:s + p + c] = 1
+        branch[r, s + p + c:s + p + c + n_r] = 2
+    return segment.to(groups.device), branch.to(groups.device)
+
+
+def packed_causal_mask(groups: torch.Tensor, rows: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask of a packed batch (for backbones that take a dense mask, such as BLOOM).
+
+    Query i may attend key j when both are in the same group, j <= i, and j is shared or on i's own branch. A
+    padding token attends only to itself (no row of the softmax is empty).
+
+    Args:
+        groups: ``[G, 5]`` int64 group table (module docstring); rows, length: the batch shape ``[R, L]``.
+    Returns:
+        ``[R, 1, L, L]`` of ``dtype``: 0 where allowed, else the dtype's min.
+    """
+    segment, branch = group_layout(groups, rows, length)
+    idx = torch.arange(length, device=groups.device)
+    allowed = ((segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+               & (idx[None, :] <= idx[:, None])
+               & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])))
+    allowed |= torch.eye(length, dtype=torch.bool, device=groups.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=groups.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _group_mask(p: int, c: int, r: int, device: torch.device) -> torch.Tensor:
+    """``[n, n]`` bool (True = attend) for one group ``[P | C | R]`` (plain sequence: c = r = 0): causal, and R
+    never sees C."""
+    n = p + c + r
+    allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    allowed[p + c:, p:p + c] = False
+    return allowed
+
+
+@dataclass
+class PackPlan:
+    """What the ``coati_packed`` attention needs, built once per forward from the group table.
+
+    ``rows[r]`` lists ``(start, n, shape)`` for the groups of row r in order, ``shape`` = ``(prefix_len,
+    chosen_len, rejected_len)``. Masks and additive biases are built once per shape and dtype, then shared by all
+    layers.
+    """
+
+    rows: list[list[tuple[int, int, tuple[int, int, int]]]]
+    device: torch.device
+    _cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_groups(cls, groups: torch.Tensor, num_rows: int) -> "PackPlan":
+        """Build the plan; raises ValueError when groups overlap or are out of order within a row."""
+        rows: list[list[tuple[int, int, tuple[int, int, int]]]] = [[] for _ in range(num_rows)]
+        for r, s, p, c, n_r in groups.tolist():
+            if rows[r] and rows[r][-1][0] + rows[r][-1][1] > s:
+                raise ValueError(f"packed groups overlap or are out of order in row {r} at column {s}")
+            rows[r].append((s, p + c + n_r, (p, c, n_r)))
+        return cls(rows, groups.device)
+
+    def mask(self, shape: tuple[int, int, int]) -> torch.Tensor | None:
+        """``[n, n]`` bool mask of a shared-prefix group; None for a plain sequence (causal)."""
+        if not (shape[1] or shape[2]):
+            return None
+        if shape not in self._cache:
+            self._cache[shape] = _group_mask(*shape, self.device)
+        return self._cache[shape]
+
+    def bias(self, shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+        """``[n, n]`` additive mask of ``dtype`` (0 allowed, -inf not) for any group."""
+        key = (shape, dtype)
+        if key not in self._cache:
+            allowed = _group_mask(*shape, self.device)
+            self._cache[key] = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
+                ~allowed, float("-inf"))
+        return self._cache[key]
+
+
+def group_attention(plan: PackPlan, shape: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    dropout: float, scaling: float, fused: bool | None = None) -> torch.Tensor:
+    """Attention of one group, ``[H, n, D]`` in and out.
+
+    On CUDA, ``scaled_dot_product_attention`` (its fused kernels). On CPU its kernels are slow for many short
+    groups, so scores, softmax (fp32) and the weighted sum are written out: one ``baddbmm`` adds the mask, measured
+    2.4x faster per layer than SDPA on the benchmark's shapes (``benchmarks/README.md``). ``fused`` forces one
+    path (default: SDPA except on CPU).
+    """
+    if fused if fused is not None else q.device.type != "cpu":
+        mask = plan.mask(shape)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                              scale=scaling)
+    n = q.shape[1]
+    scores = torch.baddbmm(plan.bias(shape, q.dtype).expand(q.shape[0], n, n), q, k.transpose(-1, -2), alpha=scaling)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout, training=True)
+    return probs @ v
+
+
+def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          coati_pack: PackPlan | None = None, **kwargs):
+    """Attention function registered with transformers as ``coati_packed``.
+
+    Without ``coati_pack`` it is transformers' SDPA attention unchanged (padded batches, generation). With it, each
+    group of each row attends only within itself (module docstring); positions no group covers (padding) get zeros.
+
+    Args:
+        query: ``[R, H, L, D]``; key, value: ``[R, H_kv, L, D]`` (grouped-query heads are repeated).
+        attention_mask: ignored in packed mode (transformers builds none there).
+        scaling: softmax scale (default ``D ** -0.5``).
+    Returns:
+        ``([R, L, H, D]`` attention output, None) as transformers' attention functions do.
+    """
+    if coati_pack is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    heads, length, dim = query.shape[1], query.shape[2], query.shape[3]
+    scaling = dim ** -0.5 if scaling is None else scaling
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    out_rows = []
+    for r, groups in enumerate(coati_pack.rows):
+        # split (not slice) the row: the backward of a split is one concatenation, where slices would each
+        # fill a zero tensor the size of the row
+        sizes, spans, pos = [], [], 0
+        for start, n, shape in groups:
+            if start > pos:
+                sizes.append(start - pos)
+                spans.append(None)
+            sizes.append(n)
+            spans.append(shape)
+            pos = start + n
+        if pos < length:
+            sizes.append(length - pos)
+            spans.append(None)
+        parts = zip(*(t[r].split(sizes, dim=1) for t in (query, key, value)))
+        pieces = [query.new_zeros(heads, q.shape[1], dim) if shape is None
+                  else group_attention(coati_pack, shape, q, k, v, dropout, scaling)
+                  for shape, (q, k, v) in zip(spans, parts)]
+        out_rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    return torch.stack(out_rows).transpose(1, 2).contiguous(), None
+
+
+def _packed_mask(*args, **kwargs):
+    """transformers' SDPA mask, skipped (None) inside a packed forward, whose attention builds its own."""
+    if _PACKED_FORWARD.get():
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def packed_forward():
+    """Context of a packed forward: transformers builds no attention mask for ``coati_packed`` inside it."""
+    token = _PACKED_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _PACKED_FORWARD.reset(token)
+
+
+def register() -> None:
+    """Register ``coati_packed`` with transformers' attention and attention-mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, _packed_mask)
+
+
+def enable(model) -> bool:
+    """Switch a transformers model from SDPA (or eager) attention to ``coati_packed``.
+
+    Padded batches give the same results as before (SDPA); packed batches can then share prefixes. The
+    implementation name is not written into ``config.json`` by ``save_pretrained``.
+
+    Returns:
+        True when enabled; False when the model uses another implementation (for example flash-attention), which
+        is left alone.
+    """
+    register()
+    current = getattr(model.config, "_attn_implementation", None)
+    if current == PACKED_ATTENTION:
+        return True
+    if current not in (None, "sdpa", "eager"):
+        return False
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return True
