@@ -66,8 +66,12 @@ class TrainConfig:
     max_len: int = _opt(512, "max tokens per sequence (prompt truncated from the left; the EOS is always kept)")
     packing: bool = _opt(True, "pack the chosen and rejected sequences of each batch into rows without padding "
                                "between them (no attention across sequences); off = padded batches")
-    max_tokens_per_batch: int = _opt(0, "packed row capacity in tokens (0 = --max_len: rows no longer than the "
-                                        "longest allowed sequence keep attention cheap)")
+    share_prefix: bool = _opt(True, "packing: compute the tokens that chosen and rejected share at their start (the "
+                                    "prompt) once per pair; rewards and gradients are unchanged")
+    max_tokens_per_batch: int = _opt(0, "packed row capacity in tokens (0 = auto: LLaMA and InternLM2 put the whole "
+                                        "batch in one row, which their per-sequence attention makes free of "
+                                        "padding; BLOOM, whose packed attention is a dense mask, uses rows of "
+                                        "2 x --max_len, or --max_len without --share_prefix)")
     group_by_length: bool = _opt(False, "padded path: batch pairs of similar length together (less padding)")
     padding_side: str = _opt("right", "padding side of batches (rewards do not depend on it)",
                              choices=("right", "left"))
@@ -96,6 +100,8 @@ class TrainConfig:
     max_bad_steps: int = _opt(5, "stop after this many consecutive steps skipped for a non-finite loss or gradient")
     gradient_checkpointing: bool = _opt(False, "recompute block activations in backward (less memory, ~30% "
                                                "more compute)")
+    gradient_checkpointing_ratio: float = _opt(1.0, "with --gradient_checkpointing: share of the blocks recomputed "
+                                                    "(the first ones); below 1 trades memory for speed")
     bf16: bool = _opt(False, "bf16 autocast for the backbone (weights, optimizer and loss stay fp32)")
     seed: int = _opt(42, "seed for init, shuffling and dropout")
     # logging / output
@@ -188,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         errors.append(f"--reward_token must be auto, eos or a token id, got {cfg.reward_token!r}")
     if cfg.reward_bound <= 0:
         errors.append("--reward_bound must be > 0")
+    if not 0.0 < cfg.gradient_checkpointing_ratio <= 1.0:
+        errors.append("--gradient_checkpointing_ratio must be in (0, 1]")
     if errors:
         parser.error("; ".join(errors))
     return cfg

@@ -21,7 +21,8 @@ from coati.data.sources import default_data_dir, load_pairs, split_eval
 from coati.data.template import SequenceEncoder, tokenize_pairs, use_chat_template
 from coati.losses import build_loss
 from coati.models.backbones import get_backbone
-from coati.models.loading import SMOLLM2_ALIAS, build_model, load_tokenizer, resolve_pretrain, resolve_reward_token
+from coati.models.loading import (SMOLLM2_ALIAS, build_model, enable_gradient_checkpointing, load_tokenizer,
+                                  resolve_pretrain, resolve_reward_token)
 from coati.models.lora import apply_lora
 from coati.models.reward_model import RewardModel
 from coati.strategies import StrategyUnavailable, get_strategy
@@ -124,7 +125,7 @@ def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     hf_model = build_model(backbone, tokenizer, cfg.pretrain, cfg.model_config, cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(hf_model, cfg.gradient_checkpointing_ratio)
     if cfg.lora_rank > 0:
         hf_model = apply_lora(hf_model, backbone.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                               cfg.lora_train_bias)
@@ -135,7 +136,9 @@ def run(cfg: TrainConfig) -> dict:
         logger.info("model: %s, %.1fM parameters, %.2fM trainable", cfg.model, n_all / 1e6, n_train / 1e6)
 
     def make_optimizer(params):
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        # the fused kernel (as transformers' default adamw_torch_fused): one pass over the parameters; measured
+        # 0.56 s -> 0.06 s per step for SmolLM2-135M on 2 CPU cores (benchmarks/README.md)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=True)
 
     model, optimizer = strategy.prepare(reward_model, make_optimizer)
     metrics_path = os.path.join(cfg.save_path, "metrics.jsonl")
@@ -144,7 +147,9 @@ def run(cfg: TrainConfig) -> dict:
                           max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed,
                           log_every=cfg.log_every, eval_every=cfg.eval_every, padding_side=cfg.padding_side,
                           metrics_path=metrics_path, disable_tqdm=cfg.disable_tqdm, save_every=cfg.save_every,
-                          packing=cfg.packing, max_tokens_per_batch=cfg.max_tokens_per_batch or cfg.max_len,
+                          packing=cfg.packing, share_prefix=cfg.share_prefix,
+                          max_tokens_per_batch=cfg.max_tokens_per_batch or (
+                              0 if reward_model.packed_attention else (2 if cfg.share_prefix else 1) * cfg.max_len),
                           group_by_length=cfg.group_by_length, max_bad_steps=cfg.max_bad_steps)
     trainer = Trainer(strategy, model, optimizer, None, loss_fn, train_tok, eval_tok,
                       tokenizer.pad_token_id, opts)

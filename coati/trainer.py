@@ -92,7 +92,8 @@ class TrainerOptions:
     save_every: int = 0
     max_bad_steps: int = 5
     packing: bool = False
-    max_tokens_per_batch: int = 0  # packed row capacity (tokens); required when packing
+    max_tokens_per_batch: int = 0  # packed row capacity (tokens); 0 = the whole batch in one row
+    share_prefix: bool = True  # packed: compute the prompt shared by chosen and rejected once
     group_by_length: bool = False
 
 
@@ -143,7 +144,7 @@ class Trainer:
     def collate(self, items: list[TokenizedPair]) -> dict:
         """A packed or padded batch of ``items`` (see :mod:`coati.data.collate`)."""
         if self.opts.packing:
-            return collate_packed(items, self.pad_id, self.opts.max_tokens_per_batch)
+            return collate_packed(items, self.pad_id, self.opts.max_tokens_per_batch, self.opts.share_prefix)
         return collate_pairs(items, self.pad_id, self.opts.padding_side)
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,7 +169,7 @@ class Trainer:
         total, spe = self.total_steps, self.steps_per_epoch
         bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=opts.disable_tqdm or not strategy.is_main)
-        window, t0, tokens = PairMetrics(), time.perf_counter(), [0, 0]
+        window, t0, tokens = PairMetrics(), time.perf_counter(), [0, 0, 0]
         self.model.train()
         start_epoch = self.step // spe if spe else 0
         for epoch in range(start_epoch, opts.max_epochs):
@@ -183,7 +184,8 @@ class Trainer:
                 last_micro = (i + 1) % opts.accumulation_steps == 0
                 batch = self.collate([self.train_pairs[j] for j in batches[i]])
                 tokens[0] += batch["real_tokens"]
-                tokens[1] += batch["total_tokens"]
+                tokens[1] += batch["computed_tokens"]
+                tokens[2] += batch["total_tokens"]
                 ctx = contextlib.nullcontext() if last_micro else strategy.no_sync(self.model)
                 with ctx:
                     loss, chosen, rejected = self._forward(batch)
@@ -204,7 +206,7 @@ class Trainer:
                     row = self._train_row(window, epoch, t0, tokens)
                     if row["pairs"]:  # a window of only skipped steps has no metrics
                         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['acc']:.3f}", dist=f"{row['dist']:.3f}")
-                    window, t0, tokens = PairMetrics(), time.perf_counter(), [0, 0]
+                    window, t0, tokens = PairMetrics(), time.perf_counter(), [0, 0, 0]
                 pause = time.perf_counter()  # evaluation and checkpoints do not count as training time
                 if opts.eval_every and self.step % opts.eval_every == 0 and self.step != total:
                     self.evaluate()
@@ -258,7 +260,9 @@ class Trainer:
         row = {"step": self.step, "split": "train", "epoch": epoch, **res,
                "lr": self.scheduler.get_last_lr()[0], "pairs_per_s": res.get("pairs", 0) / elapsed,
                "tokens_per_s": counts[0].item() / elapsed,  # real tokens (padding excluded)
-               "padding_fraction": 1.0 - counts[0].item() / max(counts[1].item(), 1.0),
+               "padding_fraction": 1.0 - counts[1].item() / max(counts[2].item(), 1.0),
+               # share of the sequences' tokens not computed a second time thanks to prefix sharing
+               "shared_prefix_fraction": 1.0 - counts[1].item() / max(counts[0].item(), 1.0),
                "skipped_steps": self.skipped_steps}
         self._log(row)
         return row
