@@ -217,3 +217,36 @@ def resolve_reward_token(tokenizer: PreTrainedTokenizerBase, spec: str) -> int:
     if not 0 <= token_id < len(tokenizer):
         raise ValueError(f"--reward_token {token_id} is outside the tokenizer's vocabulary (size {len(tokenizer)})")
     return token_id
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel, ratio: float = 1.0) -> int:
+    """Recompute the activations of the first ``ratio`` share of the backbone's blocks in backward.
+
+    Activation memory falls with the share of recomputed blocks and step time rises with it (one more forward of
+    those blocks): a ratio below 1 trades some of the saving for speed, as Megatron-LM's ``--recompute-num-layers``
+    does. Uses transformers' own checkpointing (non-reentrant), then turns it off again on the remaining blocks
+    (transformers' ``every_n_layers`` allows only ratios 1/n, and only from 5.2x on).
+
+    Args:
+        model: a transformers model whose blocks are ``GradientCheckpointingLayer`` s.
+        ratio: in (0, 1]; the number of recomputed blocks is ``round(ratio * blocks)``, at least 1.
+    Returns:
+        the number of blocks recomputed.
+    Raises:
+        ValueError: ``ratio`` outside (0, 1], or a model without checkpointable blocks.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"the gradient checkpointing ratio must be in (0, 1], got {ratio}")
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the old one warns of its removal
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no blocks that support gradient checkpointing")
+    keep = max(1, round(ratio * len(blocks)))
+    for block in blocks[keep:]:
+        block.gradient_checkpointing = False
+    return keep

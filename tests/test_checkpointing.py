@@ -1,0 +1,43 @@
+"""Partial gradient checkpointing: the chosen share of blocks recomputes, and gradients do not change."""
+
+import pytest
+import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from coati.data.collate import collate_packed
+from coati.losses import log_sig_loss
+from coati.models.backbones import get_backbone
+from coati.models.loading import build_model, enable_gradient_checkpointing
+from coati.models.reward_model import RewardModel
+from test_packing import _pairs
+
+
+def _grads(name, tokenizer, ratio):
+    backbone = get_backbone(name)
+    torch.manual_seed(0)
+    hf = build_model(backbone, tokenizer, None, "small")  # 4 blocks
+    recomputed = enable_gradient_checkpointing(hf, ratio) if ratio else 0
+    rm = RewardModel(hf, backbone.uses_position_ids).train()
+    pairs = _pairs(prompt=True)
+    batch = collate_packed(pairs, tokenizer.pad_token_id, 0 if backbone.uses_position_ids else 256)
+    rewards = rm(**batch["inputs"])
+    log_sig_loss(rewards[:len(pairs)], rewards[len(pairs):]).backward()
+    return recomputed, hf, {n: p.grad for n, p in rm.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["llama", "bloom"])
+def test_partial_checkpointing_keeps_gradients(name, tokenizer):
+    _, _, plain = _grads(name, tokenizer, 0)
+    for ratio, expected in ((0.5, 2), (1.0, 4), (0.1, 1)):
+        recomputed, hf, grads = _grads(name, tokenizer, ratio)
+        assert recomputed == expected
+        flags = [m.gradient_checkpointing for m in hf.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert flags == [True] * expected + [False] * (4 - expected)
+        worst = max((grads[k] - plain[k]).abs().max().item() for k in plain)
+        assert worst < 1e-6, (ratio, worst)
+
+
+def test_checkpointing_ratio_out_of_range(tokenizer):
+    hf = build_model(get_backbone("llama"), tokenizer, None, "tiny")
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        enable_gradient_checkpointing(hf, 0.0)
