@@ -29,7 +29,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-MODES = ("coati_packed", "coati_padded", "trl")
+MODES = ("coati_packed", "coati_packed_unshared", "coati_padded", "trl")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,12 +43,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_len", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8, help="pairs per optimizer step")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights and optimizer) in every mode")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where to train (cuda: peak memory is torch's peak allocation on the GPU)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before timing")
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--max_tokens_per_batch", type=int, default=0, help="packed row capacity (0 = --max_len)")
+    p.add_argument("--max_tokens_per_batch", type=int, default=0,
+                   help="packed row capacity (0 = as training: one row for RoPE backbones, 2 x --max_len for BLOOM)")
     p.add_argument("--gradient_checkpointing", choices=("on", "off"), default="off",
                    help="activation recomputation in the coati modes")
+    p.add_argument("--gradient_checkpointing_ratio", type=float, default=1.0,
+                   help="share of the blocks recomputed in the coati modes (as training's flag of that name)")
     p.add_argument("--trl_gradient_checkpointing", choices=("on", "off"), default="on",
                    help="activation recomputation in TRL (its RewardConfig default is on)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -94,39 +99,46 @@ def batches(pairs, batch_size, count, seed):
 
 # ---------------------------------------------------------------------------------------------- modes (children)
 
-def run_coati(args, packed: bool) -> dict:
+def run_coati(args, mode: str) -> dict:
     from coati.data.collate import collate_packed, collate_pairs
     from coati.losses import log_sig_loss
+    from coati.models.loading import enable_gradient_checkpointing
     from coati.models.reward_model import RewardModel
 
     tokenizer, pairs, backbone, make_model = load_setup(args)
     hf_model = make_model()
     if args.gradient_checkpointing == "on":
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = RewardModel(hf_model, backbone.uses_position_ids).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        enable_gradient_checkpointing(hf_model, args.gradient_checkpointing_ratio)
+    model = RewardModel(hf_model, backbone.uses_position_ids).to(args.device).train()
+    # as TRL (transformers' default optim adamw_torch_fused, weight decay 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     plan = batches(pairs, args.batch_size, args.warmup + args.steps, args.seed)
-    real = total = 0
+    share = mode == "coati_packed"
+    capacity = args.max_tokens_per_batch or (0 if model.packed_attention else (2 if share else 1) * args.max_len)
+    real = computed = total = 0
     t0 = None
     for step, idx in enumerate(plan):
         if step == args.warmup:
             t0 = time.perf_counter()
         items = [pairs[i] for i in idx]
-        batch = (collate_packed(items, tokenizer.pad_token_id, args.max_tokens_per_batch or args.max_len) if packed
-                 else collate_pairs(items, tokenizer.pad_token_id))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            rewards = model(**batch["inputs"])
+        batch = (collate_pairs(items, tokenizer.pad_token_id) if mode == "coati_padded"
+                 else collate_packed(items, tokenizer.pad_token_id, capacity, share_prefix=share))
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
+            rewards = model(**{k: v.to(args.device) for k, v in batch["inputs"].items()})
         b = len(items)
         loss = log_sig_loss(rewards[:b], rewards[b:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         if step >= args.warmup:
             real += batch["real_tokens"]
+            computed += batch["computed_tokens"]
             total += batch["total_tokens"]
     elapsed = time.perf_counter() - t0
-    return finish(args, model.hf_model, elapsed, real, total, len(pairs))
+    return finish(args, model.hf_model, elapsed, real, computed, total, len(pairs))
 
 
 def run_trl(args) -> dict:
@@ -138,7 +150,8 @@ def run_trl(args) -> dict:
     plan = batches(pairs, args.batch_size, args.warmup + args.steps, args.seed)
     # feed TRL the exact batches the coati modes train on, in order (no shuffling of its own)
     rows = [pairs[i] for idx in plan for i in idx]
-    data = Dataset.from_dict({"chosen_ids": [p.chosen_ids for p in rows], "rejected_ids": [p.rejected_ids for p in rows]})
+    data = Dataset.from_dict({"chosen_ids": [p.chosen_ids for p in rows],
+                              "rejected_ids": [p.rejected_ids for p in rows]})
     # TRL's collator right-pads each batch to its longest sequence: count what it feeds the model for timed steps
     timed = [[pairs[i] for i in idx] for idx in plan[args.warmup:]]
     real = sum(len(p.chosen_ids) + len(p.rejected_ids) for b in timed for p in b)
@@ -148,11 +161,14 @@ def run_trl(args) -> dict:
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
             if state.global_step == args.warmup:
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
                 clock["t0"] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as out:
         config = RewardConfig(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=len(plan),
-                              learning_rate=args.lr, lr_scheduler_type="constant", bf16=args.bf16, use_cpu=True,
+                              learning_rate=args.lr, lr_scheduler_type="constant", bf16=args.bf16,
+                              use_cpu=args.device == "cpu",
                               logging_steps=10 ** 6, report_to=[], save_strategy="no", max_length=None,
                               dataloader_num_workers=0, seed=args.seed, max_grad_norm=1.0, disable_dropout=True,
                               gradient_checkpointing=args.trl_gradient_checkpointing == "on")
@@ -160,31 +176,45 @@ def run_trl(args) -> dict:
                                 callbacks=[Clock()])
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(data)
         trainer.train()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - clock["t0"]
-        return finish(args, trainer.model, elapsed, real, total, len(pairs))
+        return finish(args, trainer.model, elapsed, real, real, total, len(pairs))
 
 
-def finish(args, model, elapsed: float, real: int, total: int, pool: int) -> dict:
+def finish(args, model, elapsed: float, real: int, computed: int, total: int, pool: int) -> dict:
+    """One mode's figures. ``real``: tokens of the sequences trained on; ``computed``: non-padding token positions
+    the model computed (fewer than ``real`` when prompts are shared); ``total``: positions computed, padding
+    included."""
     n_pairs = args.steps * args.batch_size
     config = model.config
     non_emb = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    return {"pairs_per_s": n_pairs / elapsed, "tokens_per_s": real / elapsed, "padding_fraction": 1 - real / total,
+    return {"pairs_per_s": n_pairs / elapsed, "tokens_per_s": real / elapsed,
+            "computed_tokens_per_s": computed / elapsed, "padding_fraction": 1 - computed / total,
+            "shared_prefix_fraction": 1 - computed / real, "computed_tokens": computed, "total_tokens": total,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pairs_used": n_pairs,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if args.device == "cuda" else None,
             "pairs_pool": pool, "seconds": elapsed, "real_tokens": real, "mean_seq_len": real / (2 * n_pairs),
             "layers": config.num_hidden_layers, "hidden": config.hidden_size, "non_embedding_params": non_emb}
 
 
 # ---------------------------------------------------------------------------------------------- parent
 
-def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 4, trials: int = 5) -> float:
+def matmul_ceiling(dtype: torch.dtype, device: str = "cpu", n: int = 2048, reps: int = 4, trials: int = 5) -> float:
     """Measured GEMM throughput (FLOP/s) for square ``n`` matrices of ``dtype``: the best of ``trials`` timings."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if device == "cuda":
+        n, reps = 8192, 20
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = float("inf")
     for _ in range(trials):
+        if device == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 * reps / best
 
@@ -192,13 +222,15 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 4, trials: int
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        result = run_trl(args) if args.child == "trl" else run_coati(args, packed=args.child == "coati_packed")
+        result = run_trl(args) if args.child == "trl" else run_coati(args, args.child)
         print("RESULT " + json.dumps(result))
         return 0
-    ceilings = {"bf16": matmul_ceiling(torch.bfloat16), "fp32": matmul_ceiling(torch.float32)}
+    ceilings = {name: matmul_ceiling(dtype, args.device)
+                for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     results = {}
     for mode in args.modes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", mode] + (argv if argv is not None else sys.argv[1:])
+        passed = argv if argv is not None else sys.argv[1:]
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", mode] + passed
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
@@ -208,18 +240,21 @@ def main(argv=None) -> int:
     ceiling = ceilings["bf16" if args.bf16 else "fp32"]
     for r in results.values():
         flops_per_token = 6 * r["non_embedding_params"] + 12 * r["layers"] * r["hidden"] * r["mean_seq_len"]
-        r["model_tflops_per_s"] = r["tokens_per_s"] * flops_per_token / 1e12
-        r["mfu"] = r["tokens_per_s"] * flops_per_token / ceiling
+        # only the FLOPs really executed on non-padding positions count (a shared prompt counts once)
+        r["model_tflops_per_s"] = r["computed_tokens_per_s"] * flops_per_token / 1e12
+        r["mfu"] = r["computed_tokens_per_s"] * flops_per_token / ceiling
     out = {**results, "setup": {k: v for k, v in vars(args).items() if k != "child"},
            "matmul_ceiling_tflops": {k: v / 1e12 for k, v in ceilings.items()},
            "cpu_threads": torch.get_num_threads()}
-    header = f"{'mode':14} {'pairs/s':>8} {'tokens/s':>9} {'padding':>8} {'peak MB':>8} {'pairs':>6} {'MFU':>6}"
+    header = (f"{'mode':22} {'pairs/s':>8} {'tokens/s':>9} {'padding':>8} {'shared':>7} {'peak MB':>8} {'pairs':>6} "
+              f"{'MFU':>6}")
     print(header)
     for mode, r in results.items():
-        print(f"{mode:14} {r['pairs_per_s']:8.2f} {r['tokens_per_s']:9.0f} {r['padding_fraction']:8.1%} "
-              f"{r['peak_rss_mb']:8.0f} {r['pairs_used']:6d} {r['mfu']:6.1%}")
-    if "trl" in results and "coati_packed" in results:
-        print(f"coati packed / TRL pairs per second: {results['coati_packed']['pairs_per_s'] / results['trl']['pairs_per_s']:.2f}x")
+        print(f"{mode:22} {r['pairs_per_s']:8.2f} {r['tokens_per_s']:9.0f} {r['padding_fraction']:8.1%} "
+              f"{r['shared_prefix_fraction']:7.1%} {r['peak_rss_mb']:8.0f} {r['pairs_used']:6d} {r['mfu']:6.1%}")
+    for mode in ("coati_packed", "coati_packed_unshared"):
+        if "trl" in results and mode in results:
+            print(f"{mode} / TRL pairs per second: {results[mode]['pairs_per_s'] / results['trl']['pairs_per_s']:.2f}x")
     print(f"matmul ceiling: bf16 {ceilings['bf16'] / 1e12:.3f} TFLOP/s, fp32 {ceilings['fp32'] / 1e12:.3f} TFLOP/s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
