@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from coati.data.collate import pad_sequences
+from coati.data.formats import parse_message
 from coati.data.template import (
     SequenceEncoder,
     TokenizedPair,
@@ -54,9 +55,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_LEN = 512
 DEFAULT_CHAT_TEMPLATE = "auto"
 
-_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-                 "system": "system"}
-
 Prompt = str | Sequence[dict] | None
 
 
@@ -69,7 +67,8 @@ def normalize_prompt(prompt: Prompt) -> list[dict[str, str]]:
     Returns:
         messages with normalised roles and stripped contents.
     Raises:
-        ValueError: another type, a message that is not an object, an unknown role or a non-string content.
+        ValueError: another type; ``DataFormatError`` (a ValueError) for a message that is not an object, an unknown
+            role or a non-string content, from the training data parser's :func:`~coati.data.formats.parse_message`.
     """
     if prompt is None:
         return []
@@ -77,18 +76,7 @@ def normalize_prompt(prompt: Prompt) -> list[dict[str, str]]:
         return [{"role": "user", "content": prompt.strip()}] if prompt.strip() else []
     if not isinstance(prompt, (list, tuple)):
         raise ValueError(f"a prompt must be a string, a list of messages or None, got {type(prompt).__name__}")
-    out = []
-    for i, msg in enumerate(prompt):
-        if not isinstance(msg, dict):
-            raise ValueError(f"prompt[{i}] must be a message object, got {type(msg).__name__}")
-        role = next((msg[k] for k in ("role", "from") if k in msg), None)
-        content = next((msg[k] for k in ("content", "value", "text") if k in msg), None)
-        if not isinstance(role, str) or role.lower() not in _ROLE_ALIASES:
-            raise ValueError(f"prompt[{i}] has role {role!r}; known roles: {sorted(_ROLE_ALIASES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"prompt[{i}] needs a string 'content', got {type(content).__name__}")
-        out.append({"role": _ROLE_ALIASES[role.lower()], "content": content.strip()})
-    return out
+    return [parse_message(msg, f"prompt[{i}]") for i, msg in enumerate(prompt)]
 
 
 def _read_json(path: str) -> dict:

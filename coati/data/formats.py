@@ -112,8 +112,12 @@ def _require(row: Mapping, key: str, types: type | tuple[type, ...], what: str):
     return value
 
 
-def _message(obj: object, where: str) -> Message:
-    """One message from ``{"role"|"from": ..., "content"|"value"|"text": ...}``."""
+def parse_message(obj: object, where: str) -> Message:
+    """One message from ``{"role"|"from": ..., "content"|"value"|"text": ...}``, roles normalised, content stripped.
+
+    Raises:
+        DataFormatError: not a mapping, an unknown role or a non-string content (message starts with ``where``).
+    """
     if not isinstance(obj, Mapping):
         raise DataFormatError(f"{where} must be a message object, got {type(obj).__name__}")
     role = next((obj[k] for k in ("role", "from") if k in obj), None)
@@ -128,7 +132,7 @@ def _message(obj: object, where: str) -> Message:
 def _messages(obj: object, key: str) -> list[Message]:
     if not isinstance(obj, list):
         raise DataFormatError(f"{key!r} must be a list of messages, got {type(obj).__name__}")
-    return [_message(m, f"{key}[{i}]") for i, m in enumerate(obj)]
+    return [parse_message(m, f"{key}[{i}]") for i, m in enumerate(obj)]
 
 
 def _answer(row: Mapping, key: str, conversation: bool = False) -> tuple[list[Message], str]:
@@ -138,7 +142,7 @@ def _answer(row: Mapping, key: str, conversation: bool = False) -> tuple[list[Me
     value = _require(row, key, types, what)
     if isinstance(value, str):
         return [], value.strip()
-    msgs = [_message(value, key)] if isinstance(value, Mapping) else _messages(value, key)
+    msgs = [parse_message(value, key)] if isinstance(value, Mapping) else _messages(value, key)
     if not msgs or msgs[-1]["role"] != "assistant":
         raise DataFormatError(f"{key!r} must end with an assistant message")
     return msgs[:-1], msgs[-1]["content"]
