@@ -39,6 +39,8 @@ from collections.abc import Sequence
 
 import torch
 
+from coati.data.sources import json_object_lines
+
 PLOTS = ("margin_hist.png", "accuracy_by_subset.png", "reward_distributions.png", "calibration.png")
 TRAINING_CURVES = "training_curves.png"
 _CURVE_KEYS = ("loss", "acc", "dist")
@@ -160,15 +162,9 @@ def read_metrics_jsonl(path: str) -> list[dict]:
         raise FileNotFoundError(f"--metrics {path}: no such file")
     rows = []
     with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object")
+        for where, row, problem in json_object_lines(f, path):
+            if problem:
+                raise ValueError(f"{where}: {problem}")
             rows.append(row)
     return rows
 

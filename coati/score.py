@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from coati.data.sources import json_object_lines
+
 
 class RowError(ValueError):
     """An unusable input row; the message starts with ``file:line``."""
@@ -68,16 +70,9 @@ def parse_rows(lines, name: str) -> tuple[list[_Row], list, list[str]]:
     rows: list[_Row] = []
     prompts: list = []
     responses: list[str] = []
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{name}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RowError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise RowError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    for where, row, problem in json_object_lines(lines, name):
+        if problem:
+            raise RowError(f"{where}: {problem}")
         if "responses" in row:
             cands = row["responses"]
             if not isinstance(cands, list) or not cands or not all(isinstance(c, str) for c in cands):

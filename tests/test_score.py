@@ -250,6 +250,7 @@ def test_bad_rows_name_file_and_line(export, tmp_path, capsys):
         ('{"prompt": 5, "response": "b"}\n', ":1: bad 'prompt'"),
         ('{"question": "a"}\n', ":1: a row needs"),
         ('[1, 2]\n', ":1: a row must be a JSON object"),
+        ('{"prompt": ' + "[" * 100000 + "\n", ":1: invalid JSON (nested too deeply)"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', ":1: 'messages' must"),
     ]
     for i, (text, expected) in enumerate(cases):

@@ -21,7 +21,7 @@ import os
 import random
 import re
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 from coati.data.formats import DataFormatError, PreferencePair, detect_format, parse_row
@@ -183,6 +183,25 @@ def _decode_json(text: str) -> tuple[object, str | None]:
         return None, "invalid JSON (nested too deeply)"
     except ValueError as e:  # e.g. an integer of more than 4300 digits (sys.get_int_max_str_digits)
         return None, f"invalid JSON ({str(e)[:200]})"
+
+
+def json_object_lines(lines: Iterable[str], name: str) -> Iterator[tuple[str, dict | None, str | None]]:
+    """The non-blank lines of JSON-lines text, each decoded as one JSON object (scoring input, metrics files).
+
+    Args:
+        lines: text lines; name: the file name used in ``where``.
+    Yields:
+        ``(where, row, problem)``: ``where`` is ``name:line``; ``row`` the object and ``problem`` None, or ``row``
+        None and ``problem`` why the line is unusable (invalid JSON, including what ``json`` refuses beyond syntax,
+        or a value that is not an object). Callers decide whether a problem is an error or a skipped row.
+    """
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        row, problem = _decode_json(line)
+        if problem is None and not isinstance(row, dict):
+            row, problem = None, f"a row must be a JSON object, got {type(row).__name__}"
+        yield f"{name}:{line_no}", row, problem
 
 
 def _read_json(path: str) -> Iterator[tuple[str, object, str | None]]:
