@@ -47,46 +47,6 @@ def shared_prefix_len(chosen: list[int], rejected: list[int]) -> int:
     return p
 
 
-def group_layout(groups: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token group id and branch of a packed batch.
-
-    Args:
-        groups: ``[G, 5]`` int64 ``(row, start, prefix_len, chosen_len, rejected_len)``.
-        rows, length: the shape ``[R, L]`` of the packed batch.
-    Returns:
-        ``segment`` ``[R, L]`` int64 (group index, -1 on padding) and ``branch`` ``[R, L]`` int64 (0 shared or plain,
-        1 chosen-only, 2 rejected-only), on ``groups``' device.
-    """
-    segment = torch.full((rows, length), -1, dtype=torch.int64)
-    branch = torch.zeros((rows, length), dtype=torch.int64)
-    for g, (r, s, p, c, n_r) in enumerate(groups.tolist()):
-        segment[r, s:s + p + c + n_r] = g
-        branch[r, s + p:s + p + c] = 1
-        branch[r, s + p + c:s + p + c + n_r] = 2
-    return segment.to(groups.device), branch.to(groups.device)
-
-
-def packed_causal_mask(groups: torch.Tensor, rows: int, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask of a packed batch (for backbones that take a dense mask, such as BLOOM).
-
-    Query i may attend key j when both are in the same group, j <= i, and j is shared or on i's own branch. A
-    padding token attends only to itself (no row of the softmax is empty).
-
-    Args:
-        groups: ``[G, 5]`` int64 group table (module docstring); rows, length: the batch shape ``[R, L]``.
-    Returns:
-        ``[R, 1, L, L]`` of ``dtype``: 0 where allowed, else the dtype's min.
-    """
-    segment, branch = group_layout(groups, rows, length)
-    idx = torch.arange(length, device=groups.device)
-    allowed = ((segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
-               & (idx[None, :] <= idx[:, None])
-               & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])))
-    allowed |= torch.eye(length, dtype=torch.bool, device=groups.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=groups.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
 def _group_mask(p: int, c: int, r: int, device: torch.device) -> torch.Tensor:
     """``[n, n]`` bool (True = attend) for one group ``[P | C | R]`` (plain sequence: c = r = 0): causal, and R
     never sees C."""
@@ -94,6 +54,26 @@ def _group_mask(p: int, c: int, r: int, device: torch.device) -> torch.Tensor:
     allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     allowed[p + c:, p:p + c] = False
     return allowed
+
+
+def packed_causal_mask(groups: torch.Tensor, rows: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask of a packed batch (for backbones that take a dense mask, such as BLOOM).
+
+    Each group's block on the diagonal is its :func:`_group_mask` (the rule the per-group attention uses); tokens of
+    different groups never attend to each other. A padding token attends only to itself (no row of the softmax is
+    empty).
+
+    Args:
+        groups: ``[G, 5]`` int64 group table (module docstring); rows, length: the batch shape ``[R, L]``.
+    Returns:
+        ``[R, 1, L, L]`` of ``dtype``: 0 where allowed, else the dtype's min.
+    """
+    allowed = torch.eye(length, dtype=torch.bool, device=groups.device).repeat(rows, 1, 1)
+    for r, s, p, c, n_r in groups.tolist():
+        n = p + c + n_r
+        allowed[r, s:s + n, s:s + n] = _group_mask(p, c, n_r, groups.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=groups.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @dataclass
