@@ -147,3 +147,12 @@ def test_group_attention_cpu_path_equals_sdpa(shape):
         moved = group_attention(plan, shape, qkv[0].detach(), k2, qkv[2].detach(), 0.0, 0.3)
         assert torch.allclose(moved[:, p + c:], outs[1].detach()[:, p + c:], atol=1e-10)
         assert not torch.allclose(moved[:, p:p + c], outs[1].detach()[:, p:p + c])
+
+
+def test_packed_batch_on_unswitchable_attention_is_a_clear_error(tokenizer):
+    hf = tiny_model("llama", tokenizer)
+    hf.config._attn_implementation = "flash_attention_2"  # as if loaded with flash-attn: left alone by coati
+    rm = RewardModel(hf, uses_position_ids=True)
+    assert not rm.packed_attention
+    with pytest.raises(ValueError, match="--packing false"):
+        rm(**collate_packed(_pairs(n=2), tokenizer.pad_token_id)["inputs"])

@@ -72,8 +72,8 @@ class RewardModel(nn.Module):
         Returns:
             ``[N]`` float32 rewards, one scalar per sequence (the value head runs in fp32 even under autocast).
         Raises:
-            ValueError: a packed batch without ``groups``, or with shared-prefix groups on a model whose attention
-            implementation cannot run them.
+            ValueError: a packed batch without ``groups``, or on a RoPE model whose attention implementation
+            (for example flash-attention) could not be switched to ``coati_packed``.
         """
         seq_cls = self.hf_model
         body = getattr(seq_cls, seq_cls.base_model_prefix)
@@ -93,11 +93,9 @@ class RewardModel(nn.Module):
                 with packed_attention.packed_forward():
                     hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                   coati_pack=plan).last_hidden_state
-            elif self.uses_position_ids:  # e.g. flash-attention: transformers splits rows where positions restart
-                if bool((groups[:, 3:] > 0).any()):
-                    raise ValueError(f"shared-prefix packing needs SDPA attention, not "
-                                     f"{seq_cls.config._attn_implementation!r}; pack without prefix sharing")
-                hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            elif self.uses_position_ids:
+                raise ValueError(f"packed batches need SDPA or eager attention (switched to coati_packed), not "
+                                 f"{seq_cls.config._attn_implementation!r}; use padded batches (--packing false)")
             else:
                 hidden = alibi_packed_forward(body, input_ids, position_ids, groups)
             last_hidden = hidden[reward_index[:, 0], reward_index[:, 1]]
