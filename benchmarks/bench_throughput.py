@@ -100,7 +100,7 @@ def batches(pairs, batch_size, count, seed):
 # ---------------------------------------------------------------------------------------------- modes (children)
 
 def run_coati(args, mode: str) -> dict:
-    from coati.data.collate import collate_packed, collate_pairs
+    from coati.data.collate import collate_packed, collate_pairs, default_row_capacity
     from coati.losses import log_sig_loss
     from coati.models.loading import enable_gradient_checkpointing
     from coati.models.reward_model import RewardModel
@@ -114,7 +114,7 @@ def run_coati(args, mode: str) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     plan = batches(pairs, args.batch_size, args.warmup + args.steps, args.seed)
     share = mode == "coati_packed"
-    capacity = args.max_tokens_per_batch or (0 if model.packed_attention else (2 if share else 1) * args.max_len)
+    capacity = args.max_tokens_per_batch or default_row_capacity(model.packed_attention, args.max_len, share)
     real = computed = total = 0
     t0 = None
     for step, idx in enumerate(plan):

@@ -16,6 +16,7 @@ from transformers import get_cosine_schedule_with_warmup
 from coati.checkpoint import (CheckpointError, export_hf, find_resume_checkpoint, load_resume_checkpoint,
                               save_resume_checkpoint)
 from coati.config import TrainConfig, parse_args
+from coati.data.collate import default_row_capacity
 from coati.data.formats import DataFormatError
 from coati.data.sources import default_data_dir, load_pairs, split_eval
 from coati.data.template import SequenceEncoder, tokenize_pairs, use_chat_template
@@ -148,8 +149,8 @@ def run(cfg: TrainConfig) -> dict:
                           log_every=cfg.log_every, eval_every=cfg.eval_every, padding_side=cfg.padding_side,
                           metrics_path=metrics_path, disable_tqdm=cfg.disable_tqdm, save_every=cfg.save_every,
                           packing=cfg.packing, share_prefix=cfg.share_prefix,
-                          max_tokens_per_batch=cfg.max_tokens_per_batch or (
-                              0 if reward_model.packed_attention else (2 if cfg.share_prefix else 1) * cfg.max_len),
+                          max_tokens_per_batch=cfg.max_tokens_per_batch or default_row_capacity(
+                              reward_model.packed_attention, cfg.max_len, cfg.share_prefix),
                           group_by_length=cfg.group_by_length, max_bad_steps=cfg.max_bad_steps)
     trainer = Trainer(strategy, model, optimizer, None, loss_fn, train_tok, eval_tok,
                       tokenizer.pad_token_id, opts)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coati.data.collate import GlobalBatchSampler, collate_packed, collate_pairs, pack_rows
+from coati.data.collate import GlobalBatchSampler, collate_packed, collate_pairs, default_row_capacity, pack_rows
 from coati.data.template import TokenizedPair
 from coati.losses import log_sig_loss
 from coati.models.backbones import BACKBONES, get_backbone
@@ -156,3 +156,9 @@ def test_packed_batch_on_unswitchable_attention_is_a_clear_error(tokenizer):
     assert not rm.packed_attention
     with pytest.raises(ValueError, match="--packing false"):
         rm(**collate_packed(_pairs(n=2), tokenizer.pad_token_id)["inputs"])
+
+
+def test_default_row_capacity():
+    assert default_row_capacity(True, 256, True) == 0  # per-group attention: one row
+    assert default_row_capacity(False, 256, True) == 512  # dense mask: the longest shared-prefix group
+    assert default_row_capacity(False, 256, False) == 256

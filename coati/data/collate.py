@@ -150,6 +150,18 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, s
     return _batch(items, inputs, seqs, input_ids.numel(), computed=sum(len(g[0]) for g in groups))
 
 
+def default_row_capacity(per_group_attention: bool, max_len: int, share_prefix: bool) -> int:
+    """The packed row capacity when ``--max_tokens_per_batch`` is 0.
+
+    Returns:
+        0 (the whole batch in one row) for a model whose packed attention runs group by group (RoPE backbones);
+        otherwise (a dense mask, BLOOM) the longest group: ``2 * max_len`` with prefix sharing, else ``max_len``.
+    """
+    if per_group_attention:
+        return 0
+    return (2 if share_prefix else 1) * max_len
+
+
 class GlobalBatchSampler:
     """Yields this rank's slice of each global batch, identical in content for any number of ranks.
 
