@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -190,11 +191,12 @@ class Trainer:
                 with ctx:
                     loss, chosen, rejected = self._forward(batch)
                     strategy.backward(loss / opts.accumulation_steps)
-                finite = bool(torch.isfinite(loss.detach()))
+                value = loss.item()  # one device sync per micro-batch
+                finite = math.isfinite(value)
                 bad_micro = bad_micro or not finite
                 if finite:
-                    window.add(loss.item(), chosen, rejected, batch["langs"])
-                    epoch_sums.add(loss.item(), chosen, rejected, batch["langs"])
+                    window.add(value, chosen, rejected, batch["langs"])
+                    epoch_sums.add(value, chosen, rejected, batch["langs"])
                 if not last_micro:
                     continue
                 self._update(bad_micro)
