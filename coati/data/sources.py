@@ -423,3 +423,43 @@ def split_eval(pairs: Sequence[PreferencePair], fraction: float) -> tuple[list[P
     for pair in pairs:
         (held if _bucket(pair) < fraction else train).append(pair)
     return train, held
+
+
+@dataclass
+class PairSelection:
+    """The training and evaluation pairs of a run, with the data reports of their loads.
+
+    ``eval_report`` is None when the evaluation pairs were split from ``train``'s datasets (``eval_split``).
+    """
+
+    train: list[PreferencePair]
+    eval: list[PreferencePair]
+    report: DataReport
+    eval_report: DataReport | None = None
+
+
+def select_pairs(dataset: Sequence[str], data_dir: str | None, max_samples: int | None = None, strict: bool = False,
+                 seed: int | None = 0, eval_dataset: Sequence[str] | None = None,
+                 max_eval_samples: int | None = None, eval_split: float = 0.0) -> PairSelection:
+    """The trainer's deterministic choice of training and evaluation pairs (``train_reward_model.py`` settings).
+
+    With ``eval_dataset`` the evaluation pairs are loaded from it (at most ``max_eval_samples`` per dataset);
+    otherwise ``eval_split`` of the ``dataset`` pairs are held out by :func:`split_eval` (content hash), and
+    ``max_eval_samples`` caps their number. The same settings always give the same pairs, so
+    ``python -m coati.evaluate --heldout`` re-creates a run's held-out pairs from its ``train_config.json``.
+
+    Raises:
+        as :func:`load_pairs`; ValueError: no training pairs are left after the split.
+    """
+    pairs, report = load_pairs(dataset, data_dir, max_samples, strict, seed)
+    eval_report = None
+    if eval_dataset:
+        train = pairs
+        held, eval_report = load_pairs(eval_dataset, data_dir, max_eval_samples, strict, seed)
+    else:
+        train, held = split_eval(pairs, eval_split) if eval_split > 0 else (pairs, [])
+        if max_eval_samples is not None:
+            held = held[:max_eval_samples]
+    if not train:
+        raise ValueError("no training pairs left after the evaluation split")
+    return PairSelection(train, held, report, eval_report)
