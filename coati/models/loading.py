@@ -7,15 +7,24 @@ HF folder under the cache (``$COATI_CACHE``, default ``~/.cache/coati``) and loa
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import shutil
+import tempfile
+from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from safetensors import SafetensorError
+
+from coati.io import describe_os_error, make_readable
 from coati.models.backbones import Backbone, build_config
 
 logger = logging.getLogger(__name__)
@@ -46,19 +55,102 @@ def smollm2_gguf_path() -> str:
     return path
 
 
-def _gguf_to_folder(gguf_path: str, out_dir: str, with_model: bool) -> str:
-    """De-quantize a GGUF checkpoint (and its tokenizer) into a plain HF folder, once; atomic via a temp folder."""
-    marker = os.path.join(out_dir, "config.json" if with_model else "tokenizer_config.json")
-    if os.path.exists(marker):
-        return out_dir
-    from transformers import AutoModelForCausalLM
+_CACHE_MARKER = "coati_cache.json"
 
+
+class CacheError(RuntimeError):
+    """A model could not be converted into the cache (a full disk, or a conversion that wrote no weights)."""
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """Hold an exclusive ``flock`` on ``path`` (created if needed): processes sharing a cache build it once."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cache_complete(folder: str) -> bool:
+    """True when ``folder`` was finished by :func:`build_cached_folder`: its marker lists every file with its size.
+
+    A folder without the marker (an older coati, a crash, a process that wrote only part of it) is incomplete.
+    """
+    try:
+        with open(os.path.join(folder, _CACHE_MARKER), encoding="utf-8") as f:
+            files = json.load(f)["files"]
+        return bool(files) and all(os.path.getsize(os.path.join(folder, n)) == size for n, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def build_cached_folder(out_dir: str, build: Callable[[str], None], required: tuple[str, ...], what: str) -> str:
+    """Build a cache folder once, safely across processes: under a file lock, in a temporary folder, checked, renamed.
+
+    Every process (torchrun ranks, independent jobs sharing ``$COATI_CACHE``) may call this at once: one builds, the
+    others wait for the lock and then find the folder complete. A folder left incomplete (see :func:`cache_complete`)
+    is removed and rebuilt.
+
+    Args:
+        out_dir: the final folder.
+        build: writes the content into the temporary folder it is given.
+        required: file names that must exist after ``build`` (else nothing is renamed into place).
+        what: what is built, for the log and errors.
+    Returns:
+        ``out_dir``.
+    Raises:
+        CacheError: ``build`` failed to write (e.g. no space left) or finished without a required file.
+    """
+    if cache_complete(out_dir):
+        return out_dir
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    with _file_lock(out_dir + ".lock"):
+        if cache_complete(out_dir):  # another process built it while this one waited
+            return out_dir
+        if os.path.exists(out_dir):
+            logger.warning("%s is incomplete (an interrupted or older conversion); rebuilding it", out_dir)
+            shutil.rmtree(out_dir)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp", dir=parent)
+        try:
+            logger.info("converting %s into %s (once)", what, out_dir)
+            try:
+                build(tmp)
+            except (OSError, SafetensorError) as e:
+                raise CacheError(f"converting {what} into {out_dir} failed: {describe_os_error(e)}") from None
+            missing = [n for n in required if not os.path.isfile(os.path.join(tmp, n))]
+            if missing:
+                raise CacheError(f"converting {what} wrote no {', '.join(missing)}; nothing was cached")
+            files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+            with open(os.path.join(tmp, _CACHE_MARKER), "w", encoding="utf-8") as f:
+                json.dump({"source": what, "files": files}, f, indent=2)
+            make_readable(tmp)
+            os.rename(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _gguf_to_folder(gguf_path: str, out_dir: str, with_model: bool) -> str:
+    """De-quantize a GGUF checkpoint (and its tokenizer) into a plain HF folder, once (see build_cached_folder).
+
+    Must run before a process group exists: transformers' ``save_pretrained`` writes weights only on rank 0 of an
+    initialised group, so a conversion on another rank would hold only tokenizer files (it is refused then).
+    """
     folder, name = os.path.split(os.path.abspath(gguf_path))
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    logger.info("converting %s into %s (once)", gguf_path, out_dir)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
-    if with_model:
+
+    def build(tmp: str) -> None:
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+        if not with_model:
+            return
+        import torch.distributed as dist
+        from transformers import AutoModelForCausalLM
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            raise RuntimeError(f"{gguf_path} must be converted before the process group starts (rank "
+                               f"{dist.get_rank()} cannot write weights with save_pretrained)")
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         model.config.quantization_config = None
         if hasattr(model, "hf_quantizer"):
@@ -68,14 +160,9 @@ def _gguf_to_folder(gguf_path: str, out_dir: str, with_model: bool) -> str:
         cfg.pop("quantization_config", None)
         model.config = type(model.config).from_dict(cfg)
         model.save_pretrained(tmp, safe_serialization=True)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:  # another process finished first
-        import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    required = ("tokenizer_config.json",) + (("config.json", "model.safetensors") if with_model else ())
+    return build_cached_folder(out_dir, build, required, gguf_path)
 
 
 def resolve_pretrain(pretrain: str, with_model: bool = True) -> str:
