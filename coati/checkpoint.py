@@ -1,51 +1,117 @@
 """Two kinds of output, kept apart: the HF export (a standard ``*ForSequenceClassification`` folder, LoRA merged, that
-anyone can load) and resume checkpoints (model + optimizer + scheduler + RNG + data position, written atomically)."""
+anyone can load) and resume checkpoints (model + optimizer + scheduler + RNG + data position, written atomically).
+
+Neither is trusted as code when read back: exports are safetensors + JSON; resume checkpoints are
+``torch.distributed.checkpoint`` folders whose pickled ``.metadata`` is read with an allow-list unpickler (only the
+metadata classes DCP itself writes) and whose non-tensor items load with ``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
+import tempfile
 
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from coati.io import describe_os_error, make_readable, write_json
 from coati.models.lora import merged_copy
+from coati.signals import Interrupted
+from coati.strategies.base import parameters_finite
 
 logger = logging.getLogger(__name__)
 
 
+class ExportError(RuntimeError):
+    """The export could not be written (no space, no permission); the previous export is left whole."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Model parameters hold NaN or infinity, so they are never written as a usable model or checkpoint."""
+
+
+def non_finite_names(model: nn.Module) -> list[str]:
+    """Names of the parameters of ``model`` that hold NaN or infinity (for error messages)."""
+    import torch
+
+    return [n for n, p in model.named_parameters()
+            if not bool(torch.isfinite((p.to_local() if hasattr(p, "to_local") else p).detach()).all())]
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in ("model.safetensors", "model.safetensors.index.json") or (
+        name.startswith("model-") and name.endswith(".safetensors"))
+
+
 def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, train_config: dict | None = None,
-              extra_config: dict | None = None) -> str:
-    """Write ``model`` to ``path`` as a Hugging Face folder.
+              extra_config: dict | None = None, extra_json: dict[str, dict] | None = None) -> str:
+    """Write ``model`` to ``path`` as a Hugging Face folder, atomically.
 
     The folder holds ``config.json`` (``num_labels == 1``, ``pad_token_id`` distinct from EOS), ``model.safetensors``,
     the tokenizer (right padding) and ``train_config.json``. ``AutoModelForSequenceClassification.from_pretrained``
     then reads the reward at the last non-pad token, which is the EOS the trainer scored.
 
+    Everything is first written into a temporary folder inside ``path`` and moved into place only when complete
+    (``config.json`` last), so a full disk or an interrupt leaves the previous export whole and no temporary folder.
+    Files are readable by others (0644 under umask 022). Other files in ``path`` (checkpoints, metrics) are kept.
+
     Args:
         model: the HF sequence-classification model or its peft wrapper (merged on a copy; ``model`` is unchanged).
+        train_config: written as ``train_config.json``.
         extra_config: keys added to ``config.json`` (e.g. reward statistics).
+        extra_json: more JSON files written with the export, ``{file name: content}`` (e.g. ``summary.json``).
     Returns:
         ``path``.
+    Raises:
+        NonFiniteWeightsError: a weight is NaN or infinite (nothing is written).
+        ExportError: writing failed; the message names the cause (e.g. ``No space left on device``).
     """
-    os.makedirs(path, exist_ok=True)
     plain = merged_copy(model)
+    if not parameters_finite(plain.parameters()):
+        bad = non_finite_names(plain)
+        raise NonFiniteWeightsError(f"{len(bad)} weight tensors are NaN or infinite (e.g. {bad[0]}); nothing was "
+                                    f"exported to {path}. Lower --lr or check the data")
     plain.config.num_labels = 1
     plain.config.id2label = {0: "reward"}
     plain.config.label2id = {"reward": 0}
     plain.config.pad_token_id = tokenizer.pad_token_id
     for key, value in (extra_config or {}).items():
         setattr(plain.config, key, value)
-    plain.save_pretrained(path, safe_serialization=True)
-    tokenizer.padding_side = "right"
-    tokenizer.save_pretrained(path)
+    files = dict(extra_json or {})
     if train_config is not None:
-        with open(os.path.join(path, "train_config.json"), "w", encoding="utf-8") as f:
-            json.dump(train_config, f, indent=2, ensure_ascii=False)
+        files["train_config.json"] = train_config
+    tmp = None
+    try:
+        os.makedirs(path, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".export.tmp", dir=path)
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.padding_side = "right"
+        tokenizer.save_pretrained(tmp)
+        for name, content in files.items():
+            write_json(os.path.join(tmp, name), content)
+        make_readable(tmp)
+        new = set(os.listdir(tmp))
+        if not any(_is_weight_file(n) for n in new):
+            raise ExportError(f"export to {path} failed: save_pretrained wrote no weights")
+        for name in os.listdir(path):  # weight shards of an earlier export that this one does not replace
+            if _is_weight_file(name) and name not in new:
+                os.remove(os.path.join(path, name))
+        for name in sorted(new, key=lambda n: n == "config.json"):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
+        raise ExportError(f"export to {path} failed: {describe_os_error(e)}; the previous export there (if any) is "
+                          "unchanged") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -54,17 +120,18 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
 # <save_path>/checkpoints/step-000120/
 #     model_optim/        torch.distributed.checkpoint of model + optimizer (sharded or not; strategy-neutral)
 #     rng/rank{r}.pt      each rank's torch / python RNG states (tensors and ints: loads with weights_only=True)
-#     trainer_state.json  step, scheduler state, global batch, seed, ...
+#     trainer_state.json  step, scheduler state, run fingerprint, ...
 #     manifest.json       every file above with its size and sha256, written last
 # A checkpoint is written into ".step-000120.tmp" and renamed when complete, so a crash never leaves a folder
-# that looks finished; one whose manifest is missing or does not match its files is never loaded.
+# that looks finished; one whose manifest is missing or does not match its files is never loaded. A write that
+# fails (full disk, interrupt) removes its temporary folder.
 
 CHECKPOINT_DIR = "checkpoints"
 _PREFIX = "step-"
 
 
 class CheckpointError(RuntimeError):
-    """A resume checkpoint is missing, incomplete or corrupt; the message says which file and why."""
+    """A resume checkpoint is missing, incomplete, corrupt, unsafe or of another run; the message says why."""
 
 
 def _sha256(path: str) -> str:
@@ -92,15 +159,17 @@ def verify_checkpoint(path: str) -> None:
     try:
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: no readable manifest.json ({e}); the checkpoint is incomplete") from None
     present = _files(path)
-    if sorted(manifest) != present:
+    if not isinstance(manifest, dict) or sorted(manifest) != present:
+        listed = set(manifest) if isinstance(manifest, dict) else set()
         raise CheckpointError(f"{path}: files differ from manifest.json (missing: "
-                              f"{sorted(set(manifest) - set(present))}, unlisted: {sorted(set(present) - set(manifest))})")
+                              f"{sorted(listed - set(present))}, unlisted: {sorted(set(present) - listed)})")
     for name, meta in manifest.items():
         full = os.path.join(path, name)
-        if os.path.getsize(full) != meta["size"] or _sha256(full) != meta["sha256"]:
+        if not isinstance(meta, dict) or os.path.getsize(full) != meta.get("size") \
+                or _sha256(full) != meta.get("sha256"):
             raise CheckpointError(f"{full}: size or checksum does not match manifest.json (corrupt)")
 
 
@@ -136,61 +205,239 @@ def find_resume_checkpoint(save_path: str, resume: str) -> str | None:
     return None
 
 
+def refuse_foreign_checkpoints(save_path: str) -> None:
+    """A new run (no ``--resume``) must not write into a folder that holds resume checkpoints.
+
+    Its own checkpoints would be mixed with the old ones (``--keep_last`` would delete the new, lower-numbered
+    ones first, and a later ``--resume auto`` would pick up the old run).
+
+    Raises:
+        CheckpointError: ``<save_path>/checkpoints`` holds a finished or temporary checkpoint; the message says
+            what to do.
+    """
+    found = list_checkpoints(save_path)
+    if found:
+        raise CheckpointError(f"--save_path {save_path} already holds resume checkpoints (newest "
+                              f"{os.path.basename(found[-1])}); continue that run with --resume auto, or start this "
+                              f"one in another --save_path (or delete {os.path.join(save_path, CHECKPOINT_DIR)}); "
+                              "--init_from CHECKPOINT starts a new run from a checkpoint's weights")
+
+
+# ---------------------------------------------------------------------------------------------- run fingerprint
+
+def fingerprint_mismatch(saved: dict | None, current: dict) -> list[str]:
+    """The settings in which a checkpoint's run fingerprint differs from this run's, as ``name: old -> new``.
+
+    A fingerprint is ``{"settings": {name: value}, "data_sha256": str}`` (see :func:`coati.train.run_fingerprint`).
+    A missing fingerprint (a checkpoint of an older coati) differs in everything.
+    """
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        return ["run fingerprint (the checkpoint has none: written by an older coati)"]
+    old, new = saved["settings"], current["settings"]
+    diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if saved.get("data_sha256") != current.get("data_sha256"):
+        diffs.append("training data (the pairs' content or order differs)")
+    return diffs
+
+
+# ---------------------------------------------------------------------------------------------- safe DCP reading
+
+# The only globals a DCP ``.metadata`` pickle refers to (torch 2.4 - 2.13): its own dataclasses and enums, torch's
+# Size, dtypes, layouts and memory formats, and the path type. Anything else (os.system, builtins.eval, ...) is
+# refused before it is called.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata",
+                                              "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        import torch
+
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                          torch.memory_format)):
+            return getattr(torch, name)
+        if module == "torch" and name == "Size":
+            return torch.Size
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which checkpoint metadata never holds")
+
+
+def _safe_reader(path: str):
+    """A DCP ``FileSystemReader`` whose metadata is read by the allow-list unpickler (never runs code)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            meta_path = self._get_metadata_path(kwargs.get("rank"))
+            try:
+                with self.fs.create_stream(meta_path, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{meta_path}: not a checkpoint's metadata ({e}); refused without running "
+                                      "it") from None
+            if not isinstance(metadata, Metadata):
+                raise CheckpointError(f"{meta_path}: holds a {type(metadata).__name__}, not checkpoint metadata")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _safe_planner():
+    """DCP's default load planner, except that non-tensor items load with ``torch.load(weights_only=True)``."""
+    import torch
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"checkpoint item {read_item.dest_index.fqn}: refused, it is not plain data "
+                                      f"({str(e).splitlines()[-1][:200]})") from None
+            clean = io.BytesIO()
+            torch.save(obj, clean)  # only plain containers, numbers and tensors survive weights_only loading
+            clean.seek(0)
+            super().load_bytes(read_item, clean)
+
+    return SafePlanner()
+
+
+def dcp_load(state: dict, path: str) -> None:
+    """``torch.distributed.checkpoint.load`` of ``state`` (in place) from ``path``, without unpickling code.
+
+    Raises:
+        CheckpointError: the metadata or an item refers to anything but checkpoint data.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader = _safe_reader(path)
+    reader.read_metadata()  # refuse a crafted metadata file here, with its own message (DCP would wrap it)
+    try:
+        dcp.load(state, storage_reader=reader, planner=_safe_planner())
+    except CheckpointException as e:  # a BaseException holding each rank's error
+        inner = [f for f in _failures(e) if isinstance(f, CheckpointError)]
+        if inner:
+            raise inner[0] from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- write / read
+
 def save_resume_checkpoint(save_path: str, step: int, strategy, model, optimizer, scheduler, trainer_state: dict,
                            keep_last: int) -> str:
-    """Write a resume checkpoint atomically (every rank calls this); keep the newest ``keep_last``.
+    """Write a resume checkpoint atomically (every rank calls this); keep the newest ``keep_last`` (0 = all).
 
     Returns:
         the finished folder ``<save_path>/checkpoints/step-<step>``.
+    Raises:
+        NonFiniteWeightsError: a parameter is NaN or infinite (nothing is written).
+        CheckpointError: writing failed (full disk, interrupt); the temporary folder is removed.
     """
     import torch
     import torch.distributed.checkpoint as dcp
 
+    if not strategy.all_finite(model.parameters()):
+        raise NonFiniteWeightsError(f"parameters are NaN or infinite at step {step}; no checkpoint written")
     root = os.path.join(save_path, CHECKPOINT_DIR)
     final = os.path.join(root, f"{_PREFIX}{step:06d}")
     tmp = os.path.join(root, f".{_PREFIX}{step:06d}.tmp")
-    if strategy.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "rng"))
-    strategy.barrier()
-    dcp.save(strategy.resume_state(model, optimizer), checkpoint_id=os.path.join(tmp, "model_optim"))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, os.path.join(tmp, "rng", f"rank{strategy.rank}.pt"))
-    strategy.barrier()
-    if strategy.is_main:
-        state = dict(trainer_state, step=step, scheduler=scheduler.state_dict(), world_size=strategy.world_size,
-                     strategy=strategy.name)
-        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2)
-        manifest = {name: {"size": os.path.getsize(os.path.join(tmp, name)), "sha256": _sha256(os.path.join(tmp, name))}
-                    for name in _files(tmp)}
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump({"files": manifest}, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(save_path)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        if strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.join(tmp, "rng"))
+        strategy.barrier()
+        dcp.save(strategy.resume_state(model, optimizer), checkpoint_id=os.path.join(tmp, "model_optim"))
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, os.path.join(tmp, "rng", f"rank{strategy.rank}.pt"))
+        strategy.barrier()
+        if strategy.is_main:
+            state = dict(trainer_state, step=step, scheduler=scheduler.state_dict(), world_size=strategy.world_size,
+                         strategy=strategy.name)
+            write_json(os.path.join(tmp, "trainer_state.json"), state)
+            manifest = {name: {"size": os.path.getsize(os.path.join(tmp, name)),
+                               "sha256": _sha256(os.path.join(tmp, name))} for name in _files(tmp)}
+            write_json(os.path.join(tmp, "manifest.json"), {"files": manifest})
+            make_readable(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in list_checkpoints(save_path)[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        if strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"writing checkpoint {final} failed: {describe_os_error(e)}; no partial "
+                                  "checkpoint was left") from None
+        if type(e).__name__ == "CheckpointException":  # DCP's BaseException holding each rank's error
+            inner = _failures(e)
+            stop = next((f for f in inner if not isinstance(f, Exception) or isinstance(f, Interrupted)), None)
+            if stop is not None:  # Ctrl-C / a stop signal while DCP wrote: the interrupt itself goes on
+                raise stop from None
+            cause = next((f for f in inner if isinstance(f, OSError)), None)
+            reason = describe_os_error(cause) if cause is not None else f"{type(inner[0]).__name__}: {inner[0]}"[:300]
+            raise CheckpointError(f"writing checkpoint {final} failed: {reason}; no partial checkpoint was "
+                                  "left") from None
+        raise
     strategy.barrier()
     return final
+
+
+def _failures(e: BaseException) -> list[BaseException]:
+    """The per-rank exceptions inside a DCP ``CheckpointException`` (nested ones unpacked), or ``[e]``."""
+    failures = getattr(e, "failures", None)
+    if not isinstance(failures, dict):
+        return [e]
+    out = []
+    for f in failures.values():
+        out += _failures(f[0] if isinstance(f, tuple) else f)
+    return out
+
+
+def read_trainer_state(path: str) -> dict:
+    """The ``trainer_state.json`` of a verified checkpoint.
+
+    Raises:
+        CheckpointError: unreadable or not a JSON object.
+    """
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}/trainer_state.json: unreadable ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}/trainer_state.json: not a JSON object")
+    return state
 
 
 def load_resume_checkpoint(path: str, strategy, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from ``path`` (every rank calls this).
 
     Returns:
-        the trainer state saved with it (``step``, ``global_batch``, ...).
+        the trainer state saved with it (``step``, ``fingerprint``, ...).
     Raises:
-        CheckpointError: this rank's RNG file is missing (the checkpoint was written by fewer ranks).
+        CheckpointError: this rank's RNG file is missing (the checkpoint was written by fewer ranks), or the
+            checkpoint holds anything but data (see :func:`dcp_load`).
     """
     import torch
-    import torch.distributed.checkpoint as dcp
 
-    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-        state = json.load(f)
+    state = read_trainer_state(path)
     target = strategy.resume_state(model, optimizer)
-    dcp.load(target, checkpoint_id=os.path.join(path, "model_optim"))
+    dcp_load(target, os.path.join(path, "model_optim"))
     strategy.load_resume_state(model, optimizer, target)
     scheduler.load_state_dict(state["scheduler"])
     rng_path = os.path.join(path, "rng", f"rank{strategy.rank}.pt")
@@ -202,3 +449,22 @@ def load_resume_checkpoint(path: str, strategy, model, optimizer, scheduler) -> 
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def load_checkpoint_weights(path: str, strategy, model) -> None:
+    """Load only the model weights of a resume checkpoint into ``model`` (``--init_from``): no optimizer, step or RNG.
+
+    Raises:
+        CheckpointError: the checkpoint is invalid, or its weights do not fit this model (other backbone, shape
+            or LoRA settings).
+    """
+    verify_checkpoint(path)
+    target = strategy.resume_state(model, None)
+    try:
+        dcp_load({"model": target["model"]}, os.path.join(path, "model_optim"))
+    except CheckpointError:
+        raise
+    except Exception as e:  # DCP reports missing keys and shape mismatches as assorted errors
+        raise CheckpointError(f"--init_from {path}: its weights do not fit this model ({str(e).splitlines()[0][:300]})"
+                              ) from None
+    strategy.load_resume_state(model, None, target)

@@ -81,11 +81,16 @@ class Strategy(ABC):
     def barrier(self) -> None:
         """Wait for every rank."""
 
-    def resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Model + optimizer state to save with torch.distributed.checkpoint (every rank calls it)."""
+    def all_finite(self, params: Iterable[torch.Tensor]) -> bool:
+        """True when every rank's ``params`` are all finite (see :func:`parameters_finite`; one all-reduce)."""
+        flag = torch.tensor([0.0 if parameters_finite(params) else 1.0], dtype=torch.float64)
+        return self.all_reduce(flag).item() == 0
+
+    def resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+        """Model (+ optimizer, unless None) state to save with torch.distributed.checkpoint (every rank calls it)."""
         return dcp_state(model, optimizer)
 
-    def load_resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    def load_resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
         """Restore what :meth:`resume_state` gave, after DCP filled it in place."""
         load_dcp_state(model, optimizer, state)
 
@@ -97,20 +102,40 @@ class Strategy(ABC):
         """Release the process group."""
 
 
-def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Model and optimizer state in torch.distributed.checkpoint's strategy-neutral form.
+def parameters_finite(params: Iterable[torch.Tensor]) -> bool:
+    """True when every value of ``params`` (tensors; DTensor shards are read locally) is finite, on this rank.
+
+    One float64 sum per tensor (NaN and infinity propagate through it; finite values cannot overflow it) and one
+    device sync at the end: about one read of the parameters, no copies.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        t = p.to_local() if hasattr(p, "to_local") else p
+        if t.numel():
+            total = total.to(t.device) + t.detach().sum(dtype=torch.float64)
+    return bool(torch.isfinite(total))
+
+
+def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Model and optimizer state in torch.distributed.checkpoint's strategy-neutral form (``{"model"}`` only when
+    ``optimizer`` is None).
 
     ``get_state_dict`` strips DDP's ``module.`` prefix and keeps FSDP2's DTensor shards, so the same checkpoint
     loads under naive, ddp and fsdp (DCP reshards on load).
     """
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd}
 
 
-def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Inverse of :func:`dcp_state`: put loaded model and optimizer state back."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+    """Inverse of :func:`dcp_state`: put loaded model (and optimizer) state back."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+        return
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -1,0 +1,182 @@
+"""Checkpoints and exports are data, never code; complete or absent; finite; readable by others."""
+
+import errno
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import stat
+import subprocess
+
+import pytest
+import torch
+
+from coati.checkpoint import (CheckpointError, ExportError, NonFiniteWeightsError, dcp_load, export_hf,
+                              list_checkpoints, load_resume_checkpoint, save_resume_checkpoint)
+from coati.strategies.naive import NaiveStrategy
+from conftest import tiny_model
+
+
+class _RunsCode:
+    """Pickles as a call of ``os.system``: what a crafted checkpoint file would hold."""
+
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.sentinel}",)
+
+
+def _rehash(ckpt):
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for name in manifest["files"]:
+        data = (ckpt / name).read_bytes()
+        manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _checkpoint(tmp_path, steps=1):
+    strategy = NaiveStrategy()
+    strategy.setup()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    for _ in range(steps):
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = save_resume_checkpoint(str(tmp_path), steps, strategy, model, optimizer, scheduler, {}, 2)
+    return strategy, model, optimizer, scheduler, path
+
+
+def test_a_crafted_metadata_pickle_is_refused_without_running(tmp_path):
+    from pathlib import Path
+
+    strategy, model, optimizer, scheduler, path = _checkpoint(tmp_path)
+    ckpt = Path(path)
+    sentinel = tmp_path / "ran"
+    (ckpt / "model_optim" / ".metadata").write_bytes(pickle.dumps(_RunsCode(sentinel)))
+    _rehash(ckpt)  # the manifest matches: only the content is hostile
+    with pytest.raises(CheckpointError, match=r"\.metadata: not a checkpoint's metadata \(refers to posix\.system"):
+        load_resume_checkpoint(path, strategy, model, optimizer, scheduler)
+    assert not sentinel.exists()
+
+
+def test_a_crafted_non_tensor_item_is_refused_without_running(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    sentinel = tmp_path / "ran"
+    dcp.save({"w": torch.ones(2), "extra": _RunsCode(sentinel)}, checkpoint_id=str(tmp_path / "ck"))
+    assert not sentinel.exists()
+    target = {"w": torch.zeros(2), "extra": {}}
+    with pytest.raises(CheckpointError, match="checkpoint item extra: refused, it is not plain data"):
+        dcp_load(target, str(tmp_path / "ck"))
+    assert not sentinel.exists()
+    # the same file with plain data loads
+    dcp.save({"w": torch.ones(2), "extra": {"lr": 0.5, "betas": (0.9, 0.99)}}, checkpoint_id=str(tmp_path / "ok"))
+    target = {"w": torch.zeros(2), "extra": {"lr": 0.0, "betas": (0.0, 0.0)}}
+    dcp_load(target, str(tmp_path / "ok"))
+    assert torch.equal(target["w"], torch.ones(2)) and target["extra"] == {"lr": 0.5, "betas": (0.9, 0.99)}
+
+
+def test_a_real_checkpoint_round_trips_through_the_safe_reader(tmp_path):
+    strategy, model, optimizer, scheduler, path = _checkpoint(tmp_path, steps=2)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    load_resume_checkpoint(path, strategy, model, optimizer, scheduler)
+    assert all(torch.equal(want[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], state_before)
+
+
+def test_checkpoints_of_nan_weights_are_refused(tmp_path):
+    strategy, model, optimizer, scheduler, _ = _checkpoint(tmp_path)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="no checkpoint written"):
+        save_resume_checkpoint(str(tmp_path), 2, strategy, model, optimizer, scheduler, {}, 2)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step-000001"]
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()])
+def test_a_failed_checkpoint_write_leaves_nothing_behind(tmp_path, monkeypatch, failure):
+    strategy, model, optimizer, scheduler, _ = _checkpoint(tmp_path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        if isinstance(f, str):  # the RNG file; DCP's own items go to a buffer
+            with open(f, "wb") as fh:
+                fh.write(b"partial")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    expected = CheckpointError if isinstance(failure, OSError) else KeyboardInterrupt
+    with pytest.raises(expected) as info:
+        save_resume_checkpoint(str(tmp_path), 2, strategy, model, optimizer, scheduler, {}, 2)
+    if expected is CheckpointError:
+        assert "No space left on device" in str(info.value) and "\n" not in str(info.value)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-000001"]  # no .step-000002.tmp
+
+
+def _export(tokenizer, path, seed):
+    hf = tiny_model("llama", tokenizer, seed=seed)
+    export_hf(hf, tokenizer, str(path), {"model": "llama"}, extra_config={"reward_mean": float(seed)},
+              extra_json={"summary.json": {"seed": seed}})
+    return hf
+
+
+def test_export_files_are_readable_by_others(tokenizer, tmp_path):
+    _export(tokenizer, tmp_path / "rm", 0)
+    names = sorted(os.listdir(tmp_path / "rm"))
+    assert "model.safetensors" in names and not [n for n in names if n.startswith(".export")]
+    for name in names:
+        mode = stat.S_IMODE(os.stat(tmp_path / "rm" / name).st_mode)
+        assert mode & 0o044 == 0o044, (name, oct(mode))
+
+
+def test_export_of_nan_weights_writes_nothing(tokenizer, tmp_path):
+    hf = tiny_model("llama", tokenizer)
+    with torch.no_grad():
+        next(hf.parameters())[0, 0] = float("inf")
+    with pytest.raises(NonFiniteWeightsError, match="NaN or infinite"):
+        export_hf(hf, tokenizer, str(tmp_path / "rm"))
+    assert not (tmp_path / "rm").exists() or os.listdir(tmp_path / "rm") == []
+
+
+def test_an_export_that_fails_midway_keeps_the_previous_one(tokenizer, tmp_path, monkeypatch):
+    out = tmp_path / "rm"
+    _export(tokenizer, out, 0)
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    from transformers import PreTrainedModel
+
+    def full_disk(self, folder, **kwargs):
+        (open(os.path.join(folder, "config.json"), "w")).write("{}")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    with pytest.raises(ExportError, match="No space left on device; the previous export there"):
+        _export(tokenizer, out, 1)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_an_export_on_a_full_tmpfs_keeps_the_previous_one(tokenizer, tmp_path):
+    """The failure as reported: a 20 MB tmpfs holds one export but not a second one beside it."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        out = mnt / "rm"
+        _export(tokenizer, out, 0)
+        before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+        with pytest.raises(ExportError, match="No space left on device"):
+            _export(tokenizer, out, 1)
+        assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+        assert json.loads((out / "config.json").read_text())["reward_mean"] == 0.0
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        shutil.rmtree(mnt, ignore_errors=True)
