@@ -6,25 +6,30 @@ Usage::
         --output_dir out/rm/eval --metrics out/rm/metrics.jsonl
 
 ``--dataset`` accepts every spec the trainer accepts (named datasets, local files, Hub ids; see
-:func:`coati.data.sources.load_pairs`). Pairs are scored with :class:`coati.scoring.RewardScorer`, i.e. in exactly
-the training layout. Metrics are given overall, per subset (the dataset spec a pair came from, ``pair.source``, or
-with ``--subset_by file`` its file) and per language (``pair.lang``: ``en`` / ``zh``); see :func:`pair_metrics`.
+:func:`coati.data.sources.load_pairs`). Instead, ``--heldout`` evaluates exactly the pairs the training run held out
+(its ``--eval_split`` or ``--eval_dataset``), re-selected from ``<model_path>/train_config.json`` by
+:func:`heldout_pairs`; give exactly one of the two. Pairs are scored with :class:`coati.scoring.RewardScorer`, i.e.
+in exactly the training layout. Metrics are given overall, per subset (the dataset spec a pair came from,
+``pair.source``, or with ``--subset_by file`` its file) and per language (``pair.lang``: ``en`` / ``zh``); see
+:func:`pair_metrics`.
 
 Outputs in ``--output_dir`` (default ``<model_path>/eval``):
 
-* ``report.json``: ``model_path``, ``datasets``, ``pairs``, ``accuracy``, ``margin``, ``margin_std``,
-  ``chosen_reward``, ``rejected_reward``, ``reward_mean``, ``reward_std``, ``ece``, ``bins``, ``calibration`` (per
-  bin: ``lo``, ``hi``, ``count``, ``accuracy``, ``confidence``), ``subsets`` ``{name: {same metric keys}}``,
-  ``languages`` ``{lang: {...}}``, ``truncation``, ``data`` (rows read / skipped per source), ``max_len``,
-  ``chat_template``, ``seconds``;
+* ``report.json`` (strict JSON: a value that is not a finite number is null): ``model_path``, ``datasets``,
+  ``heldout`` (whether the pairs are the training run's held-out pairs), ``pairs``, ``accuracy``, ``margin``,
+  ``margin_std``, ``chosen_reward``, ``rejected_reward``, ``reward_mean``, ``reward_std``, ``ece``, ``bins``,
+  ``calibration`` (per bin: ``lo``, ``hi``, ``count``, ``accuracy``, ``confidence``), ``subsets``
+  ``{name: {same metric keys}}``, ``languages`` ``{lang: {...}}``, ``truncation``, ``data`` (rows read / skipped
+  per source), ``max_len``, ``chat_template``, ``seconds``;
 * ``report.md``: the same as a table;
 * ``pair_scores.jsonl``: one row per pair (``origin``, ``source``, ``lang``, ``chosen_reward``, ``rejected_reward``,
   ``margin``), e.g. for data filtering;
 * PNG plots: ``margin_hist.png``, ``accuracy_by_subset.png``, ``reward_distributions.png``, ``calibration.png``, and
   ``training_curves.png`` when ``--metrics`` (a training ``metrics.jsonl``) is given.
 
-User errors (missing model folder or dataset, bad flags or metrics file) print one ``error: ...`` line on stderr and
-exit with code 2.
+User errors (missing model folder or dataset, bad flags or metrics file, an ``--output_dir`` that cannot be created
+or written or an unusable ``--device``, both checked before the model loads, a model with NaN/inf weights, a
+non-finite score, ``--heldout`` without held-out pairs) print one ``error: ...`` line on stderr and exit with code 2.
 """
 
 from __future__ import annotations
@@ -39,7 +44,11 @@ from collections.abc import Sequence
 
 import torch
 
+from coati.config import COUNT, POSITIVE, Range, checked
+
 from coati.data.sources import json_object_lines
+from coati.io import dumps, write_json
+from coati.score import DefaultsOnceHelpFormatter, check_output_target
 
 PLOTS = ("margin_hist.png", "accuracy_by_subset.png", "reward_distributions.png", "calibration.png")
 TRAINING_CURVES = "training_curves.png"
@@ -329,13 +338,16 @@ def markdown_report(report: dict) -> str:
 
 def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins: int = 10,
              metrics_path: str | None = None, subset_by: str = "source", progress: bool = True,
-             data_report: dict | None = None) -> dict:
+             data_report: dict | None = None, heldout: bool = False) -> dict:
     """Score ``pairs`` with a :class:`~coati.scoring.RewardScorer` and write the report and plots.
+
+    ``report.json`` and ``pair_scores.jsonl`` are strict JSON (:func:`coati.io.dumps`: no NaN/Infinity literals).
 
     Returns:
         the ``report.json`` dict (see the module docstring).
     Raises:
-        ValueError: no pairs, or a bad metrics file. FileNotFoundError: ``metrics_path`` missing.
+        ValueError: no pairs, a bad metrics file, or a non-finite score (from the scorer).
+        FileNotFoundError: ``metrics_path`` missing.
     """
     if not pairs:
         raise ValueError("no preference pairs to evaluate")
@@ -343,7 +355,7 @@ def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins
     t0 = time.perf_counter()
     chosen, rejected = scorer.score_pairs(pairs, progress=progress)
     seconds = time.perf_counter() - t0
-    report = {"model_path": scorer.path, "datasets": list(datasets)}
+    report = {"model_path": scorer.path, "datasets": list(datasets), "heldout": heldout}
     report.update(pair_metrics(chosen, rejected, bins))
     report["bins"] = bins
     report["subsets"] = grouped_metrics(chosen, rejected, [subset_name(p, subset_by) for p in pairs], bins)
@@ -353,14 +365,13 @@ def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins
                   pairs_per_s=len(pairs) / seconds if seconds > 0 else None)
 
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
+    write_json(os.path.join(output_dir, "report.json"), report)
     with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(markdown_report(report))
     with open(os.path.join(output_dir, "pair_scores.jsonl"), "w", encoding="utf-8") as f:
         for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
-            f.write(json.dumps({"origin": p.origin, "source": p.source, "lang": p.lang, "chosen_reward": c,
-                                "rejected_reward": r, "margin": c - r}, ensure_ascii=False) + "\n")
+            f.write(dumps({"origin": p.origin, "source": p.source, "lang": p.lang, "chosen_reward": c,
+                           "rejected_reward": r, "margin": c - r}) + "\n")
     plot_margin_hist(chosen, rejected, os.path.join(output_dir, "margin_hist.png"))
     plot_accuracy_by_group(report["subsets"], report["languages"], os.path.join(output_dir, "accuracy_by_subset.png"))
     plot_reward_distributions(chosen, rejected, os.path.join(output_dir, "reward_distributions.png"))
@@ -378,29 +389,40 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m coati.evaluate`` argument parser."""
     p = argparse.ArgumentParser(prog="python -m coati.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsOnceHelpFormatter)
     p.add_argument("--model_path", required=True, help="exported reward model folder (train_reward_model.py "
                    "--save_path)")
-    p.add_argument("--dataset", nargs="+", required=True,
+    p.add_argument("--dataset", nargs="+", default=None,
                    help="named datasets, local files (.jsonl/.jsonl.gz/.json/.parquet) or Hub ids, as --dataset of "
-                        "the trainer")
-    p.add_argument("--data_dir", default=None, help="where named datasets are looked up (default: $COATI_DATA_DIR)")
-    p.add_argument("--max_samples", type=int, default=None, help="at most N pairs per dataset (first N in file order)")
+                        "the trainer (this or --heldout)")
+    p.add_argument("--heldout", action="store_true",
+                   help="evaluate the pairs the training run held out (its --eval_split / --eval_dataset), chosen "
+                        "again from <model_path>/train_config.json (this or --dataset)")
+    p.add_argument("--data_dir", default=None, help="where named datasets are looked up (default: $COATI_DATA_DIR); "
+                   "with --heldout the training run's own data_dir comes first, this one is used when it is unset "
+                   "or gone")
+    p.add_argument("--max_samples", type=checked(int, COUNT), default=None, help="at most N pairs per dataset (first N in file order; "
+                   "not with --heldout)")
     p.add_argument("--strict_data", action="store_true", help="stop at the first bad row instead of skipping it")
-    p.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
-    p.add_argument("--max_len", type=int, default=None, help="max tokens per sequence (default: train_config.json)")
+    p.add_argument("--batch_size", type=checked(int, COUNT), default=16, help="sequences per forward pass")
+    p.add_argument("--max_len", type=checked(int, Range(8, integer=True)), default=None, help="max tokens per sequence (default: train_config.json)")
     p.add_argument("--output_dir", default=None, help="where the report and plots go (default: <model_path>/eval)")
     p.add_argument("--metrics", default=None, help="a training metrics.jsonl: also plot training_curves.png")
-    p.add_argument("--bins", type=int, default=10, help="equal-width confidence bins for the ECE")
+    p.add_argument("--bins", type=checked(int, COUNT), default=10, help="equal-width confidence bins for the ECE")
     p.add_argument("--subset_by", choices=("source", "file"), default="source",
                    help="subsets: the dataset spec of each pair, or the file it came from")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="backbone weights dtype")
     p.add_argument("--disable_tqdm", action="store_true", help="no progress bar")
     return p
 
 
 def _check_args(args) -> None:
+    if bool(args.dataset) == bool(args.heldout):
+        raise ValueError("give --dataset (the pairs to evaluate) or --heldout (the pairs the training run held out)"
+                         + (", not both" if args.heldout else ""))
+    if args.heldout and args.max_samples is not None:
+        raise ValueError("--max_samples applies to --dataset; --heldout takes the training run's own settings")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.bins < 1:
@@ -411,23 +433,119 @@ def _check_args(args) -> None:
         raise FileNotFoundError(f"--metrics {args.metrics}: no such file")
 
 
+def heldout_settings(model_path: str) -> dict:
+    """The data settings of the training run that wrote ``model_path``, from its ``train_config.json``.
+
+    Keys missing from an older file take :class:`coati.config.TrainConfig`'s defaults.
+
+    Returns:
+        a dict with ``dataset``, ``data_dir`` (None in older exports), ``max_samples``, ``strict_data``, ``seed``,
+        ``eval_dataset``, ``max_eval_samples``, ``eval_split``.
+    Raises:
+        FileNotFoundError: no ``train_config.json``. ValueError: it is not a JSON object, or the run held out no
+            pairs (``eval_split`` 0 and no ``eval_dataset``).
+    """
+    from coati.config import TrainConfig
+
+    path = os.path.join(model_path, "train_config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--heldout: {path} is missing, so the pairs held out in training are unknown; "
+                                "evaluate with --dataset instead")
+    with open(path, encoding="utf-8") as f:
+        try:
+            stored = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--heldout: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"--heldout: {path} is not a JSON object")
+    keys = ("dataset", "data_dir", "max_samples", "strict_data", "seed", "eval_dataset", "max_eval_samples",
+            "eval_split")
+    defaults = TrainConfig().to_dict()
+    settings = {k: stored.get(k, defaults[k]) for k in keys}
+    for key in ("dataset", "eval_dataset"):  # one spec may be stored as a plain string
+        if isinstance(settings[key], str):
+            settings[key] = [settings[key]]
+    if not settings["eval_dataset"] and not (settings["eval_split"] or 0) > 0:
+        raise ValueError(f"--heldout: the training run held out no pairs (eval_split {settings['eval_split']} and no "
+                         f"eval_dataset in {path}); evaluate with --dataset instead")
+    return settings
+
+
+def heldout_pairs(model_path: str, settings: dict, data_dir: str | None = None, strict: bool = False):
+    """The pairs the training run held out, chosen again as the trainer did (:func:`coati.data.sources.select_pairs`).
+
+    Args:
+        model_path: the export folder; its ``summary.json`` ``eval_pairs``, when present, must match the count.
+        settings: :func:`heldout_settings` of that folder.
+        data_dir: where named datasets are looked up when ``settings["data_dir"]`` is unset or no longer exists
+            (default ``$COATI_DATA_DIR``).
+        strict: stop at the first bad row (also when the run itself was strict).
+    Returns:
+        (pairs, datasets, data_report): the held-out :class:`~coati.data.formats.PreferencePair` list in the
+        trainer's order, the dataset specs they come from, and the :class:`~coati.data.sources.DataReport` of their
+        load.
+    Raises:
+        ValueError: the stored ``data_dir`` is gone and no ``data_dir`` is given, or the data changed since training
+            (another held-out count than ``summary.json``'s); as :func:`~coati.data.sources.select_pairs`.
+    """
+    from coati.data.sources import default_data_dir, select_pairs
+
+    stored_dir = settings.get("data_dir")
+    if stored_dir and not os.path.isdir(stored_dir):
+        if not data_dir:
+            raise ValueError(f"--heldout: the training run's data_dir {stored_dir} no longer exists; pass --data_dir")
+        stored_dir = None
+    selection = select_pairs(settings["dataset"], stored_dir or data_dir or default_data_dir(),
+                             settings["max_samples"], bool(strict or settings["strict_data"]), settings["seed"],
+                             settings["eval_dataset"], settings["max_eval_samples"], settings["eval_split"] or 0.0)
+    pairs = selection.eval
+    summary_path = os.path.join(model_path, "summary.json")
+    if os.path.isfile(summary_path):
+        try:
+            with open(summary_path, encoding="utf-8") as f:
+                expected = json.load(f).get("eval_pairs")
+        except (json.JSONDecodeError, AttributeError):
+            expected = None
+        if isinstance(expected, int) and expected != len(pairs):
+            raise ValueError(f"--heldout: {summary_path} counts {expected} held-out pairs but the training settings "
+                             f"now select {len(pairs)}: the data changed since training; evaluate with --dataset")
+    if not pairs:
+        raise ValueError("--heldout: the training settings select no held-out pairs from the data")
+    datasets = settings["eval_dataset"] or settings["dataset"]
+    return pairs, list(datasets), selection.eval_report or selection.report
+
+
 def run(args) -> dict:
-    """Load data and model, evaluate, print a short summary; returns the report."""
+    """Check the options, load model and data, evaluate, print a short summary; returns the report.
+
+    Raises:
+        ValueError / OSError: user errors (see the module docstring); option, ``--output_dir``, ``--device`` and
+        ``--heldout`` settings errors come before the model loads.
+    """
     from coati.data.sources import default_data_dir, load_pairs
-    from coati.scoring import RewardScorer
+    from coati.scoring import RewardScorer, resolve_device
 
     _check_args(args)
-    scorer = RewardScorer.from_pretrained(args.model_path, device=args.device, dtype=_DTYPES[args.dtype],
+    output_dir = args.output_dir or os.path.join(args.model_path, "eval")
+    check_output_target("--output_dir", output_dir, folder=True)
+    device = resolve_device(args.device)
+    settings = heldout_settings(args.model_path) if args.heldout else None
+    scorer = RewardScorer.from_pretrained(args.model_path, device=device, dtype=_DTYPES[args.dtype],
                                           max_len=args.max_len, batch_size=args.batch_size)
-    pairs, data_report = load_pairs(args.dataset, args.data_dir or default_data_dir(), args.max_samples,
-                                    args.strict_data, seed=None)
+    if settings is not None:
+        pairs, datasets, data_report = heldout_pairs(args.model_path, settings, args.data_dir, args.strict_data)
+    else:
+        datasets = args.dataset
+        pairs, data_report = load_pairs(args.dataset, args.data_dir or default_data_dir(), args.max_samples,
+                                        args.strict_data, seed=None)
     if data_report.rows_skipped:
         print(data_report.summary(), file=sys.stderr)
-    output_dir = args.output_dir or os.path.join(args.model_path, "eval")
-    report = evaluate(scorer, pairs, args.dataset, output_dir, bins=args.bins, metrics_path=args.metrics,
-                      subset_by=args.subset_by, progress=not args.disable_tqdm, data_report=data_report.to_dict())
-    print(f"{report['pairs']} pairs: accuracy {report['accuracy']:.4f}, margin {report['margin']:.4f}, "
-          f"reward mean {report['reward_mean']:.4f} std {report['reward_std']:.4f}, ECE {report['ece']:.4f}")
+    report = evaluate(scorer, pairs, datasets, output_dir, bins=args.bins, metrics_path=args.metrics,
+                      subset_by=args.subset_by, progress=not args.disable_tqdm, data_report=data_report.to_dict(),
+                      heldout=bool(args.heldout))
+    print(f"{report['pairs']} {'held-out ' if args.heldout else ''}pairs: accuracy {report['accuracy']:.4f}, "
+          f"margin {report['margin']:.4f}, reward mean {report['reward_mean']:.4f} std {report['reward_std']:.4f}, "
+          f"ECE {report['ece']:.4f}")
     for title, groups in (("subset", report["subsets"]), ("lang", report["languages"])):
         for name, m in groups.items():
             print(f"  {title} {name}: {m['pairs']} pairs, accuracy {m['accuracy']:.4f}, margin {m['margin']:.4f}, "

@@ -13,25 +13,39 @@ Input rows (one JSON object per line; blank lines are ignored), each kept with a
 * ``{"messages": [{"role", "content"}, ..., {"role": "assistant", ...}]}`` -> ``"score"`` of the last (assistant)
   message given the earlier ones.
 
+Every output row also gets ``"truncated"``: true when the prompt or the response lost tokens to ``max_len`` (the
+prompt is cut from the left first; the answer's end only when it alone does not fit); for ``responses`` rows a list
+of booleans, one per response. When any text was truncated, one summary line goes to stderr. Output lines are strict
+JSON (a non-finite number in an input row is written as null).
+
 ``P`` is a string (one user message), a list of ``{"role", "content"}`` messages, or absent / null (empty prompt).
 Texts are laid out exactly as in training (see :mod:`coati.scoring`). Scores are raw rewards (value-head logits), or
 with ``--normalize`` ``(r - reward_mean) / reward_std`` using the statistics stored in the export's ``config.json``
 (or ``--reward_mean`` / ``--reward_std``). All texts of all rows are scored together in length-sorted batches.
 
-A bad row stops the run before any scoring with ``error: FILE:LINE: reason`` on stderr and exit code 2; so do other
-user errors (missing model folder or input file, ``--normalize`` without statistics).
+A bad row stops the run before the model is loaded with ``error: FILE:LINE: reason`` on stderr and exit code 2:
+besides malformed rows, a response (or ``text``, or the last ``messages`` content) that is empty, whitespace or only
+invisible format characters such as U+200B (the reward of an empty answer is meaningless, and training data refuses
+such answers too), and text with a lone surrogate (a JSON escape such as ``"\ud800"``). Other user errors are one
+``error: ...`` line with exit code 2 as well: a missing model folder or input file, an ``--output`` that is a folder
+or whose folder is missing or not writable and an unusable ``--device`` (both checked before any work), a model
+with NaN/inf weights, a non-finite score, ``--normalize`` without statistics.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from coati.config import COUNT, POSITIVE, Range, checked
+
+from coati.data.formats import DataFormatError, check_text, is_blank
 from coati.data.sources import json_object_lines
+from coati.io import dumps
 
 
 class RowError(ValueError):
@@ -46,15 +60,27 @@ class _Row:
     count: int
 
 
-def _prompt_of(row: dict, where: str):
+def _prompt_of(row: dict, where: str, key: str = "prompt"):
     from coati.scoring import normalize_prompt
 
     prompt = row.get("prompt")
     try:
         normalize_prompt(prompt)
     except ValueError as e:
-        raise RowError(f"{where}: bad 'prompt': {e}") from None
+        raise RowError(f"{where}: bad {key!r}: {e}") from None
     return prompt
+
+
+def _answer(text: str, where: str, what: str) -> str:
+    """``text`` when it is a usable answer; RowError ``where: <what> is empty`` / ``... is not valid Unicode``."""
+    if is_blank(text):
+        raise RowError(f"{where}: {what} is empty (nothing but whitespace or invisible format characters); an empty "
+                       "answer has no meaningful reward")
+    try:
+        check_text(what, text)
+    except DataFormatError as e:
+        raise RowError(f"{where}: {e}") from None
+    return text
 
 
 def parse_rows(lines, name: str) -> tuple[list[_Row], list, list[str]]:
@@ -65,7 +91,9 @@ def parse_rows(lines, name: str) -> tuple[list[_Row], list, list[str]]:
     Returns:
         (rows, prompts, responses): rows in input order, and the flat prompt / response lists.
     Raises:
-        RowError: ``name:line: reason`` for the first unusable row.
+        RowError: ``name:line: reason`` for the first unusable row: not a JSON object, no usable keys, a response
+            that is empty by :func:`~coati.data.formats.is_blank` (e.g. ``""`` or ``"\u200b"``: ``response 2 is
+            empty``), text with a lone surrogate, or a bad prompt.
     """
     rows: list[_Row] = []
     prompts: list = []
@@ -80,19 +108,19 @@ def parse_rows(lines, name: str) -> tuple[list[_Row], list, list[str]]:
             prompt = _prompt_of(row, where)
             rows.append(_Row(row, "responses", len(responses), len(cands)))
             prompts += [prompt] * len(cands)
-            responses += cands
+            responses += [_answer(c, where, f"response {i}") for i, c in enumerate(cands)]
         elif "response" in row:
             if not isinstance(row["response"], str):
                 raise RowError(f"{where}: 'response' must be a string, got {type(row['response']).__name__}")
             prompts.append(_prompt_of(row, where))
             rows.append(_Row(row, "single", len(responses), 1))
-            responses.append(row["response"])
+            responses.append(_answer(row["response"], where, "'response'"))
         elif "text" in row:
             if not isinstance(row["text"], str):
                 raise RowError(f"{where}: 'text' must be a string, got {type(row['text']).__name__}")
             prompts.append(None)
             rows.append(_Row(row, "single", len(responses), 1))
-            responses.append(row["text"])
+            responses.append(_answer(row["text"], where, "'text'"))
         elif "messages" in row:
             msgs = row["messages"]
             last = msgs[-1] if isinstance(msgs, list) and msgs else None
@@ -100,44 +128,104 @@ def parse_rows(lines, name: str) -> tuple[list[_Row], list, list[str]]:
                     or not isinstance(last.get("content"), str):
                 raise RowError(f"{where}: 'messages' must be a list of messages ending with an assistant message "
                                "with a string 'content'")
-            prompts.append(_prompt_of({"prompt": msgs[:-1]}, where))
+            prompts.append(_prompt_of({"prompt": msgs[:-1]}, where, "messages"))
             rows.append(_Row(row, "single", len(responses), 1))
-            responses.append(last["content"])
+            responses.append(_answer(last["content"], where, "the last message's 'content'"))
         else:
             raise RowError(f"{where}: a row needs 'responses' (list of strings, with 'prompt'), 'response' (string, "
                            f"with 'prompt'), 'text' (string) or 'messages'; got keys {sorted(row)}")
+        try:  # other keys are copied to the output, which must be UTF-8
+            dumps(row).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RowError(f"{where}: the row is not valid Unicode (a lone surrogate such as \"\\ud800\" in one of "
+                           "its strings)") from None
+        except RecursionError:
+            raise RowError(f"{where}: the row is nested too deeply to be written back") from None
     return rows, prompts, responses
 
 
-def attach_scores(rows: list[_Row], scores: list[float]) -> list[dict]:
-    """Output rows: each input row with ``scores`` + ``best`` or ``score`` added (other keys kept)."""
+def attach_scores(rows: list[_Row], scores: list[float], truncated: list[bool] | None = None) -> list[dict]:
+    """Output rows: each input row with ``scores`` + ``best`` or ``score`` added (other keys kept).
+
+    Args:
+        rows: from :func:`parse_rows`; scores: one float per text (the flat list).
+        truncated: one bool per text (it lost tokens to ``max_len``), added as ``"truncated"`` (a list for
+            ``responses`` rows); None adds nothing.
+    """
     out = []
     for row in rows:
         data = dict(row.data)
         mine = scores[row.first:row.first + row.count]
+        cut = truncated[row.first:row.first + row.count] if truncated is not None else None
         if row.kind == "responses":
             data["scores"] = mine
             data["best"] = max(range(len(mine)), key=lambda i: (mine[i], -i))
         else:
             data["score"] = mine[0]
+            cut = cut[0] if cut is not None else None
+        if cut is not None:
+            data["truncated"] = cut
         out.append(data)
     return out
+
+
+class DefaultsOnceHelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to an option's help unless the help already mentions its default, or X is None,
+    False or SUPPRESS (so ``--help`` shows each default once)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def check_output_target(flag: str, path: str, folder: bool = False) -> None:
+    """Fail before any work when an output path cannot be written; creates nothing.
+
+    Args:
+        flag: the option named in the message (``--output``); path: the file (or with ``folder`` the folder,
+            created later if missing) to be written.
+    Raises:
+        ValueError: a file path that is a folder, or a folder path that is a file. FileNotFoundError: a file's
+            folder does not exist. PermissionError: the file, folder or (for a missing folder) its nearest existing
+            parent is not writable.
+    """
+    path = os.path.abspath(path)
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{flag} {path}: exists and is not a folder")
+        probe = path
+        while not os.path.exists(probe):  # the folder is created with its parents: the first existing one counts
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise ValueError(f"{flag} {path}: {probe} is a file, so the folder cannot be created")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError(f"{flag} {path}: {probe} is not writable")
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a folder; give a file path")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{flag} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PermissionError(f"{flag} {path}: not writable")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m coati.score`` argument parser."""
     p = argparse.ArgumentParser(prog="python -m coati.score", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsOnceHelpFormatter)
     p.add_argument("--model_path", required=True, help="exported reward model folder")
     p.add_argument("--input", required=True, help="JSONL file of rows to score ('-' = stdin)")
     p.add_argument("--output", default=None, help="JSONL output file (default: stdout)")
     p.add_argument("--normalize", action="store_true",
                    help="(r - reward_mean) / reward_std with the statistics stored in config.json")
-    p.add_argument("--reward_mean", type=float, default=None, help="override the stored reward_mean")
-    p.add_argument("--reward_std", type=float, default=None, help="override the stored reward_std")
-    p.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass")
-    p.add_argument("--max_len", type=int, default=None, help="max tokens per sequence (default: train_config.json)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--reward_mean", type=checked(float, Range()), default=None, help="override the stored reward_mean")
+    p.add_argument("--reward_std", type=checked(float, POSITIVE), default=None, help="override the stored reward_std")
+    p.add_argument("--batch_size", type=checked(int, COUNT), default=16, help="sequences per forward pass")
+    p.add_argument("--max_len", type=checked(int, Range(8, integer=True)), default=None, help="max tokens per sequence (default: train_config.json)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="backbone weights dtype")
     p.add_argument("--disable_tqdm", action="store_true", help="no progress bar (it goes to stderr)")
@@ -145,11 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    """Parse the input, score every text in one batched pass, write the output; returns the number of rows."""
-    from coati.scoring import RewardScorer
+    """Check the options, parse the input, score every text in one batched pass, write the output.
+
+    Returns:
+        the number of rows.
+    Raises:
+        ValueError / OSError: user errors (see the module docstring), all before the model loads except a model with
+        non-finite weights, missing statistics for ``--normalize`` and a non-finite score.
+    """
+    from coati.scoring import RewardScorer, resolve_device
 
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.max_len is not None and args.max_len < 8:
+        raise ValueError(f"--max_len must be at least 8, got {args.max_len}")
+    device = resolve_device(args.device)
+    if args.output:
+        check_output_target("--output", args.output)
     if args.input == "-":
         rows, prompts, responses = parse_rows(sys.stdin.read().splitlines(), "<stdin>")
     else:
@@ -160,12 +260,17 @@ def run(args) -> int:
             raise FileNotFoundError(f"--input {args.input}: no such file") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"{args.input}: not UTF-8 text ({e.reason})") from None
-    scorer = RewardScorer.from_pretrained(args.model_path, device=args.device, dtype=getattr(torch, args.dtype),
+    scorer = RewardScorer.from_pretrained(args.model_path, device=device, dtype=getattr(torch, args.dtype),
                                           max_len=args.max_len, batch_size=args.batch_size,
                                           reward_mean=args.reward_mean, reward_std=args.reward_std)
-    scores = scorer.score_texts(prompts, responses, normalize=args.normalize, progress=not args.disable_tqdm)
-    out_rows = attach_scores(rows, scores)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows)
+    encoded = scorer.encode_texts(prompts, responses)
+    scores = scorer.score_encoded(encoded, normalize=args.normalize, progress=not args.disable_tqdm)
+    truncated = [e.prompt_truncated or e.answer_truncated for e in encoded]
+    out_rows = attach_scores(rows, scores, truncated)
+    text = "".join(dumps(r) + "\n" for r in out_rows)
+    if any(truncated):
+        print(f"{sum(truncated)} of {len(truncated)} texts were truncated to max_len {scorer.encoder.max_len} tokens "
+              "(prompt cut from the left, or the answer's end cut)", file=sys.stderr)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)

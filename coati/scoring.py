@@ -15,7 +15,10 @@ trainer did, so rewards are comparable with the ones seen in training:
   on which other texts share a batch.
 
 Like the training data parser (:mod:`coati.data.formats`), surrounding whitespace is stripped from every message
-and answer before rendering.
+and answer before rendering. As in training data, an empty answer (empty, whitespace or only invisible format
+characters such as U+200B, :func:`~coati.data.formats.is_blank`) is an error, since the reward of nothing is
+meaningless, and so is text with a lone surrogate (:func:`~coati.data.formats.check_text`). A model whose weights
+are not finite is refused when loaded, and a non-finite score is an error, never a returned value.
 
 Example::
 
@@ -36,9 +39,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from coati.checkpoint import non_finite_names
 from coati.data.collate import pad_sequences
-from coati.data.formats import parse_message
+from coati.data.formats import check_text, is_blank, parse_message
 from coati.data.template import (
+    Encoded,
     SequenceEncoder,
     TokenizedPair,
     TruncationStats,
@@ -58,6 +63,63 @@ DEFAULT_CHAT_TEMPLATE = "auto"
 Prompt = str | Sequence[dict] | None
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on, checked: the one place ``--device`` and ``device=`` are parsed.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a ``torch.device``...; None = CUDA when available,
+            else CPU.
+    Returns:
+        the ``torch.device``.
+    Raises:
+        ValueError: a string torch cannot parse (``"gpu0"``), or a device this machine does not have (CUDA on a
+            CPU-only build or without a visible GPU, a device index beyond the device count).
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {device}: not a device name (expected cpu, cuda or cuda:N, e.g. --device "
+                         "cuda:0)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise ValueError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
+        backend = torch.cuda
+    else:
+        backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+        if not callable(getattr(backend, "is_available", None)):
+            raise ValueError(f"--device {device}: {dev.type} is not a device models can be scored on; use --device "
+                             "cpu or cuda")
+        if not backend.is_available():
+            raise ValueError(f"--device {device}: {dev.type} is not available here; use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ValueError(f"--device {device}: this machine has {count()} {dev.type} device(s) (indices from 0)")
+    return dev
+
+
+def check_finite_weights(model: torch.nn.Module, path: str) -> None:
+    """Refuse a model with NaN/inf weights (one ``torch.isfinite(p).all()`` per parameter, no copies).
+
+    Raises:
+        ValueError: ``"<path>: N weight tensors are not finite (NaN/inf), e.g. <first name>; ..."``.
+    """
+    bad = non_finite_names(model)
+    if not bad:
+        return
+    dtype = next(model.parameters()).dtype
+    what = "1 weight tensor is" if len(bad) == 1 else f"{len(bad)} weight tensors are"
+    advice = ("this export is broken, retrain it" if dtype == torch.float32 else
+              f"they do not fit in {str(dtype).replace('torch.', '')}: load it in float32 (--dtype float32), or "
+              "retrain it if that fails too")
+    raise ValueError(f"{path}: {what} not finite (NaN/inf), e.g. {bad[0]}; {advice}")
+
+
 def normalize_prompt(prompt: Prompt) -> list[dict[str, str]]:
     """Turn a prompt into ``[{"role", "content"}, ...]`` messages, as the training data parser does.
 
@@ -68,15 +130,20 @@ def normalize_prompt(prompt: Prompt) -> list[dict[str, str]]:
         messages with normalised roles and stripped contents.
     Raises:
         ValueError: another type; ``DataFormatError`` (a ValueError) for a message that is not an object, an unknown
-            role or a non-string content, from the training data parser's :func:`~coati.data.formats.parse_message`.
+            role or a non-string content, from the training data parser's :func:`~coati.data.formats.parse_message`,
+            or text with a lone surrogate (``"prompt message 0 is not valid Unicode (...)"``).
     """
     if prompt is None:
         return []
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt.strip()}] if prompt.strip() else []
-    if not isinstance(prompt, (list, tuple)):
+        messages = [{"role": "user", "content": prompt.strip()}] if prompt.strip() else []
+    elif isinstance(prompt, (list, tuple)):
+        messages = [parse_message(msg, f"prompt[{i}]") for i, msg in enumerate(prompt)]
+    else:
         raise ValueError(f"a prompt must be a string, a list of messages or None, got {type(prompt).__name__}")
-    return [parse_message(msg, f"prompt[{i}]") for i, msg in enumerate(prompt)]
+    for i, message in enumerate(messages):
+        check_text(f"prompt message {i}", message["content"])
+    return messages
 
 
 def _read_json(path: str) -> dict:
@@ -131,7 +198,8 @@ class RewardScorer:
             path: folder written by :func:`coati.checkpoint.export_hf` (or any HF ``*ForSequenceClassification``
                 folder with ``num_labels == 1`` and a tokenizer; without ``train_config.json`` the trainer defaults
                 ``max_len=512`` and ``chat_template=auto`` are used, with a warning).
-            device: ``"cuda"``, ``"cpu"``, a ``torch.device``...; default CUDA when available, else CPU.
+            device: ``"cuda"``, ``"cpu"``, a ``torch.device``...; default CUDA when available, else CPU; checked by
+                :func:`resolve_device` before anything is loaded.
             dtype: weights dtype of the backbone (``torch.float32``, ``torch.bfloat16``, ...); the value head always
                 runs in fp32 and scores are fp32.
             max_len: maximum tokens per scored sequence; default ``train_config["max_len"]``.
@@ -142,8 +210,10 @@ class RewardScorer:
             the scorer, model in eval mode on ``device``.
         Raises:
             ValueError: ``path`` is not a folder, has no ``config.json``, is not a single-output sequence
-                classifier (``num_labels != 1``), or bad ``max_len`` / ``batch_size`` / statistics.
+                classifier (``num_labels != 1``), has weights that are not finite (NaN/inf), a bad or unavailable
+                ``device`` (:func:`resolve_device`), or bad ``max_len`` / ``batch_size`` / statistics.
         """
+        dev = resolve_device(device)
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise ValueError(f"{path}: no such model folder (expected an export written by train_reward_model.py "
@@ -170,9 +240,8 @@ class RewardScorer:
         chat = use_chat_template(tokenizer, train_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE)
         encoder = SequenceEncoder(tokenizer, max_len, reward_token_id)
 
-        dev = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
         hf_model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        check_finite_weights(hf_model, path)
         hf_model.score.to(torch.float32)  # RewardModel runs the value head in fp32
         hf_model.to(dev).eval()
         model = RewardModel(hf_model, uses_position_ids=config.model_type != "bloom").eval()
@@ -238,9 +307,10 @@ class RewardScorer:
             sequences: N lists of token ids (e.g. :meth:`encode` outputs).
             progress: show a tqdm bar over batches (on stderr).
         Returns:
-            ``[N]`` float32 CPU tensor of raw rewards, in input order.
+            ``[N]`` float32 CPU tensor of raw rewards, in input order, all finite.
         Raises:
-            ValueError: an empty sequence.
+            ValueError: an empty sequence, or a reward that is not finite (NaN/inf: the forward pass overflowed or
+                the model is broken); a NaN is never returned as a score.
         """
         n = len(sequences)
         out = torch.empty(n, dtype=torch.float32)
@@ -256,10 +326,15 @@ class RewardScorer:
             ids, mask = pad_sequences([sequences[i] for i in idx], pad)
             rewards = self.model(ids.to(self.device), mask.to(self.device))
             out[torch.as_tensor(idx)] = rewards.float().cpu()
+        bad = (~torch.isfinite(out)).nonzero().flatten().tolist()
+        if bad:
+            hint = "" if self.model.hf_model.dtype == torch.float32 else " (try --dtype float32)"
+            raise ValueError(f"{len(bad)} of {n} scores are not finite (NaN/inf), e.g. sequence {bad[0]} (0-based): "
+                             f"the model's forward pass overflowed or the export is broken{hint}")
         return out
 
-    def encode(self, prompts: Sequence[Prompt] | None, responses: Sequence[str]) -> list[list[int]]:
-        """Token ids of (prompt, response) pairs in the trainer's layout (see the module docstring).
+    def encode_texts(self, prompts: Sequence[Prompt] | None, responses: Sequence[str]) -> list[Encoded]:
+        """Encode (prompt, response) pairs in the trainer's layout (see the module docstring), keeping truncation.
 
         Each distinct prompt is rendered and tokenized once (Best-of-N rows share one).
 
@@ -267,9 +342,12 @@ class RewardScorer:
             prompts: N prompts (see :func:`normalize_prompt`) or None for N empty prompts.
             responses: N response strings.
         Returns:
-            N lists of token ids, each ending in the reward token.
+            N :class:`~coati.data.template.Encoded`: ``input_ids`` (``list[int]``, ending in the reward token, at
+            most ``max_len`` long) and whether the prompt (``prompt_truncated``, cut from the left) or the answer
+            (``answer_truncated``, its end cut) lost tokens to ``max_len``.
         Raises:
-            ValueError: lengths differ, a response is not a string, or a bad prompt.
+            ValueError: lengths differ, a response is not a string, is empty (``is_blank``: empty, whitespace or
+                only invisible format characters) or has a lone surrogate, or a bad prompt.
         """
         if prompts is None:
             prompts = [None] * len(responses)
@@ -280,6 +358,10 @@ class RewardScorer:
         for i, r in enumerate(responses):
             if not isinstance(r, str):
                 raise ValueError(f"responses[{i}] must be a string, got {type(r).__name__}")
+            if is_blank(r):
+                raise ValueError(f"responses[{i}] is empty (nothing but whitespace or invisible format characters); "
+                                 "an empty answer has no meaningful reward")
+            check_text(f"responses[{i}]", r)
         tok = self.tokenizer
         keys, rendered = [], {}
         for p in prompts:
@@ -291,8 +373,11 @@ class RewardScorer:
         prompt_texts = [rendered[k] for k in uniq]
         prompt_ids = dict(zip(uniq, tok(prompt_texts, add_special_tokens=False).input_ids)) if uniq else {}
         answer_ids = tok([r.strip() for r in responses], add_special_tokens=False).input_ids if responses else []
-        return [self.encoder.encode_ids(prompt_ids[k] if rendered[k] else [], a).input_ids
-                for k, a in zip(keys, answer_ids)]
+        return [self.encoder.encode_ids(prompt_ids[k] if rendered[k] else [], a) for k, a in zip(keys, answer_ids)]
+
+    def encode(self, prompts: Sequence[Prompt] | None, responses: Sequence[str]) -> list[list[int]]:
+        """Token ids of (prompt, response) pairs: the ``input_ids`` of :meth:`encode_texts` (same errors)."""
+        return [e.input_ids for e in self.encode_texts(prompts, responses)]
 
     # ------------------------------------------------------------------ public scoring API
 
@@ -309,11 +394,27 @@ class RewardScorer:
         Returns:
             N floats (fp32 rewards, unitless logits of the value head), in input order.
         Raises:
-            ValueError: mismatched lengths, bad prompts/responses, or ``normalize`` without statistics.
+            ValueError: mismatched lengths, bad prompts/responses (see :meth:`encode_texts`), ``normalize`` without
+                statistics, or a non-finite score.
         """
         if normalize:
             self.normalize(torch.zeros(1))  # fail before the (possibly long) forward passes
-        rewards = self.score_ids(self.encode(prompts, responses), progress=progress)
+        return self.score_encoded(self.encode_texts(prompts, responses), normalize=normalize, progress=progress)
+
+    def score_encoded(self, encoded: Sequence[Encoded], normalize: bool = False, progress: bool = False) -> list[float]:
+        """Scores of :meth:`encode_texts` outputs (so a caller can also report their truncation).
+
+        Args:
+            encoded: N :class:`~coati.data.template.Encoded` (their ``input_ids`` are scored).
+            normalize / progress: as :meth:`score_texts`.
+        Returns:
+            N floats, as :meth:`score_texts`.
+        Raises:
+            ValueError: ``normalize`` without statistics, or a non-finite score.
+        """
+        if normalize:
+            self.normalize(torch.zeros(1))
+        rewards = self.score_ids([e.input_ids for e in encoded], progress=progress)
         if normalize:
             rewards = self.normalize(rewards)
         return rewards.tolist()

@@ -386,3 +386,15 @@ def test_real_hh_rlhf_split_eval(hh_full):
     shuffled = list(pairs)
     random.Random(0).shuffle(shuffled)
     assert sorted(p.origin for p in split_eval(shuffled, 0.1)[1]) == sorted(p.origin for p in held)
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\u200b", "\u200b\u200d\ufeff", " \u2060\n"])
+def test_an_answer_of_only_invisible_characters_is_empty(blank):
+    from coati.data.formats import DataFormatError, is_blank, parse_row
+
+    assert is_blank(blank)
+    assert not is_blank("\u200bok")
+    with pytest.raises(DataFormatError, match="empty chosen answer"):
+        parse_row({"prompt": "Hi", "chosen": blank, "rejected": "Hello."})
+    with pytest.raises(DataFormatError, match="empty rejected answer"):
+        parse_row({"prompt": "Hi", "chosen": "Hello.", "rejected": blank})

@@ -231,12 +231,16 @@ def test_cli_user_errors_exit_2(export, data_files, tmp_path, capsys):
         ["--model_path", str(tmp_path / "nope"), "--dataset", a],
         ["--model_path", str(path), "--dataset", str(tmp_path / "missing.jsonl")],
         ["--model_path", str(path), "--dataset", a, "--metrics", str(tmp_path / "missing_metrics.jsonl")],
-        ["--model_path", str(path), "--dataset", a, "--bins", "0"],
     ]
     for argv in cases:
         assert main(argv + ["--output_dir", str(tmp_path / "o"), "--disable_tqdm"]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err), err
+    # a bad number stops at parse time (argparse: usage line + one error line, exit code 2)
+    with pytest.raises(SystemExit) as info:
+        main(["--model_path", str(path), "--dataset", a, "--bins", "0", "--output_dir", str(tmp_path / "o")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("argument --bins: must be an integer >= 1, got '0'")
     assert not (tmp_path / "o" / "report.json").exists()
 
 

@@ -131,19 +131,23 @@ def test_cli_scores_equal_hf_logits(export, tokenizer, tmp_path):
                        "--device", "cpu", "--disable_tqdm"]) == 0
     scored = _read_jsonl(out)
     assert [r["id"] for r in scored] == [r["id"] for r in rows]
-    for a, b in zip(rows, scored):  # every input key kept
-        assert {k: v for k, v in b.items() if k != "score"} == a
+    for a, b in zip(rows, scored):  # every input key kept, plus "score" and "truncated"
+        assert {k: v for k, v in b.items() if k not in ("score", "truncated")} == a
 
     chat = use_chat_template(tokenizer, "auto")
     enc = SequenceEncoder(tokenizer, MAX_LEN, tokenizer.eos_token_id)
     texts = [(r["prompt"], r["response"]) for r in rows[:-2]] + [(None, rows[-2]["text"]), (PROMPT, "Four.")]
-    seqs = [enc.encode(render_prompt(_messages(p), tokenizer, chat), a).input_ids for p, a in texts]
+    encoded = [enc.encode(render_prompt(_messages(p), tokenizer, chat), a) for p, a in texts]
+    seqs = [e.input_ids for e in encoded]
     ids, mask = _padded(seqs, tokenizer.pad_token_id)
     model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, 0]
     got = torch.tensor([r["score"] for r in scored])
     assert torch.allclose(got, logits, atol=1e-4), (got, logits)
+    # "truncated" per row: the prompt or the answer lost tokens to max_len (the long row at least)
+    assert [r["truncated"] for r in scored] == [e.prompt_truncated or e.answer_truncated for e in encoded]
+    assert any(r["truncated"] for r in scored) and not all(r["truncated"] for r in scored)
 
 
 @pytest.mark.parametrize("name", ["llama", "bloom"])

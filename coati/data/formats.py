@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 import reprlib
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -161,8 +162,22 @@ def _margin(row: Mapping) -> float | None:
     return number
 
 
-def _check_text(where: str, text: str) -> None:
-    """Reject lone surrogates (JSON escapes such as ``"\\ud800"``): tokenizers and UTF-8 encoders refuse them."""
+def is_blank(text: str) -> bool:
+    """True for text with nothing visible: empty, whitespace, or only invisible format characters.
+
+    Format characters are Unicode category ``Cf`` (zero-width space U+200B, joiners U+200C/U+200D, word joiner
+    U+2060, BOM U+FEFF, soft hyphen, bidi marks, ...); an answer made of them alone is empty to a reader, so it is
+    treated as empty in training data and in scoring input.
+    """
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+
+
+def check_text(where: str, text: str) -> None:
+    """Reject lone surrogates (JSON escapes such as ``"\\ud800"``): tokenizers and UTF-8 encoders refuse them.
+
+    Raises:
+        DataFormatError: ``"<where> is not valid Unicode (lone surrogate ... at character N)"``.
+    """
     if not text.isascii():
         try:
             text.encode("utf-8")
@@ -172,16 +187,16 @@ def _check_text(where: str, text: str) -> None:
 
 
 def _pair(row: Mapping, prompt: list[Message], chosen: str, rejected: str) -> PreferencePair:
-    if not chosen:
+    if is_blank(chosen):
         raise DataFormatError("empty chosen answer")
-    if not rejected:
+    if is_blank(rejected):
         raise DataFormatError("empty rejected answer")
     if chosen == rejected:
         raise DataFormatError("chosen == rejected")
-    _check_text("chosen answer", chosen)
-    _check_text("rejected answer", rejected)
+    check_text("chosen answer", chosen)
+    check_text("rejected answer", rejected)
     for i, message in enumerate(prompt):
-        _check_text(f"prompt message {i}", message["content"])
+        check_text(f"prompt message {i}", message["content"])
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=_margin(row))
 
 
