@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+import hashlib
 import json
 import logging
 import os
@@ -13,26 +15,28 @@ import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from coati.checkpoint import (CheckpointError, export_hf, find_resume_checkpoint, load_resume_checkpoint,
-                              save_resume_checkpoint)
+from coati.checkpoint import (CheckpointError, ExportError, NonFiniteWeightsError, export_hf, find_resume_checkpoint,
+                              fingerprint_mismatch, load_checkpoint_weights, load_resume_checkpoint, read_trainer_state,
+                              refuse_foreign_checkpoints, save_resume_checkpoint, verify_checkpoint)
 from coati.config import TrainConfig, parse_args
 from coati.data.collate import default_row_capacity
 from coati.data.formats import DataFormatError
-from coati.data.sources import default_data_dir, load_pairs, split_eval
+from coati.data.sources import default_data_dir, select_pairs
 from coati.data.template import SequenceEncoder, tokenize_pairs, use_chat_template
 from coati.losses import build_loss
 from coati.models.backbones import get_backbone
-from coati.models.loading import (SMOLLM2_ALIAS, build_model, enable_gradient_checkpointing, load_tokenizer,
-                                  resolve_pretrain, resolve_reward_token)
+from coati.models.loading import (SMOLLM2_ALIAS, CacheError, build_model, enable_gradient_checkpointing,
+                                  load_tokenizer, resolve_pretrain, resolve_reward_token)
 from coati.models.lora import apply_lora
 from coati.models.reward_model import RewardModel
 from coati.strategies import StrategyUnavailable, get_strategy
+from coati.signals import Interrupted, signals_raise
 from coati.trainer import NonFiniteError, Trainer, TrainerOptions
 
 logger = logging.getLogger("coati")
 
 USER_ERRORS = (ValueError, FileNotFoundError, StrategyUnavailable, DataFormatError, PermissionError,
-               CheckpointError, NonFiniteError)
+               CheckpointError, NonFiniteError, NonFiniteWeightsError, ExportError, CacheError)
 
 
 def seed_everything(seed: int) -> None:
@@ -75,6 +79,45 @@ def tokenizer_source(cfg: TrainConfig) -> str:
     return resolve_pretrain(cfg.pretrain or SMOLLM2_ALIAS, with_model=False)
 
 
+#: TrainConfig fields that change what a run computes: a resume checkpoint carries them and refuses a run that differs.
+#: (Strategy, logging, checkpoint and packing layout settings are left out: they do not change the math, and a
+#: checkpoint resumes under another strategy.)
+FINGERPRINT_FIELDS = ("model", "pretrain", "model_config", "tokenizer", "lora_rank", "lora_alpha", "lora_dropout",
+                      "lora_train_bias", "loss_fn", "focal_gamma", "penalty", "penalty_weight", "reward_bound",
+                      "center_rewards_coefficient", "reward_token", "max_len", "chat_template", "group_by_length",
+                      "max_epochs", "max_steps", "lr", "weight_decay", "adam_eps", "warmup_ratio", "max_grad_norm",
+                      "bf16", "seed", "init_from")
+
+
+def run_fingerprint(cfg: TrainConfig, train_tok: list, global_batch: int, total_steps: int) -> dict:
+    """What identifies a run: its math-changing settings and the SHA-256 of its training pairs (token ids and
+    margins, in order), so a checkpoint never resumes another run's data or settings.
+
+    Returns:
+        ``{"settings": {field: value, "global_batch": int, "total_steps": int}, "data_sha256": hex str}``.
+    """
+    settings = {k: getattr(cfg, k) for k in FINGERPRINT_FIELDS}
+    settings.update(global_batch=global_batch, total_steps=total_steps)
+    h = hashlib.sha256()
+    for p in train_tok:
+        h.update(array.array("q", [len(p.chosen_ids), *p.chosen_ids, len(p.rejected_ids), *p.rejected_ids]).tobytes())
+        h.update(repr(p.margin).encode())
+    return {"settings": settings, "data_sha256": h.hexdigest()}
+
+
+def check_same_run(path: str, state: dict, fingerprint: dict) -> None:
+    """Refuse to resume a checkpoint of another run (one line naming every differing setting).
+
+    Raises:
+        CheckpointError: the fingerprints differ.
+    """
+    diffs = fingerprint_mismatch(state.get("fingerprint"), fingerprint)
+    if diffs:
+        raise CheckpointError(f"--resume: {path} belongs to another run ({'; '.join(diffs)}); resume with that run's "
+                              "settings and data, or start a new run from its weights with --init_from " + path +
+                              " and another --save_path")
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and export; returns the summary written to ``<save_path>/summary.json``."""
     t_start = time.perf_counter()
@@ -89,35 +132,34 @@ def run(cfg: TrainConfig) -> dict:
                          reward_bound=cfg.reward_bound, focal_gamma=cfg.focal_gamma,
                          center_rewards_coefficient=cfg.center_rewards_coefficient)
     check_writable(cfg.save_path)
+    if not cfg.resume:
+        refuse_foreign_checkpoints(cfg.save_path)
+    if cfg.init_from:
+        verify_checkpoint(cfg.init_from)
+    # model files (a GGUF de-quantized into the cache) are prepared before the process group exists: once, under a
+    # file lock, so every rank then loads the same complete folder
+    tok_source = tokenizer_source(cfg)
+    if cfg.pretrain:
+        resolve_pretrain(cfg.pretrain)
     strategy.setup()
     main = strategy.is_main
     if main:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     seed_everything(cfg.seed)
 
-    tokenizer = load_tokenizer(tokenizer_source(cfg), cfg.trust_remote_code, cfg.reward_token)
+    tokenizer = load_tokenizer(tok_source, cfg.trust_remote_code, cfg.reward_token)
     reward_token_id = resolve_reward_token(tokenizer, cfg.reward_token)
     data_dir = cfg.data_dir or default_data_dir()
-    pairs, report = load_pairs(cfg.dataset, data_dir, cfg.max_samples, cfg.strict_data, cfg.seed)
-    if cfg.eval_dataset:
-        train_pairs = pairs
-        eval_pairs, eval_report = load_pairs(cfg.eval_dataset, data_dir, cfg.max_eval_samples, cfg.strict_data,
-                                             cfg.seed)
-    else:
-        train_pairs, eval_pairs = split_eval(pairs, cfg.eval_split) if cfg.eval_split > 0 else (pairs, [])
-        eval_report = None
-        if cfg.max_eval_samples is not None:
-            eval_pairs = eval_pairs[: cfg.max_eval_samples]
-    if not train_pairs:
-        raise ValueError("no training pairs left after the evaluation split")
+    data = select_pairs(cfg.dataset, data_dir, cfg.max_samples, cfg.strict_data, cfg.seed, cfg.eval_dataset,
+                        cfg.max_eval_samples, cfg.eval_split)
     chat = use_chat_template(tokenizer, cfg.chat_template)
     encoder = SequenceEncoder(tokenizer, cfg.max_len, reward_token_id)
-    train_tok, train_trunc = tokenize_pairs(train_pairs, encoder, chat)
-    eval_tok, eval_trunc = tokenize_pairs(eval_pairs, encoder, chat)
+    train_tok, train_trunc = tokenize_pairs(data.train, encoder, chat)
+    eval_tok, eval_trunc = tokenize_pairs(data.eval, encoder, chat)
     if main:
-        logger.info("data:\n%s", report.summary())
-        if eval_report is not None:
-            logger.info("eval data:\n%s", eval_report.summary())
+        logger.info("data:\n%s", data.report.summary())
+        if data.eval_report is not None:
+            logger.info("eval data:\n%s", data.eval_report.summary())
         logger.info("train: %s", train_trunc.summary())
         logger.info("eval: %s", eval_trunc.summary())
         logger.info("chat template: %s; train pairs %d, eval pairs %d, world size %d, device %s", chat,
@@ -142,6 +184,10 @@ def run(cfg: TrainConfig) -> dict:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=True)
 
     model, optimizer = strategy.prepare(reward_model, make_optimizer)
+    if cfg.init_from:
+        load_checkpoint_weights(cfg.init_from, strategy, model)
+        if main:
+            logger.info("initialised the weights from %s (new optimizer, schedule and step)", cfg.init_from)
     metrics_path = os.path.join(cfg.save_path, "metrics.jsonl")
     opts = TrainerOptions(batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
                           accumulation_steps=cfg.accumulation_steps, max_epochs=cfg.max_epochs,
@@ -159,20 +205,19 @@ def run(cfg: TrainConfig) -> dict:
         raise ValueError(f"{len(train_tok)} training pairs make no optimizer step with batch_size {cfg.batch_size} "
                          f"x {strategy.world_size} processes x accumulation {cfg.accumulation_steps}")
     trainer.scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    run_state = {"global_batch": cfg.batch_size * cfg.accumulation_steps * strategy.world_size,
-                 "train_pairs": len(train_tok), "seed": cfg.seed, "total_steps": total}
+    global_batch = cfg.batch_size * cfg.accumulation_steps * strategy.world_size
+    fingerprint = run_fingerprint(cfg, train_tok, global_batch, total)
     resume_from = find_resume_checkpoint(cfg.save_path, cfg.resume) if cfg.resume else None
     if resume_from:
+        check_same_run(resume_from, read_trainer_state(resume_from), fingerprint)
         state = load_resume_checkpoint(resume_from, strategy, model, optimizer, trainer.scheduler)
-        for key, value in run_state.items():
-            if state.get(key) != value:
-                raise CheckpointError(f"{resume_from} was written with {key}={state.get(key)}, this run has {value}; "
-                                      "resume with the same data, seed and global batch")
         trainer.step = state["step"]
         if main:
             logger.info("resumed from %s at step %d (written under %s)", resume_from, trainer.step, state["strategy"])
     if main:
         keep_metrics_until(metrics_path, trainer.step)
+    run_state = {"global_batch": global_batch, "train_pairs": len(train_tok), "seed": cfg.seed, "total_steps": total,
+                 "fingerprint": fingerprint}
     trainer.on_save = lambda step: save_resume_checkpoint(cfg.save_path, step, strategy, model, optimizer,
                                                           trainer.scheduler, run_state, cfg.keep_last)
     t_fit, start_step = time.perf_counter(), trainer.step
@@ -180,13 +225,13 @@ def run(cfg: TrainConfig) -> dict:
     fit_s = time.perf_counter() - t_fit
     final_eval = trainer.evaluate() if eval_tok else {}
 
-    pairs_trained = (trainer.step - start_step) * cfg.batch_size * cfg.accumulation_steps * strategy.world_size
+    pairs_trained = (trainer.step - start_step) * global_batch
     summary = {"steps": trainer.step, "train_pairs": len(train_tok), "eval_pairs": len(eval_tok),
                "world_size": strategy.world_size, "fit_seconds": fit_s, "train_seconds": trainer.train_seconds,
                "train_pairs_per_s": pairs_trained / max(trainer.train_seconds, 1e-9),
                "train_tokens_per_s": trainer.train_tokens / max(trainer.train_seconds, 1e-9),
                "skipped_steps": trainer.skipped_steps, "train_last_epoch": trainer.epoch_metrics,
-               "eval": final_eval, "data": report.to_dict(),
+               "eval": final_eval, "data": data.report.to_dict(),
                "truncation": {"train": vars(train_trunc), "eval": vars(eval_trunc)}}
     export_model = strategy.state_dict_for_export(model)
     if main:
@@ -196,10 +241,11 @@ def run(cfg: TrainConfig) -> dict:
         if stats.get("pairs"):
             extra.update(reward_mean=stats["reward_mean"], reward_std=stats["reward_std"],
                          reward_stats_source="eval" if final_eval else "train_last_epoch")
-        export_hf(export_model.model, tokenizer, cfg.save_path, cfg.to_dict(), extra_config=extra)
+        # the data folder actually used, so `coati.evaluate --heldout` finds the same pairs in a new shell
+        recipe = dict(cfg.to_dict(), data_dir=os.path.abspath(data_dir) if data_dir else None)
         summary["wall_seconds"] = time.perf_counter() - t_start
-        with open(os.path.join(cfg.save_path, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, ensure_ascii=False)
+        export_hf(export_model.model, tokenizer, cfg.save_path, recipe, extra_config=extra,
+                  extra_json={"summary.json": summary})
         if final_eval:
             logger.info("eval: acc %.4f dist %.4f loss %.4f over %d pairs %s", final_eval["acc"], final_eval["dist"],
                         final_eval["loss"], final_eval["pairs"],
@@ -212,16 +258,30 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: parse flags, run, and turn user mistakes into one clear line on stderr (exit code 2)."""
+    """CLI entry: parse flags, run, and turn user mistakes into one clear line on stderr.
+
+    Exit codes: 0 done; 2 a user error (bad flag, data, checkpoint, non-finite weights, failed export); 130 / 143
+    stopped by SIGINT / SIGTERM (after a resume checkpoint when ``--save_every`` is on).
+    """
     cfg = parse_args(argv)
-    try:
-        run(cfg)
-    except USER_ERRORS as e:
-        # the same mistake is found by every rank: say it once (rank 0); anything else is a crash of the rank
-        # that raised it, shown by that rank, and torchrun then stops the others
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    # the same mistake is found by every rank: say it once (rank 0); anything else is a crash of the rank
+    # that raised it, shown by that rank, and torchrun then stops the others
+    say = os.environ.get("RANK", "0") == "0"
+    with signals_raise("training"):
+        try:
+            run(cfg)
+        except Interrupted as e:
+            if say:
+                print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:  # SIGINT before the handlers were installed
+            if say:
+                print("error: training was interrupted by SIGINT", file=sys.stderr)
+            return 130
+        except USER_ERRORS as e:
+            if say:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -14,7 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from coati.data.collate import GlobalBatchSampler, collate_packed, collate_pairs
+from coati.checkpoint import NonFiniteWeightsError
 from coati.data.template import TokenizedPair
+from coati.io import dumps
+from coati.signals import Interrupted, StopFlag, signal_name
 from coati.strategies.base import Strategy
 
 LANGS = ("en", "zh")
@@ -120,7 +123,10 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.epoch_metrics: dict = {}  # online train metrics of the last epoch (all ranks, all its batches)
-        self.on_save: Callable[[int], None] | None = None  # called with the step every `save_every` steps
+        self.on_save: Callable[[int], str] | None = None  # called with the step every `save_every` steps
+        self.last_checkpoint: tuple[int, str] | None = None  # (step, folder) of the newest checkpoint written
+        self.stop = StopFlag()  # SIGINT / SIGTERM during fit: finish the step, checkpoint, stop
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (whole run)
         self.train_seconds = 0.0  # training time of this process's run, evaluation and checkpoints excluded
         self.train_tokens = 0  # real tokens trained on by all ranks in this run
@@ -161,13 +167,23 @@ class Trainer:
         self.history.append(row)
         if self.strategy.is_main and self.opts.metrics_path:
             with open(self.opts.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(dumps(row) + "\n")
 
     def fit(self) -> list[dict]:
         """Train up to ``total_steps`` optimizer steps, starting at ``self.step`` (non-zero after a resume: the data
         order continues exactly where it stopped). Returns the metrics rows (also written to metrics.jsonl)."""
         opts, strategy = self.opts, self.strategy
         total, spe = self.total_steps, self.steps_per_epoch
+        with self.stop.installed():
+            return self._fit(total, spe)
+
+    def _save(self) -> str:
+        if self.last_checkpoint is None or self.last_checkpoint[0] != self.step:
+            self.last_checkpoint = (self.step, self.on_save(self.step))
+        return self.last_checkpoint[1]
+
+    def _fit(self, total: int, spe: int) -> list[dict]:
+        opts, strategy = self.opts, self.strategy
         bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=opts.disable_tqdm or not strategy.is_main)
         window, t0, tokens = PairMetrics(), time.perf_counter(), [0, 0, 0]
@@ -199,7 +215,7 @@ class Trainer:
                     epoch_sums.add(value, chosen, rejected, batch["langs"])
                 if not last_micro:
                     continue
-                self._update(bad_micro)
+                stop = self._update(bad_micro)
                 bad_micro = False
                 self.scheduler.step()
                 self.step += 1
@@ -214,43 +230,70 @@ class Trainer:
                     self.evaluate()
                     self.model.train()
                 if opts.save_every and self.step % opts.save_every == 0 and self.on_save is not None:
-                    self.on_save(self.step)
+                    self._save()
                 t0 += time.perf_counter() - pause
+                if stop:
+                    bar.close()
+                    self._stop_now(total)
                 if self.step >= total:
                     break
             self.epoch_metrics = {"epoch": epoch, **epoch_sums.reduce(strategy).result()}
         bar.close()
         return self.history
 
-    def _update(self, bad_loss: bool) -> None:
+    def _update(self, bad_loss: bool) -> bool:
         """Clip and apply the accumulated gradients, or skip the update when the loss or the gradient norm is not
         finite on any rank (the skip is counted; ``max_bad_steps`` in a row stop the run).
 
+        The ranks agree, in one all-reduce, on a bad loss and on a stop signal received by any of them.
+
+        Returns:
+            True when a rank received SIGINT / SIGTERM: the caller stops after this step.
         Raises:
             NonFiniteError: ``max_bad_steps`` consecutive skipped steps; a resume checkpoint of the last good state
                 is written first when checkpointing is on.
+            NonFiniteWeightsError: the update made a parameter NaN or infinite (nothing more is saved).
         """
         opts, strategy = self.opts, self.strategy
-        flag = torch.tensor([float(bad_loss)], dtype=torch.float64)
-        bad = strategy.all_reduce(flag).item() > 0
+        flag = torch.tensor([float(bad_loss), float(self.stop.signum is not None)], dtype=torch.float64)
+        strategy.all_reduce(flag)
+        bad, stop = flag[0].item() > 0, flag[1].item() > 0
         if opts.max_grad_norm > 0 or strategy.checks_grad_norm:
             norm = strategy.clip_grad_norm(self.model, opts.max_grad_norm if opts.max_grad_norm > 0 else float("inf"))
             bad = bad or (strategy.checks_grad_norm and not bool(torch.isfinite(norm)))
         if not bad:
             strategy.optimizer_step(self.optimizer)
             self._bad_streak = 0
-            return
+            if not strategy.all_finite(self._trainable):
+                saved = f"; the newest checkpoint ({self.last_checkpoint[1]}) holds finite weights" \
+                    if self.last_checkpoint else ""
+                raise NonFiniteWeightsError(f"the update of step {self.step + 1} made parameters NaN or infinite "
+                                            f"(finite gradients, so the step size is too large: lower --lr); nothing "
+                                            f"was exported{saved}")
+            return stop
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped_steps += 1
         self._bad_streak += 1
         if self._bad_streak >= opts.max_bad_steps:
             saved = ""
             if opts.save_every and self.on_save is not None:
-                self.on_save(self.step)  # parameters are still those of the last good step
-                saved = "; the last good state is in the newest checkpoint (resume with --resume auto)"
+                self._save()  # parameters are still those of the last good step
+                saved = "; the last state with finite updates is in the newest checkpoint (resume with --resume auto)"
             raise NonFiniteError(f"{self._bad_streak} optimizer steps in a row had a non-finite loss or gradient "
                                  f"(up to step {self.step + 1}); stopping{saved}. Lower --lr, check the data, or "
                                  "try without --bf16")
+        return stop
+
+    def _stop_now(self, total: int) -> None:
+        """Stop after a signal: write a resume checkpoint when checkpointing is on, then raise Interrupted."""
+        import signal
+
+        signum = self.stop.signum or signal.SIGTERM  # another rank may have received it
+        if self.opts.save_every and self.on_save is not None:
+            done = f"resume checkpoint {self._save()} written; continue with --resume auto"
+        else:
+            done = "no resume checkpoint (--save_every is 0) and nothing exported"
+        raise Interrupted(signum, f"stopped by {signal_name(signum)} after step {self.step} of {total}: {done}")
 
     def _train_row(self, window: PairMetrics, epoch: int, t0: float, tokens: list[int]) -> dict:
         elapsed = time.perf_counter() - t0

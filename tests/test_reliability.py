@@ -128,30 +128,81 @@ def _rows(path):
     return [{k: r.get(k) for k in keys} for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_mid_training_then_resume_matches_uninterrupted(nproc, tmp_path):
+def _launch(nproc, stopper=None):
     strategy = ["--strategy", "naive" if nproc == 1 else "ddp", "--batch_size", "4" if nproc == 1 else "2"]
-    launcher = [sys.executable] if nproc == 1 else TORCHRUN + ["--standalone", "--nproc_per_node", "2"]
-    script = [str(REPO / "train_reward_model.py")]
-    args = COMMON + strategy + ["--save_every", "2", "--keep_last", "2"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = subprocess.run(launcher + script + args + ["--save_path", str(straight)], env=_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if nproc == 1:
+        launcher = [sys.executable]
+    elif stopper is signal.SIGKILL:
+        launcher = TORCHRUN + ["--standalone", "--nproc_per_node", "2"]
+    else:  # torchrun with a clean exit code on SIGINT / SIGTERM
+        launcher = [sys.executable, "-m", "coati.launch", "--standalone", "--nproc_per_node", "2"]
+    return launcher + [str(REPO / "train_reward_model.py")] + COMMON + strategy + ["--save_every", "2",
+                                                                                 "--keep_last", "2"]
 
-    victim = subprocess.Popen(launcher + script + args + ["--save_path", str(killed)], env=_env(), cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+def _kill_tree(pid):
+    """SIGKILL ``pid`` and all its descendants (children first read from /proc, then killed together)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted runs (1 process naive, 2 processes ddp), made once for every interruption test."""
+    runs = {}
+
+    def get(nproc):
+        if nproc not in runs:
+            out = tmp_path_factory.mktemp(f"straight{nproc}")
+            proc = subprocess.run(_launch(nproc) + ["--save_path", str(out)], env=_env(), cwd=REPO,
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[nproc] = out
+        return runs[nproc]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, stopper", [(1, signal.SIGKILL), (2, signal.SIGKILL), (1, signal.SIGTERM),
+                                            (2, signal.SIGINT)])
+def test_stopped_mid_training_then_resume_matches_uninterrupted(nproc, stopper, tmp_path, uninterrupted):
+    """SIGKILL: the last checkpoint survives. SIGTERM / SIGINT: every rank finishes its step, writes a checkpoint
+    there and exits with one line and 128 + the signal number; either way --resume auto ends like no stop."""
+    straight, killed = uninterrupted(nproc), tmp_path / "killed"
+    victim = subprocess.Popen(_launch(nproc, stopper) + ["--save_path", str(killed)], env=_env(), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-000004" / "manifest.json").exists():
         assert victim.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
         time.sleep(0.05)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode != 0
+    if stopper is signal.SIGKILL:
+        _kill_tree(victim.pid)  # torchrun starts each worker in a session of its own: kill them all, as a crash does
+    else:
+        os.kill(victim.pid, stopper)  # the launcher (or the one process) alone, as Slurm or Ctrl-C's handler does
+    _, err = victim.communicate(timeout=300)
     assert not (killed / "model.safetensors").exists()
+    if stopper is signal.SIGKILL:
+        assert victim.returncode != 0
+    else:
+        assert victim.returncode == 128 + stopper, err[-3000:]
+        said = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(said) == 1 and f"stopped by {stopper.name} after step" in said[0], err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        assert not [n for n in os.listdir(killed / "checkpoints") if n.endswith(".tmp")]
 
-    proc = subprocess.run(launcher + script + args + ["--save_path", str(killed), "--resume", "auto"], env=_env(),
+    proc = subprocess.run(_launch(nproc) + ["--save_path", str(killed), "--resume", "auto"], env=_env(),
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _rows(straight), _rows(killed)

@@ -1,0 +1,207 @@
+"""A checkpoint belongs to one run; updates that make weights non-finite stop the run; signals stop it cleanly."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from coati.checkpoint import NonFiniteWeightsError, list_checkpoints, save_resume_checkpoint
+from coati.data.template import TokenizedPair
+from coati.losses import log_sig_loss
+from coati.models.reward_model import RewardModel
+from coati.signals import Interrupted
+from coati.strategies.naive import NaiveStrategy
+from coati.train import main
+from coati.trainer import Trainer, TrainerOptions
+from conftest import tiny_model
+
+RUN = ["--strategy", "naive", "--dataset", "hh-rlhf", "--max_samples", "24", "--max_len", "64", "--batch_size", "4",
+       "--max_steps", "4", "--save_every", "2", "--log_every", "1", "--disable_tqdm", "--lr", "1e-3"]
+
+
+def _error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(lines), lines[-5:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("run") / "rm"
+    assert main(RUN + ["--save_path", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--lr", "2e-3"], "lr 0.001 -> 0.002"),
+    (["--loss_fn", "log_exp"], "loss_fn 'log_sig' -> 'log_exp'"),
+    (["--dataset", "dpo-en-demo"], "training data"),
+    (["--max_samples", "28"], "training data"),
+    (["--seed", "7"], "seed 42 -> 7"),
+])
+def test_resume_refuses_another_runs_checkpoint(finished, tmp_path, change, named, capsys):
+    import shutil
+
+    other = tmp_path / "rm"
+    shutil.copytree(finished, other)
+    before = (other / "model.safetensors").read_bytes()
+    assert main(RUN + change + ["--save_path", str(other), "--resume", "auto"]) == 2
+    err = _error(capsys)
+    assert "belongs to another run" in err and named in err, err
+    assert (other / "model.safetensors").read_bytes() == before  # nothing exported
+
+
+def test_resume_of_the_same_run_is_accepted(finished, tmp_path, capsys):
+    import shutil
+
+    again = tmp_path / "rm"
+    shutil.copytree(finished, again)
+    assert main(RUN + ["--save_path", str(again), "--resume", "auto"]) == 0
+    wa, wb = load_file(finished / "model.safetensors"), load_file(again / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_new_run_into_a_folder_with_checkpoints_stops(finished, tmp_path, capsys):
+    import shutil
+
+    used = tmp_path / "rm"
+    shutil.copytree(finished, used)
+    names = sorted(os.listdir(used / "checkpoints"))
+    assert main(RUN + ["--lr", "5e-4", "--save_path", str(used)]) == 2
+    err = _error(capsys)
+    assert "already holds resume checkpoints (newest step-000004)" in err and "--resume auto" in err
+    assert sorted(os.listdir(used / "checkpoints")) == names  # the old run's checkpoints are untouched
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(finished, tmp_path, capsys):
+    from coati.checkpoint import load_checkpoint_weights
+
+    ckpt = str(finished / "checkpoints" / "step-000004")
+    # the weights it loads are exactly the checkpoint's: the finished run exported them at step 4
+    strategy = NaiveStrategy()
+    strategy.setup()
+    from coati.models.loading import SMOLLM2_ALIAS, load_tokenizer, resolve_pretrain
+
+    tok = load_tokenizer(resolve_pretrain(SMOLLM2_ALIAS, with_model=False))
+    model = RewardModel(tiny_model("llama", tok, seed=5), True)
+    load_checkpoint_weights(ckpt, strategy, model)
+    exported = load_file(finished / "model.safetensors")
+    state = model.model.state_dict()
+    assert all(torch.equal(exported[k], state[k]) for k in exported)
+    # other settings are allowed; the new run starts at step 0 with its own schedule
+    out = tmp_path / "new"
+    assert main(RUN + ["--lr", "1e-4", "--max_steps", "2", "--save_path", str(out), "--init_from", ckpt]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+    capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------------------ in-process trainer
+
+def _trainer(tokenizer, tmp_path, loss_fn=log_sig_loss, **opts):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    strategy = NaiveStrategy()
+    strategy.setup()
+    torch.manual_seed(0)
+    model = RewardModel(tiny_model("llama", tokenizer), True).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    pairs = [TokenizedPair(torch.randint(5, 300, (8,), generator=g).tolist() + [2],
+                           torch.randint(5, 300, (6,), generator=g).tolist() + [2], None, "en", "x") for _ in range(32)]
+    options = dict(batch_size=4, eval_batch_size=4, accumulation_steps=1, max_epochs=1, max_steps=None,
+                   max_grad_norm=1.0, bf16=False, seed=0, log_every=1, eval_every=0, padding_side="right",
+                   metrics_path=str(tmp_path / "metrics.jsonl"), save_every=2)
+    options.update(opts)
+    trainer = Trainer(strategy, model, optimizer, None, loss_fn, pairs, [], tokenizer.pad_token_id,
+                      TrainerOptions(**options))
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    trainer.on_save = lambda step: save_resume_checkpoint(str(tmp_path), step, strategy, trainer.model,
+                                                          trainer.optimizer, trainer.scheduler, {}, 0)
+    return trainer
+
+
+def test_an_update_that_makes_weights_nan_stops_before_any_checkpoint_of_them(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path)
+    original = trainer.strategy.optimizer_step
+
+    def poisoned_step(opt):  # finite gradients, but the update overflows (as --lr 1e30 does)
+        original(opt)
+        if trainer.step == 2:  # the third update
+            with torch.no_grad():
+                next(trainer.model.parameters()).mul_(float("inf"))
+    trainer.strategy.optimizer_step = poisoned_step
+    with pytest.raises(NonFiniteWeightsError, match="the update of step 3 made parameters NaN or infinite.*"
+                                                    "step-000002"):
+        trainer.fit()
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step-000002"]
+    reloaded = _trainer(tokenizer, tmp_path / "x")
+    from coati.checkpoint import load_resume_checkpoint
+
+    load_resume_checkpoint(str(tmp_path / "checkpoints" / "step-000002"), reloaded.strategy, reloaded.model,
+                           reloaded.optimizer, reloaded.scheduler)
+    assert all(torch.isfinite(p).all() for p in reloaded.model.parameters())
+
+
+def test_the_cli_exports_nothing_when_weights_go_non_finite(tmp_path, capsys):
+    # --lr at the largest value the parser accepts that still blows up fp32 weights
+    out = tmp_path / "rm"
+    code = main(["--strategy", "naive", "--dataset", "hh-rlhf", "--max_samples", "16", "--max_len", "48",
+                 "--batch_size", "4", "--max_steps", "4", "--disable_tqdm", "--lr", "1e38", "--warmup_ratio", "0",
+                 "--max_bad_steps", "2", "--save_every", "1", "--save_path", str(out)])
+    assert code == 2
+    err = _error(capsys)
+    assert "NaN or infinite" in err or "non-finite" in err, err
+    assert not (out / "model.safetensors").exists()
+    for ckpt in list_checkpoints(str(out)):  # whatever was checkpointed is finite
+        assert _checkpoint_weights_finite(ckpt), ckpt
+
+
+def _checkpoint_weights_finite(path):
+    """True when every tensor stored in a DCP checkpoint is finite (read with the safe reader)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from coati.checkpoint import _safe_reader, dcp_load
+
+    meta = _safe_reader(os.path.join(path, "model_optim")).read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+             if isinstance(m, TensorStorageMetadata) and k.startswith("model.")}
+    dcp_load(state, os.path.join(path, "model_optim"))
+    return bool(state) and all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+def test_a_stop_signal_finishes_the_step_checkpoints_and_resumes_exactly(tokenizer, tmp_path):
+    straight = _trainer(tokenizer, tmp_path / "straight")
+    straight.fit()
+
+    calls = {"n": 0}
+
+    def loss_with_signal(c, r, m):  # SIGTERM arrives in the middle of the 5th step (before its backward)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return log_sig_loss(c, r, m)
+
+    stopped = _trainer(tokenizer, tmp_path / "stopped", loss_fn=loss_with_signal)
+    with pytest.raises(Interrupted) as info:
+        stopped.fit()
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after step 5 of 8" in str(info.value) and "step-000005" in str(info.value)
+    assert stopped.step == 5
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed after fit
+
+    from coati.checkpoint import find_resume_checkpoint, load_resume_checkpoint
+
+    resumed = _trainer(tokenizer, tmp_path / "stopped")
+    state = load_resume_checkpoint(find_resume_checkpoint(str(tmp_path / "stopped"), "auto"), resumed.strategy,
+                                   resumed.model, resumed.optimizer, resumed.scheduler)
+    resumed.step = state["step"]
+    resumed.fit()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert math.isfinite(resumed.history[-1]["loss"])
