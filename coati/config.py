@@ -207,6 +207,18 @@ def _registry_choices() -> dict[str, tuple[str, ...]]:
             "strategy": tuple(STRATEGIES)}
 
 
+class DefaultsOnceHelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to an option's help unless the help already mentions its default, or X is None,
+    False or SUPPRESS (so ``--help`` shows each default once)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = any(action.default is v for v in (None, False, argparse.SUPPRESS))  # `is`: 0 == False
+        if "default" in text.lower() or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def checked(base: type, rule: Range | None):
     """An argparse ``type`` that converts with ``base`` and enforces ``rule``, so a bad value fails at parse time."""
     def convert(text: str):
@@ -230,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_reward_model.py",
         description="Train a reward model (backbone + value head) on preference pairs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceHelpFormatter,
     )
     registry = _registry_choices()
     hints = typing.get_type_hints(TrainConfig)

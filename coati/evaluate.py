@@ -44,11 +44,11 @@ from collections.abc import Sequence
 
 import torch
 
-from coati.config import COUNT, POSITIVE, Range, checked
+from coati.config import COUNT, DefaultsOnceHelpFormatter, Range, checked
 
 from coati.data.sources import json_object_lines
 from coati.io import dumps, write_json
-from coati.score import DefaultsOnceHelpFormatter, check_output_target
+from coati.score import check_output_target
 
 PLOTS = ("margin_hist.png", "accuracy_by_subset.png", "reward_distributions.png", "calibration.png")
 TRAINING_CURVES = "training_curves.png"

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coati.config import COUNT, POSITIVE, Range, checked
+from coati.config import COUNT, POSITIVE, DefaultsOnceHelpFormatter, Range, checked
 
 from coati.data.formats import DataFormatError, check_text, is_blank
 from coati.data.sources import json_object_lines
@@ -167,17 +167,6 @@ def attach_scores(rows: list[_Row], scores: list[float], truncated: list[bool] |
             data["truncated"] = cut
         out.append(data)
     return out
-
-
-class DefaultsOnceHelpFormatter(argparse.HelpFormatter):
-    """Adds ``(default: X)`` to an option's help unless the help already mentions its default, or X is None,
-    False or SUPPRESS (so ``--help`` shows each default once)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
 
 
 def check_output_target(flag: str, path: str, folder: bool = False) -> None:

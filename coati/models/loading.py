@@ -281,10 +281,25 @@ def build_model(backbone: Backbone, tokenizer: PreTrainedTokenizerBase, pretrain
             model = backbone.model_class.from_pretrained(path, config=config, dtype=torch.float32)
         finally:
             hf_logging.set_verbosity(verbosity)
-        logger.info("loaded %s from %s; value head (score) freshly initialised", backbone.name, pretrain)
+        head = "loaded with it" if _has_value_head(path) else "freshly initialised"
+        logger.info("loaded %s from %s; value head (score) %s", backbone.name, pretrain, head)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def _has_value_head(path: str) -> bool:
+    """Whether a local checkpoint folder stores a ``score`` value head (a coati or other reward-model export)."""
+    if not os.path.isdir(path):
+        return False
+    from safetensors import safe_open
+
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:
+                if "score.weight" in f.keys():
+                    return True
+    return False
 
 
 def resolve_reward_token(tokenizer: PreTrainedTokenizerBase, spec: str) -> int:
