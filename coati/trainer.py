@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -172,10 +171,8 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train up to ``total_steps`` optimizer steps, starting at ``self.step`` (non-zero after a resume: the data
         order continues exactly where it stopped). Returns the metrics rows (also written to metrics.jsonl)."""
-        opts, strategy = self.opts, self.strategy
-        total, spe = self.total_steps, self.steps_per_epoch
         with self.stop.installed():
-            return self._fit(total, spe)
+            return self._fit(self.total_steps, self.steps_per_epoch)
 
     def _save(self) -> str:
         if self.last_checkpoint is None or self.last_checkpoint[0] != self.step:

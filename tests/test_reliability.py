@@ -14,12 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from coati.checkpoint import CheckpointError, find_resume_checkpoint, list_checkpoints, verify_checkpoint
-from coati.data.template import TokenizedPair
 from coati.losses import log_sig_loss
-from coati.models.reward_model import RewardModel
-from coati.strategies.naive import NaiveStrategy
-from coati.trainer import NonFiniteError, Trainer, TrainerOptions
-from conftest import tiny_model
+from coati.trainer import NonFiniteError
+from conftest import tiny_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -37,22 +34,7 @@ def _env():
 # ------------------------------------------------------------------------------------------ non-finite steps
 
 def _trainer(tokenizer, tmp_path, loss_fn, **opts):
-    strategy = NaiveStrategy()
-    strategy.setup()
-    torch.manual_seed(0)
-    model = RewardModel(tiny_model("llama", tokenizer), True).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(1)
-    pairs = [TokenizedPair(torch.randint(5, 300, (8,), generator=g).tolist() + [2],
-                           torch.randint(5, 300, (6,), generator=g).tolist() + [2], None, "en", "x") for _ in range(32)]
-    options = dict(batch_size=4, eval_batch_size=4, accumulation_steps=1, max_epochs=1, max_steps=None,
-                   max_grad_norm=1.0, bf16=False, seed=0, log_every=1, eval_every=0, padding_side="right",
-                   metrics_path=str(tmp_path / "metrics.jsonl"))
-    options.update(opts)
-    trainer = Trainer(strategy, model, optimizer, None, loss_fn, pairs, [], tokenizer.pad_token_id,
-                      TrainerOptions(**options))
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    return trainer
+    return tiny_trainer(tokenizer, tmp_path, loss_fn, **opts)
 
 
 def _nan_on(calls_to_poison):

@@ -10,14 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from coati.checkpoint import NonFiniteWeightsError, list_checkpoints, save_resume_checkpoint
-from coati.data.template import TokenizedPair
 from coati.losses import log_sig_loss
 from coati.models.reward_model import RewardModel
 from coati.signals import Interrupted
 from coati.strategies.naive import NaiveStrategy
 from coati.train import main
-from coati.trainer import Trainer, TrainerOptions
-from conftest import tiny_model
+from conftest import tiny_model, tiny_trainer
 
 RUN = ["--strategy", "naive", "--dataset", "hh-rlhf", "--max_samples", "24", "--max_len", "64", "--batch_size", "4",
        "--max_steps", "4", "--save_every", "2", "--log_every", "1", "--disable_tqdm", "--lr", "1e-3"]
@@ -105,23 +103,8 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(finished, tmp_pat
 # ------------------------------------------------------------------------------------------ in-process trainer
 
 def _trainer(tokenizer, tmp_path, loss_fn=log_sig_loss, **opts):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    strategy = NaiveStrategy()
-    strategy.setup()
-    torch.manual_seed(0)
-    model = RewardModel(tiny_model("llama", tokenizer), True).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(1)
-    pairs = [TokenizedPair(torch.randint(5, 300, (8,), generator=g).tolist() + [2],
-                           torch.randint(5, 300, (6,), generator=g).tolist() + [2], None, "en", "x") for _ in range(32)]
-    options = dict(batch_size=4, eval_batch_size=4, accumulation_steps=1, max_epochs=1, max_steps=None,
-                   max_grad_norm=1.0, bf16=False, seed=0, log_every=1, eval_every=0, padding_side="right",
-                   metrics_path=str(tmp_path / "metrics.jsonl"), save_every=2)
-    options.update(opts)
-    trainer = Trainer(strategy, model, optimizer, None, loss_fn, pairs, [], tokenizer.pad_token_id,
-                      TrainerOptions(**options))
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    trainer.on_save = lambda step: save_resume_checkpoint(str(tmp_path), step, strategy, trainer.model,
+    trainer = tiny_trainer(tokenizer, tmp_path, loss_fn, **dict(dict(save_every=2), **opts))
+    trainer.on_save = lambda step: save_resume_checkpoint(str(tmp_path), step, trainer.strategy, trainer.model,
                                                           trainer.optimizer, trainer.scheduler, {}, 0)
     return trainer
 

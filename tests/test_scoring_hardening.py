@@ -206,14 +206,19 @@ def test_api_refuses_blank_answers_and_lone_surrogates(export):
 
 # --------------------------------------------------------------------------- 3. outputs checked first
 
-def test_score_output_is_checked_before_the_model_loads(tmp_path, no_model_load, monkeypatch, capsys):
-    src = _write(tmp_path / "in.jsonl", '{"prompt": "a", "response": "b"}\n')
-    locked = tmp_path / "locked"
-    locked.mkdir()
+@pytest.fixture
+def locked(tmp_path, monkeypatch):
+    """A folder that is not writable: root may write anywhere, so os.access says no for this one folder."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
     real_access = os.access
-    # root may write anywhere, so "not writable" is simulated for this one folder
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.abspath(p) == str(locked)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.abspath(p) == str(folder)
                         else real_access(p, mode, **kw))
+    return folder
+
+
+def test_score_output_is_checked_before_the_model_loads(tmp_path, no_model_load, locked, capsys):
+    src = _write(tmp_path / "in.jsonl", '{"prompt": "a", "response": "b"}\n')
     cases = [
         (tmp_path, "is a folder"),
         (tmp_path / "missing" / "out.jsonl", f"the folder {tmp_path / 'missing'} does not exist"),
@@ -227,14 +232,8 @@ def test_score_output_is_checked_before_the_model_loads(tmp_path, no_model_load,
     assert not (tmp_path / "missing").exists() and not list(locked.iterdir())
 
 
-def test_evaluate_output_dir_is_checked_before_the_model_loads(tmp_path, pairs_file, no_model_load, monkeypatch,
-                                                               capsys):
+def test_evaluate_output_dir_is_checked_before_the_model_loads(tmp_path, pairs_file, no_model_load, locked, capsys):
     a_file = _write(tmp_path / "a_file", "x")
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.abspath(p) == str(locked)
-                        else real_access(p, mode, **kw))
     cases = [
         (a_file, "exists and is not a folder"),
         (a_file / "sub", f"{a_file} is a file"),
