@@ -172,9 +172,9 @@ class TrainConfig:
     keep_last: int = _opt(2, "resume checkpoints to keep, oldest deleted first (0 = keep all)", valid=NON_NEGATIVE_INT)
     resume: str | None = _opt(None, "resume from 'auto' (newest valid checkpoint in --save_path) or a checkpoint "
                                     "folder; the run's settings and data must be the checkpoint's")
-    init_from: str | None = _opt(None, "start a new run from the model weights of a resume checkpoint folder (a "
-                                       "fresh optimizer, schedule and step; other settings allowed); for an export "
-                                       "folder use --pretrain")
+    init_from: str | None = _opt(None, "start a new run from the weights of a resume checkpoint folder or of an "
+                                       "export folder (value head included; for an export also its tokenizer): a "
+                                       "fresh optimizer, schedule and step, other settings allowed")
     save_path: str = _opt("out/rm", "export folder: HF model, tokenizer, train_config.json, metrics.jsonl")
     disable_tqdm: bool = _opt(False, "no progress bar")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import dataclasses
 import hashlib
 import json
 import logging
@@ -134,8 +135,16 @@ def run(cfg: TrainConfig) -> dict:
     check_writable(cfg.save_path)
     if not cfg.resume:
         refuse_foreign_checkpoints(cfg.save_path)
+    init_weights = None  # a resume checkpoint whose model weights start this run (--init_from)
     if cfg.init_from:
-        verify_checkpoint(cfg.init_from)
+        if os.path.isfile(os.path.join(cfg.init_from, "manifest.json")):
+            verify_checkpoint(cfg.init_from)
+            init_weights = cfg.init_from
+        elif os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+            cfg = dataclasses.replace(cfg, pretrain=cfg.init_from)  # an export: backbone, value head and tokenizer
+        else:
+            raise CheckpointError(f"--init_from {cfg.init_from}: neither a resume checkpoint (no manifest.json) nor "
+                                  "an export folder (no config.json)")
     # model files (a GGUF de-quantized into the cache) are prepared before the process group exists: once, under a
     # file lock, so every rank then loads the same complete folder
     tok_source = tokenizer_source(cfg)
@@ -184,8 +193,8 @@ def run(cfg: TrainConfig) -> dict:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=True)
 
     model, optimizer = strategy.prepare(reward_model, make_optimizer)
-    if cfg.init_from:
-        load_checkpoint_weights(cfg.init_from, strategy, model)
+    if init_weights:
+        load_checkpoint_weights(init_weights, strategy, model)
         if main:
             logger.info("initialised the weights from %s (new optimizer, schedule and step)", cfg.init_from)
     metrics_path = os.path.join(cfg.save_path, "metrics.jsonl")

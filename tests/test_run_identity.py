@@ -188,3 +188,18 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_resumes_exactly(tokeniz
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert math.isfinite(resumed.history[-1]["loss"])
+
+
+def test_init_from_an_export_starts_from_its_weights_and_value_head(finished, tmp_path, capsys):
+    out = tmp_path / "from_export"
+    # one step at a learning rate too small to move fp32 weights: the export comes back unchanged
+    assert main(RUN + ["--lr", "1e-12", "--max_steps", "1", "--save_every", "0", "--save_path", str(out),
+                       "--init_from", str(finished)]) == 0
+    wa, wb = load_file(finished / "model.safetensors"), load_file(out / "model.safetensors")
+    assert "score.weight" in wa and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6  # head included
+    capsys.readouterr()
+
+
+def test_init_from_something_else_is_refused(tmp_path, capsys):
+    assert main(RUN + ["--save_path", str(tmp_path / "o"), "--init_from", str(tmp_path)]) == 2
+    assert "neither a resume checkpoint" in _error(capsys)
