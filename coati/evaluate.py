@@ -401,11 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", default=None, help="where named datasets are looked up (default: $COATI_DATA_DIR); "
                    "with --heldout the training run's own data_dir comes first, this one is used when it is unset "
                    "or gone")
-    p.add_argument("--max_samples", type=checked(int, COUNT), default=None, help="at most N pairs per dataset (first N in file order; "
+    p.add_argument("--max_samples", type=checked(int, COUNT), default=None,
+                   help="at most N pairs per dataset (first N in file order; "
                    "not with --heldout)")
     p.add_argument("--strict_data", action="store_true", help="stop at the first bad row instead of skipping it")
     p.add_argument("--batch_size", type=checked(int, COUNT), default=16, help="sequences per forward pass")
-    p.add_argument("--max_len", type=checked(int, Range(8, integer=True)), default=None, help="max tokens per sequence (default: train_config.json)")
+    p.add_argument("--max_len", type=checked(int, Range(8, integer=True)), default=None,
+                   help="max tokens per sequence (default: train_config.json)")
     p.add_argument("--output_dir", default=None, help="where the report and plots go (default: <model_path>/eval)")
     p.add_argument("--metrics", default=None, help="a training metrics.jsonl: also plot training_curves.png")
     p.add_argument("--bins", type=checked(int, COUNT), default=10, help="equal-width confidence bins for the ECE")

@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward_mean", type=checked(float, Range()), default=None, help="override the stored reward_mean")
     p.add_argument("--reward_std", type=checked(float, POSITIVE), default=None, help="override the stored reward_std")
     p.add_argument("--batch_size", type=checked(int, COUNT), default=16, help="sequences per forward pass")
-    p.add_argument("--max_len", type=checked(int, Range(8, integer=True)), default=None, help="max tokens per sequence (default: train_config.json)")
+    p.add_argument("--max_len", type=checked(int, Range(8, integer=True)), default=None,
+                   help="max tokens per sequence (default: train_config.json)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="backbone weights dtype")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -12,8 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from coati.data.collate import GlobalBatchSampler, collate_packed, collate_pairs
 from coati.checkpoint import NonFiniteWeightsError
+from coati.data.collate import GlobalBatchSampler, collate_packed, collate_pairs
 from coati.data.template import TokenizedPair
 from coati.io import dumps
 from coati.signals import Interrupted, StopFlag, signal_name
@@ -275,7 +276,8 @@ class Trainer:
             saved = ""
             if opts.save_every and self.on_save is not None:
                 self._save()  # parameters are still those of the last good step
-                saved = "; the last state with finite updates is in the newest checkpoint (resume with --resume auto)"
+                saved = ("; the last state with finite updates is in the newest checkpoint (resume with --resume "
+                         "auto)")
             raise NonFiniteError(f"{self._bad_streak} optimizer steps in a row had a non-finite loss or gradient "
                                  f"(up to step {self.step + 1}); stopping{saved}. Lower --lr, check the data, or "
                                  "try without --bf16")
@@ -283,8 +285,6 @@ class Trainer:
 
     def _stop_now(self, total: int) -> None:
         """Stop after a signal: write a resume checkpoint when checkpointing is on, then raise Interrupted."""
-        import signal
-
         signum = self.stop.signum or signal.SIGTERM  # another rank may have received it
         if self.opts.save_every and self.on_save is not None:
             done = f"resume checkpoint {self._save()} written; continue with --resume auto"

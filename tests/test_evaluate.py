@@ -240,7 +240,8 @@ def test_cli_user_errors_exit_2(export, data_files, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--model_path", str(path), "--dataset", a, "--bins", "0", "--output_dir", str(tmp_path / "o")])
     assert info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("argument --bins: must be an integer >= 1, got '0'")
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("argument --bins: must be an integer >= 1, got '0'")
     assert not (tmp_path / "o" / "report.json").exists()
 
 
