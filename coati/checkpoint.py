@@ -380,19 +380,7 @@ def save_resume_checkpoint(save_path: str, step: int, strategy, model, optimizer
     except BaseException as e:
         if strategy.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"writing checkpoint {final} failed: {describe_os_error(e)}; no partial "
-                                  "checkpoint was left") from None
-        if type(e).__name__ == "CheckpointException":  # DCP's BaseException holding each rank's error
-            inner = _failures(e)
-            stop = next((f for f in inner if not isinstance(f, Exception) or isinstance(f, Interrupted)), None)
-            if stop is not None:  # Ctrl-C / a stop signal while DCP wrote: the interrupt itself goes on
-                raise stop from None
-            cause = next((f for f in inner if isinstance(f, OSError)), None)
-            reason = describe_os_error(cause) if cause is not None else f"{type(inner[0]).__name__}: {inner[0]}"[:300]
-            raise CheckpointError(f"writing checkpoint {final} failed: {reason}; no partial checkpoint was "
-                                  "left") from None
-        raise
+        raise _write_error(e, final) from None
     strategy.barrier()
     return final
 
@@ -406,6 +394,24 @@ def _failures(e: BaseException) -> list[BaseException]:
     for f in failures.values():
         out += _failures(f[0] if isinstance(f, tuple) else f)
     return out
+
+
+def _write_error(e: BaseException, final: str) -> BaseException:
+    """What a failed checkpoint write raises: an interrupt goes on as itself; a disk error (also one rank's, inside
+    DCP's ``CheckpointException``) becomes one CheckpointError line; any other error of DCP a CheckpointError with its
+    first cause; anything else is raised unchanged."""
+    inner = _failures(e)
+    stop = next((f for f in inner if not isinstance(f, Exception) or isinstance(f, Interrupted)), None)
+    if stop is not None:  # Ctrl-C / a stop signal while writing
+        return stop
+    cause = next((f for f in inner if isinstance(f, OSError)), None)
+    if cause is not None:
+        reason = describe_os_error(cause)
+    elif inner != [e]:
+        reason = f"{type(inner[0]).__name__}: {inner[0]}"[:300]
+    else:
+        return e
+    return CheckpointError(f"writing checkpoint {final} failed: {reason}; no partial checkpoint was left")
 
 
 def read_trainer_state(path: str) -> dict:

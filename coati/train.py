@@ -225,8 +225,7 @@ def run(cfg: TrainConfig) -> dict:
             logger.info("resumed from %s at step %d (written under %s)", resume_from, trainer.step, state["strategy"])
     if main:
         keep_metrics_until(metrics_path, trainer.step)
-    run_state = {"global_batch": global_batch, "train_pairs": len(train_tok), "seed": cfg.seed, "total_steps": total,
-                 "fingerprint": fingerprint}
+    run_state = {"fingerprint": fingerprint}  # seed, global batch, steps and data are all in it
     trainer.on_save = lambda step: save_resume_checkpoint(cfg.save_path, step, strategy, model, optimizer,
                                                           trainer.scheduler, run_state, cfg.keep_last)
     t_fit, start_step = time.perf_counter(), trainer.step

@@ -143,7 +143,7 @@ def test_export_of_nan_weights_writes_nothing(tokenizer, tmp_path):
         next(hf.parameters())[0, 0] = float("inf")
     with pytest.raises(NonFiniteWeightsError, match="NaN or infinite"):
         export_hf(hf, tokenizer, str(tmp_path / "rm"))
-    assert not (tmp_path / "rm").exists() or os.listdir(tmp_path / "rm") == []
+    assert not (tmp_path / "rm").exists()  # checked before the folder is even created
 
 
 def test_an_export_that_fails_midway_keeps_the_previous_one(tokenizer, tmp_path, monkeypatch):
