@@ -100,7 +100,7 @@ def batches(pairs, batch_size, count, seed):
 # ---------------------------------------------------------------------------------------------- modes (children)
 
 def run_coati(args, mode: str) -> dict:
-    from coati.data.collate import collate_packed, collate_pairs, default_row_capacity
+    from coati.data.collate import collate_packed, collate_pairs
     from coati.losses import log_sig_loss
     from coati.models.loading import enable_gradient_checkpointing
     from coati.models.reward_model import RewardModel
@@ -109,12 +109,12 @@ def run_coati(args, mode: str) -> dict:
     hf_model = make_model()
     if args.gradient_checkpointing == "on":
         enable_gradient_checkpointing(hf_model, args.gradient_checkpointing_ratio)
-    model = RewardModel(hf_model, backbone.uses_position_ids).to(args.device).train()
+    model = RewardModel(hf_model, backbone).to(args.device).train()
     # as TRL (transformers' default optim adamw_torch_fused, weight decay 0)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     plan = batches(pairs, args.batch_size, args.warmup + args.steps, args.seed)
     share = mode == "coati_packed"
-    capacity = args.max_tokens_per_batch or default_row_capacity(model.packed_attention, args.max_len, share)
+    capacity = args.max_tokens_per_batch or backbone.row_capacity(args.max_len, share)
     real = computed = total = 0
     t0 = None
     for step, idx in enumerate(plan):
@@ -124,7 +124,7 @@ def run_coati(args, mode: str) -> dict:
         batch = (collate_pairs(items, tokenizer.pad_token_id) if mode == "coati_padded"
                  else collate_packed(items, tokenizer.pad_token_id, capacity, share_prefix=share))
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
-            rewards = model(**{k: v.to(args.device) for k, v in batch["inputs"].items()})
+            rewards = model(**{k: v.to(args.device) for k, v in batch.inputs.items()})
         b = len(items)
         loss = log_sig_loss(rewards[:b], rewards[b:])
         loss.backward()
@@ -134,9 +134,9 @@ def run_coati(args, mode: str) -> dict:
         if args.device == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
-            real += batch["real_tokens"]
-            computed += batch["computed_tokens"]
-            total += batch["total_tokens"]
+            real += batch.real_tokens
+            computed += batch.computed_tokens
+            total += batch.total_tokens
     elapsed = time.perf_counter() - t0
     return finish(args, model.hf_model, elapsed, real, computed, total, len(pairs))
 

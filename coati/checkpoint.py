@@ -8,6 +8,7 @@ metadata classes DCP itself writes) and whose non-tensor items load with ``torch
 
 from __future__ import annotations
 
+import array
 import hashlib
 import io
 import json
@@ -18,14 +19,19 @@ import random
 import shutil
 import tempfile
 
+import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from transformers import PreTrainedTokenizerBase
 
 from coati.io import describe_os_error, make_readable, write_json
 from coati.models.lora import merged_copy
 from coati.signals import Interrupted
-from coati.strategies.base import parameters_finite
+from coati.strategies.base import all_finite, dcp_state, load_dcp_state, parameters_finite
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +46,6 @@ class NonFiniteWeightsError(RuntimeError):
 
 def non_finite_names(model: nn.Module) -> list[str]:
     """Names of the parameters of ``model`` that hold NaN or infinity (for error messages)."""
-    import torch
-
     return [n for n, p in model.named_parameters()
             if not bool(torch.isfinite((p.to_local() if hasattr(p, "to_local") else p).detach()).all())]
 
@@ -79,12 +83,8 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
         bad = non_finite_names(plain)
         raise NonFiniteWeightsError(f"{len(bad)} weight tensors are NaN or infinite (e.g. {bad[0]}); nothing was "
                                     f"exported to {path}. Lower --lr or check the data")
-    plain.config.num_labels = 1
-    plain.config.id2label = {0: "reward"}
-    plain.config.label2id = {"reward": 0}
-    plain.config.pad_token_id = tokenizer.pad_token_id
-    for key, value in (extra_config or {}).items():
-        setattr(plain.config, key, value)
+    plain.config.update({"num_labels": 1, "id2label": {0: "reward"}, "label2id": {"reward": 0},
+                         "pad_token_id": tokenizer.pad_token_id, **(extra_config or {})})
     files = dict(extra_json or {})
     if train_config is not None:
         files["train_config.json"] = train_config
@@ -205,17 +205,24 @@ def find_resume_checkpoint(save_path: str, resume: str) -> str | None:
     return None
 
 
-def refuse_foreign_checkpoints(save_path: str) -> None:
-    """A new run (no ``--resume``) must not write into a folder that holds resume checkpoints.
+def prepare_save_path(save_path: str, resuming: bool) -> None:
+    """Fail fast when the export folder cannot be written, or (a new run) already holds resume checkpoints.
 
-    Its own checkpoints would be mixed with the old ones (``--keep_last`` would delete the new, lower-numbered
+    A new run's checkpoints would be mixed with the old ones (``--keep_last`` would delete the new, lower-numbered
     ones first, and a later ``--resume auto`` would pick up the old run).
 
     Raises:
-        CheckpointError: ``<save_path>/checkpoints`` holds a finished or temporary checkpoint; the message says
+        PermissionError: the folder cannot be created or written.
+        CheckpointError: a new run, and ``<save_path>/checkpoints`` holds a finished checkpoint; the message says
             what to do.
     """
-    found = list_checkpoints(save_path)
+    try:
+        os.makedirs(save_path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=save_path, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--save_path {save_path} is not writable: {e}") from None
+    found = [] if resuming else list_checkpoints(save_path)
     if found:
         raise CheckpointError(f"--save_path {save_path} already holds resume checkpoints (newest "
                               f"{os.path.basename(found[-1])}); continue that run with --resume auto, or start this "
@@ -223,21 +230,71 @@ def refuse_foreign_checkpoints(save_path: str) -> None:
                               "--init_from CHECKPOINT starts a new run from a checkpoint's weights")
 
 
+def init_from_kind(path: str) -> str:
+    """What ``--init_from`` names: ``"checkpoint"`` (a verified resume checkpoint: its model weights start the run)
+    or ``"export"`` (an export folder: its backbone, value head and tokenizer are the run's ``--pretrain``).
+
+    Raises:
+        CheckpointError: neither, or a checkpoint that fails verification.
+    """
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        verify_checkpoint(path)
+        return "checkpoint"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "export"
+    raise CheckpointError(f"--init_from {path}: neither a resume checkpoint (no manifest.json) nor an export folder "
+                          "(no config.json)")
+
+
 # ---------------------------------------------------------------------------------------------- run fingerprint
 
-def fingerprint_mismatch(saved: dict | None, current: dict) -> list[str]:
-    """The settings in which a checkpoint's run fingerprint differs from this run's, as ``name: old -> new``.
+#: options that change what a run computes: a resume checkpoint carries them and refuses a run that differs.
+#: (Strategy, logging, checkpoint and packing layout settings are left out: they do not change the math, and a
+#: checkpoint resumes under another strategy.)
+FINGERPRINT_FIELDS = ("model", "pretrain", "model_config", "tokenizer", "lora_rank", "lora_alpha", "lora_dropout",
+                      "lora_train_bias", "loss_fn", "focal_gamma", "penalty", "penalty_weight", "reward_bound",
+                      "center_rewards_coefficient", "reward_token", "max_len", "chat_template", "group_by_length",
+                      "max_epochs", "max_steps", "lr", "weight_decay", "adam_eps", "warmup_ratio", "max_grad_norm",
+                      "mixed_precision", "seed", "init_from")
 
-    A fingerprint is ``{"settings": {name: value}, "data_sha256": str}`` (see :func:`coati.train.run_fingerprint`).
-    A missing fingerprint (a checkpoint of an older coati) differs in everything.
+
+def run_fingerprint(options: dict, train_tok: list, global_batch: int, total_steps: int) -> dict:
+    """What identifies a run: its math-changing options (``options``: the flat config) and the SHA-256 of its
+    training pairs (token ids and margins, in order), so a checkpoint never resumes another run's data or settings.
+
+    Returns:
+        ``{"settings": {field: value, "global_batch": int, "total_steps": int}, "data_sha256": hex str}``.
     """
+    settings = {k: options[k] for k in FINGERPRINT_FIELDS}
+    settings.update(global_batch=global_batch, total_steps=total_steps)
+    h = hashlib.sha256()
+    for p in train_tok:
+        h.update(array.array("q", [len(p.chosen_ids), *p.chosen_ids, len(p.rejected_ids), *p.rejected_ids]).tobytes())
+        h.update(repr(p.margin).encode())
+    return {"settings": settings, "data_sha256": h.hexdigest()}
+
+
+def check_same_run(path: str, fingerprint: dict) -> None:
+    """Refuse to resume the checkpoint ``path`` of another run: one line naming every setting (``name: old -> new``)
+    in which its fingerprint (see :func:`run_fingerprint`) differs; a checkpoint without one (an older coati)
+    differs in everything.
+
+    Raises:
+        CheckpointError: the fingerprints differ, or the checkpoint's trainer state is unreadable.
+    """
+    saved = read_trainer_state(path).get("fingerprint")
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
-        return ["run fingerprint (the checkpoint has none: written by an older coati)"]
-    old, new = saved["settings"], current["settings"]
-    diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if saved.get("data_sha256") != current.get("data_sha256"):
-        diffs.append("training data (the pairs' content or order differs)")
-    return diffs
+        diffs = ["run fingerprint (the checkpoint has none: written by an older coati)"]
+    else:
+        old, new = saved["settings"], fingerprint["settings"]
+        diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                 if old.get(k) != new.get(k)]
+        if saved.get("data_sha256") != fingerprint.get("data_sha256"):
+            diffs.append("training data (the pairs' content or order differs)")
+    if diffs:
+        raise CheckpointError(f"--resume: {path} belongs to another run ({'; '.join(diffs)}); resume with that run's "
+                              "settings and data, or start a new run from its weights with --init_from " + path +
+                              " and another --save_path")
 
 
 # ---------------------------------------------------------------------------------------------- safe DCP reading
@@ -258,60 +315,49 @@ _METADATA_CLASSES = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        import torch
-
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                          torch.memory_format)):
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (
+                torch.dtype, torch.layout, torch.memory_format))):
             return getattr(torch, name)
-        if module == "torch" and name == "Size":
-            return torch.Size
         if name in _METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refers to {module}.{name}, which checkpoint metadata never holds")
 
 
-def _safe_reader(path: str):
+class _SafeReader(FileSystemReader):
     """A DCP ``FileSystemReader`` whose metadata is read by the allow-list unpickler (never runs code)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs) -> Metadata:
-            meta_path = self._get_metadata_path(kwargs.get("rank"))
-            try:
-                with self.fs.create_stream(meta_path, "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{meta_path}: not a checkpoint's metadata ({e}); refused without running "
-                                      "it") from None
-            if not isinstance(metadata, Metadata):
-                raise CheckpointError(f"{meta_path}: holds a {type(metadata).__name__}, not checkpoint metadata")
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeReader(path)
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        meta_path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(meta_path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{meta_path}: not a checkpoint's metadata ({e}); refused without running "
+                                  "it") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{meta_path}: holds a {type(metadata).__name__}, not checkpoint metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
-def _safe_planner():
+_safe_reader = _SafeReader
+
+
+class _SafePlanner(DefaultLoadPlanner):
     """DCP's default load planner, except that non-tensor items load with ``torch.load(weights_only=True)``."""
-    import torch
-    from torch.distributed.checkpoint import DefaultLoadPlanner
 
-    class SafePlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value: io.BytesIO) -> None:
-            try:
-                obj = torch.load(value, weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise CheckpointError(f"checkpoint item {read_item.dest_index.fqn}: refused, it is not plain data "
-                                      f"({str(e).splitlines()[-1][:200]})") from None
-            clean = io.BytesIO()
-            torch.save(obj, clean)  # only plain containers, numbers and tensors survive weights_only loading
-            clean.seek(0)
-            super().load_bytes(read_item, clean)
-
-    return SafePlanner()
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"checkpoint item {read_item.dest_index.fqn}: refused, it is not plain data "
+                                  f"({str(e).splitlines()[-1][:200]})") from None
+        clean = io.BytesIO()
+        torch.save(obj, clean)  # only plain containers, numbers and tensors survive weights_only loading
+        clean.seek(0)
+        super().load_bytes(read_item, clean)
 
 
 def dcp_load(state: dict, path: str) -> None:
@@ -320,13 +366,10 @@ def dcp_load(state: dict, path: str) -> None:
     Raises:
         CheckpointError: the metadata or an item refers to anything but checkpoint data.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    reader = _safe_reader(path)
+    reader = _SafeReader(path)
     reader.read_metadata()  # refuse a crafted metadata file here, with its own message (DCP would wrap it)
     try:
-        dcp.load(state, storage_reader=reader, planner=_safe_planner())
+        dcp.load(state, storage_reader=reader, planner=_SafePlanner())
     except CheckpointException as e:  # a BaseException holding each rank's error
         inner = [f for f in _failures(e) if isinstance(f, CheckpointError)]
         if inner:
@@ -346,10 +389,7 @@ def save_resume_checkpoint(save_path: str, step: int, strategy, model, optimizer
         NonFiniteWeightsError: a parameter is NaN or infinite (nothing is written).
         CheckpointError: writing failed (full disk, interrupt); the temporary folder is removed.
     """
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    if not strategy.all_finite(model.parameters()):
+    if not all_finite(strategy, model.parameters()):
         raise NonFiniteWeightsError(f"parameters are NaN or infinite at step {step}; no checkpoint written")
     root = os.path.join(save_path, CHECKPOINT_DIR)
     final = os.path.join(root, f"{_PREFIX}{step:06d}")
@@ -359,7 +399,7 @@ def save_resume_checkpoint(save_path: str, step: int, strategy, model, optimizer
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(os.path.join(tmp, "rng"))
         strategy.barrier()
-        dcp.save(strategy.resume_state(model, optimizer), checkpoint_id=os.path.join(tmp, "model_optim"))
+        dcp.save(dcp_state(model, optimizer), checkpoint_id=os.path.join(tmp, "model_optim"))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -390,10 +430,7 @@ def _failures(e: BaseException) -> list[BaseException]:
     failures = getattr(e, "failures", None)
     if not isinstance(failures, dict):
         return [e]
-    out = []
-    for f in failures.values():
-        out += _failures(f[0] if isinstance(f, tuple) else f)
-    return out
+    return [inner for f in failures.values() for inner in _failures(f[0] if isinstance(f, tuple) else f)]
 
 
 def _write_error(e: BaseException, final: str) -> BaseException:
@@ -439,12 +476,10 @@ def load_resume_checkpoint(path: str, strategy, model, optimizer, scheduler) -> 
         CheckpointError: this rank's RNG file is missing (the checkpoint was written by fewer ranks), or the
             checkpoint holds anything but data (see :func:`dcp_load`).
     """
-    import torch
-
     state = read_trainer_state(path)
-    target = strategy.resume_state(model, optimizer)
+    target = dcp_state(model, optimizer)
     dcp_load(target, os.path.join(path, "model_optim"))
-    strategy.load_resume_state(model, optimizer, target)
+    load_dcp_state(model, optimizer, target)
     scheduler.load_state_dict(state["scheduler"])
     rng_path = os.path.join(path, "rng", f"rank{strategy.rank}.pt")
     if not os.path.exists(rng_path):
@@ -457,6 +492,23 @@ def load_resume_checkpoint(path: str, strategy, model, optimizer, scheduler) -> 
     return state
 
 
+def resume_run(save_path: str, resume: str, fingerprint: dict, strategy, model, optimizer, scheduler) -> int:
+    """``--resume``: find the checkpoint (:func:`find_resume_checkpoint`), refuse another run's
+    (:func:`check_same_run`) and restore it (:func:`load_resume_checkpoint`).
+
+    Returns:
+        the step to continue from (0 when ``resume`` is ``auto`` and there is no valid checkpoint yet).
+    """
+    path = find_resume_checkpoint(save_path, resume)
+    if path is None:
+        return 0
+    check_same_run(path, fingerprint)
+    state = load_resume_checkpoint(path, strategy, model, optimizer, scheduler)
+    if strategy.is_main:
+        logger.info("resumed from %s at step %d (written under %s)", path, state["step"], state["strategy"])
+    return state["step"]
+
+
 def load_checkpoint_weights(path: str, strategy, model) -> None:
     """Load only the model weights of a resume checkpoint into ``model`` (``--init_from``): no optimizer, step or RNG.
 
@@ -465,7 +517,7 @@ def load_checkpoint_weights(path: str, strategy, model) -> None:
             or LoRA settings).
     """
     verify_checkpoint(path)
-    target = strategy.resume_state(model, None)
+    target = dcp_state(model, None)
     try:
         dcp_load({"model": target["model"]}, os.path.join(path, "model_optim"))
     except CheckpointError:
@@ -473,4 +525,4 @@ def load_checkpoint_weights(path: str, strategy, model) -> None:
     except Exception as e:  # DCP reports missing keys and shape mismatches as assorted errors
         raise CheckpointError(f"--init_from {path}: its weights do not fit this model ({str(e).splitlines()[0][:300]})"
                               ) from None
-    strategy.load_resume_state(model, None, target)
+    load_dcp_state(model, None, target)

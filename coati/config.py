@@ -1,19 +1,27 @@
-"""TrainConfig: the single source of truth for every training option.
+"""TrainConfig: every training option, once, in groups (backbone, LoRA, data, loss, strategy, optimisation, logging).
 
-The argparse parser is generated from the dataclass fields, so a new option is one field here. The resolved config
-is saved as ``train_config.json`` next to every export.
+Each group is a dataclass whose field names are the flat command-line flags of Coati (``--max_len``, ``--lr``...);
+transformers' ``HfArgumentParser`` builds the parser from them, and each component is built from its own group
+(the strategy from :class:`StrategyArgs`, the loss from :class:`LossArgs`...). A new option is one field here.
+``--config recipe.yaml`` (or ``.json``, such as the ``train_config.json`` written beside every export) sets any
+flag; the command line overrides the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
 import json
 import math
-import os
 import typing
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
+
+from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,6 @@ class Range:
     lo_open: bool = False
     hi_open: bool = False
     integer: bool = False
-    note: str = ""
 
     def ok(self, value: float) -> bool:
         """Whether ``value`` obeys the rule (NaN and infinities never do)."""
@@ -51,7 +58,7 @@ class Range:
             bounds = f" {'<' if self.hi_open else '<='} {num(self.hi)}"
         else:
             bounds = ""
-        return kind + bounds + (f" ({self.note})" if self.note else "")
+        return kind + bounds
 
 
 POSITIVE = Range(0, lo_open=True)
@@ -61,24 +68,19 @@ NON_NEGATIVE_INT = Range(0, integer=True)
 FRACTION = Range(0, 1)
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, nargs: str | None = None,
-         valid: Range | None = None) -> Any:
-    """A dataclass field carrying its CLI help text, choices and numeric rule (``valid``) in metadata."""
-    meta = {"help": help, "choices": choices, "nargs": nargs, "valid": valid}
+def _opt(default: Any, help: str, valid: Range | None = None, **argparse_kwargs) -> Any:
+    """A dataclass field carrying its CLI help, numeric rule (``valid``) and argparse extras (``choices``,
+    ``aliases``) in metadata."""
+    meta = {"help": help, "valid": valid, **argparse_kwargs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
 @dataclass
-class TrainConfig:
-    """All options of ``train_reward_model.py``; field names are the CLI flags (``--max_len`` etc.).
+class ModelArgs:
+    """The backbone, its weights and tokenizer, the reward token, activation checkpointing."""
 
-    Registry-backed choices (``model``, ``loss_fn``, ``strategy``) are validated against their registries in
-    :func:`parse_args`, so the CLI choices cannot drift from the code.
-    """
-
-    # backbone
     model: str = _opt("llama", "backbone family (registry coati.models.backbones.BACKBONES)")
     pretrain: str | None = _opt(None, "pretrained weights: local HF folder, Hub id (online), a .gguf file, or the alias "
                                       "'smollm2-135m'; omitted = random init from --model_config")
@@ -87,23 +89,29 @@ class TrainConfig:
     tokenizer: str | None = _opt(None, "tokenizer folder or Hub id; default: the backbone's own, or SmolLM2's for a "
                                        "random-init model")
     trust_remote_code: bool = _opt(False, "allow Hub remote code when loading (off by default)")
-    # LoRA
+    reward_token: str = _opt("auto", "token appended to every answer where the reward is read: auto / eos (the "
+                                     "EOS) or a token id (e.g. an unused vocabulary id)")
+    gradient_checkpointing: bool = _opt(False, "recompute block activations in backward (less memory, ~30% "
+                                               "more compute)")
+    gradient_checkpointing_ratio: float = _opt(1.0, "with --gradient_checkpointing: share of the blocks recomputed "
+                                                    "(the first ones); below 1 trades memory for speed",
+                                              valid=Range(0, 1, lo_open=True))
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapters (peft); the value head is always trained in full."""
+
     lora_rank: int = _opt(0, "LoRA rank; 0 = full fine-tuning", valid=NON_NEGATIVE_INT)
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / rank)", valid=POSITIVE)
     lora_dropout: float = _opt(0.0, "LoRA dropout", valid=Range(0, 1, hi_open=True))
     lora_train_bias: str = _opt("none", "which biases to train with LoRA", choices=("none", "all", "lora_only"))
-    # loss
-    loss_fn: str = _opt("log_sig", "pairwise loss (registry coati.losses.LOSSES)")
-    focal_gamma: float = _opt(2.0, "focal loss gamma (0 = log_sig)", valid=NON_NEGATIVE)
-    penalty: str = _opt("none", "penalty on the scores (registry coati.losses.PENALTIES)")
-    penalty_weight: float = _opt(0.02, "weight of the penalty (averaged over chosen and rejected scores)",
-                                 valid=NON_NEGATIVE)
-    reward_bound: float = _opt(5.0, "log_barrier bound B: scores are kept inside (-B, B)", valid=POSITIVE)
-    center_rewards_coefficient: float = _opt(0.0, "adds c * mean((r_c + r_r)^2) to keep rewards centred at 0",
-                                             valid=NON_NEGATIVE)
-    reward_token: str = _opt("auto", "token appended to every answer where the reward is read: auto / eos (the "
-                                     "EOS) or a token id (e.g. an unused vocabulary id)")
-    # data
+
+
+@dataclass
+class DataArgs:
+    """Which pairs, how they are rendered, tokenized and batched (packing)."""
+
     dataset: list[str] = _opt(["hh-rlhf"], "named datasets, local files (.jsonl/.jsonl.gz/.json/.parquet) or Hub ids",
                               nargs="+")
     data_dir: str | None = _opt(None, "where named datasets are looked up first (default: env COATI_DATA_DIR)")
@@ -130,19 +138,45 @@ class TrainConfig:
                              choices=("right", "left"))
     chat_template: str = _opt("auto", "render conversations with the tokenizer's chat template: auto (when it has "
                                       "one), always, never", choices=("auto", "always", "never"))
-    # strategy
+
+
+@dataclass
+class LossArgs:
+    """The pairwise loss and the penalties on the rewards (:mod:`coati.losses`)."""
+
+    loss_fn: str = _opt("log_sig", "pairwise loss (registry coati.losses.LOSSES)")
+    focal_gamma: float = _opt(2.0, "focal loss gamma (0 = log_sig)", valid=NON_NEGATIVE)
+    penalty: str = _opt("none", "penalty on the scores (registry coati.losses.PENALTIES)")
+    penalty_weight: float = _opt(0.02, "weight of the penalty (averaged over chosen and rejected scores)",
+                                 valid=NON_NEGATIVE)
+    reward_bound: float = _opt(5.0, "log_barrier bound B: scores are kept inside (-B, B)", valid=POSITIVE)
+    center_rewards_coefficient: float = _opt(0.0, "adds c * mean((r_c + r_r)^2) to keep rewards centred at 0",
+                                             valid=NON_NEGATIVE)
+
+
+@dataclass
+class StrategyArgs:
+    """The distributed strategy and its precision (:mod:`coati.strategies`); each strategy takes some of these."""
+
     strategy: str = _opt("ddp", "distributed strategy (registry coati.strategies.STRATEGIES)")
     zero_stage: int = _opt(3, "fsdp: 2 keeps gathered parameters after forward, 3 reshards them (less memory)",
-                            valid=Range(2, 3, integer=True))
-    cpu_offload: bool = _opt(False, "fsdp: keep sharded parameters and optimizer state in CPU memory")
-    zero_cpu_offload: bool = _opt(False, "colossalai_zero2: offload optimizer state to CPU")
+                           valid=Range(2, 3, integer=True))
+    cpu_offload: bool = _opt(False, "keep optimizer state in CPU memory: fsdp also its sharded parameters, "
+                                    "colossalai_zero2 also its fp32 master weights", aliases=["--zero_cpu_offload"])
     placement_policy: str = _opt("static", "colossalai_gemini: where Gemini places parameters",
                                  choices=("static", "auto"))
-    mixed_precision: str = _opt("bf16", "colossalai_*: training precision of the ColossalAI plugin",
-                                choices=("bf16", "fp16"))
+    mixed_precision: str = _opt("fp32", "training precision: fp32; bf16 (autocast for the backbone, weights, "
+                                        "optimizer and loss in fp32; ColossalAI's ZeRO plugins keep bf16 weights "
+                                        "with fp32 master copies); fp16 (ColossalAI's ZeRO plugins only, with loss "
+                                        "scaling). --bf16 is --mixed_precision bf16", choices=("fp32", "bf16", "fp16"))
     dist_timeout: float = _opt(1800.0, "seconds a collective may wait before every rank stops with an error",
                                valid=POSITIVE)
-    # optimisation
+
+
+@dataclass
+class OptimArgs:
+    """Optimizer, schedule and the training loop: batch sizes, steps, evaluation and checkpoint intervals."""
+
     batch_size: int = _opt(4, "pairs per micro-batch per process", valid=COUNT)
     accumulation_steps: int = _opt(1, "micro-batches per optimizer step", valid=COUNT)
     max_epochs: int = _opt(1, "passes over the training pairs", valid=COUNT)
@@ -156,15 +190,7 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables", valid=NON_NEGATIVE)
     max_bad_steps: int = _opt(5, "stop after this many consecutive steps skipped for a non-finite loss or gradient",
                               valid=COUNT)
-    gradient_checkpointing: bool = _opt(False, "recompute block activations in backward (less memory, ~30% "
-                                               "more compute)")
-    gradient_checkpointing_ratio: float = _opt(1.0, "with --gradient_checkpointing: share of the blocks recomputed "
-                                                    "(the first ones); below 1 trades memory for speed",
-                                              valid=Range(0, 1, lo_open=True))
-    bf16: bool = _opt(False, "bf16 autocast for the backbone (weights, optimizer and loss stay fp32)")
     seed: int = _opt(42, "seed for init, shuffling and dropout", valid=Range(0, 2**32, hi_open=True, integer=True))
-    # logging / output
-    log_every: int = _opt(10, "log train metrics every N optimizer steps", valid=COUNT)
     eval_every: int = _opt(0, "evaluate every N optimizer steps (0 = only at the end)", valid=NON_NEGATIVE_INT)
     eval_batch_size: int | None = _opt(None, "pairs per evaluation batch per process (default: --batch_size)",
                                        valid=COUNT)
@@ -175,36 +201,89 @@ class TrainConfig:
     init_from: str | None = _opt(None, "start a new run from the weights of a resume checkpoint folder or of an "
                                        "export folder (value head included; for an export also its tokenizer): a "
                                        "fresh optimizer, schedule and step, other settings allowed")
+
+
+@dataclass
+class LogArgs:
+    """Logging and output."""
+
+    log_every: int = _opt(10, "log train metrics every N optimizer steps", valid=COUNT)
     save_path: str = _opt("out/rm", "export folder: HF model, tokenizer, train_config.json, metrics.jsonl")
     disable_tqdm: bool = _opt(False, "no progress bar")
 
+    report_to: str = _opt("none", "where metrics rows also go (besides metrics.jsonl), on rank 0: none, "
+                                 "tensorboard (event files in <save_path>/runs) or wandb (offline unless "
+                                 "WANDB_MODE says otherwise)", choices=("none", "tensorboard", "wandb"))
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registry entry (losses, penalties): ``build(group) -> component`` from the options group it belongs to,
+    and ``takes``, the options of that group it reads; setting another component's option is a parse-time error."""
+
+    build: Any
+    takes: tuple[str, ...] = ()
+
+
+#: group name -> its dataclass; TrainConfig has one attribute per group, in this order
+GROUPS: dict[str, type] = {"backbone": ModelArgs, "lora": LoraArgs, "data": DataArgs, "loss": LossArgs,
+                           "strategy": StrategyArgs, "optim": OptimArgs, "log": LogArgs}
+#: old flag spellings merged into another flag: name -> (flag it sets, value it gives)
+ALIASES: dict[str, tuple[str, Any]] = {"bf16": ("mixed_precision", lambda on: "bf16" if on else "fp32"),
+                                       "zero_cpu_offload": ("cpu_offload", lambda on: on)}
+
+
+def option_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every option: flag name -> (group name, dataclass field), in group order."""
+    return {f.name: (group, f) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class TrainConfig:
+    """All options of ``train_reward_model.py``, one attribute per group (``cfg.optim.lr``, ``cfg.data.max_len``).
+
+    ``to_dict`` / ``from_dict`` give and take the flat form (flag name -> value) that ``train_config.json`` and
+    recipe files use.
+    """
+
+    backbone: ModelArgs = field(default_factory=ModelArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    loss: LossArgs = field(default_factory=LossArgs)
+    strategy: StrategyArgs = field(default_factory=StrategyArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    log: LogArgs = field(default_factory=LogArgs)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from flat ``flag name -> value`` pairs (missing ones take their defaults).
+
+        Raises:
+            ValueError: an unknown name.
+        """
+        fields, kwargs = option_fields(), {g: {} for g in GROUPS}
+        for name, value in values.items():
+            if name not in fields:
+                raise ValueError(f"unknown option {name!r}")
+            kwargs[fields[name][0]][name] = value
+        return cls(**{g: GROUPS[g](**kw) for g, kw in kwargs.items()})
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict of all fields."""
-        return dataclasses.asdict(self)
+        """Flat, plain-JSON ``flag name -> value`` of every option."""
+        return {k: v for g in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}
 
-    def save(self, path: str) -> None:
-        """Write the config as JSON to ``path`` (creates parent folders)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+    def replace(self, **values) -> "TrainConfig":
+        """A copy with some options (flat names) changed."""
+        return TrainConfig.from_dict({**self.to_dict(), **values})
 
 
-def _str2bool(value: str) -> bool:
-    v = value.lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
-
-
-def _registry_choices() -> dict[str, tuple[str, ...]]:
+def _registries() -> dict[str, dict]:
+    """Option name -> the registry whose keys are its choices."""
     from coati.losses import LOSSES, PENALTIES
     from coati.models.backbones import BACKBONES
     from coati.strategies import STRATEGIES
 
-    return {"model": tuple(BACKBONES), "loss_fn": tuple(LOSSES), "penalty": tuple(PENALTIES),
-            "strategy": tuple(STRATEGIES)}
+    return {"model": BACKBONES, "loss_fn": LOSSES, "penalty": PENALTIES, "strategy": STRATEGIES}
 
 
 class DefaultsOnceHelpFormatter(argparse.HelpFormatter):
@@ -233,68 +312,158 @@ def checked(base: type, rule: Range | None):
     return convert
 
 
+class _SetAlias(argparse.Action):
+    """An old flag merged into another one (``--bf16 [true|false]`` sets ``--mixed_precision``)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        target, convert = ALIASES[self.dest]
+        setattr(namespace, target, convert(value))
+
+
+class _Parser(HfArgumentParser):
+    """``HfArgumentParser`` whose numeric flags also carry their :class:`Range` (the field's ``valid``), and whose
+    errors are one ``error: ...`` line (no usage block of 60 flags)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+    @staticmethod
+    def _parse_dataclass_field(parser, f: dataclasses.Field):
+        shadow = copy.copy(f)
+        meta = {k: v for k, v in f.metadata.items() if k != "valid"}
+        shadow.metadata = MappingProxyType(dict(meta, help=meta["help"].replace("%", "%%")))  # argparse formats help
+        HfArgumentParser._parse_dataclass_field(parser, shadow)
+        for option in [o for o in parser._option_string_actions if "-" in o[2:]]:  # Coati's flags: underscores only
+            parser._option_string_actions.pop(option).option_strings.remove(option)
+        if f.metadata.get("valid") is not None:
+            action = parser._option_string_actions[f"--{f.name}"]
+            action.type = checked(action.type, f.metadata["valid"])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one ``--<field>`` flag per :class:`TrainConfig` field, defaults shown in ``--help``.
+    """The parser: one ``--<field>`` flag per option of every group (``--help`` lists them by group), the merged
+    old spellings (``--bf16``, ``--zero_cpu_offload``) and ``--config``.
 
     Numeric flags carry their :class:`Range` as the argparse ``type``, so ``--lr inf`` or ``--max_steps 0`` stop at
     parse time with ``argument --lr: must be a finite number > 0, got 'inf'`` (exit code 2).
     """
-    parser = argparse.ArgumentParser(
-        prog="train_reward_model.py",
-        description="Train a reward model (backbone + value head) on preference pairs.",
-        formatter_class=DefaultsOnceHelpFormatter,
-    )
-    registry = _registry_choices()
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"default": default, "help": meta["help"].replace("%", "%%")}  # argparse formats help
-        choices = registry.get(f.name) or meta.get("choices")
-        if choices:
-            kwargs["choices"] = choices
-        if meta.get("nargs"):
-            kwargs["nargs"] = meta["nargs"]
-        base = next((t for t in (bool, int, float) if t in typing.get_args(hints[f.name]) or hints[f.name] is t), None)
-        if base is bool:
-            kwargs.update(type=_str2bool, nargs="?", const=True)
-        elif base is not None:
-            kwargs["type"] = checked(base, meta.get("valid"))
-        parser.add_argument(f"--{f.name}", **kwargs)
+    for name, cls in GROUPS.items():
+        cls._argument_group_name = name
+    parser = _Parser(list(GROUPS.values()), prog="train_reward_model.py", formatter_class=DefaultsOnceHelpFormatter,
+                     description="Train a reward model (backbone + value head) on preference pairs.")
+    for name, registry in _registries().items():
+        parser._option_string_actions[f"--{name}"].choices = tuple(registry)
+    parser.add_argument("--bf16", dest="bf16", action=_SetAlias, nargs="?", const=True, type=string_to_bool,
+                        default=argparse.SUPPRESS, help="same as --mixed_precision bf16 (--bf16 false: fp32)")
+    parser.add_argument("--config", metavar="RECIPE", default=None,
+                        help="a YAML or JSON file of options (flag name: value), e.g. examples/*.yaml or the "
+                             "train_config.json of an export; flags on the command line override it")
     return parser
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    """The options of a recipe file (``.yaml``/``.yml`` or ``.json``: a mapping of flag names to values).
+
+    A string given for a list option (``dataset: hh-rlhf``) becomes a one-element list; old spellings
+    (``bf16: true``) are translated.
+
+    Raises:
+        ValueError: the file cannot be read or parsed, is not a mapping, or names an unknown option (one line
+            with the file and the name).
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ValueError(f"--config {path}: cannot read it ({' '.join(str(e).split())})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values")
+    fields, out = option_fields(), {}
+    for name, value in values.items():
+        if name in ALIASES:
+            target, convert = ALIASES[name]
+            out.setdefault(target, convert(value))
+        elif name not in fields:
+            close = difflib.get_close_matches(str(name), fields, n=1)
+            raise ValueError(f"--config {path}: unknown option {name!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""))
+        else:
+            out[name] = [value] if isinstance(value, str) and fields[name][1].metadata.get("nargs") else value
+    return out
+
+
+def _value_error(name: str, f: dataclasses.Field, hint: Any, value: Any, choices) -> str | None:
+    rule = f.metadata.get("valid")
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if hint is bool:
+        return None if isinstance(value, bool) else f"--{name}: must be true or false, got {value!r}"
+    if rule is not None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (rule.integer and not isinstance(value, int)) or not rule.ok(value):
+            return f"--{name}: must be {rule.text}, got {value!r}"
+    if choices and value not in choices:
+        return f"--{name}: must be one of {', '.join(map(str, choices))}, got {value!r}"
+    return None
 
 
 def validate(cfg: TrainConfig) -> list[str]:
     """Every rule a config breaks, as ``--flag: must be ..., got ...`` lines (empty when valid).
 
-    Covers the numeric :class:`Range` of each field (also for configs built in code) and the rules between fields.
+    Covers each option's type, numeric :class:`Range` and choices (also for configs built in code or read from a
+    recipe), the rules between options, the options the chosen components do not take (``--focal_gamma`` without
+    ``--loss_fn focal``, ``--zero_stage`` without ``--strategy fsdp``) and what the chosen strategy cannot do here
+    (LoRA, resume checkpoints, a precision, a missing GPU or package: its class-level capabilities).
     """
-    errors = []
-    for f in dataclasses.fields(TrainConfig):
-        rule, value = f.metadata.get("valid"), getattr(cfg, f.name)
-        if rule is None or value is None or isinstance(value, bool):
-            continue
-        if not isinstance(value, (int, float)) or (rule.integer and not isinstance(value, int)) \
-                or not rule.ok(value):
-            errors.append(f"--{f.name}: must be {rule.text}, got {value!r}")
-    if cfg.reward_token not in ("auto", "eos") and not cfg.reward_token.isdigit():
-        errors.append(f"--reward_token: must be auto, eos or a token id, got {cfg.reward_token!r}")
-    if cfg.resume and cfg.init_from:
+    errors, registries, flat = [], _registries(), cfg.to_dict()
+    for name, (group, f) in option_fields().items():
+        hint = typing.get_type_hints(GROUPS[group])[name]
+        problem = _value_error(name, f, hint, flat[name], tuple(registries.get(name, ())) or f.metadata.get("choices"))
+        if problem:
+            errors.append(problem)
+    if errors:
+        return errors
+    if cfg.backbone.reward_token not in ("auto", "eos") and not cfg.backbone.reward_token.isdigit():
+        errors.append(f"--reward_token: must be auto, eos or a token id, got {cfg.backbone.reward_token!r}")
+    if cfg.optim.resume and cfg.optim.init_from:
         errors.append("--resume continues a run and --init_from starts a new one from a checkpoint's weights: "
                       "give one of them")
-    return errors
+    defaults = TrainConfig().to_dict()
+    for selector, registry in registries.items():
+        chosen = registry[flat[selector]]
+        governed = {opt for entry in registry.values() for opt in entry.takes}
+        for opt in sorted(governed - set(chosen.takes)):
+            if flat[opt] != defaults[opt]:
+                users = [k for k, e in registry.items() if opt in e.takes]
+                errors.append(f"--{opt} is not used by --{selector} {flat[selector]} (only by "
+                              f"{', '.join(users)}): drop it or choose one of those")
+    errors += registries["strategy"][flat["strategy"]].refusals(cfg)
+    from coati.reporting import report_to_problem
+
+    return errors + [p for p in [report_to_problem(cfg.log.report_to)] if p]
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse CLI arguments into a validated :class:`TrainConfig`.
+    """Parse CLI arguments (and the ``--config`` recipe they name) into a validated :class:`TrainConfig`.
 
     Raises:
-        SystemExit: (from argparse, exit code 2) on an unknown flag, a bad value or an invalid combination, with a
-            one-line message naming the flag.
+        SystemExit: (from argparse, exit code 2) on an unknown flag, a bad value, a bad recipe or an invalid
+            combination, with a one-line message naming the flag.
     """
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    cfg = TrainConfig(**vars(ns))
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    recipe = pre.parse_known_args(argv)[0].config
+    if recipe:
+        try:
+            parser.set_defaults(**read_recipe(recipe))
+        except ValueError as e:
+            parser.error(str(e))
+    values = vars(parser.parse_args(argv))
+    values.pop("config")
+    cfg = TrainConfig.from_dict(values)
     errors = validate(cfg)
     if errors:
         parser.error("; ".join(errors))

@@ -36,12 +36,6 @@ def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
     make_readable(path)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def make_readable(path: str) -> None:
     """Give ``path`` (a file, or a folder and everything under it) the permissions a normal write would.
 
@@ -49,16 +43,13 @@ def make_readable(path: str) -> None:
     writes its files 0600 and ``tempfile.mkdtemp`` makes 0700 folders, which a separate serving account could not
     read.
     """
-    mask = _umask()
-    if os.path.isfile(path):
-        os.chmod(path, 0o666 & ~mask)
-        return
-    os.chmod(path, 0o777 & ~mask)
-    for folder, dirs, files in os.walk(path):
-        for d in dirs:
-            os.chmod(os.path.join(folder, d), 0o777 & ~mask)
-        for f in files:
-            os.chmod(os.path.join(folder, f), 0o666 & ~mask)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o666 if os.path.isfile(path) else 0o777) & ~mask)
+    for folder, dirs, files in os.walk(path):  # yields nothing for a file
+        for names, mode in ((dirs, 0o777), (files, 0o666)):
+            for name in names:
+                os.chmod(os.path.join(folder, name), mode & ~mask)
 
 
 def describe_os_error(e: Exception) -> str:

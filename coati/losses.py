@@ -9,16 +9,20 @@ so it is finite with finite gradients for margins of any size. Loss hyper-parame
 defaults (e.g. focal's ``gamma``). A penalty maps the ``[2B]`` scores (chosen and rejected together) to one scalar.
 :func:`build_loss` binds a loss, a penalty and the centering term into one callable of the common signature.
 
-Add a loss = one function + one entry in ``LOSSES``; a penalty = one function + one entry in ``PENALTIES``.
+Add a loss = one function + one entry in ``LOSSES``: a :class:`~coati.config.Registered` whose ``build`` takes the
+:class:`~coati.config.LossArgs` group and returns the loss, and whose ``takes`` names the options it reads (a new
+option is one field of ``LossArgs``). A penalty likewise in ``PENALTIES``.
 """
 
 from __future__ import annotations
 
-import inspect
+from functools import partial
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from coati.config import LossArgs, Registered
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -70,10 +74,10 @@ def focal_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tenso
     return -(weight * F.logsigmoid(d)).mean()
 
 
-LOSSES: dict[str, LossFn] = {
-    "log_sig": log_sig_loss,
-    "log_exp": log_exp_loss,
-    "focal": focal_loss,
+LOSSES: dict[str, Registered] = {
+    "log_sig": Registered(lambda args: log_sig_loss),
+    "log_exp": Registered(lambda args: log_exp_loss),
+    "focal": Registered(lambda args: partial(focal_loss, gamma=args.focal_gamma), takes=("focal_gamma",)),
 }
 
 
@@ -90,20 +94,20 @@ def log_barrier_penalty(scores: torch.Tensor, *, bound: float = 5.0) -> torch.Te
     return -(torch.log(bound + r) + torch.log(bound - r)).mean()
 
 
-def l2_penalty(scores: torch.Tensor, *, bound: float = 5.0) -> torch.Tensor:
-    """Mean of ``r^2`` over the ``[N]`` scores (``bound`` unused); a soft pull of rewards towards 0."""
+def l2_penalty(scores: torch.Tensor) -> torch.Tensor:
+    """Mean of ``r^2`` over the ``[N]`` scores; a soft pull of rewards towards 0."""
     return scores.float().pow(2).mean()
 
 
-PENALTIES: dict[str, Callable[..., torch.Tensor] | None] = {
-    "none": None,
-    "log_barrier": log_barrier_penalty,
-    "l2": l2_penalty,
+PENALTIES: dict[str, Registered] = {
+    "none": Registered(lambda args: None),
+    "log_barrier": Registered(lambda args: partial(log_barrier_penalty, bound=args.reward_bound),
+                              takes=("penalty_weight", "reward_bound")),
+    "l2": Registered(lambda args: l2_penalty, takes=("penalty_weight",)),
 }
 
 
-def build_loss(name: str, *, penalty: str = "none", penalty_weight: float = 0.02, reward_bound: float = 5.0,
-               focal_gamma: float = 2.0, center_rewards_coefficient: float = 0.0) -> LossFn:
+def build_loss(args: LossArgs) -> LossFn:
     """One callable of the common signature: ``loss + penalty_weight * penalty + c * mean((r_c + r_r)^2)``.
 
     The penalty is averaged over all chosen and rejected scores. The centering term follows TRL's
@@ -112,36 +116,34 @@ def build_loss(name: str, *, penalty: str = "none", penalty_weight: float = 0.02
     Raises:
         ValueError: unknown loss or penalty name (the message lists the choices).
     """
-    base = get_loss(name)
-    if penalty not in PENALTIES:
-        raise ValueError(f"unknown penalty {penalty!r}; choose one of: {', '.join(PENALTIES)}")
-    pen = PENALTIES[penalty]
-    if "gamma" in inspect.signature(base).parameters:
-        gamma = focal_gamma
-        loss_fn = lambda c, r, m: base(c, r, m, gamma=gamma)  # noqa: E731
-    else:
-        loss_fn = base
-    if pen is None and center_rewards_coefficient == 0.0:
+    loss_fn = _entry(LOSSES, args.loss_fn, "loss").build(args)
+    pen = _entry(PENALTIES, args.penalty, "penalty").build(args)
+    weight, center = args.penalty_weight, args.center_rewards_coefficient
+    if pen is None and center == 0.0:
         return loss_fn
 
     def combined(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
         total = loss_fn(chosen, rejected, margin)
         if pen is not None:
-            total = total + penalty_weight * pen(torch.cat([chosen, rejected]), bound=reward_bound)
-        if center_rewards_coefficient:
-            total = total + center_rewards_coefficient * (chosen.float() + rejected.float()).pow(2).mean()
+            total = total + weight * pen(torch.cat([chosen, rejected]))
+        if center:
+            total = total + center * (chosen.float() + rejected.float()).pow(2).mean()
         return total
 
     return combined
 
 
 def get_loss(name: str) -> LossFn:
-    """Look up a loss by its CLI name.
+    """The loss called ``name`` with its default hyper-parameters.
 
     Raises:
         ValueError: unknown name; the message lists the choices.
     """
+    return _entry(LOSSES, name, "loss").build(LossArgs())
+
+
+def _entry(registry: dict[str, Registered], name: str, what: str) -> Registered:
     try:
-        return LOSSES[name]
+        return registry[name]
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}") from None
+        raise ValueError(f"unknown {what} {name!r}; choose one of: {', '.join(registry)}") from None

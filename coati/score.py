@@ -38,12 +38,13 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from coati.config import COUNT, POSITIVE, DefaultsOnceHelpFormatter, Range, checked
 
-from coati.data.formats import DataFormatError, check_text, is_blank
+from coati.data.formats import DataFormatError, check_answer
 from coati.data.sources import json_object_lines
 from coati.io import dumps
 
@@ -60,27 +61,15 @@ class _Row:
     count: int
 
 
-def _prompt_of(row: dict, where: str, key: str = "prompt"):
+def _prompt_of(prompt, where: str, key: str = "prompt"):
+    """``prompt`` when :func:`~coati.scoring.normalize_prompt` accepts it; RowError ``where: bad 'key': ...``."""
     from coati.scoring import normalize_prompt
 
-    prompt = row.get("prompt")
     try:
         normalize_prompt(prompt)
     except ValueError as e:
         raise RowError(f"{where}: bad {key!r}: {e}") from None
     return prompt
-
-
-def _answer(text: str, where: str, what: str) -> str:
-    """``text`` when it is a usable answer; RowError ``where: <what> is empty`` / ``... is not valid Unicode``."""
-    if is_blank(text):
-        raise RowError(f"{where}: {what} is empty (nothing but whitespace or invisible format characters); an empty "
-                       "answer has no meaningful reward")
-    try:
-        check_text(what, text)
-    except DataFormatError as e:
-        raise RowError(f"{where}: {e}") from None
-    return text
 
 
 def parse_rows(lines, name: str) -> tuple[list[_Row], list, list[str]]:
@@ -92,12 +81,10 @@ def parse_rows(lines, name: str) -> tuple[list[_Row], list, list[str]]:
         (rows, prompts, responses): rows in input order, and the flat prompt / response lists.
     Raises:
         RowError: ``name:line: reason`` for the first unusable row: not a JSON object, no usable keys, a response
-            that is empty by :func:`~coati.data.formats.is_blank` (e.g. ``""`` or ``"\u200b"``: ``response 2 is
+            that is empty by :func:`~coati.data.formats.check_answer` (e.g. ``""`` or ``"\u200b"``: ``response 2 is
             empty``), text with a lone surrogate, or a bad prompt.
     """
-    rows: list[_Row] = []
-    prompts: list = []
-    responses: list[str] = []
+    rows, prompts, responses = [], [], []
     for where, row, problem in json_object_lines(lines, name):
         if problem:
             raise RowError(f"{where}: {problem}")
@@ -105,22 +92,13 @@ def parse_rows(lines, name: str) -> tuple[list[_Row], list, list[str]]:
             cands = row["responses"]
             if not isinstance(cands, list) or not cands or not all(isinstance(c, str) for c in cands):
                 raise RowError(f"{where}: 'responses' must be a non-empty list of strings")
-            prompt = _prompt_of(row, where)
-            rows.append(_Row(row, "responses", len(responses), len(cands)))
-            prompts += [prompt] * len(cands)
-            responses += [_answer(c, where, f"response {i}") for i, c in enumerate(cands)]
-        elif "response" in row:
-            if not isinstance(row["response"], str):
-                raise RowError(f"{where}: 'response' must be a string, got {type(row['response']).__name__}")
-            prompts.append(_prompt_of(row, where))
-            rows.append(_Row(row, "single", len(responses), 1))
-            responses.append(_answer(row["response"], where, "'response'"))
-        elif "text" in row:
-            if not isinstance(row["text"], str):
-                raise RowError(f"{where}: 'text' must be a string, got {type(row['text']).__name__}")
-            prompts.append(None)
-            rows.append(_Row(row, "single", len(responses), 1))
-            responses.append(_answer(row["text"], where, "'text'"))
+            prompt, texts = _prompt_of(row.get("prompt"), where), [(c, f"response {i}") for i, c in enumerate(cands)]
+        elif "response" in row or "text" in row:
+            key = "response" if "response" in row else "text"
+            if not isinstance(row[key], str):
+                raise RowError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+            prompt = _prompt_of(row.get("prompt"), where) if key == "response" else None
+            texts = [(row[key], repr(key))]
         elif "messages" in row:
             msgs = row["messages"]
             last = msgs[-1] if isinstance(msgs, list) and msgs else None
@@ -128,12 +106,19 @@ def parse_rows(lines, name: str) -> tuple[list[_Row], list, list[str]]:
                     or not isinstance(last.get("content"), str):
                 raise RowError(f"{where}: 'messages' must be a list of messages ending with an assistant message "
                                "with a string 'content'")
-            prompts.append(_prompt_of({"prompt": msgs[:-1]}, where, "messages"))
-            rows.append(_Row(row, "single", len(responses), 1))
-            responses.append(_answer(last["content"], where, "the last message's 'content'"))
+            prompt = _prompt_of(msgs[:-1], where, "messages")
+            texts = [(last["content"], "the last message's 'content'")]
         else:
             raise RowError(f"{where}: a row needs 'responses' (list of strings, with 'prompt'), 'response' (string, "
                            f"with 'prompt'), 'text' (string) or 'messages'; got keys {sorted(row)}")
+        try:  # RowError ``where: <what> is empty`` / ``... is not valid Unicode``
+            for text, what in texts:
+                check_answer(what, text)
+        except DataFormatError as e:
+            raise RowError(f"{where}: {e}") from None
+        rows.append(_Row(row, "responses" if "responses" in row else "single", len(responses), len(texts)))
+        prompts += [prompt] * len(texts)
+        responses += [text for text, _ in texts]
         try:  # other keys are copied to the output, which must be UTF-8
             dumps(row).encode("utf-8")
         except UnicodeEncodeError:
@@ -154,15 +139,12 @@ def attach_scores(rows: list[_Row], scores: list[float], truncated: list[bool] |
     """
     out = []
     for row in rows:
-        data = dict(row.data)
-        mine = scores[row.first:row.first + row.count]
-        cut = truncated[row.first:row.first + row.count] if truncated is not None else None
+        span = slice(row.first, row.first + row.count)
+        mine, cut = scores[span], None if truncated is None else truncated[span]
         if row.kind == "responses":
-            data["scores"] = mine
-            data["best"] = max(range(len(mine)), key=lambda i: (mine[i], -i))
+            data = {**row.data, "scores": mine, "best": max(range(len(mine)), key=lambda i: (mine[i], -i))}
         else:
-            data["score"] = mine[0]
-            cut = cut[0] if cut is not None else None
+            data, cut = {**row.data, "score": mine[0]}, cut and cut[0]
         if cut is not None:
             data["truncated"] = cut
         out.append(data)
@@ -233,10 +215,6 @@ def run(args) -> int:
     """
     from coati.scoring import RewardScorer, resolve_device
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.max_len is not None and args.max_len < 8:
-        raise ValueError(f"--max_len must be at least 8, got {args.max_len}")
     device = resolve_device(args.device)
     if args.output:
         check_output_target("--output", args.output)
@@ -262,12 +240,10 @@ def run(args) -> int:
         print(f"{sum(truncated)} of {len(truncated)} texts were truncated to max_len {scorer.encoder.max_len} tokens "
               "(prompt cut from the left, or the answer's end cut)", file=sys.stderr)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
+        Path(args.output).write_text(text, encoding="utf-8")
         print(f"scored {len(responses)} texts in {len(out_rows)} rows -> {args.output}", file=sys.stderr)
     else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        print(text, end="", flush=True)
     return len(out_rows)
 
 

@@ -10,15 +10,13 @@ trainer did, so rewards are comparable with the ones seen in training:
 * prompt and answer are tokenized separately and joined by :class:`coati.data.template.SequenceEncoder` with the
   reward token (``config.reward_token_id``, else the tokenizer's EOS) appended; sequences longer than ``max_len``
   (``train_config["max_len"]`` unless overridden) lose the start of the prompt first, as in training;
-* the reward is the value head on the hidden state of that last token (:class:`coati.models.reward_model.RewardModel`,
-  position ids from the attention mask except for BLOOM, which uses ALiBi), so scores do not depend on padding or
-  on which other texts share a batch.
+* the reward is the value head on the hidden state of that last token (:class:`coati.models.reward_model.RewardModel`),
+  so scores do not depend on padding or on which other texts share a batch.
 
-Like the training data parser (:mod:`coati.data.formats`), surrounding whitespace is stripped from every message
-and answer before rendering. As in training data, an empty answer (empty, whitespace or only invisible format
-characters such as U+200B, :func:`~coati.data.formats.is_blank`) is an error, since the reward of nothing is
-meaningless, and so is text with a lone surrogate (:func:`~coati.data.formats.check_text`). A model whose weights
-are not finite is refused when loaded, and a non-finite score is an error, never a returned value.
+As in training data (:mod:`coati.data.formats`), surrounding whitespace is stripped from every message and answer,
+and an empty answer (:func:`~coati.data.formats.check_answer`: empty, whitespace or only invisible format characters
+such as U+200B) or text with a lone surrogate is an error. So are NaN/inf weights (refused when loaded) and a
+non-finite score (never returned).
 
 Example::
 
@@ -34,6 +32,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -41,16 +40,10 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from coati.checkpoint import non_finite_names
 from coati.data.collate import pad_sequences
-from coati.data.formats import check_text, is_blank, parse_message
-from coati.data.template import (
-    Encoded,
-    SequenceEncoder,
-    TokenizedPair,
-    TruncationStats,
-    render_prompt,
-    tokenize_pairs,
-    use_chat_template,
-)
+from coati.data.formats import check_answer, check_text, parse_message
+from coati.data.template import (Encoded, SequenceEncoder, TruncationStats, render_prompt, tokenize_pairs,
+                                 use_chat_template)
+from coati.models.backbones import backbone_for
 from coati.models.loading import load_tokenizer
 from coati.models.reward_model import RewardModel
 
@@ -69,8 +62,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     Args:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a ``torch.device``...; None = CUDA when available,
             else CPU.
-    Returns:
-        the ``torch.device``.
     Raises:
         ValueError: a string torch cannot parse (``"gpu0"``), or a device this machine does not have (CUDA on a
             CPU-only build or without a visible GPU, a device index beyond the device count).
@@ -84,19 +75,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
                          "cuda:0)") from None
     if dev.type == "cpu":
         return dev
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = (f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
-                   else "no CUDA GPU is visible")
-            raise ValueError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
-        backend = torch.cuda
-    else:
-        backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
-        if not callable(getattr(backend, "is_available", None)):
-            raise ValueError(f"--device {device}: {dev.type} is not a device models can be scored on; use --device "
-                             "cpu or cuda")
-        if not backend.is_available():
-            raise ValueError(f"--device {device}: {dev.type} is not available here; use --device cpu")
+    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if not callable(getattr(backend, "is_available", None)):
+        raise ValueError(f"--device {device}: {dev.type} is not a device models can be scored on; use --device "
+                         "cpu or cuda")
+    if not backend.is_available():
+        why = "" if dev.type != "cuda" else (f" (torch {torch.__version__} is a CPU-only build)"
+                                             if torch.version.cuda is None else " (no CUDA GPU is visible)")
+        name = "CUDA" if dev.type == "cuda" else dev.type
+        raise ValueError(f"--device {device}: {name} is not available here{why}; use --device cpu")
     count = getattr(backend, "device_count", None)
     if dev.index is not None and callable(count) and dev.index >= count():
         raise ValueError(f"--device {device}: this machine has {count()} {dev.type} device(s) (indices from 0)")
@@ -133,10 +120,8 @@ def normalize_prompt(prompt: Prompt) -> list[dict[str, str]]:
             role or a non-string content, from the training data parser's :func:`~coati.data.formats.parse_message`,
             or text with a lone surrogate (``"prompt message 0 is not valid Unicode (...)"``).
     """
-    if prompt is None:
-        return []
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt.strip()}] if prompt.strip() else []
+    if prompt is None or isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt.strip()}] if prompt and prompt.strip() else []
     elif isinstance(prompt, (list, tuple)):
         messages = [parse_message(msg, f"prompt[{i}]") for i, msg in enumerate(prompt)]
     else:
@@ -144,11 +129,6 @@ def normalize_prompt(prompt: Prompt) -> list[dict[str, str]]:
     for i, message in enumerate(messages):
         check_text(f"prompt message {i}", message["content"])
     return messages
-
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 class RewardScorer:
@@ -164,6 +144,8 @@ class RewardScorer:
         chat_template: whether prompts are rendered with the tokenizer's chat template.
         train_config: the export's ``train_config.json`` (``{}`` when absent).
         device: where the model runs; batch_size: sequences per forward pass.
+        reward_mean / reward_std: the statistics of ``normalize=True`` (``config.json``'s, or given), or None; set
+            them with :meth:`set_normalization`.
         last_truncation: :class:`~coati.data.template.TruncationStats` of the last :meth:`score_pairs` call.
     """
 
@@ -172,21 +154,10 @@ class RewardScorer:
                  reward_mean: float | None = None, reward_std: float | None = None, path: str = ""):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.encoder = encoder
-        self.chat_template = chat_template
-        self.device = device
-        self.batch_size = batch_size
-        self.train_config = train_config or {}
-        self.path = path
+        self.model, self.tokenizer, self.encoder, self.chat_template = model, tokenizer, encoder, chat_template
+        self.device, self.batch_size, self.train_config, self.path = device, batch_size, train_config or {}, path
         self.last_truncation = TruncationStats()
-        self._mean: float | None = None
-        self._std: float | None = None
-        if reward_mean is not None or reward_std is not None:
-            self.set_normalization(reward_mean, reward_std)
-
-    # ------------------------------------------------------------------ loading
+        self.set_normalization(reward_mean, reward_std)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
@@ -226,7 +197,7 @@ class RewardScorer:
             raise ValueError(f"{path}: config.json has num_labels={getattr(config, 'num_labels', None)}, a reward "
                              "model export has num_labels=1 (one scalar per sequence)")
         tc_path = os.path.join(path, "train_config.json")
-        train_config = _read_json(tc_path) if os.path.isfile(tc_path) else {}
+        train_config = json.loads(Path(tc_path).read_text(encoding="utf-8")) if os.path.isfile(tc_path) else {}
         if not train_config:
             logger.warning("%s has no train_config.json: using max_len=%d and chat_template=%s; scores may not match "
                            "the layout the model was trained on", path, DEFAULT_MAX_LEN, DEFAULT_CHAT_TEMPLATE)
@@ -234,37 +205,21 @@ class RewardScorer:
         if max_len < 8:
             raise ValueError(f"max_len must be at least 8, got {max_len}")
 
-        stored = getattr(config, "reward_token_id", None)
+        stored = getattr(config, "reward_token_id", None)  # None: the EOS
         tokenizer = load_tokenizer(path, reward_token="auto" if stored is None else str(stored))
-        reward_token_id = tokenizer.eos_token_id if stored is None else stored
         chat = use_chat_template(tokenizer, train_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE)
-        encoder = SequenceEncoder(tokenizer, max_len, reward_token_id)
-
+        encoder = SequenceEncoder(tokenizer, max_len, stored)
         hf_model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
         check_finite_weights(hf_model, path)
         hf_model.score.to(torch.float32)  # RewardModel runs the value head in fp32
         hf_model.to(dev).eval()
-        model = RewardModel(hf_model, uses_position_ids=config.model_type != "bloom").eval()
-
+        model = RewardModel(hf_model, backbone_for(config)).eval()
         if reward_mean is None and reward_std is None:
-            reward_mean = getattr(config, "reward_mean", None)
-            reward_std = getattr(config, "reward_std", None)
+            reward_mean, reward_std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
             if (reward_mean is None) != (reward_std is None):
                 logger.warning("%s/config.json has only one of reward_mean/reward_std; normalisation disabled", path)
                 reward_mean = reward_std = None
         return cls(model, tokenizer, encoder, chat, dev, batch_size, train_config, reward_mean, reward_std, path)
-
-    # ------------------------------------------------------------------ normalisation
-
-    @property
-    def reward_mean(self) -> float | None:
-        """Mean reward used by ``normalize=True`` (``config.json``'s ``reward_mean``), or None when absent."""
-        return self._mean
-
-    @property
-    def reward_std(self) -> float | None:
-        """Reward standard deviation used by ``normalize=True`` (``config.json``'s ``reward_std``), or None."""
-        return self._std
 
     def set_normalization(self, mean: float | None, std: float | None) -> None:
         """Set (or clear with ``None, None``) the statistics of ``normalize=True``: score = (r - mean) / std.
@@ -272,15 +227,13 @@ class RewardScorer:
         Raises:
             ValueError: only one of them given, a non-finite value, or ``std <= 0``.
         """
-        if mean is None and std is None:
-            self._mean = self._std = None
-            return
-        if mean is None or std is None:
+        if (mean is None) != (std is None):
             raise ValueError("give both reward_mean and reward_std")
-        mean, std = float(mean), float(std)
-        if not (math.isfinite(mean) and math.isfinite(std)) or std <= 0:
-            raise ValueError(f"reward statistics must be finite with std > 0, got mean={mean}, std={std}")
-        self._mean, self._std = mean, std
+        if mean is not None:
+            mean, std = float(mean), float(std)
+            if not (math.isfinite(mean) and math.isfinite(std)) or std <= 0:
+                raise ValueError(f"reward statistics must be finite with std > 0, got mean={mean}, std={std}")
+        self.reward_mean, self.reward_std = mean, std
 
     def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
         """``(r - reward_mean) / reward_std`` (OpenRLHF-style normalised reward), same shape and dtype.
@@ -288,19 +241,16 @@ class RewardScorer:
         Raises:
             ValueError: the export stores no statistics and none were given.
         """
-        if self._mean is None or self._std is None:
+        if self.reward_mean is None:
             raise ValueError(f"{self.path or 'this model'}: config.json has no reward_mean/reward_std, so scores "
                              "cannot be normalised; retrain with a trainer that stores them (they are computed on the "
                              "evaluation set at the end of training), or pass the statistics (reward_mean=, "
                              "reward_std= / --reward_mean --reward_std, e.g. the reward_mean/reward_std of "
                              "python -m coati.evaluate)")
-        return (rewards - self._mean) / self._std
-
-    # ------------------------------------------------------------------ core
+        return (rewards - self.reward_mean) / self.reward_std
 
     @torch.no_grad()
-    def score_ids(self, sequences: Sequence[Sequence[int]], progress: bool = False,
-                  desc: str = "scoring") -> torch.Tensor:
+    def score_ids(self, sequences: Sequence[Sequence[int]], progress: bool = False) -> torch.Tensor:
         """Rewards of already encoded sequences (each ending in the reward token, at most ``max_len`` long).
 
         Args:
@@ -314,16 +264,12 @@ class RewardScorer:
         """
         n = len(sequences)
         out = torch.empty(n, dtype=torch.float32)
-        if n == 0:
-            return out
         if any(len(s) == 0 for s in sequences):
             raise ValueError("cannot score an empty token sequence")
         order = sorted(range(n), key=lambda i: len(sequences[i]), reverse=True)
-        pad = self.tokenizer.pad_token_id
-        starts = range(0, n, self.batch_size)
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+        for start in tqdm(range(0, n, self.batch_size), "scoring", unit="batch", disable=not progress, leave=False):
             idx = order[start:start + self.batch_size]
-            ids, mask = pad_sequences([sequences[i] for i in idx], pad)
+            ids, mask = pad_sequences([sequences[i] for i in idx], self.tokenizer.pad_token_id)
             rewards = self.model(ids.to(self.device), mask.to(self.device))
             out[torch.as_tensor(idx)] = rewards.float().cpu()
         bad = (~torch.isfinite(out)).nonzero().flatten().tolist()
@@ -335,8 +281,6 @@ class RewardScorer:
 
     def encode_texts(self, prompts: Sequence[Prompt] | None, responses: Sequence[str]) -> list[Encoded]:
         """Encode (prompt, response) pairs in the trainer's layout (see the module docstring), keeping truncation.
-
-        Each distinct prompt is rendered and tokenized once (Best-of-N rows share one).
 
         Args:
             prompts: N prompts (see :func:`normalize_prompt`) or None for N empty prompts.
@@ -358,28 +302,22 @@ class RewardScorer:
         for i, r in enumerate(responses):
             if not isinstance(r, str):
                 raise ValueError(f"responses[{i}] must be a string, got {type(r).__name__}")
-            if is_blank(r):
-                raise ValueError(f"responses[{i}] is empty (nothing but whitespace or invisible format characters); "
-                                 "an empty answer has no meaningful reward")
-            check_text(f"responses[{i}]", r)
+            check_answer(f"responses[{i}]", r)
         tok = self.tokenizer
         keys, rendered = [], {}
-        for p in prompts:
+        for p in prompts:  # each distinct prompt is rendered and tokenized once
             key = p if isinstance(p, str) or p is None else json.dumps(p, sort_keys=True, ensure_ascii=False)
             if key not in rendered:
                 rendered[key] = render_prompt(normalize_prompt(p), tok, self.chat_template)
             keys.append(key)
-        uniq = list(rendered)
-        prompt_texts = [rendered[k] for k in uniq]
-        prompt_ids = dict(zip(uniq, tok(prompt_texts, add_special_tokens=False).input_ids)) if uniq else {}
+        prompt_ids = dict(zip(rendered, tok(list(rendered.values()), add_special_tokens=False).input_ids
+                              if rendered else []))
         answer_ids = tok([r.strip() for r in responses], add_special_tokens=False).input_ids if responses else []
         return [self.encoder.encode_ids(prompt_ids[k] if rendered[k] else [], a) for k, a in zip(keys, answer_ids)]
 
     def encode(self, prompts: Sequence[Prompt] | None, responses: Sequence[str]) -> list[list[int]]:
         """Token ids of (prompt, response) pairs: the ``input_ids`` of :meth:`encode_texts` (same errors)."""
         return [e.input_ids for e in self.encode_texts(prompts, responses)]
-
-    # ------------------------------------------------------------------ public scoring API
 
     def score_texts(self, prompts: Sequence[Prompt] | None, responses: Sequence[str], normalize: bool = False,
                     progress: bool = False) -> list[float]:
@@ -397,23 +335,13 @@ class RewardScorer:
             ValueError: mismatched lengths, bad prompts/responses (see :meth:`encode_texts`), ``normalize`` without
                 statistics, or a non-finite score.
         """
-        if normalize:
-            self.normalize(torch.zeros(1))  # fail before the (possibly long) forward passes
         return self.score_encoded(self.encode_texts(prompts, responses), normalize=normalize, progress=progress)
 
     def score_encoded(self, encoded: Sequence[Encoded], normalize: bool = False, progress: bool = False) -> list[float]:
-        """Scores of :meth:`encode_texts` outputs (so a caller can also report their truncation).
-
-        Args:
-            encoded: N :class:`~coati.data.template.Encoded` (their ``input_ids`` are scored).
-            normalize / progress: as :meth:`score_texts`.
-        Returns:
-            N floats, as :meth:`score_texts`.
-        Raises:
-            ValueError: ``normalize`` without statistics, or a non-finite score.
-        """
+        """Scores (N floats, as :meth:`score_texts`) of N :meth:`encode_texts` outputs, so a caller can also report
+        their truncation. Raises ValueError: ``normalize`` without statistics, or a non-finite score."""
         if normalize:
-            self.normalize(torch.zeros(1))
+            self.normalize(torch.zeros(1))  # fail before the (possibly long) forward passes
         rewards = self.score_ids([e.input_ids for e in encoded], progress=progress)
         if normalize:
             rewards = self.normalize(rewards)
@@ -426,20 +354,12 @@ class RewardScorer:
             pairs: N :class:`~coati.data.formats.PreferencePair` (``.prompt`` messages, ``.chosen``, ``.rejected``).
             progress: tqdm bar over batches.
         Returns:
-            (chosen, rejected): two ``[N]`` float32 CPU tensors of raw rewards, in input order. Truncation counts
-            are kept in :attr:`last_truncation`.
+            (chosen, rejected): two ``[N]`` float32 CPU tensors of raw rewards, in input order (all 2N sequences
+            batched together). Truncation counts are kept in :attr:`last_truncation`.
         """
-        tokenized, stats = tokenize_pairs(list(pairs), self.encoder, self.chat_template)
-        self.last_truncation = stats
-        return self.score_tokenized(tokenized, progress=progress)
-
-    def score_tokenized(self, items: Sequence[TokenizedPair], progress: bool = False) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
-        """(chosen, rejected) ``[N]`` float32 rewards of already tokenized pairs (all 2N sequences batched)."""
-        seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
-        rewards = self.score_ids(seqs, progress=progress)
-        n = len(items)
-        return rewards[:n].clone(), rewards[n:].clone()
+        items, self.last_truncation = tokenize_pairs(list(pairs), self.encoder, self.chat_template)
+        rewards = self.score_ids([it.chosen_ids for it in items] + [it.rejected_ids for it in items], progress)
+        return rewards[:len(items)].clone(), rewards[len(items):].clone()
 
     def best_of_n(self, prompt: Prompt, responses: Sequence[str], normalize: bool = False) -> tuple[list[float], int]:
         """Score N candidate responses to one prompt and pick the best (Best-of-N / rejection sampling).

@@ -33,7 +33,8 @@ def signal_name(signum: int) -> str:
 
 @contextlib.contextmanager
 def _handlers(handler) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+    """``handler`` for the stop signals while active (main thread only: signals reach no other), then the old ones."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
@@ -44,14 +45,12 @@ def _handlers(handler) -> Iterator[None]:
             signal.signal(s, h)
 
 
-@contextlib.contextmanager
-def signals_raise(what: str = "the run") -> Iterator[None]:
+def signals_raise(what: str = "the run") -> contextlib.AbstractContextManager[None]:
     """While active, SIGINT and SIGTERM raise :class:`Interrupted` (``"<what> was interrupted by SIGINT"``)."""
     def handler(signum, frame):
         raise Interrupted(signum, f"{what} was interrupted by {signal_name(signum)}")
 
-    with _handlers(handler):
-        yield
+    return _handlers(handler)
 
 
 class StopFlag:
@@ -60,12 +59,6 @@ class StopFlag:
     def __init__(self):
         self.signum: int | None = None
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopFlag]:
+    def installed(self) -> contextlib.AbstractContextManager[None]:
         """Catch the stop signals into this flag (restoring the previous handlers afterwards)."""
-        def handler(signum, frame):
-            if self.signum is None:
-                self.signum = signum
-
-        with _handlers(handler):
-            yield self
+        return _handlers(lambda signum, frame: setattr(self, "signum", self.signum or signum))

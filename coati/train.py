@@ -1,11 +1,7 @@
-"""The training entry point: config -> strategy -> data -> model -> fit -> evaluate -> export."""
+"""The training entry point: config -> model files -> strategy -> data -> model -> fit -> evaluate -> export."""
 
 from __future__ import annotations
 
-import array
-import dataclasses
-import hashlib
-import json
 import logging
 import os
 import random
@@ -16,23 +12,19 @@ import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from coati.checkpoint import (CheckpointError, ExportError, NonFiniteWeightsError, export_hf, find_resume_checkpoint,
-                              fingerprint_mismatch, load_checkpoint_weights, load_resume_checkpoint, read_trainer_state,
-                              refuse_foreign_checkpoints, save_resume_checkpoint, verify_checkpoint)
-from coati.config import TrainConfig, parse_args
-from coati.data.collate import default_row_capacity
+from coati.checkpoint import (CheckpointError, ExportError, NonFiniteWeightsError, export_hf, init_from_kind,
+                              load_checkpoint_weights, prepare_save_path, resume_run, run_fingerprint,
+                              save_resume_checkpoint)
+from coati.config import OptimArgs, TrainConfig, parse_args
+from coati.data.collate import RunData, make_loaders, prepare_data
 from coati.data.formats import DataFormatError
-from coati.data.sources import default_data_dir, select_pairs
-from coati.data.template import SequenceEncoder, tokenize_pairs, use_chat_template
 from coati.losses import build_loss
 from coati.models.backbones import get_backbone
-from coati.models.loading import (SMOLLM2_ALIAS, CacheError, build_model, enable_gradient_checkpointing,
-                                  load_tokenizer, resolve_pretrain, resolve_reward_token)
-from coati.models.lora import apply_lora
-from coati.models.reward_model import RewardModel
-from coati.strategies import StrategyUnavailable, get_strategy
+from coati.models.loading import CacheError, build_reward_model, prepare_model_files
+from coati.reporting import MetricsLog
 from coati.signals import Interrupted, signals_raise
-from coati.trainer import NonFiniteError, Trainer, TrainerOptions
+from coati.strategies import STRATEGIES, StrategyUnavailable
+from coati.trainer import NonFiniteError, Trainer, plan_steps
 
 logger = logging.getLogger("coati")
 
@@ -47,219 +39,113 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_writable(path: str) -> None:
-    """Fail fast when the export folder cannot be written.
-
-    Raises:
-        PermissionError: the folder cannot be created or written.
-    """
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(f"--save_path {path} is not writable: {e}") from None
+def make_optimizer(optim: OptimArgs):
+    """``params -> AdamW`` with the run's settings; the fused kernel (as transformers' default adamw_torch_fused):
+    one pass over the parameters, measured 0.56 s -> 0.06 s per step for SmolLM2-135M on 2 CPU cores
+    (benchmarks/README.md)."""
+    return lambda params: torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, eps=optim.adam_eps,
+                                            fused=True)
 
 
-def keep_metrics_until(path: str, step: int) -> None:
-    """Drop metrics rows after ``step`` (all of them for a fresh run), so a resumed run appends where it stopped."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(rows if step > 0 else [])
+def summarize(trainer: Trainer, data: RunData, final_eval: dict, global_batch: int, fit_s: float,
+              start_step: int) -> dict:
+    """The run's ``summary.json``: steps, pairs, speed, skipped steps, the last epoch's and the final metrics."""
+    seconds = max(trainer.train_seconds, 1e-9)
+    return {"steps": trainer.step, "train_pairs": len(data.train), "eval_pairs": len(data.eval),
+            "world_size": trainer.strategy.world_size, "fit_seconds": fit_s, "train_seconds": trainer.train_seconds,
+            "train_pairs_per_s": (trainer.step - start_step) * global_batch / seconds,
+            "train_tokens_per_s": trainer.train_tokens / seconds, "skipped_steps": trainer.skipped_steps,
+            "train_last_epoch": trainer.epoch_metrics, "eval": final_eval, "data": data.selection.report.to_dict(),
+            "truncation": {k: vars(v) for k, v in data.truncation.items()}}
 
 
-def tokenizer_source(cfg: TrainConfig) -> str:
-    """Where the tokenizer comes from: --tokenizer, else the pretrained backbone, else SmolLM2's."""
-    if cfg.tokenizer:
-        return resolve_pretrain(cfg.tokenizer, with_model=False) if cfg.tokenizer.endswith(".gguf") else cfg.tokenizer
-    return resolve_pretrain(cfg.pretrain or SMOLLM2_ALIAS, with_model=False)
-
-
-#: TrainConfig fields that change what a run computes: a resume checkpoint carries them and refuses a run that differs.
-#: (Strategy, logging, checkpoint and packing layout settings are left out: they do not change the math, and a
-#: checkpoint resumes under another strategy.)
-FINGERPRINT_FIELDS = ("model", "pretrain", "model_config", "tokenizer", "lora_rank", "lora_alpha", "lora_dropout",
-                      "lora_train_bias", "loss_fn", "focal_gamma", "penalty", "penalty_weight", "reward_bound",
-                      "center_rewards_coefficient", "reward_token", "max_len", "chat_template", "group_by_length",
-                      "max_epochs", "max_steps", "lr", "weight_decay", "adam_eps", "warmup_ratio", "max_grad_norm",
-                      "bf16", "seed", "init_from")
-
-
-def run_fingerprint(cfg: TrainConfig, train_tok: list, global_batch: int, total_steps: int) -> dict:
-    """What identifies a run: its math-changing settings and the SHA-256 of its training pairs (token ids and
-    margins, in order), so a checkpoint never resumes another run's data or settings.
-
-    Returns:
-        ``{"settings": {field: value, "global_batch": int, "total_steps": int}, "data_sha256": hex str}``.
-    """
-    settings = {k: getattr(cfg, k) for k in FINGERPRINT_FIELDS}
-    settings.update(global_batch=global_batch, total_steps=total_steps)
-    h = hashlib.sha256()
-    for p in train_tok:
-        h.update(array.array("q", [len(p.chosen_ids), *p.chosen_ids, len(p.rejected_ids), *p.rejected_ids]).tobytes())
-        h.update(repr(p.margin).encode())
-    return {"settings": settings, "data_sha256": h.hexdigest()}
-
-
-def check_same_run(path: str, state: dict, fingerprint: dict) -> None:
-    """Refuse to resume a checkpoint of another run (one line naming every differing setting).
-
-    Raises:
-        CheckpointError: the fingerprints differ.
-    """
-    diffs = fingerprint_mismatch(state.get("fingerprint"), fingerprint)
-    if diffs:
-        raise CheckpointError(f"--resume: {path} belongs to another run ({'; '.join(diffs)}); resume with that run's "
-                              "settings and data, or start a new run from its weights with --init_from " + path +
-                              " and another --save_path")
+def export(cfg: TrainConfig, model, tokenizer, reward_token_id: int, data: RunData, summary: dict,
+           final_eval: dict, epoch_metrics: dict) -> None:
+    """Write the export (main rank): the model, tokenizer, ``train_config.json`` (a recipe that reproduces the run,
+    with the data folder actually used, so ``coati.evaluate --heldout`` finds the same pairs in a new shell), the
+    reward statistics for normalised scoring (as OpenRLHF stores them: eval set, else the last train epoch) and
+    ``summary.json``."""
+    stats = final_eval or epoch_metrics
+    extra = {"reward_token_id": reward_token_id}
+    if stats.get("pairs"):
+        extra.update(reward_mean=stats["reward_mean"], reward_std=stats["reward_std"],
+                     reward_stats_source="eval" if final_eval else "train_last_epoch")
+    recipe = dict(cfg.to_dict(), data_dir=os.path.abspath(data.data_dir) if data.data_dir else None)
+    export_hf(model.model, tokenizer, cfg.log.save_path, recipe, extra_config=extra,
+              extra_json={"summary.json": summary})
+    if final_eval:
+        langs = {k: {"acc": round(v["acc"], 4), "dist": round(v["dist"], 4), "pairs": v["pairs"]}
+                 for k, v in final_eval["languages"].items()}
+        logger.info("eval: acc %.4f dist %.4f loss %.4f over %d pairs %s", final_eval["acc"], final_eval["dist"],
+                    final_eval["loss"], final_eval["pairs"], langs)
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train, evaluate and export; returns the summary written to ``<save_path>/summary.json``."""
-    t_start = time.perf_counter()
-    strategy = get_strategy(cfg.strategy, zero_stage=cfg.zero_stage, cpu_offload=cfg.cpu_offload,
-                            dist_timeout=cfg.dist_timeout, lora=cfg.lora_rank > 0,
-                            zero_cpu_offload=cfg.zero_cpu_offload, placement_policy=cfg.placement_policy,
-                            mixed_precision=cfg.mixed_precision, max_grad_norm=cfg.max_grad_norm,
-                            accumulation_steps=cfg.accumulation_steps,
-                            resume_checkpoints=cfg.save_every > 0 or bool(cfg.resume))
-    backbone = get_backbone(cfg.model)
-    loss_fn = build_loss(cfg.loss_fn, penalty=cfg.penalty, penalty_weight=cfg.penalty_weight,
-                         reward_bound=cfg.reward_bound, focal_gamma=cfg.focal_gamma,
-                         center_rewards_coefficient=cfg.center_rewards_coefficient)
-    check_writable(cfg.save_path)
-    if not cfg.resume:
-        refuse_foreign_checkpoints(cfg.save_path)
-    init_weights = None  # a resume checkpoint whose model weights start this run (--init_from)
-    if cfg.init_from:
-        if os.path.isfile(os.path.join(cfg.init_from, "manifest.json")):
-            verify_checkpoint(cfg.init_from)
-            init_weights = cfg.init_from
-        elif os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-            cfg = dataclasses.replace(cfg, pretrain=cfg.init_from)  # an export: backbone, value head and tokenizer
-        else:
-            raise CheckpointError(f"--init_from {cfg.init_from}: neither a resume checkpoint (no manifest.json) nor "
-                                  "an export folder (no config.json)")
-    # model files (a GGUF de-quantized into the cache) are prepared before the process group exists: once, under a
-    # file lock, so every rank then loads the same complete folder
-    tok_source = tokenizer_source(cfg)
-    if cfg.pretrain:
-        resolve_pretrain(cfg.pretrain)
+    """Train, evaluate and export a validated config (:func:`coati.config.parse_args`); returns the summary written
+    to ``<save_path>/summary.json``."""
+    t_start, save_path = time.perf_counter(), cfg.log.save_path
+    prepare_save_path(save_path, resuming=bool(cfg.optim.resume))
+    init_from = cfg.optim.init_from and init_from_kind(cfg.optim.init_from)
+    if init_from == "export":
+        cfg = cfg.replace(pretrain=cfg.optim.init_from)
+    tokenizer, reward_token_id = prepare_model_files(cfg.backbone)
+    strategy = STRATEGIES[cfg.strategy.strategy](cfg.strategy)
     strategy.setup()
     main = strategy.is_main
     if main:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    seed_everything(cfg.seed)
-
-    tokenizer = load_tokenizer(tok_source, cfg.trust_remote_code, cfg.reward_token)
-    reward_token_id = resolve_reward_token(tokenizer, cfg.reward_token)
-    data_dir = cfg.data_dir or default_data_dir()
-    data = select_pairs(cfg.dataset, data_dir, cfg.max_samples, cfg.strict_data, cfg.seed, cfg.eval_dataset,
-                        cfg.max_eval_samples, cfg.eval_split)
-    chat = use_chat_template(tokenizer, cfg.chat_template)
-    encoder = SequenceEncoder(tokenizer, cfg.max_len, reward_token_id)
-    train_tok, train_trunc = tokenize_pairs(data.train, encoder, chat)
-    eval_tok, eval_trunc = tokenize_pairs(data.eval, encoder, chat)
+    seed_everything(cfg.optim.seed)
+    data = prepare_data(cfg.data, cfg.optim.seed, tokenizer, reward_token_id)
     if main:
-        logger.info("data:\n%s", data.report.summary())
-        if data.eval_report is not None:
-            logger.info("eval data:\n%s", data.eval_report.summary())
-        logger.info("train: %s", train_trunc.summary())
-        logger.info("eval: %s", eval_trunc.summary())
-        logger.info("chat template: %s; train pairs %d, eval pairs %d, world size %d, device %s", chat,
-                    len(train_tok), len(eval_tok), strategy.world_size, strategy.device)
+        logger.info("%s\nworld size %d, device %s", data.summary(), strategy.world_size, strategy.device)
 
-    seed_everything(cfg.seed)
-    hf_model = build_model(backbone, tokenizer, cfg.pretrain, cfg.model_config, cfg.trust_remote_code)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(hf_model, cfg.gradient_checkpointing_ratio)
-    if cfg.lora_rank > 0:
-        hf_model = apply_lora(hf_model, backbone.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                              cfg.lora_train_bias)
-    reward_model = RewardModel(hf_model, backbone.uses_position_ids)
+    seed_everything(cfg.optim.seed)
+    reward_model = build_reward_model(cfg.backbone, cfg.lora, tokenizer)
     if main:
         n_train = sum(p.numel() for p in reward_model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in reward_model.parameters())
-        logger.info("model: %s, %.1fM parameters, %.2fM trainable", cfg.model, n_all / 1e6, n_train / 1e6)
-
-    def make_optimizer(params):
-        # the fused kernel (as transformers' default adamw_torch_fused): one pass over the parameters; measured
-        # 0.56 s -> 0.06 s per step for SmolLM2-135M on 2 CPU cores (benchmarks/README.md)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=True)
-
-    model, optimizer = strategy.prepare(reward_model, make_optimizer)
-    if init_weights:
-        load_checkpoint_weights(init_weights, strategy, model)
+        logger.info("model: %s, %.1fM parameters, %.2fM trainable", cfg.backbone.model, n_all / 1e6, n_train / 1e6)
+    optim = cfg.optim
+    if init_from == "checkpoint":  # into the plain module: every strategy then wraps (or casts) the loaded weights
+        load_checkpoint_weights(optim.init_from, strategy, reward_model)
         if main:
-            logger.info("initialised the weights from %s (new optimizer, schedule and step)", cfg.init_from)
-    metrics_path = os.path.join(cfg.save_path, "metrics.jsonl")
-    opts = TrainerOptions(batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
-                          accumulation_steps=cfg.accumulation_steps, max_epochs=cfg.max_epochs,
-                          max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed,
-                          log_every=cfg.log_every, eval_every=cfg.eval_every, padding_side=cfg.padding_side,
-                          metrics_path=metrics_path, disable_tqdm=cfg.disable_tqdm, save_every=cfg.save_every,
-                          packing=cfg.packing, share_prefix=cfg.share_prefix,
-                          max_tokens_per_batch=cfg.max_tokens_per_batch or default_row_capacity(
-                              reward_model.packed_attention, cfg.max_len, cfg.share_prefix),
-                          group_by_length=cfg.group_by_length, max_bad_steps=cfg.max_bad_steps)
-    trainer = Trainer(strategy, model, optimizer, None, loss_fn, train_tok, eval_tok,
-                      tokenizer.pad_token_id, opts)
-    total = trainer.total_steps
+            logger.info("initialised the weights from %s (new optimizer, schedule and step)", optim.init_from)
+    model, optimizer = strategy.prepare(reward_model, make_optimizer(optim), accumulates=optim.accumulation_steps > 1)
+    capacity = cfg.data.max_tokens_per_batch or get_backbone(cfg.backbone.model).row_capacity(
+        cfg.data.max_len, cfg.data.share_prefix)
+    train, evaluation = make_loaders(data, cfg.data, optim.batch_size, optim.eval_batch_size or optim.batch_size,
+                                     optim.seed, tokenizer.pad_token_id, capacity, strategy)
+    total = plan_steps(len(train), optim)[1]
     if total == 0:
-        raise ValueError(f"{len(train_tok)} training pairs make no optimizer step with batch_size {cfg.batch_size} "
-                         f"x {strategy.world_size} processes x accumulation {cfg.accumulation_steps}")
-    trainer.scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    global_batch = cfg.batch_size * cfg.accumulation_steps * strategy.world_size
-    fingerprint = run_fingerprint(cfg, train_tok, global_batch, total)
-    resume_from = find_resume_checkpoint(cfg.save_path, cfg.resume) if cfg.resume else None
-    if resume_from:
-        check_same_run(resume_from, read_trainer_state(resume_from), fingerprint)
-        state = load_resume_checkpoint(resume_from, strategy, model, optimizer, trainer.scheduler)
-        trainer.step = state["step"]
-        if main:
-            logger.info("resumed from %s at step %d (written under %s)", resume_from, trainer.step, state["strategy"])
+        raise ValueError(f"{len(data.train)} training pairs make no optimizer step with batch_size "
+                         f"{optim.batch_size} x {strategy.world_size} processes x accumulation "
+                         f"{optim.accumulation_steps}")
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(optim.warmup_ratio * total), total)
+    global_batch = optim.batch_size * optim.accumulation_steps * strategy.world_size
+    run_state = {"fingerprint": run_fingerprint(cfg.to_dict(), data.train, global_batch, total)}
+    start = resume_run(save_path, optim.resume, run_state["fingerprint"], strategy, model, optimizer,
+                       scheduler) if optim.resume else 0
+    metrics_log = MetricsLog(save_path, cfg.log.report_to, cfg.to_dict(), start) if main else None
+    try:
+        trainer = Trainer(strategy, model, optimizer, scheduler, build_loss(cfg.loss), train, evaluation, optim,
+                          cfg.log,
+                          write_row=metrics_log.write if metrics_log else None,
+                          on_save=lambda step: save_resume_checkpoint(save_path, step, strategy, model, optimizer,
+                                                                      scheduler, run_state, optim.keep_last),
+                          start_step=start)
+        t_fit = time.perf_counter()
+        trainer.fit()
+        fit_s = time.perf_counter() - t_fit
+        final_eval = trainer.evaluate()
+    finally:
+        if metrics_log:
+            metrics_log.close()
+    summary = summarize(trainer, data, final_eval, global_batch, fit_s, start)
+    export_model = strategy.export_model(model)
     if main:
-        keep_metrics_until(metrics_path, trainer.step)
-    run_state = {"fingerprint": fingerprint}  # seed, global batch, steps and data are all in it
-    trainer.on_save = lambda step: save_resume_checkpoint(cfg.save_path, step, strategy, model, optimizer,
-                                                          trainer.scheduler, run_state, cfg.keep_last)
-    t_fit, start_step = time.perf_counter(), trainer.step
-    trainer.fit()
-    fit_s = time.perf_counter() - t_fit
-    final_eval = trainer.evaluate() if eval_tok else {}
-
-    pairs_trained = (trainer.step - start_step) * global_batch
-    summary = {"steps": trainer.step, "train_pairs": len(train_tok), "eval_pairs": len(eval_tok),
-               "world_size": strategy.world_size, "fit_seconds": fit_s, "train_seconds": trainer.train_seconds,
-               "train_pairs_per_s": pairs_trained / max(trainer.train_seconds, 1e-9),
-               "train_tokens_per_s": trainer.train_tokens / max(trainer.train_seconds, 1e-9),
-               "skipped_steps": trainer.skipped_steps, "train_last_epoch": trainer.epoch_metrics,
-               "eval": final_eval, "data": data.report.to_dict(),
-               "truncation": {"train": vars(train_trunc), "eval": vars(eval_trunc)}}
-    export_model = strategy.state_dict_for_export(model)
-    if main:
-        # reward statistics for normalised scoring (as OpenRLHF stores them): eval set, else the last train epoch
-        stats = final_eval or trainer.epoch_metrics
-        extra = {"reward_token_id": reward_token_id}
-        if stats.get("pairs"):
-            extra.update(reward_mean=stats["reward_mean"], reward_std=stats["reward_std"],
-                         reward_stats_source="eval" if final_eval else "train_last_epoch")
-        # the data folder actually used, so `coati.evaluate --heldout` finds the same pairs in a new shell
-        recipe = dict(cfg.to_dict(), data_dir=os.path.abspath(data_dir) if data_dir else None)
         summary["wall_seconds"] = time.perf_counter() - t_start
-        export_hf(export_model.model, tokenizer, cfg.save_path, recipe, extra_config=extra,
-                  extra_json={"summary.json": summary})
-        if final_eval:
-            logger.info("eval: acc %.4f dist %.4f loss %.4f over %d pairs %s", final_eval["acc"], final_eval["dist"],
-                        final_eval["loss"], final_eval["pairs"],
-                        json.dumps({k: {"acc": round(v["acc"], 4), "dist": round(v["dist"], 4), "pairs": v["pairs"]}
-                                    for k, v in final_eval["languages"].items()}))
-        logger.info("exported to %s (%.0f s in all, %.0f s training)", cfg.save_path, summary["wall_seconds"], fit_s)
+        export(cfg, export_model, tokenizer, reward_token_id, data, summary, final_eval, trainer.epoch_metrics)
+        logger.info("exported to %s (%.0f s in all, %.0f s training)", save_path, summary["wall_seconds"], fit_s)
     strategy.barrier()
     strategy.teardown()
     return summary

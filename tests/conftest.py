@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,22 @@ os.environ.setdefault("COATI_DATA_DIR", str(DATA_DIR))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_env(**extra) -> dict:
+    """The environment of a child ``python``/``torchrun``: this repo importable, one thread per process, offline,
+    no inherited torchrun variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a second torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -41,28 +58,31 @@ def tiny_model(name: str, tokenizer, seed: int = 0):
     return build_model(get_backbone(name), tokenizer, None, "tiny").eval()
 
 
-def tiny_trainer(tokenizer, folder, loss_fn, **opts):
+def tiny_trainer(tokenizer, folder, loss_fn, **options):
     """A :class:`coati.trainer.Trainer` (naive strategy) of a tiny LLaMA on 32 random pairs, 8 steps of 4 pairs,
-    constant learning rate; ``metrics.jsonl`` in ``folder``; ``opts`` override :class:`TrainerOptions` fields."""
+    constant learning rate, padded batches; ``metrics.jsonl`` in ``folder``; ``options`` set any
+    :class:`~coati.config.TrainConfig` option (flat names)."""
+    from coati.config import TrainConfig
+    from coati.data.collate import GlobalBatchSampler, PairLoader, make_collate
     from coati.data.template import TokenizedPair
+    from coati.models.backbones import get_backbone
     from coati.models.reward_model import RewardModel
+    from coati.reporting import MetricsLog
     from coati.strategies.naive import NaiveStrategy
-    from coati.trainer import Trainer, TrainerOptions
+    from coati.trainer import Trainer
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    strategy = NaiveStrategy()
+    cfg = TrainConfig.from_dict(dict(dict(batch_size=4, max_grad_norm=1.0, seed=0, log_every=1, packing=False), **options))
+    strategy = NaiveStrategy(cfg.strategy)
     strategy.setup()
     torch.manual_seed(0)
-    model = RewardModel(tiny_model("llama", tokenizer), True).train()
+    model = RewardModel(tiny_model("llama", tokenizer), get_backbone("llama")).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     pairs = [TokenizedPair(torch.randint(5, 300, (8,), generator=g).tolist() + [2],
                            torch.randint(5, 300, (6,), generator=g).tolist() + [2], None, "en", "x") for _ in range(32)]
-    options = dict(batch_size=4, eval_batch_size=4, accumulation_steps=1, max_epochs=1, max_steps=None,
-                   max_grad_norm=1.0, bf16=False, seed=0, log_every=1, eval_every=0, padding_side="right",
-                   metrics_path=str(Path(folder) / "metrics.jsonl"))
-    options.update(opts)
-    trainer = Trainer(strategy, model, optimizer, None, loss_fn, pairs, [], tokenizer.pad_token_id,
-                      TrainerOptions(**options))
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    return trainer
+    collate = make_collate(tokenizer.pad_token_id, cfg.data.packing, 0, cfg.data.share_prefix, "right")
+    loader = PairLoader(pairs, collate, GlobalBatchSampler(len(pairs), cfg.optim.batch_size, seed=cfg.optim.seed))
+    log = MetricsLog(str(folder))
+    return Trainer(strategy, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), loss_fn,
+                   loader, None, cfg.optim, cfg.log, write_row=log.write)

@@ -22,10 +22,10 @@ def _grads(name, tokenizer, ratio):
     for i, block in enumerate(blocks):  # transformers keeps a block's own hooks outside the checkpoint: count its parts
         for part in block.children():
             part.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
-    rm = RewardModel(hf, backbone.uses_position_ids).train()
+    rm = RewardModel(hf, backbone).train()
     pairs = _pairs(prompt=True)
-    batch = collate_packed(pairs, tokenizer.pad_token_id, 0 if backbone.uses_position_ids else 256)
-    rewards = rm(**batch["inputs"])
+    batch = collate_packed(pairs, tokenizer.pad_token_id, backbone.row_capacity(128, share_prefix=True))  # 0 or 256
+    rewards = rm(**batch.inputs)
     log_sig_loss(rewards[:len(pairs)], rewards[len(pairs):]).backward()
     return recomputed, calls, {n: p.grad for n, p in rm.named_parameters() if p.grad is not None}
 

@@ -1,11 +1,11 @@
 """Every numeric flag is checked at parse time: a bad value stops with one line naming the flag (exit code 2)."""
 
-import dataclasses
+import json
 import typing
 
 import pytest
 
-from coati.config import TrainConfig, parse_args, validate
+from coati.config import GROUPS, TrainConfig, option_fields, parse_args, validate
 
 # (flag, a value that must be refused): every numeric flag, with the values the hostile-input report tried
 BAD = [
@@ -35,23 +35,25 @@ def test_a_bad_number_stops_at_parse_time(flag, value, capsys):
 
 
 def test_every_numeric_field_has_a_rule():
-    hints = typing.get_type_hints(TrainConfig)
-    fields = [f for f in dataclasses.fields(TrainConfig)
-              if any(t in (int, float) for t in (hints[f.name], *typing.get_args(hints[f.name])))]
+    hints = {name: typing.get_type_hints(GROUPS[group])[name] for name, (group, _) in option_fields().items()}
+    fields = [(name, f) for name, (group, f) in option_fields().items()
+              if any(t in (int, float) for t in (hints[name], *typing.get_args(hints[name])))]
     assert len(fields) > 25
-    assert [f.name for f in fields if f.metadata.get("valid") is None] == []
+    assert [name for name, f in fields if f.metadata.get("valid") is None] == []
 
 
 def test_valid_edges_are_accepted():
     cfg = parse_args(["--max_grad_norm", "0", "--warmup_ratio", "0", "--warmup_ratio", "1", "--eval_split", "0",
                       "--save_every", "0", "--keep_last", "0", "--max_steps", "1", "--seed", "0",
-                      "--gradient_checkpointing_ratio", "1", "--lora_dropout", "0.5", "--zero_stage", "2"])
-    assert (cfg.max_grad_norm, cfg.warmup_ratio, cfg.keep_last, cfg.max_steps, cfg.zero_stage) == (0.0, 1.0, 0, 1, 2)
+                      "--gradient_checkpointing_ratio", "1", "--lora_dropout", "0.5", "--strategy", "fsdp",
+                      "--zero_stage", "2"])
+    assert (cfg.optim.max_grad_norm, cfg.optim.warmup_ratio, cfg.optim.keep_last, cfg.optim.max_steps,
+            cfg.strategy.zero_stage) == (0.0, 1.0, 0, 1, 2)
 
 
 def test_a_config_built_in_code_is_checked_too():
     assert validate(TrainConfig()) == []
-    assert validate(TrainConfig(lr=float("nan"), max_steps=0, log_every=0)) == [
+    assert validate(TrainConfig.from_dict(dict(lr=float("nan"), max_steps=0, log_every=0))) == [
         "--max_steps: must be an integer >= 1, got 0", "--lr: must be a finite number > 0, got nan",
         "--log_every: must be an integer >= 1, got 0"]
 
@@ -60,3 +62,69 @@ def test_resume_and_init_from_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--resume", "auto", "--init_from", "x"])
     assert "give one of them" in capsys.readouterr().err
+
+
+def _refused(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--focal_gamma", "3"], "--focal_gamma is not used by --loss_fn log_sig (only by focal)"),
+    (["--reward_bound", "2", "--penalty", "l2"], "--reward_bound is not used by --penalty l2 (only by log_barrier)"),
+    (["--penalty_weight", "0.1"], "--penalty_weight is not used by --penalty none (only by log_barrier, l2)"),
+    (["--zero_stage", "2"], "--zero_stage is not used by --strategy ddp (only by fsdp)"),
+    (["--placement_policy", "auto", "--strategy", "fsdp"], "--placement_policy is not used by --strategy fsdp"),
+    (["--strategy", "colossalai_ddp", "--save_every", "5"], "--strategy colossalai_ddp cannot write or read resume"),
+    (["--strategy", "colossalai_gemini", "--lora_rank", "4"], "--strategy colossalai_gemini does not support LoRA"),
+    (["--mixed_precision", "fp16"], "--strategy ddp trains in fp32 or bf16, not --mixed_precision fp16"),
+])
+def test_an_option_the_chosen_component_does_not_take_is_refused(argv, message, capsys):
+    assert message in _refused(argv, capsys)
+
+
+def test_the_chosen_components_take_their_options():
+    cfg = parse_args(["--loss_fn", "focal", "--focal_gamma", "3", "--penalty", "log_barrier", "--reward_bound", "2",
+                      "--penalty_weight", "0.1", "--strategy", "fsdp", "--zero_stage", "2", "--cpu_offload"])
+    assert (cfg.loss.focal_gamma, cfg.loss.reward_bound, cfg.strategy.zero_stage, cfg.strategy.cpu_offload) == \
+        (3.0, 2.0, 2, True)
+
+
+def test_merged_flags_keep_their_old_spelling():
+    assert parse_args(["--bf16"]).strategy.mixed_precision == "bf16"
+    assert parse_args(["--bf16", "false"]).strategy.mixed_precision == "fp32"
+    assert parse_args(["--mixed_precision", "bf16", "--bf16", "false"]).strategy.mixed_precision == "fp32"
+    assert parse_args(["--strategy", "fsdp", "--zero_cpu_offload"]).strategy.cpu_offload is True
+    assert parse_args([]).strategy.mixed_precision == "fp32"
+
+
+def test_a_recipe_sets_options_and_the_command_line_overrides_it(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: bloom\nlr: 2.0e-4\ndataset: oaast-rm-zh\nbf16: true\npacking: false\n"
+                      "max_len: '128'\n")
+    cfg = parse_args(["--config", str(recipe), "--lr", "1e-3"])
+    assert (cfg.backbone.model, cfg.optim.lr, cfg.data.dataset, cfg.strategy.mixed_precision, cfg.data.packing,
+            cfg.data.max_len) == ("bloom", 1e-3, ["oaast-rm-zh"], "bf16", False, 128)
+    as_json = tmp_path / "r.json"
+    as_json.write_text(json.dumps(cfg.to_dict()))
+    assert parse_args(["--config", str(as_json)]) == cfg
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lrr: 0.1\n", "bad.yaml: unknown option 'lrr' (did you mean 'lr'?)"),
+    ("- lr\n", "bad.yaml: expected a mapping of option names to values"),
+    ("lr: [1\n", "bad.yaml: cannot read it"),
+    ("lr: -1\n", "--lr: must be a finite number > 0, got -1"),
+    ("lr: '-1'\n", "argument --lr: must be a finite number > 0, got '-1'"),
+    ("packing: 3\n", "--packing: must be true or false, got 3"),
+    ("packing: maybe\n", "argument --packing: Truthy value expected: got maybe"),
+    ("padding_side: middle\n", "--padding_side: must be one of right, left, got 'middle'"),
+    ("model: gpt9\n", "--model: must be one of bloom, llama, internlm2, got 'gpt9'"),
+])
+def test_a_bad_recipe_is_one_line(text, message, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    last = _refused(["--config", str(recipe)], capsys)
+    assert message in last, last

@@ -17,18 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_env
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ["COATI_DATA_DIR"]  # set by conftest.py (default ../shared/data)
 MAX_SECONDS = 30.0
 COMMON = ["--model", "llama", "--max_steps", "1", "--disable_tqdm"]
-
-
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               COATI_DATA_DIR=DATA_DIR, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
 
 
 def _tokenizer_without_eos(folder: Path) -> Path:
@@ -71,7 +65,7 @@ def runs(tmp_path_factory, request):
     def launch(args: list[str]) -> tuple[int, str, str, float]:
         cmd = [sys.executable, str(REPO / "train_reward_model.py")] + COMMON + args
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env(), cwd=tmp, timeout=300)
         return proc.returncode, proc.stderr, proc.stdout, time.perf_counter() - t0
 
     # as many runs at a time as there are cores: each run's own time stays close to a lone run's

@@ -1,7 +1,8 @@
-"""coati.evaluate: metrics against hand-computed values, per-subset / per-language report, plots, CLI."""
+"""coati.evaluate: scoring in the training layout, per-subset / per-language report, plots, CLI.
+
+The metric formulas themselves are checked against hand-computed values in test_metrics.py."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from conftest import tiny_model
 from coati.checkpoint import export_hf
 from coati.data.sources import load_pairs
 from coati.data.template import tokenize_pairs
-from coati.evaluate import PLOTS, TRAINING_CURVES, calibration_bins, expected_calibration_error, main, pair_metrics
+from coati.evaluate import PLOTS, TRAINING_CURVES, main
+from coati.metrics import pair_metrics
+from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
 from coati.scoring import RewardScorer
 
@@ -90,60 +93,6 @@ def _check_png(path):
     assert float(img[..., :3].std()) > 0.01  # not a blank image
 
 
-# --------------------------------------------------------------------------- metrics by hand
-
-def _sig(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def test_pair_metrics_match_hand_computed_values():
-    chosen = torch.tensor([2.0, 0.0, 1.0, -1.0])
-    rejected = torch.tensor([0.0, 0.0, 3.0, -1.5])
-    # margins 2, 0, -2, 0.5: correct (r_c > r_r) for pairs 0 and 3 only (the tie counts as wrong)
-    m = pair_metrics(chosen, rejected, bins=10)
-    assert m["pairs"] == 4
-    assert m["accuracy"] == pytest.approx(0.5)
-    assert m["margin"] == pytest.approx((2 + 0 - 2 + 0.5) / 4)  # 0.125
-    assert m["chosen_reward"] == pytest.approx(0.5) and m["rejected_reward"] == pytest.approx(0.375)
-    # 8 rewards 2, 0, 1, -1, 0, 0, 3, -1.5: mean 3.5 / 8; population variance 17.25 / 8 - mean^2
-    assert m["reward_mean"] == pytest.approx(0.4375)
-    assert m["reward_std"] == pytest.approx(math.sqrt(17.25 / 8 - 0.4375 ** 2))  # 1.40173
-    # confidences max(p, 1-p), p = sigmoid(margin): s(2) = 0.8808 (bin (0.8, 0.9], correct),
-    # 0.5 (bin (0.4, 0.5], wrong), s(2) (bin (0.8, 0.9], wrong), s(0.5) = 0.6225 (bin (0.6, 0.7], correct)
-    s2, s05 = _sig(2.0), _sig(0.5)
-    assert s2 == pytest.approx(0.880797, abs=1e-6) and s05 == pytest.approx(0.622459, abs=1e-6)
-    ece = 2 / 4 * abs(0.5 - s2) + 1 / 4 * abs(0.0 - 0.5) + 1 / 4 * abs(1.0 - s05)
-    assert ece == pytest.approx(0.4097838, abs=1e-6)
-    assert m["ece"] == pytest.approx(ece, abs=1e-9)
-    assert expected_calibration_error(chosen, rejected, 10) == pytest.approx(ece, abs=1e-9)
-    table = {round(b["lo"], 1): b for b in m["calibration"] if b["count"]}
-    assert sorted(table) == [0.4, 0.6, 0.8]
-    assert table[0.8]["count"] == 2 and table[0.8]["accuracy"] == 0.5
-    assert table[0.8]["confidence"] == pytest.approx(s2)
-    assert table[0.4]["accuracy"] == 0.0 and table[0.6]["accuracy"] == 1.0
-    assert sum(b["count"] for b in m["calibration"]) == 4 and len(m["calibration"]) == 10
-    # one bin: |mean accuracy - mean confidence|
-    one = expected_calibration_error(chosen, rejected, 1)
-    assert one == pytest.approx(abs(0.5 - (s2 + 0.5 + s2 + s05) / 4), abs=1e-9)  # 0.221013
-
-
-def test_ece_extremes_and_edge_cases():
-    # confident and right: margins so large that p = 1 in float64 -> conf 1 in the last bin, ECE 0
-    assert expected_calibration_error(torch.tensor([100.0, 50.0]), torch.tensor([0.0, 0.0])) == pytest.approx(0.0)
-    # confident and wrong: ECE 1
-    assert expected_calibration_error(torch.tensor([0.0]), torch.tensor([100.0])) == pytest.approx(1.0)
-    # p = 0.75 for every pair and 3 of 4 right: calibrated
-    d = math.log(3.0)  # sigmoid(log 3) = 0.75
-    c = torch.tensor([d, d, d, -d], dtype=torch.float64)
-    assert expected_calibration_error(c, torch.zeros(4, dtype=torch.float64)) == pytest.approx(0.0, abs=1e-12)
-    assert [b["count"] for b in calibration_bins(c, torch.zeros(4), 5)] == [0, 0, 0, 4, 0]  # (0.6, 0.8]
-    assert pair_metrics(torch.zeros(0), torch.zeros(0)) == {"pairs": 0}
-    with pytest.raises(ValueError):
-        pair_metrics(torch.zeros(2), torch.zeros(3))
-    with pytest.raises(ValueError):
-        calibration_bins(torch.zeros(2), torch.zeros(2), 0)
-
-
 # --------------------------------------------------------------------------- scoring = training evaluation
 
 def test_score_pairs_equal_trainer_layout(export, tokenizer, data_files):
@@ -163,7 +112,7 @@ def test_score_pairs_equal_trainer_layout(export, tokenizer, data_files):
     for i, s in enumerate(seqs):
         ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
     with torch.no_grad():
-        rewards = RewardModel(hf, True).eval()(ids, mask)
+        rewards = RewardModel(hf, get_backbone("llama")).eval()(ids, mask)
     n = len(pairs)
     assert torch.allclose(chosen, rewards[:n], atol=1e-5) and torch.allclose(rejected, rewards[n:], atol=1e-5)
 
@@ -178,7 +127,7 @@ def test_report_languages_subsets_and_plots(export, data_files, tmp_path, capsys
                str(metrics), "--batch_size", "4", "--bins", "5", "--disable_tqdm"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    for key in ("accuracy", "margin", "ece", "reward_mean", "reward_std", "pairs", "subsets", "languages",
+    for key in ("acc", "dist", "ece", "reward_mean", "reward_std", "pairs", "subsets", "languages",
                 "calibration", "truncation"):
         assert key in report, key
     assert report["pairs"] == 7 and report["bins"] == 5 and len(report["calibration"]) == 5
@@ -186,18 +135,29 @@ def test_report_languages_subsets_and_plots(export, data_files, tmp_path, capsys
     assert {k: v["pairs"] for k, v in report["subsets"].items()} == {str(a): 5, str(b): 2}
     # overall metrics are the pair-weighted combination of the language groups
     langs = report["languages"]
-    acc = sum(v["accuracy"] * v["pairs"] for v in langs.values()) / 7
-    margin = sum(v["margin"] * v["pairs"] for v in langs.values()) / 7
-    assert report["accuracy"] == pytest.approx(acc) and report["margin"] == pytest.approx(margin)
+    acc = sum(v["acc"] * v["pairs"] for v in langs.values()) / 7
+    dist = sum(v["dist"] * v["pairs"] for v in langs.values()) / 7
+    assert report["acc"] == pytest.approx(acc) and report["dist"] == pytest.approx(dist)
     scores = [json.loads(line) for line in (out / "pair_scores.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(scores) == 7 and sum(s["lang"] == "zh" for s in scores) == 3
-    assert report["accuracy"] == pytest.approx(sum(s["chosen_reward"] > s["rejected_reward"] for s in scores) / 7)
+    assert report["acc"] == pytest.approx(sum(s["chosen_reward"] > s["rejected_reward"] for s in scores) / 7)
+    # report.json holds coati.metrics.pair_metrics of the scores it wrote to pair_scores.jsonl, per language too
+    chosen = torch.tensor([s["chosen_reward"] for s in scores], dtype=torch.float64)
+    rejected = torch.tensor([s["rejected_reward"] for s in scores], dtype=torch.float64)
+    assert [s["margin"] for s in scores] == (chosen - rejected).tolist()
+    expected = pair_metrics(chosen, rejected, bins=5)
+    for key in ("acc", "dist", "dist_std", "chosen_reward", "rejected_reward", "reward_mean", "reward_std", "ece"):
+        assert report[key] == pytest.approx(expected[key], abs=1e-12), key
+    zh = torch.tensor([s["lang"] == "zh" for s in scores])
+    assert langs["zh"]["dist"] == pytest.approx(pair_metrics(chosen[zh], rejected[zh])["dist"], abs=1e-12)
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "lang `zh`" in md and "lang `en`" in md and "**all**" in md
+    assert "| group | pairs | accuracy | margin | chosen_reward |" in md  # human labels of acc / dist
+    assert f"| **all** | 7 | {report['acc']:.4f} | {report['dist']:.4f} |" in md
     for name in PLOTS + (TRAINING_CURVES,):
         _check_png(out / name)
     summary = capsys.readouterr().out
-    assert "7 pairs: accuracy" in summary and "lang zh: 3 pairs" in summary
+    assert "7 pairs: acc" in summary and "lang zh: 3 pairs" in summary
 
     # --subset_by file names subsets after the files; no --metrics -> no training curves
     out2 = tmp_path / "by_file"
@@ -259,4 +219,4 @@ def test_cli_smoke_subprocess(export, data_files, tmp_path):
     assert report["pairs"] == 6  # 4 from the first file, 2 from the second
     for name in ("report.md",) + PLOTS + (TRAINING_CURVES,):
         assert (out / name).stat().st_size > 0, name
-    assert "accuracy" in proc.stdout
+    assert "pairs: acc " in proc.stdout

@@ -33,7 +33,7 @@ def test_export_scores_equal_trainer_rewards(name, lora_rank, tokenizer, tmp_pat
     if lora_rank:
         hf = apply_lora(hf, backbone.lora_targets, lora_rank, 8.0, 0.0, "all")
     _perturb(hf)
-    rm = RewardModel(hf, backbone.uses_position_ids).eval()
+    rm = RewardModel(hf, backbone).eval()
     enc = SequenceEncoder(tokenizer, max_len=64)
     seqs = [enc.encode(p, a).input_ids for p, a in TEXTS]
     length = max(map(len, seqs))

@@ -223,7 +223,7 @@ def test_converted_model_matches_internlm2_reference(variant, internlm2_tokenize
         assert max_diff(model, w, dict(cfg, rope_scaling=None), ids) > 1e3 * TOL
 
     # and the reward model reads it like any LLaMA
-    rewards = RewardModel(model, get_backbone("internlm2").uses_position_ids)(ids, torch.ones_like(ids))
+    rewards = RewardModel(model, get_backbone("internlm2"))(ids, torch.ones_like(ids))
     assert rewards.shape == (2,) and rewards.dtype == torch.float32
 
 
@@ -361,7 +361,7 @@ def test_random_init_tiny_reward_model(internlm2_tokenizer, tmp_path):
     model = build_model(backbone, tok, None, "tiny").eval()
     assert type(model) is LlamaForSequenceClassification
     assert model.config.vocab_size == 92544 and model.config.rope_parameters["rope_theta"] == 1e6
-    rm = RewardModel(model, backbone.uses_position_ids).eval()
+    rm = RewardModel(model, backbone).eval()
     enc = SequenceEncoder(tok, max_len=32)
     seqs = [enc.encode("\n\nHuman: 你好吗？\n\nAssistant: ", "我很好，谢谢。").input_ids, enc.encode("", HELLO).input_ids]
     length = max(map(len, seqs))

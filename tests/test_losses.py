@@ -51,12 +51,13 @@ def test_unknown_loss_lists_choices():
 
 # ---- InternLM2 recipe (arXiv 2403.17297, section 4.2.1): focal ranking loss, penalties, centering
 
+from coati.config import LossArgs  # noqa: E402
 from coati.losses import PENALTIES, build_loss, focal_loss, l2_penalty, log_barrier_penalty  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["log_sig", "focal"])
 def test_zero_scores_with_default_log_barrier_give_0_6287(name):
-    fn = build_loss(name, penalty="log_barrier")  # defaults: weight 0.02, bound 5
+    fn = build_loss(LossArgs(loss_fn=name, penalty="log_barrier"))  # defaults: weight 0.02, bound 5
     z = torch.zeros(4)
     expected = math.log(2) - 0.02 * 2 * math.log(5)
     assert expected == pytest.approx(0.6287, abs=1e-4)
@@ -73,7 +74,7 @@ def test_focal_closed_form_and_gamma_zero_is_log_sig():
     r = torch.randn(16)
     c = torch.randn(16)
     assert focal_loss(c, r, gamma=0.0).item() == pytest.approx(log_sig_loss(c, r).item(), abs=1e-6)
-    assert build_loss("focal", focal_gamma=0.0)(c, r, None).item() == pytest.approx(log_sig_loss(c, r).item(),
+    assert build_loss(LossArgs(loss_fn="focal", focal_gamma=0.0))(c, r, None).item() == pytest.approx(log_sig_loss(c, r).item(),
                                                                                      abs=1e-6)
 
 
@@ -91,7 +92,7 @@ def test_penalty_and_centering_are_added_with_their_weights():
     c, r = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0])
     base = log_sig_loss(c, r).item()
     l2 = l2_penalty(torch.cat([c, r])).item()
-    fn = build_loss("log_sig", penalty="l2", penalty_weight=0.1, center_rewards_coefficient=0.01)
+    fn = build_loss(LossArgs(penalty="l2", penalty_weight=0.1, center_rewards_coefficient=0.01))
     centre = ((1.5 ** 2) + (1.0 ** 2)) / 2
     assert fn(c, r, None).item() == pytest.approx(base + 0.1 * l2 + 0.01 * centre, abs=1e-6)
 
@@ -99,7 +100,7 @@ def test_penalty_and_centering_are_added_with_their_weights():
 @pytest.mark.parametrize("name", list(LOSSES))
 @pytest.mark.parametrize("penalty", list(PENALTIES))
 def test_every_combination_has_finite_gradients_up_to_1e4(name, penalty):
-    fn = build_loss(name, penalty=penalty, center_rewards_coefficient=0.01)
+    fn = build_loss(LossArgs(loss_fn=name, penalty=penalty, center_rewards_coefficient=0.01))
     for scale in (1e-3, 1.0, 1e2, 1e4):
         c = torch.tensor([scale, -scale, 0.0], requires_grad=True)
         r = torch.tensor([-scale, scale, 0.0], requires_grad=True)
@@ -111,4 +112,4 @@ def test_every_combination_has_finite_gradients_up_to_1e4(name, penalty):
 
 def test_unknown_penalty_lists_choices():
     with pytest.raises(ValueError, match="log_barrier"):
-        build_loss("log_sig", penalty="l1")
+        build_loss(LossArgs(penalty="l1"))

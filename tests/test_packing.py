@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coati.data.collate import GlobalBatchSampler, collate_packed, collate_pairs, default_row_capacity, pack_rows
+from coati.data.collate import GlobalBatchSampler, collate_packed, collate_pairs, pack_rows
 from coati.data.template import TokenizedPair
 from coati.losses import log_sig_loss
 from coati.models.backbones import BACKBONES, get_backbone
@@ -37,30 +37,30 @@ def test_pack_rows_first_fit_decreasing():
 def test_collate_packed_layout():
     items = [TokenizedPair([1, 2, 3], [4, 5], None, "en", "a"), TokenizedPair([6], [7, 8, 9, 10], 1.0, "zh", "b")]
     batch = collate_packed(items, pad_id=0, capacity=6)
-    inputs = batch["inputs"]
+    inputs = batch.inputs
     # no shared start: four plain groups; lengths chosen 3, 1; rejected 2, 4 -> FFD rows: [4 + 2], [3 + 1]
     assert inputs["input_ids"].tolist() == [[7, 8, 9, 10, 4, 5], [1, 2, 3, 6, 0, 0]]
     assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 1]]
     assert inputs["reward_index"].tolist() == [[1, 2], [1, 3], [0, 5], [0, 3]]
     assert inputs["groups"].tolist() == [[0, 0, 4, 0, 0], [0, 4, 2, 0, 0], [1, 0, 3, 0, 0], [1, 3, 1, 0, 0]]
-    assert (batch["real_tokens"], batch["computed_tokens"], batch["total_tokens"]) == (10, 10, 12)
-    assert batch["margin"].tolist() == [0.0, 1.0]
+    assert (batch.real_tokens, batch.computed_tokens, batch.total_tokens) == (10, 10, 12)
+    assert batch.margin.tolist() == [0.0, 1.0]
 
 
 def test_collate_packed_shares_the_prompt():
     # pair 0 shares [1, 2]; pair 1 shares nothing; capacity 0 = one row, no padding
     items = [TokenizedPair([1, 2, 3, 9], [1, 2, 5, 9], None, "en", "a"), TokenizedPair([6, 9], [7, 9], None, "en", "b")]
     batch = collate_packed(items, pad_id=0, capacity=0)
-    inputs = batch["inputs"]
+    inputs = batch.inputs
     assert inputs["input_ids"].tolist() == [[1, 2, 3, 9, 5, 9, 6, 9, 7, 9]]
     assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 0, 1, 0, 1]]
     assert inputs["groups"].tolist() == [[0, 0, 2, 2, 2], [0, 6, 2, 0, 0], [0, 8, 2, 0, 0]]
     assert inputs["reward_index"].tolist() == [[0, 3], [0, 7], [0, 5], [0, 9]]
-    assert (batch["real_tokens"], batch["computed_tokens"], batch["total_tokens"]) == (12, 10, 10)
+    assert (batch.real_tokens, batch.computed_tokens, batch.total_tokens) == (12, 10, 10)
     # without sharing, or with a capacity the group does not fit, the pair is two plain sequences
     for batch in (collate_packed(items, 0, 0, share_prefix=False), collate_packed(items, 0, capacity=5)):
-        assert batch["computed_tokens"] == 12
-        assert (batch["inputs"]["groups"][:, 3:] == 0).all()
+        assert batch.computed_tokens == 12
+        assert (batch.inputs["groups"][:, 3:] == 0).all()
 
 
 def test_shared_prefix_len_keeps_each_last_token():
@@ -91,9 +91,9 @@ def test_packed_equals_padded_rewards_and_gradients(name, prompt, capacity, toke
 
     def run(collate):
         torch.manual_seed(0)
-        rm = RewardModel(tiny_model(name, tokenizer), backbone.uses_position_ids).train()
+        rm = RewardModel(tiny_model(name, tokenizer), backbone).train()
         batch = collate(pairs)
-        rewards = rm(**batch["inputs"])
+        rewards = rm(**batch.inputs)
         b = len(pairs)
         log_sig_loss(rewards[:b], rewards[b:]).backward()
         grads = {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None}
@@ -101,9 +101,9 @@ def test_packed_equals_padded_rewards_and_gradients(name, prompt, capacity, toke
 
     padded_r, padded_g = run(lambda p: collate_pairs(p, tokenizer.pad_token_id))
     packed = collate_packed(pairs, tokenizer.pad_token_id, capacity)
-    rows = packed["inputs"]["input_ids"].shape[0]
+    rows = packed.inputs["input_ids"].shape[0]
     assert rows == 1 if capacity == 0 else rows > 1  # really packed
-    assert (packed["computed_tokens"] < packed["real_tokens"]) == prompt  # prompts really shared
+    assert (packed.computed_tokens < packed.real_tokens) == prompt  # prompts really shared
     packed_r, packed_g = run(lambda p: collate_packed(p, tokenizer.pad_token_id, capacity))
     assert torch.allclose(packed_r, padded_r, atol=1e-5), (packed_r - padded_r).abs().max()
     assert padded_g.keys() == packed_g.keys()
@@ -152,13 +152,7 @@ def test_group_attention_cpu_path_equals_sdpa(shape):
 def test_packed_batch_on_unswitchable_attention_is_a_clear_error(tokenizer):
     hf = tiny_model("llama", tokenizer)
     hf.config._attn_implementation = "flash_attention_2"  # as if loaded with flash-attn: left alone by coati
-    rm = RewardModel(hf, uses_position_ids=True)
-    assert not rm.packed_attention
+    rm = RewardModel(hf, get_backbone("llama"))
+    assert hf.config._attn_implementation == "flash_attention_2"
     with pytest.raises(ValueError, match="--packing false"):
-        rm(**collate_packed(_pairs(n=2), tokenizer.pad_token_id)["inputs"])
-
-
-def test_default_row_capacity():
-    assert default_row_capacity(True, 256, True) == 0  # per-group attention: one row
-    assert default_row_capacity(False, 256, True) == 512  # dense mask: the longest shared-prefix group
-    assert default_row_capacity(False, 256, False) == 256
+        rm(**collate_packed(_pairs(n=2), tokenizer.pad_token_id).inputs)

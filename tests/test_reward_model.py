@@ -13,7 +13,7 @@ SEQS = [[5, 6, 7, 8, 9, 2], [11, 12, 2], [20, 21, 22, 23, 24, 25, 26, 27, 28, 2]
 
 
 def _reward_model(name, tokenizer):
-    return RewardModel(tiny_model(name, tokenizer), get_backbone(name).uses_position_ids)
+    return RewardModel(tiny_model(name, tokenizer), get_backbone(name))
 
 
 def _batch(seqs, pad_id, side):
@@ -62,18 +62,27 @@ def test_reward_is_value_head_at_last_real_token(name, tokenizer):
             assert rewards[i].item() == pytest.approx((hf.score.weight[0] @ hidden).item(), abs=1e-5)
 
 
-def test_pad_is_not_eos(tokenizer):
-    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+def test_the_pad_token_is_moved_off_the_reward_token():
+    from transformers import AutoTokenizer
+
+    from coati.models.loading import SMOLLM2_ALIAS, choose_pad_token_id, prepare_tokenizer, resolve_pretrain
+
+    raw = AutoTokenizer.from_pretrained(resolve_pretrain(SMOLLM2_ALIAS, with_model=False))
+    raw.pad_token = raw.eos_token  # the LLaMA-style default that would make exports read the reward one token early
+    eos = raw.eos_token_id
+    assert prepare_tokenizer(raw).pad_token_id not in (None, eos)
+    assert choose_pad_token_id(raw, reward_token_id=7) == raw.pad_token_id  # already distinct: kept
+    assert choose_pad_token_id(raw, reward_token_id=raw.pad_token_id) != raw.pad_token_id
 
 
 def test_collate_layout():
     items = [TokenizedPair([1, 2, 3], [1, 2], 0.5, "en", "a"), TokenizedPair([4], [5, 6, 7, 8], None, "zh", "b")]
     batch = collate_pairs(items, pad_id=0, padding_side="left")
-    assert batch["inputs"]["input_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 0, 4], [0, 0, 1, 2], [5, 6, 7, 8]]
-    assert batch["inputs"]["attention_mask"].sum(1).tolist() == [3, 1, 2, 4]
-    assert (batch["real_tokens"], batch["total_tokens"]) == (10, 16)
-    assert batch["margin"].tolist() == [0.5, 0.0]
-    assert batch["langs"] == ["en", "zh"]
+    assert batch.inputs["input_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 0, 4], [0, 0, 1, 2], [5, 6, 7, 8]]
+    assert batch.inputs["attention_mask"].sum(1).tolist() == [3, 1, 2, 4]
+    assert (batch.real_tokens, batch.total_tokens) == (10, 16)
+    assert batch.margin.tolist() == [0.5, 0.0]
+    assert batch.langs == ["en", "zh"]
 
 
 def test_margin_column_reaches_the_loss(tokenizer):
@@ -82,6 +91,7 @@ def test_margin_column_reaches_the_loss(tokenizer):
 
     from coati.data.formats import parse_row
     from coati.data.template import SequenceEncoder, tokenize_pairs
+    from coati.config import LossArgs
     from coati.losses import build_loss
 
     rows = [{"prompt": "Q1", "chosen": "good", "rejected": "bad", "margin": 2.0},
@@ -90,23 +100,7 @@ def test_margin_column_reaches_the_loss(tokenizer):
     assert [p.margin for p in pairs] == [2.0, None]
     tok_pairs, _ = tokenize_pairs(pairs, SequenceEncoder(tokenizer, 32), chat_template=False)
     batch = collate_pairs(tok_pairs, tokenizer.pad_token_id)
-    assert batch["margin"].tolist() == [2.0, 0.0]
+    assert batch.margin.tolist() == [2.0, 0.0]
     zeros = torch.zeros(2)
-    loss = build_loss("log_sig")(zeros, zeros, batch["margin"])
+    loss = build_loss(LossArgs())(zeros, zeros, batch.margin)
     assert loss.item() == pytest.approx((math.log1p(math.exp(2.0)) + math.log(2)) / 2, abs=1e-6)
-
-
-def test_pair_metrics_closed_form():
-    from coati.trainer import PairMetrics
-
-    m = PairMetrics()
-    m.add(0.5, torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), ["en", "zh"])
-    m.add(0.2, torch.tensor([3.0]), torch.tensor([3.0]), ["zh"])  # a tie counts as wrong
-    res = m.result()
-    assert res["pairs"] == 3 and res["acc"] == pytest.approx(1 / 3)
-    assert res["dist"] == pytest.approx((1 - 1 + 0) / 3)
-    assert res["loss"] == pytest.approx((0.5 * 2 + 0.2) / 3)
-    rewards = torch.tensor([2.0, 0.0, 3.0, 1.0, 1.0, 3.0], dtype=torch.float64)
-    assert res["reward_mean"] == pytest.approx(rewards.mean().item())
-    assert res["reward_std"] == pytest.approx(rewards.std(unbiased=False).item())
-    assert res["languages"]["en"]["pairs"] == 1 and res["languages"]["zh"]["acc"] == 0.0

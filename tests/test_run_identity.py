@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from coati.checkpoint import NonFiniteWeightsError, list_checkpoints, save_resume_checkpoint
 from coati.losses import log_sig_loss
+from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
 from coati.signals import Interrupted
 from coati.strategies.naive import NaiveStrategy
@@ -87,7 +88,7 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(finished, tmp_pat
     from coati.models.loading import SMOLLM2_ALIAS, load_tokenizer, resolve_pretrain
 
     tok = load_tokenizer(resolve_pretrain(SMOLLM2_ALIAS, with_model=False))
-    model = RewardModel(tiny_model("llama", tok, seed=5), True)
+    model = RewardModel(tiny_model("llama", tok, seed=5), get_backbone("llama"))
     load_checkpoint_weights(ckpt, strategy, model)
     exported = load_file(finished / "model.safetensors")
     state = model.model.state_dict()
@@ -111,14 +112,15 @@ def _trainer(tokenizer, tmp_path, loss_fn=log_sig_loss, **opts):
 
 def test_an_update_that_makes_weights_nan_stops_before_any_checkpoint_of_them(tokenizer, tmp_path):
     trainer = _trainer(tokenizer, tmp_path)
-    original = trainer.strategy.optimizer_step
+    original = trainer.strategy.step
 
-    def poisoned_step(opt):  # finite gradients, but the update overflows (as --lr 1e30 does)
-        original(opt)
+    def poisoned_step(opt, max_norm):  # finite gradients, but the update overflows (as --lr 1e30 does)
+        norm = original(opt, max_norm)
         if trainer.step == 2:  # the third update
             with torch.no_grad():
                 next(trainer.model.parameters()).mul_(float("inf"))
-    trainer.strategy.optimizer_step = poisoned_step
+        return norm
+    trainer.strategy.step = poisoned_step
     with pytest.raises(NonFiniteWeightsError, match="the update of step 3 made parameters NaN or infinite.*"
                                                     "step-000002"):
         trainer.fit()

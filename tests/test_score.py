@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification
 from coati.checkpoint import export_hf
 from coati.data.formats import PreferencePair
 from coati.data.template import SequenceEncoder, render_prompt, tokenize_pairs, use_chat_template
+from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
 from coati.score import main as score_main
 from coati.scoring import RewardScorer
@@ -93,7 +94,7 @@ def test_loads_training_options(scorer, tokenizer):
     assert scorer.encoder.reward_token_id == tokenizer.eos_token_id
     assert scorer.chat_template is use_chat_template(tokenizer, "auto")
     assert scorer.tokenizer.pad_token_id != tokenizer.eos_token_id
-    assert scorer.model.uses_position_ids
+    assert scorer.model.backbone is get_backbone("llama")
     assert (scorer.reward_mean, scorer.reward_std) == (MEAN, STD)
 
 
@@ -108,7 +109,7 @@ def test_score_texts_equal_trainer_layout(export, scorer, tokenizer):
     assert stats.prompt_truncated >= 1  # the long row exercises truncation
     ids, mask = _padded([it.chosen_ids for it in items], tokenizer.pad_token_id)
     with torch.no_grad():
-        expected = RewardModel(hf, True).eval()(ids, mask)
+        expected = RewardModel(hf, get_backbone("llama")).eval()(ids, mask)
     assert torch.allclose(torch.tensor(got), expected, atol=1e-5), (got, expected)
     # score_pairs on the same pairs gives the same chosen rewards
     chosen, rejected = scorer.score_pairs(pairs)
@@ -155,7 +156,7 @@ def test_scores_do_not_depend_on_batching(name, tokenizer, tmp_path):
     _export(tokenizer, tmp_path, name, stats=False)
     a = RewardScorer.from_pretrained(str(tmp_path), device="cpu", batch_size=1)
     b = RewardScorer.from_pretrained(str(tmp_path), device="cpu", batch_size=8)
-    assert a.model.uses_position_ids is (name != "bloom")
+    assert a.model.backbone is get_backbone(name)
     prompts, responses = [p for p, _ in TEXTS], [r for _, r in TEXTS]
     assert torch.allclose(torch.tensor(a.score_texts(prompts, responses)),
                           torch.tensor(b.score_texts(prompts, responses)), atol=1e-5)

@@ -152,7 +152,7 @@ def test_outputs_are_strict_json(export, tmp_path, pairs_file, capsys):
                           "--bins", "20", "--disable_tqdm"]) == 0
     report = _strict_loads((report_dir / "report.json").read_text(encoding="utf-8"))
     assert report["pairs"] == 2 and report["heldout"] is False
-    assert any(b["accuracy"] is None for b in report["calibration"])  # empty bins are null
+    assert any(b["acc"] is None for b in report["calibration"])  # empty bins are null
     scores = [_strict_loads(line) for line in (report_dir / "pair_scores.jsonl").read_text("utf-8").splitlines()]
     assert len(scores) == 2 and all(isinstance(s["margin"], float) for s in scores)
 
@@ -347,7 +347,7 @@ def test_evaluate_heldout_is_the_trainers_held_out_pairs(tokenizer, tmp_path, da
     assert report["pairs"] == len(held) and report["heldout"] is True and report["datasets"] == ["hh-rlhf"]
     rows = [json.loads(line) for line in (out / "pair_scores.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["origin"] for r in rows] == [p.origin for p in held]
-    assert f"{len(held)} held-out pairs: accuracy" in capsys.readouterr().out
+    assert f"{len(held)} held-out pairs: acc " in capsys.readouterr().out
 
     # the data changed since training: summary.json counts another number of held-out pairs
     (model / "summary.json").write_text(json.dumps({"eval_pairs": len(held) + 1}), encoding="utf-8")

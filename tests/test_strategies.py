@@ -1,14 +1,14 @@
 """Strategies are interchangeable: same losses and weights, checkpoints that move between them, two nodes."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from conftest import free_port, run_env
 
 REPO = Path(__file__).resolve().parents[1]
 # Adam turns round-off in (near-)zero gradients into +-lr steps (BLOOM's final LayerNorm bias has a gradient that is
@@ -19,17 +19,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 pytestmark = pytest.mark.slow
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def _train(args, nproc=1, save_path=None):
     launcher = [sys.executable] if nproc == 1 else TORCHRUN + ["--standalone", "--nproc_per_node", str(nproc)]
     proc = subprocess.run(launcher + [str(REPO / "train_reward_model.py")] + args + ["--save_path", str(save_path)],
-                          capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
+                          capture_output=True, text=True, env=run_env(), timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return save_path
 
@@ -82,26 +75,20 @@ def test_checkpoint_moves_between_ddp_and_fsdp(tmp_path):
         assert _max_weight_diff(straight, out) < 1e-5
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_nodes_on_loopback(strategy, tmp_path):
     """Two torchrun agents as two nodes (one process each, static rendezvous on 127.0.0.1) == one process."""
     args = ["--model", "llama", "--max_steps", "3", "--strategy", strategy, "--batch_size", "2"] + COMMON
     ref = _train(["--model", "llama", "--max_steps", "3", "--strategy", "naive", "--batch_size", "4"] + COMMON,
                  save_path=tmp_path / "ref")
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "multi"
     procs = []
     for node_rank in (0, 1):
         cmd = TORCHRUN + ["--nnodes", "2", "--node_rank", str(node_rank), "--nproc_per_node", "1",
                           "--master_addr", "127.0.0.1", "--master_port", str(port),
                           str(REPO / "train_reward_model.py")] + args + ["--save_path", str(out)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env(),
                                       cwd=REPO))
     for p in procs:
         _, err = p.communicate(timeout=600)

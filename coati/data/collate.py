@@ -1,24 +1,46 @@
-"""Padded batches of preference pairs and the deterministic, rank-aware batch order."""
+"""Batches of preference pairs (padded or packed), the deterministic rank-aware batch order, and the loader that
+joins them: what the trainer iterates."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator
 
 import torch
 
-from coati.data.template import TokenizedPair
+from coati.config import DataArgs
+from coati.data.sources import PairSelection, default_data_dir, select_pairs
+from coati.data.template import SequenceEncoder, TokenizedPair, TruncationStats, tokenize_pairs, use_chat_template
 from coati.models.packed_attention import shared_prefix_len
 
 
-def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "right") -> dict:
-    """Stack B pairs into one padded batch of 2B sequences: all chosen first, then all rejected.
+@dataclass
+class Batch:
+    """One micro-batch of B pairs as 2B sequences, all chosen first, then all rejected.
 
-    Returns:
-        ``inputs``: the model's keyword arguments, ``input_ids`` ``[2B, L]`` int64 and ``attention_mask`` ``[2B, L]``
-        int64 (L = longest sequence); ``margin`` ``[B]`` float32 or None (missing margins count as 0 when any pair
-        has one); ``langs``, ``sources``: lists of B strings; ``real_tokens`` (tokens of the 2B sequences),
-        ``computed_tokens`` (non-padding positions the model computes; equal here) and ``total_tokens`` (positions
-        computed, padding included): ints; the padding fraction is 1 - computed / total.
+    Attributes:
+        inputs: the reward model's keyword arguments. Padded (:func:`collate_pairs`): ``input_ids`` and
+            ``attention_mask`` ``[2B, L]`` int64 (L = longest sequence). Packed (:func:`collate_packed`):
+            ``input_ids`` and ``position_ids`` ``[R, L]`` int64, ``groups`` ``[G, 5]`` int64 and ``reward_index``
+            ``[2B, 2]`` int64.
+        margin: ``[B]`` float32 required reward gaps, or None (missing margins count as 0 when any pair has one).
+        langs: the B pairs' languages.
+        real_tokens: tokens of the 2B sequences; computed_tokens: token positions the model computes (shared
+            prompts once); total_tokens: positions computed, padding included. Padding fraction = 1 - computed / total.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    margin: torch.Tensor | None
+    langs: list[str]
+    real_tokens: int
+    computed_tokens: int
+    total_tokens: int
+
+
+def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "right") -> Batch:
+    """Stack B pairs into one padded :class:`Batch` of 2B sequences (``computed_tokens == real_tokens``).
+
     Raises:
         ValueError: empty ``items`` or an unknown padding side.
     """
@@ -51,14 +73,12 @@ def pad_sequences(seqs, pad_id: int, padding_side: str = "right") -> tuple[torch
 
 
 def _batch(items: list[TokenizedPair], inputs: dict, seqs: list[list[int]], total_tokens: int,
-           computed: int | None = None) -> dict:
+           computed: int | None = None) -> Batch:
     margin = None
     if any(it.margin is not None for it in items):
         margin = torch.tensor([0.0 if it.margin is None else float(it.margin) for it in items], dtype=torch.float32)
     real = sum(map(len, seqs))
-    return {"inputs": inputs, "margin": margin, "langs": [it.lang for it in items],
-            "sources": [it.source for it in items], "real_tokens": real, "total_tokens": total_tokens,
-            "computed_tokens": real if computed is None else computed}
+    return Batch(inputs, margin, [it.lang for it in items], real, real if computed is None else computed, total_tokens)
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -87,7 +107,7 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, share_prefix: bool = True) -> dict:
+def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, share_prefix: bool = True) -> Batch:
     """Pack the 2B sequences of B pairs into rows without padding between them.
 
     With ``share_prefix`` a pair whose chosen and rejected sequences start with the same tokens (the prompt) becomes
@@ -101,10 +121,10 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, s
             attention costs nothing per row, the RoPE ones). With a capacity, groups are placed first-fit-decreasing
             and a shared-prefix group longer than the capacity is split back into its two sequences.
     Returns:
-        like :func:`collate_pairs`, with ``inputs`` = ``input_ids`` and ``position_ids`` ``[R, L]`` int64,
-        ``groups`` ``[G, 5]`` int64 (row, start, prefix_len, chosen_len, rejected_len) and ``reward_index``
-        ``[2B, 2]`` int64: (row, column) of each sequence's last token, chosen first. ``computed_tokens`` counts the
-        token positions computed (``real_tokens`` minus the shared prefixes' second copies).
+        a :class:`Batch` whose ``inputs`` are ``input_ids`` and ``position_ids`` ``[R, L]`` int64, ``groups``
+        ``[G, 5]`` int64 (row, start, prefix_len, chosen_len, rejected_len) and ``reward_index`` ``[2B, 2]`` int64:
+        (row, column) of each sequence's last token, chosen first. ``computed_tokens`` counts the token positions
+        computed (``real_tokens`` minus the shared prefixes' second copies).
     Raises:
         ValueError: empty ``items`` or a sequence longer than ``capacity``.
     """
@@ -148,18 +168,6 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, s
               "groups": torch.tensor(table, dtype=torch.int64)}
     seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
     return _batch(items, inputs, seqs, input_ids.numel(), computed=sum(len(g[0]) for g in groups))
-
-
-def default_row_capacity(per_group_attention: bool, max_len: int, share_prefix: bool) -> int:
-    """The packed row capacity when ``--max_tokens_per_batch`` is 0.
-
-    Returns:
-        0 (the whole batch in one row) for a model whose packed attention runs group by group (RoPE backbones);
-        otherwise (a dense mask, BLOOM) the longest group: ``2 * max_len`` with prefix sharing, else ``max_len``.
-    """
-    if per_group_attention:
-        return 0
-    return (2 if share_prefix else 1) * max_len
 
 
 class GlobalBatchSampler:
@@ -224,3 +232,96 @@ class GlobalBatchSampler:
         tail = [i for b in batches if len(b) != g for i in b]
         perm = torch.randperm(len(full), generator=gen).tolist()
         return [i for p in perm for i in full[p]] + tail
+
+
+class PairLoader:
+    """This rank's batches of ``pairs``: the :class:`GlobalBatchSampler` order, each batch collated when it is read.
+
+    Args:
+        pairs: the tokenized pairs.
+        collate: ``items -> Batch`` (:func:`make_collate`).
+        sampler: this rank's order.
+        fill_empty: when this rank has nothing in a batch (the tail of an evaluation), yield a batch of the first
+            pair with ``counted=False`` instead of skipping it (strategies whose forward is a collective).
+    """
+
+    def __init__(self, pairs: list[TokenizedPair], collate: Callable[[list[TokenizedPair]], Batch],
+                 sampler: GlobalBatchSampler, fill_empty: bool = False):
+        self.pairs, self.collate, self.sampler, self.fill_empty = pairs, collate, sampler, fill_empty
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def batches(self, epoch: int = 0, start: int = 0, stop: int | None = None) -> Iterator[tuple[Batch, bool]]:
+        """``(batch, counted)`` for the batches ``[start, stop)`` of ``epoch``'s order (``counted`` is False only
+        for a ``fill_empty`` stand-in)."""
+        self.sampler.set_epoch(epoch)
+        for idx in list(self.sampler)[start:stop]:
+            if idx:
+                yield self.collate([self.pairs[j] for j in idx]), True
+            elif self.fill_empty:
+                yield self.collate([self.pairs[0]]), False
+
+
+def make_collate(pad_id: int, packing: bool, capacity: int, share_prefix: bool,
+                 padding_side: str) -> Callable[[list[TokenizedPair]], Batch]:
+    """``items -> Batch``: :func:`collate_packed` (rows of ``capacity`` tokens, 0 = one row) or :func:`collate_pairs`."""
+    if packing:
+        return partial(collate_packed, pad_id=pad_id, capacity=capacity, share_prefix=share_prefix)
+    return partial(collate_pairs, pad_id=pad_id, padding_side=padding_side)
+
+
+@dataclass
+class RunData:
+    """A run's pairs, selected and tokenized (:func:`prepare_data`)."""
+
+    selection: PairSelection
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    truncation: dict[str, TruncationStats]
+    chat_template: bool
+    data_dir: str | None
+
+    def summary(self) -> str:
+        """The data reports and truncation counts, for the log."""
+        sel = self.selection
+        lines = [sel.report.summary()] + ([f"eval {sel.eval_report.summary()}"] if sel.eval_report else [])
+        lines += [f"{split}: {t.summary()}" for split, t in self.truncation.items()]
+        return "\n".join(lines + [f"chat template: {self.chat_template}; train pairs {len(self.train)}, eval pairs "
+                                   f"{len(self.eval)}"])
+
+
+def prepare_data(args: DataArgs, seed: int, tokenizer, reward_token_id: int) -> RunData:
+    """Select the training and evaluation pairs (:func:`~coati.data.sources.select_pairs`, ``--data_dir`` or
+    ``$COATI_DATA_DIR``) and tokenize them in the trainer's layout.
+
+    Raises:
+        as :func:`~coati.data.sources.select_pairs` and :func:`~coati.data.template.use_chat_template`.
+    """
+    data_dir = args.data_dir or default_data_dir()
+    selection = select_pairs(args.dataset, data_dir, args.max_samples, args.strict_data, seed, args.eval_dataset,
+                             args.max_eval_samples, args.eval_split)
+    chat = use_chat_template(tokenizer, args.chat_template)
+    encoder = SequenceEncoder(tokenizer, args.max_len, reward_token_id)
+    (train, train_cut), (evals, eval_cut) = (tokenize_pairs(p, encoder, chat) for p in (selection.train, selection.eval))
+    return RunData(selection, train, evals, {"train": train_cut, "eval": eval_cut}, chat, data_dir)
+
+
+def make_loaders(data: RunData, args: DataArgs, batch_size: int, eval_batch_size: int, seed: int, pad_id: int,
+                 capacity: int, strategy) -> tuple[PairLoader, PairLoader | None]:
+    """This rank's training loader (shuffled per epoch, last incomplete global batch dropped, optionally grouped by
+    length) and evaluation loader (every pair once, None without evaluation pairs).
+
+    Args:
+        capacity: packed row capacity (``--max_tokens_per_batch``, or the backbone's default when that is 0).
+        strategy: gives ``world_size``, ``rank`` and ``lockstep_forward``.
+    """
+    collate = make_collate(pad_id, args.packing, capacity, args.share_prefix, args.padding_side)
+    lengths = [len(p.chosen_ids) + len(p.rejected_ids) for p in data.train] if args.group_by_length else None
+    world, rank = strategy.world_size, strategy.rank
+    train = PairLoader(data.train, collate, GlobalBatchSampler(len(data.train), batch_size, world, rank, seed=seed,
+                                                               lengths=lengths))
+    if not data.eval:
+        return train, None
+    sampler = GlobalBatchSampler(len(data.eval), eval_batch_size, world, rank, shuffle=False, drop_last=False)
+    return train, PairLoader(data.eval, collate, sampler, fill_empty=strategy.lockstep_forward)

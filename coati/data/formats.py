@@ -86,18 +86,13 @@ _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
 _REPR.maxlist = _REPR.maxdict = 6
 _REPR.maxlevel = 3
-
-
-def _brief(value: object) -> str:
-    """A short repr for error messages: hostile rows may hold megabytes or deeply nested values."""
-    return _REPR.repr(value)
+_brief = _REPR.repr  # short reprs for error messages: hostile rows may hold megabytes or deeply nested values
 
 
 def _keys(row: Mapping) -> str:
     """The row's keys for error messages (sorted, at most 10, each shortened)."""
     keys = sorted(str(k) for k in row)
-    shown = ", ".join(_brief(k) for k in keys[:10])
-    return f"[{shown}{', ...' if len(keys) > 10 else ''}]"
+    return "[" + ", ".join(_brief(k) for k in keys[:10]) + (", ...]" if len(keys) > 10 else "]")
 
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
@@ -154,10 +149,10 @@ def _margin(row: Mapping) -> float | None:
     if value is None:
         return None
     try:  # a JSON integer too large for a float (e.g. 400 digits) overflows
-        number = None if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+        number = math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
     except OverflowError:
-        number = None
-    if number is None or not math.isfinite(number):
+        number = math.nan
+    if not math.isfinite(number):
         raise DataFormatError(f"'margin' must be a finite number, got {_brief(value)}")
     return number
 
@@ -186,6 +181,14 @@ def check_text(where: str, text: str) -> None:
                                   f"{e.start})") from None
 
 
+def check_answer(where: str, text: str) -> None:
+    """Raise DataFormatError ``"<where> is empty (...)"`` for :func:`is_blank` text, else as :func:`check_text`."""
+    if is_blank(text):
+        raise DataFormatError(f"{where} is empty (nothing but whitespace or invisible format characters); an empty "
+                              "answer has no meaningful reward")
+    check_text(where, text)
+
+
 def _pair(row: Mapping, prompt: list[Message], chosen: str, rejected: str) -> PreferencePair:
     if is_blank(chosen):
         raise DataFormatError("empty chosen answer")
@@ -198,10 +201,6 @@ def _pair(row: Mapping, prompt: list[Message], chosen: str, rejected: str) -> Pr
     for i, message in enumerate(prompt):
         check_text(f"prompt message {i}", message["content"])
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=_margin(row))
-
-
-def _has(row: Mapping, *keys: str) -> bool:
-    return all(k in row for k in keys)
 
 
 # ---------------------------------------------------------------- hh-rlhf
@@ -223,13 +222,6 @@ def _hh_split(text: str, key: str) -> tuple[str, str]:
     return text[:cut], text[cut + len(_HH_LAST):].strip()
 
 
-def _hh_messages(prefix: str) -> list[Message]:
-    parts = _HH_TURN.split(prefix)  # [head, role, text, role, text, ...]
-    if parts[0].strip():
-        raise DataFormatError("text before the first 'Human:'/'Assistant:' turn")
-    return [{"role": _ROLES[role.lower()], "content": text.strip()} for role, text in zip(parts[1::2], parts[2::2])]
-
-
 def _parse_hh(row: Mapping) -> PreferencePair:
     """Split each transcript at its last ``\\n\\nAssistant:``; the prompt is the chosen transcript's prefix.
 
@@ -237,14 +229,14 @@ def _parse_hh(row: Mapping) -> PreferencePair:
     """
     prefix, chosen = _hh_split(_require(row, "chosen", str, "a string"), "chosen")
     _, rejected = _hh_split(_require(row, "rejected", str, "a string"), "rejected")
-    return _pair(row, _hh_messages(prefix), chosen, rejected)
+    parts = _HH_TURN.split(prefix)  # [head, role, text, role, text, ...]
+    if parts[0].strip():
+        raise DataFormatError("text before the first 'Human:'/'Assistant:' turn")
+    prompt = [{"role": _ROLES[role.lower()], "content": text.strip()} for role, text in zip(parts[1::2], parts[2::2])]
+    return _pair(row, prompt, chosen, rejected)
 
 
 # ---------------------------------------------------------------- hh_rlhf_cn
-
-def _detect_hh_cn(row: Mapping) -> bool:
-    return _has(row, "context", "chosen", "rejected")
-
 
 def _parse_hh_cn(row: Mapping) -> PreferencePair:
     prompt = _messages(_require(row, "context", list, "a list of messages"), "context")
@@ -254,7 +246,7 @@ def _parse_hh_cn(row: Mapping) -> PreferencePair:
 # ---------------------------------------------------------------- prompt / chosen / rejected (flat)
 
 def _detect_flat(row: Mapping) -> bool:
-    return (_has(row, "chosen", "rejected") and not any(k in row for k in ("context", "conversations"))
+    return ({"chosen", "rejected"} <= row.keys() and not any(k in row for k in ("context", "conversations"))
             and ("prompt" in row or isinstance(row["chosen"], list)))
 
 
@@ -279,10 +271,6 @@ def _parse_flat(row: Mapping) -> PreferencePair:
 
 # ---------------------------------------------------------------- sharegpt pairs
 
-def _detect_sharegpt(row: Mapping) -> bool:
-    return _has(row, "conversations", "chosen", "rejected")
-
-
 def _parse_sharegpt(row: Mapping) -> PreferencePair:
     """``conversations`` (``from``/``value``) then one answer each; an optional ``system`` string goes first."""
     prompt = _messages(_require(row, "conversations", list, "a list of messages"), "conversations")
@@ -295,10 +283,6 @@ def _parse_sharegpt(row: Mapping) -> PreferencePair:
 
 
 # ---------------------------------------------------------------- ranked outputs
-
-def _detect_ranked(row: Mapping) -> bool:
-    return _has(row, "instruction", "output")
-
 
 def _parse_ranked(row: Mapping) -> PreferencePair:
     """History turns, then ``instruction`` (+ ``"\\n" + input`` when non-empty); ``output[0]`` beats ``output[1]``."""
@@ -327,13 +311,13 @@ def _parse_ranked(row: Mapping) -> PreferencePair:
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("hh-rlhf", _detect_hh, _parse_hh,
            'Anthropic transcripts: {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}'),
-    Format("hh_rlhf_cn", _detect_hh_cn, _parse_hh_cn,
+    Format("hh_rlhf_cn", lambda row: {"context", "chosen", "rejected"} <= row.keys(), _parse_hh_cn,
            '{"context": [{"role", "text"}...], "chosen": {"role", "text"}, "rejected": {"role", "text"}}'),
     Format("prompt_chosen_rejected", _detect_flat, _parse_flat,
            '{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}'),
-    Format("sharegpt_pairs", _detect_sharegpt, _parse_sharegpt,
+    Format("sharegpt_pairs", lambda row: {"conversations", "chosen", "rejected"} <= row.keys(), _parse_sharegpt,
            '{"conversations": [{"from", "value"}...], "chosen": {"from", "value"} | str, "rejected": ...}'),
-    Format("ranked_outputs", _detect_ranked, _parse_ranked,
+    Format("ranked_outputs", lambda row: {"instruction", "output"} <= row.keys(), _parse_ranked,
            '{"instruction": str, "input": str, "output": [best, second, ...], "history": [[user, assistant]...]}'),
 )}
 
@@ -366,10 +350,8 @@ def parse_row(row: Mapping, fmt: str | None = None) -> PreferencePair:
             empty chosen/rejected after stripping, chosen == rejected, a non-numeric margin, text that is not
             valid Unicode (lone surrogates from ``\\ud800``-style JSON escapes), ...
     """
-    if fmt is None:
-        fmt = detect_format(row)
-    elif fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
-    elif not isinstance(row, Mapping):
-        raise DataFormatError(f"row must be a JSON object, got {type(row).__name__}")
+    if fmt is None or not isinstance(row, Mapping):
+        fmt = detect_format(row)  # raises for a row that is not an object
     return FORMATS[fmt].parse(row)

@@ -103,20 +103,13 @@ class DataReport:
 
     sources: dict[str, SourceReport] = field(default_factory=dict)
 
-    @property
-    def rows_read(self) -> int:
-        """Total rows read over all sources (blank lines are not rows)."""
-        return sum(s.rows_read for s in self.sources.values())
+    def _total(key: str, doc: str) -> property:
+        return property(lambda self: sum(getattr(s, key) for s in self.sources.values()), doc=doc)
 
-    @property
-    def pairs_kept(self) -> int:
-        """Total usable pairs over all sources."""
-        return sum(s.pairs_kept for s in self.sources.values())
-
-    @property
-    def rows_skipped(self) -> int:
-        """Total skipped rows over all sources."""
-        return sum(s.rows_skipped for s in self.sources.values())
+    rows_read = _total("rows_read", "Total rows read over all sources (blank lines are not rows).")
+    pairs_kept = _total("pairs_kept", "Total usable pairs over all sources.")
+    rows_skipped = _total("rows_skipped", "Total skipped rows over all sources.")
+    del _total
 
     def summary(self) -> str:
         """Human-readable multi-line summary for logs."""
@@ -165,35 +158,34 @@ def _read_lines(path: str) -> Iterator[tuple[str, object, str | None]]:
                 except UnicodeDecodeError as e:
                     yield where, None, f"invalid UTF-8 ({e.reason} at byte {e.start})"
                     continue
-                row, problem = _decode_json(text)
-                yield where, row, problem
+                yield (where, *_decode_json(text))
         except EOFError as e:
             raise _FileError(f"{path}: truncated gzip after line {line} ({e})") from e
         except (OSError, zlib.error) as e:
             raise _FileError(f"{path}: corrupt or unreadable after line {line} ({e})") from e
 
 
+def _json_problem(e: ValueError | RecursionError) -> str:
+    """Why ``json`` refused a text: a syntax error, nesting too deep, or e.g. an integer of more than 4300 digits."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON ({e.msg} at column {e.colno})"
+    return "invalid JSON (nested too deeply)" if isinstance(e, RecursionError) else f"invalid JSON ({str(e)[:200]})"
+
+
 def _decode_json(text: str) -> tuple[object, str | None]:
     """(value, None), or (None, why) for text that is not JSON (including what ``json`` refuses beyond syntax)."""
     try:
         return json.loads(text), None
-    except json.JSONDecodeError as e:
-        return None, f"invalid JSON ({e.msg} at column {e.colno})"
-    except RecursionError:
-        return None, "invalid JSON (nested too deeply)"
-    except ValueError as e:  # e.g. an integer of more than 4300 digits (sys.get_int_max_str_digits)
-        return None, f"invalid JSON ({str(e)[:200]})"
+    except (ValueError, RecursionError) as e:
+        return None, _json_problem(e)
 
 
 def json_object_lines(lines: Iterable[str], name: str) -> Iterator[tuple[str, dict | None, str | None]]:
-    """The non-blank lines of JSON-lines text, each decoded as one JSON object (scoring input, metrics files).
+    """The non-blank ``lines`` of JSON-lines text, each decoded as one JSON object (scoring input, metrics files).
 
-    Args:
-        lines: text lines; name: the file name used in ``where``.
     Yields:
         ``(where, row, problem)``: ``where`` is ``name:line``; ``row`` the object and ``problem`` None, or ``row``
-        None and ``problem`` why the line is unusable (invalid JSON, including what ``json`` refuses beyond syntax,
-        or a value that is not an object). Callers decide whether a problem is an error or a skipped row.
+        None and ``problem`` why the line is unusable (see :func:`_decode_json`, or a value that is not an object).
     """
     for line_no, line in enumerate(lines, 1):
         if not line.strip():
@@ -210,18 +202,14 @@ def _read_json(path: str) -> Iterator[tuple[str, object, str | None]]:
         data = fh.read()
     head = data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if head == b"{":  # JSON lines, unless the file is one object spread over several lines
-        try:
-            first_is_row = isinstance(json.loads(data.lstrip().split(b"\n", 1)[0].decode("utf-8-sig")), dict)
-        except (ValueError, RecursionError):
-            first_is_row = False
-        if not first_is_row:
+        def loads(raw: bytes) -> object:  # None for what is not JSON (a broken first line is reported row by row)
             try:
-                whole = json.loads(data.decode("utf-8-sig"))
-            except (ValueError, RecursionError):  # JSON lines with a broken first line: reported row by row
-                whole = None
-            if whole is not None:
-                raise DataFormatError(f"{path}: expected a JSON list of rows or JSON lines, got one JSON object "
-                                      f"spanning several lines")
+                return json.loads(raw.decode("utf-8-sig"))
+            except (ValueError, RecursionError):
+                return None
+        if not isinstance(loads(data.lstrip().split(b"\n", 1)[0]), dict) and loads(data) is not None:
+            raise DataFormatError(f"{path}: expected a JSON list of rows or JSON lines, got one JSON object "
+                                  f"spanning several lines")
         yield from _read_lines(path)
         return
     if head != b"[":
@@ -246,13 +234,8 @@ def _read_json(path: str) -> Iterator[tuple[str, object, str | None]]:
                 pos += 1
             elif not text.startswith("]", pos):
                 raise json.JSONDecodeError("expected ',' or ']'", text, pos)
-    except json.JSONDecodeError as e:
-        raise _FileError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                         f"rest of the list not read") from e
-    except RecursionError as e:
-        raise _FileError(f"{path}:{line}: invalid JSON (nested too deeply); rest of the list not read") from e
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise _FileError(f"{path}:{line}: invalid JSON ({str(e)[:200]}); rest of the list not read") from e
+    except (ValueError, RecursionError) as e:
+        raise _FileError(f"{path}:{getattr(e, 'lineno', line)}: {_json_problem(e)}; rest of the list not read") from e
 
 
 def _read_parquet(path: str) -> Iterator[tuple[str, object, str | None]]:
@@ -260,12 +243,9 @@ def _read_parquet(path: str) -> Iterator[tuple[str, object, str | None]]:
     import pyarrow.parquet as pq
 
     try:
-        batches = pq.ParquetFile(path).iter_batches()
-        index = 0
-        for batch in batches:
-            for row in batch.to_pylist():
-                yield f"{path}:row {index}", row, None
-                index += 1
+        rows = (row for batch in pq.ParquetFile(path).iter_batches() for row in batch.to_pylist())
+        for index, row in enumerate(rows):
+            yield f"{path}:row {index}", row, None
     except (OSError, ValueError, pa.ArrowException) as e:  # pyarrow errors (most derive from the first two)
         raise _FileError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from e
 
@@ -299,8 +279,7 @@ def _read(source: str | _Hub) -> Iterator[tuple[str, object, str | None]]:
 
 def _resolve(spec: str, data_dir: str | None) -> tuple[str, list[str | _Hub]]:
     """(source name, inputs) for one spec; raises FileNotFoundError when nothing matches."""
-    if spec in NAMED_DATASETS:
-        named = NAMED_DATASETS[spec]
+    if (named := NAMED_DATASETS.get(spec)) is not None:
         if data_dir:
             patterns = [os.path.join(data_dir, p) for p in named.local_files]
             files = list(dict.fromkeys(f for p in patterns for f in sorted(glob.glob(p))))
@@ -451,15 +430,13 @@ def select_pairs(dataset: Sequence[str], data_dir: str | None, max_samples: int 
     Raises:
         as :func:`load_pairs`; ValueError: no training pairs are left after the split.
     """
-    pairs, report = load_pairs(dataset, data_dir, max_samples, strict, seed)
+    train, report = load_pairs(dataset, data_dir, max_samples, strict, seed)
     eval_report = None
     if eval_dataset:
-        train = pairs
         held, eval_report = load_pairs(eval_dataset, data_dir, max_eval_samples, strict, seed)
     else:
-        train, held = split_eval(pairs, eval_split) if eval_split > 0 else (pairs, [])
-        if max_eval_samples is not None:
-            held = held[:max_eval_samples]
+        train, held = split_eval(train, eval_split) if eval_split > 0 else (train, [])
+        held = held[:max_eval_samples]  # None keeps all
     if not train:
         raise ValueError("no training pairs left after the evaluation split")
     return PairSelection(train, held, report, eval_report)

@@ -39,9 +39,7 @@ def render_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizer
         messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``, possibly empty.
     """
     if chat_template and tokenizer is not None:
-        if not messages:
-            return ""
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if messages else ""
     parts = [f"\n\n{_PLAIN_ROLES.get(m['role'], m['role'])}: {m['content']}" for m in messages]
     return "".join(parts) + "\n\nAssistant: "
 
@@ -92,14 +90,10 @@ class SequenceEncoder:
         """Encode one sequence from already tokenized prompt and answer (no special tokens)."""
         p, a = list(prompt_ids), list(answer_ids)
         budget = self.max_len - len(self.prefix) - 1  # room for prompt + answer
-        prompt_cut = answer_cut = False
-        if len(p) + len(a) > budget:
-            keep_prompt = max(budget - len(a), min(len(p), self.min_prompt_tokens))
-            if keep_prompt < len(p):
-                p, prompt_cut = (p[len(p) - keep_prompt:] if keep_prompt > 0 else []), True
-            if len(p) + len(a) > budget:
-                a, answer_cut = a[: budget - len(p)], True
-        return Encoded(self.prefix + p + a + [self.reward_token_id], prompt_cut, answer_cut)
+        keep = min(len(p), max(budget - len(a), self.min_prompt_tokens))  # prompt tokens kept (its end)
+        prompt_cut, answer_cut = keep < len(p), keep + len(a) > budget
+        return Encoded(self.prefix + p[len(p) - keep:] + a[:budget - keep] + [self.reward_token_id], prompt_cut,
+                       answer_cut)
 
 
 @dataclass

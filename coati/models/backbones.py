@@ -1,8 +1,12 @@
 """Backbone registry: each CLI ``--model`` choice maps to a Hugging Face sequence-classification class.
 
 A reward model here *is* a transformers ``*ForSequenceClassification`` with ``num_labels=1``: its ``score`` layer is
-the value head, so the export is a standard folder that ``AutoModelForSequenceClassification`` loads. Add a backbone
-= one :class:`Backbone` entry in ``BACKBONES`` (plus a converter when its checkpoints are not in a native layout).
+the value head, so the export is a standard folder that ``AutoModelForSequenceClassification`` loads. To add a
+backbone, add one :class:`Backbone` entry to ``BACKBONES`` (its classes, accepted ``model_type`` values, LoRA targets,
+presets). A RoPE model using transformers' attention interface needs nothing else: its packed batches run the
+per-group attention of :mod:`coati.models.packed_attention`. A model whose attention cannot gives a ``packed_forward``
+(:mod:`coati.models.bloom`), one with checkpoints in a foreign layout a ``load_pretrained`` converter
+(:mod:`coati.models.internlm2`), each from a module of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from coati.models import bloom
 from coati.models.internlm2 import (INTERNLM2_LORA_TARGETS, INTERNLM2_PRESETS, internlm2_to_llama_config,
                                    load_internlm2)
 
@@ -35,12 +40,14 @@ class Backbone:
         model_class: ``*ForSequenceClassification`` class (its ``score`` is the value head).
         model_types: ``config.json`` ``model_type`` values this family accepts from ``--pretrain``.
         lora_targets: module names LoRA adapts.
-        uses_position_ids: True when the attention needs explicit ``position_ids`` (RoPE); False for ALiBi (BLOOM),
-            whose positions come from the attention mask.
         presets: ``--model_config`` preset name -> config kwargs for random init (vocab size comes from the tokenizer).
         load_pretrained: optional ``(path, **kwargs) -> model`` for checkpoints that need conversion.
         config_from_dict: optional converter of a foreign ``config.json`` dict into ``config_class`` (random init
             from an InternLM2 config, for example); None = pass the keys to ``config_class``.
+        packed_forward: how a packed batch is run: None = transformers' own forward with the per-group attention
+            ``coati_packed`` (:mod:`coati.models.packed_attention`; RoPE backbones); else ``(body, input_ids,
+            position_ids, groups) -> [R, L, hidden]`` last hidden states (:func:`coati.models.bloom.packed_forward`).
+        takes: options of its config group it reads (for the config validator).
     """
 
     name: str
@@ -48,10 +55,20 @@ class Backbone:
     model_class: type[PreTrainedModel]
     model_types: tuple[str, ...]
     lora_targets: tuple[str, ...]
-    uses_position_ids: bool
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     load_pretrained: Callable[..., PreTrainedModel] | None = None
     config_from_dict: Callable[[dict[str, Any]], PretrainedConfig] | None = None
+    packed_forward: Callable[..., Any] | None = None
+    takes: tuple[str, ...] = ()
+
+    def row_capacity(self, max_len: int, share_prefix: bool) -> int:
+        """Default packed row capacity in tokens (when ``--max_tokens_per_batch`` is 0).
+
+        Returns:
+            0 (the whole batch in one row, no padding) with per-group attention; with a dense mask (quadratic in the
+            row length) the longest group: ``2 * max_len`` with prefix sharing (a pair), else ``max_len``.
+        """
+        return 0 if self.packed_forward is None else (2 if share_prefix else 1) * max_len
 
 
 _LLAMA_PRESETS = {
@@ -67,13 +84,6 @@ _LLAMA_PRESETS = {
                num_key_value_heads=4, max_position_embeddings=4096),
 }
 
-_BLOOM_PRESETS = {
-    "tiny": dict(hidden_size=64, n_layer=2, n_head=4),
-    "small": dict(hidden_size=256, n_layer=4, n_head=8),
-    # bloom-560m shape (random weights)
-    "560m": dict(hidden_size=1024, n_layer=24, n_head=16),
-}
-
 BACKBONES: dict[str, Backbone] = {
     "bloom": Backbone(
         name="bloom",
@@ -81,8 +91,8 @@ BACKBONES: dict[str, Backbone] = {
         model_class=BloomForSequenceClassification,
         model_types=("bloom",),
         lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-        uses_position_ids=False,
-        presets=_BLOOM_PRESETS,
+        presets=bloom.BLOOM_PRESETS,
+        packed_forward=bloom.packed_forward,
     ),
     "llama": Backbone(
         name="llama",
@@ -90,7 +100,6 @@ BACKBONES: dict[str, Backbone] = {
         model_class=LlamaForSequenceClassification,
         model_types=("llama", "mistral"),
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        uses_position_ids=True,
         presets=_LLAMA_PRESETS,
     ),
     # InternLM2 checkpoints are converted at load time into native LLaMA modules (no remote code)
@@ -100,7 +109,6 @@ BACKBONES: dict[str, Backbone] = {
         model_class=LlamaForSequenceClassification,
         model_types=("internlm2",),
         lora_targets=INTERNLM2_LORA_TARGETS,
-        uses_position_ids=True,
         presets=INTERNLM2_PRESETS,
         load_pretrained=load_internlm2,
         config_from_dict=internlm2_to_llama_config,
@@ -118,6 +126,19 @@ def get_backbone(name: str) -> Backbone:
         return BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+
+
+def backbone_for(config: PretrainedConfig) -> Backbone:
+    """The entry whose ``model_types`` contain ``config.model_type`` (an InternLM2 export is a ``llama`` model).
+
+    Raises:
+        ValueError: no entry accepts that model_type; the message lists those accepted.
+    """
+    for backbone in BACKBONES.values():
+        if config.model_type in backbone.model_types:
+            return backbone
+    accepted = ", ".join(t for b in BACKBONES.values() for t in b.model_types)
+    raise ValueError(f"model_type {config.model_type!r} is not a supported backbone (accepted: {accepted})")
 
 
 def build_config(backbone: Backbone, model_config: str, vocab_size: int, pad_token_id: int,

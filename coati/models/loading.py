@@ -25,7 +25,10 @@ from transformers.utils import logging as hf_logging
 from safetensors import SafetensorError
 
 from coati.io import describe_os_error, make_readable
-from coati.models.backbones import Backbone, build_config
+from coati.config import LoraArgs, ModelArgs
+from coati.models.backbones import Backbone, build_config, get_backbone
+from coati.models.lora import apply_lora
+from coati.models.reward_model import RewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +70,8 @@ def _file_lock(path: str):
     """Hold an exclusive ``flock`` on ``path`` (created if needed): processes sharing a cache build it once."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def cache_complete(folder: str) -> bool:
@@ -114,12 +114,9 @@ def build_cached_folder(out_dir: str, build: Callable[[str], None], required: tu
             logger.warning("%s is incomplete (an interrupted or older conversion); rebuilding it", out_dir)
             shutil.rmtree(out_dir)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp", dir=parent)
+        logger.info("converting %s into %s (once)", what, out_dir)
         try:
-            logger.info("converting %s into %s (once)", what, out_dir)
-            try:
-                build(tmp)
-            except (OSError, SafetensorError) as e:
-                raise CacheError(f"converting {what} into {out_dir} failed: {describe_os_error(e)}") from None
+            build(tmp)
             missing = [n for n in required if not os.path.isfile(os.path.join(tmp, n))]
             if missing:
                 raise CacheError(f"converting {what} wrote no {', '.join(missing)}; nothing was cached")
@@ -128,6 +125,8 @@ def build_cached_folder(out_dir: str, build: Callable[[str], None], required: tu
                 json.dump({"source": what, "files": files}, f, indent=2)
             make_readable(tmp)
             os.rename(tmp, out_dir)
+        except (OSError, SafetensorError) as e:
+            raise CacheError(f"converting {what} into {out_dir} failed: {describe_os_error(e)}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -152,10 +151,7 @@ def _gguf_to_folder(gguf_path: str, out_dir: str, with_model: bool) -> str:
             raise RuntimeError(f"{gguf_path} must be converted before the process group starts (rank "
                                f"{dist.get_rank()} cannot write weights with save_pretrained)")
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        model.config.quantization_config = None
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        model.is_quantized = False
+        model.hf_quantizer, model.is_quantized = None, False  # de-quantized: save as a plain fp32 model
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
         model.config = type(model.config).from_dict(cfg)
@@ -175,16 +171,15 @@ def resolve_pretrain(pretrain: str, with_model: bool = True) -> str:
         FileNotFoundError: a ``.gguf`` path that does not exist, or the alias without its package.
     """
     if pretrain == SMOLLM2_ALIAS:
-        gguf = smollm2_gguf_path()
-        sub = "smollm2-135m" if with_model else "smollm2-135m-tokenizer"
-        return _gguf_to_folder(gguf, os.path.join(cache_dir(), sub), with_model)
-    if pretrain.endswith(".gguf"):
+        gguf, sub = smollm2_gguf_path(), SMOLLM2_ALIAS
+    elif pretrain.endswith(".gguf"):
         if not os.path.isfile(pretrain):
             raise FileNotFoundError(f"--pretrain {pretrain}: no such file")
-        key = hashlib.sha1(f"{os.path.abspath(pretrain)}:{os.path.getsize(pretrain)}".encode()).hexdigest()[:12]
-        sub = f"gguf-{key}" + ("" if with_model else "-tokenizer")
-        return _gguf_to_folder(pretrain, os.path.join(cache_dir(), sub), with_model)
-    return pretrain
+        key = f"{os.path.abspath(pretrain)}:{os.path.getsize(pretrain)}"
+        gguf, sub = pretrain, "gguf-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+    else:
+        return pretrain
+    return _gguf_to_folder(gguf, os.path.join(cache_dir(), sub + ("" if with_model else "-tokenizer")), with_model)
 
 
 def choose_pad_token_id(tokenizer: PreTrainedTokenizerBase, reward_token_id: int) -> int:
@@ -221,10 +216,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, reward_token: str
     from coati.models.internlm2 import sentencepiece_tokenizer_folder
 
     native = sentencepiece_tokenizer_folder(path, cache_dir())
-    if native is not None:
-        tokenizer = AutoTokenizer.from_pretrained(native)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(native or path, trust_remote_code=trust_remote_code and native is None)
     return prepare_tokenizer(tokenizer, resolve_reward_token(tokenizer, reward_token))
 
 
@@ -290,16 +282,13 @@ def build_model(backbone: Backbone, tokenizer: PreTrainedTokenizerBase, pretrain
 
 def _has_value_head(path: str) -> bool:
     """Whether a local checkpoint folder stores a ``score`` value head (a coati or other reward-model export)."""
-    if not os.path.isdir(path):
-        return False
     from safetensors import safe_open
 
-    for name in os.listdir(path):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), "pt") as f:
-                if "score.weight" in f.keys():
-                    return True
-    return False
+    def has_head(name: str) -> bool:
+        with safe_open(os.path.join(path, name), "pt") as f:
+            return "score.weight" in f.keys()
+
+    return os.path.isdir(path) and any(has_head(n) for n in os.listdir(path) if n.endswith(".safetensors"))
 
 
 def resolve_reward_token(tokenizer: PreTrainedTokenizerBase, spec: str) -> int:
@@ -352,3 +341,40 @@ def enable_gradient_checkpointing(model: PreTrainedModel, ratio: float = 1.0) ->
     for block in blocks[keep:]:
         block.gradient_checkpointing = False
     return keep
+
+
+def prepare_model_files(args: ModelArgs) -> tuple[PreTrainedTokenizerBase, int]:
+    """The model files and the tokenizer, before any process group exists.
+
+    A GGUF ``--pretrain`` (or ``--tokenizer``) is de-quantised into the cache once, under a file lock, so every rank
+    then loads the same complete folder. The tokenizer is ``--tokenizer``, else the pretrained backbone's, else
+    SmolLM2's (random init).
+
+    Returns:
+        the prepared tokenizer and the reward token id (:func:`resolve_reward_token`).
+    Raises:
+        as :func:`resolve_pretrain` and :func:`load_tokenizer`.
+    """
+    source = args.tokenizer if args.tokenizer and not args.tokenizer.endswith(".gguf") \
+        else resolve_pretrain(args.tokenizer or args.pretrain or SMOLLM2_ALIAS, with_model=False)
+    if args.pretrain:
+        resolve_pretrain(args.pretrain)
+    tokenizer = load_tokenizer(source, args.trust_remote_code, args.reward_token)
+    return tokenizer, resolve_reward_token(tokenizer, args.reward_token)
+
+
+def build_reward_model(args: ModelArgs, lora: LoraArgs, tokenizer: PreTrainedTokenizerBase) -> RewardModel:
+    """The :class:`~coati.models.reward_model.RewardModel` of a run: the backbone (:func:`build_model`), activation
+    checkpointing and LoRA adapters as the options say, in fp32 on CPU.
+
+    Raises:
+        as :func:`build_model`, :func:`enable_gradient_checkpointing` and :func:`~coati.models.lora.apply_lora`.
+    """
+    backbone = get_backbone(args.model)
+    hf_model = build_model(backbone, tokenizer, args.pretrain, args.model_config, args.trust_remote_code)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(hf_model, args.gradient_checkpointing_ratio)
+    if lora.lora_rank > 0:
+        hf_model = apply_lora(hf_model, backbone.lora_targets, lora.lora_rank, lora.lora_alpha, lora.lora_dropout,
+                              lora.lora_train_bias)
+    return RewardModel(hf_model, backbone)

@@ -41,10 +41,7 @@ def shared_prefix_len(chosen: list[int], rejected: list[int]) -> int:
         where its reward is read).
     """
     limit = min(len(chosen), len(rejected)) - 1
-    p = 0
-    while p < limit and chosen[p] == rejected[p]:
-        p += 1
-    return p
+    return next((p for p in range(limit) if chosen[p] != rejected[p]), max(limit, 0))
 
 
 def _group_mask(p: int, c: int, r: int, device: torch.device) -> torch.Tensor:
@@ -92,29 +89,23 @@ class PackPlan:
     @classmethod
     def from_groups(cls, groups: torch.Tensor, num_rows: int) -> "PackPlan":
         """Build the plan; raises ValueError when groups overlap or are out of order within a row."""
-        rows: list[list[tuple[int, int, tuple[int, int, int]]]] = [[] for _ in range(num_rows)]
+        rows = [[] for _ in range(num_rows)]
         for r, s, p, c, n_r in groups.tolist():
             if rows[r] and rows[r][-1][0] + rows[r][-1][1] > s:
                 raise ValueError(f"packed groups overlap or are out of order in row {r} at column {s}")
             rows[r].append((s, p + c + n_r, (p, c, n_r)))
         return cls(rows, groups.device)
 
-    def mask(self, shape: tuple[int, int, int]) -> torch.Tensor | None:
-        """``[n, n]`` bool mask of a shared-prefix group; None for a plain sequence (causal)."""
-        if not (shape[1] or shape[2]):
+    def mask(self, shape: tuple[int, int, int], dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """``[n, n]`` mask of a group, built once: bool (True = attend; None for a plain sequence, which is causal)
+        or, given ``dtype``, additive of that dtype (0 allowed, -inf not) for any group."""
+        if dtype is None and not (shape[1] or shape[2]):
             return None
-        if shape not in self._cache:
-            self._cache[shape] = _group_mask(*shape, self.device)
-        return self._cache[shape]
-
-    def bias(self, shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
-        """``[n, n]`` additive mask of ``dtype`` (0 allowed, -inf not) for any group."""
-        key = (shape, dtype)
-        if key not in self._cache:
+        if (shape, dtype) not in self._cache:
             allowed = _group_mask(*shape, self.device)
-            self._cache[key] = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
-                ~allowed, float("-inf"))
-        return self._cache[key]
+            self._cache[shape, dtype] = allowed if dtype is None else torch.zeros(
+                allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, float("-inf"))
+        return self._cache[shape, dtype]
 
 
 def group_attention(plan: PackPlan, shape: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -131,7 +122,7 @@ def group_attention(plan: PackPlan, shape: tuple[int, int, int], q: torch.Tensor
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
                                               scale=scaling)
     n = q.shape[1]
-    scores = torch.baddbmm(plan.bias(shape, q.dtype).expand(q.shape[0], n, n), q, k.transpose(-1, -2), alpha=scaling)
+    scores = torch.baddbmm(plan.mask(shape, q.dtype).expand(q.shape[0], n, n), q, k.transpose(-1, -2), alpha=scaling)
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     if dropout:
         probs = F.dropout(probs, p=dropout, training=True)
@@ -158,7 +149,7 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    heads, length, dim = query.shape[1], query.shape[2], query.shape[3]
+    _, heads, length, dim = query.shape
     scaling = dim ** -0.5 if scaling is None else scaling
     if key.shape[1] != heads:
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
@@ -167,21 +158,13 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     for r, groups in enumerate(coati_pack.rows):
         # split (not slice) the row: the backward of a split is one concatenation, where slices would each
         # fill a zero tensor the size of the row
-        sizes, spans, pos = [], [], 0
-        for start, n, shape in groups:
-            if start > pos:
-                sizes.append(start - pos)
-                spans.append(None)
-            sizes.append(n)
-            spans.append(shape)
+        spans, pos = [], 0  # (size, group shape, or None for tokens no group covers)
+        for start, n, shape in groups + [(length, 0, None)]:
+            spans += [(start - pos, None)] * (start > pos) + [(n, shape)] * (n > 0)
             pos = start + n
-        if pos < length:
-            sizes.append(length - pos)
-            spans.append(None)
-        parts = zip(*(t[r].split(sizes, dim=1) for t in (query, key, value)))
-        pieces = [query.new_zeros(heads, q.shape[1], dim) if shape is None
-                  else group_attention(coati_pack, shape, q, k, v, dropout, scaling)
-                  for shape, (q, k, v) in zip(spans, parts)]
+        parts = zip(*(t[r].split([size for size, _ in spans], dim=1) for t in (query, key, value)))
+        pieces = [group_attention(coati_pack, shape, q, k, v, dropout, scaling) if shape else torch.zeros_like(q)
+                  for (_, shape), (q, k, v) in zip(spans, parts)]
         out_rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     return torch.stack(out_rows).transpose(1, 2).contiguous(), None
 
@@ -205,17 +188,9 @@ def packed_forward():
         _PACKED_FORWARD.reset(token)
 
 
-def register() -> None:
-    """Register ``coati_packed`` with transformers' attention and attention-mask interfaces (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, _packed_mask)
-
-
 def enable(model) -> bool:
-    """Switch a transformers model from SDPA (or eager) attention to ``coati_packed``.
+    """Register ``coati_packed`` with transformers' attention and mask interfaces and switch a model from SDPA (or
+    eager) attention to it.
 
     Padded batches give the same results as before (SDPA); packed batches can then share prefixes. The
     implementation name is not written into ``config.json`` by ``save_pretrained``.
@@ -224,11 +199,14 @@ def enable(model) -> bool:
         True when enabled; False when the model uses another implementation (for example flash-attention), which
         is left alone.
     """
-    register()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, _packed_mask)
     current = getattr(model.config, "_attn_implementation", None)
-    if current == PACKED_ATTENTION:
-        return True
-    if current not in (None, "sdpa", "eager"):
+    if current not in (None, "sdpa", "eager", PACKED_ATTENTION):
         return False
-    model.set_attn_implementation(PACKED_ATTENTION)
+    if current != PACKED_ATTENTION:
+        model.set_attn_implementation(PACKED_ATTENTION)
     return True

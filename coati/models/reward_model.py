@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from coati.models import packed_attention
-from coati.models.packed_attention import packed_causal_mask
+from coati.models.backbones import Backbone
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -36,20 +36,20 @@ class RewardModel(nn.Module):
 
     ``model`` is a ``*ForSequenceClassification`` with ``num_labels == 1`` (possibly a peft ``PeftModel``); its
     ``score`` layer is the value head. The reward is the value head applied to the hidden state of the last real
-    token (the EOS or reward token appended to every answer). For RoPE backbones the position ids are derived from
-    the attention mask, so left- and right-padded batches give the same rewards.
+    token (the EOS or reward token appended to every answer). Position ids are derived from the attention mask, so
+    left- and right-padded batches give the same rewards.
 
     Args:
         model: the HF sequence-classification model (or peft wrapper of one).
-        uses_position_ids: pass mask-derived ``position_ids`` to the backbone (RoPE models); False for ALiBi.
+        backbone: its registry entry, which says how a packed batch is run (:attr:`Backbone.packed_forward`); with
+            per-group attention the model is switched to ``coati_packed`` here (:func:`packed_attention.enable`).
     """
 
-    def __init__(self, model: nn.Module, uses_position_ids: bool):
+    def __init__(self, model: nn.Module, backbone: Backbone):
         super().__init__()
-        self.model = model
-        self.uses_position_ids = uses_position_ids
-        # RoPE backbones attend group by group in packed batches (coati.models.packed_attention)
-        self.packed_attention = uses_position_ids and packed_attention.enable(self.hf_model)
+        self.model, self.backbone = model, backbone
+        if backbone.packed_forward is None:
+            packed_attention.enable(self.hf_model)
 
     @property
     def hf_model(self) -> nn.Module:
@@ -72,59 +72,30 @@ class RewardModel(nn.Module):
         Returns:
             ``[N]`` float32 rewards, one scalar per sequence (the value head runs in fp32 even under autocast).
         Raises:
-            ValueError: a packed batch without ``groups``, or on a RoPE model whose attention implementation
-            (for example flash-attention) could not be switched to ``coati_packed``.
+            ValueError: a packed batch without ``groups``, or with per-group attention on a model whose attention
+            implementation (for example flash-attention) could not be switched to ``coati_packed``.
         """
         seq_cls = self.hf_model
         body = getattr(seq_cls, seq_cls.base_model_prefix)
         if reward_index is None:
-            kwargs = {}
-            if self.uses_position_ids:
-                kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+            # BLOOM (ALiBi) ignores position_ids: it derives the same positions from the mask
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          **kwargs).last_hidden_state
-            idx = last_token_index(attention_mask)
-            last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+                          position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+            last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
         else:
             if groups is None:
                 raise ValueError("a packed batch needs its group table (collate_packed's inputs['groups'])")
-            if self.packed_attention:
+            if self.backbone.packed_forward is not None:
+                hidden = self.backbone.packed_forward(body, input_ids, position_ids, groups)
+            elif (impl := seq_cls.config._attn_implementation) != packed_attention.PACKED_ATTENTION:
+                raise ValueError(f"packed batches need SDPA or eager attention (switched to coati_packed), not "
+                                 f"{impl!r}; use padded batches (--packing false)")
+            else:
                 plan = packed_attention.PackPlan.from_groups(groups, input_ids.shape[0])
                 with packed_attention.packed_forward():
                     hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                   coati_pack=plan).last_hidden_state
-            elif self.uses_position_ids:
-                raise ValueError(f"packed batches need SDPA or eager attention (switched to coati_packed), not "
-                                 f"{seq_cls.config._attn_implementation!r}; use padded batches (--packing false)")
-            else:
-                hidden = alibi_packed_forward(body, input_ids, position_ids, groups)
             last_hidden = hidden[reward_index[:, 0], reward_index[:, 1]]
         with torch.autocast(device_type=last_hidden.device.type, enabled=False):
             return seq_cls.score(last_hidden.float()).squeeze(-1).float()
 
-
-def alibi_packed_forward(body: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                         groups: torch.Tensor) -> torch.Tensor:
-    """Packed forward of an ALiBi backbone (transformers' ``BloomModel``), which takes no ``position_ids``.
-
-    ALiBi adds ``slope_h * key_position`` to the attention scores (Press et al., "Train Short, Test Long",
-    arXiv 2108.12409, section 3); with key positions restarting per sequence and a block-diagonal causal mask each
-    sequence sees exactly the biases it would see alone.
-
-    Args:
-        body: a ``BloomModel`` (embeddings, ``h`` blocks, ``ln_f``).
-        input_ids, position_ids: ``[R, L]`` int64.
-    Returns:
-        ``[R, L, hidden]`` last hidden states.
-    """
-    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
-
-    hidden = body.word_embeddings_layernorm(body.word_embeddings(input_ids))
-    rows, length = input_ids.shape
-    slopes = _get_alibi_slopes(body.num_heads, input_ids.device)
-    alibi = (slopes[None, :, None] * position_ids[:, None, :].to(slopes.dtype))
-    alibi = alibi.reshape(rows * body.num_heads, 1, length).to(hidden.dtype)
-    mask = packed_causal_mask(groups, rows, length, hidden.dtype)
-    for block in body.h:
-        hidden = block(hidden, layer_past=None, attention_mask=mask, use_cache=False, alibi=alibi)[0]
-    return body.ln_f(hidden)

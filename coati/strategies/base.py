@@ -1,7 +1,8 @@
-"""The strategy interface: a strategy owns the device, the process group and the model wrapping.
+"""The strategy interface: a strategy owns the device, the process group, precision and the model wrapping.
 
-Strategies do not inherit behaviour from each other; each implements this small ABC. The trainer never sees the
-CLI namespace through them: they take plain arguments.
+A strategy is built from the :class:`~coati.config.StrategyArgs` group (``Strategy(args)``) and reads only the options
+it names in ``takes``. What it cannot do (LoRA, resume checkpoints, a precision, running without CUDA or without a
+package) is a class-level capability that :func:`coati.config.validate` checks once, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Callable, ContextManager, Iterable
 import torch
 from torch import nn
 
+from coati.config import StrategyArgs
+
 
 class StrategyUnavailable(RuntimeError):
     """The strategy cannot run here (missing package or hardware); the message names the alternatives."""
@@ -21,26 +24,50 @@ class StrategyUnavailable(RuntimeError):
 class Strategy(ABC):
     """Distributed-training glue.
 
-    Lifecycle: ``check()`` (cheap, before any model is loaded) -> ``setup()`` -> ``prepare(model, make_optimizer)``
-    -> per step ``backward`` / ``clip_grad_norm`` / ``optimizer_step`` -> ``state_dict_for_export`` -> ``teardown()``.
+    Lifecycle: ``setup()`` -> ``prepare(model, make_optimizer)`` -> per micro-batch ``autocast`` / ``no_sync`` /
+    ``backward``, per optimizer step ``step(optimizer, max_norm)`` -> ``export_model`` -> ``teardown()``.
+
+    Class-level capabilities (checked by :meth:`refusals` when the config is validated):
+
+    * ``takes``: the :class:`~coati.config.StrategyArgs` options it reads besides ``strategy``;
+    * ``precisions``: the ``--mixed_precision`` values it trains in;
+    * ``refuses``: ``{"lora" | "resume": reason}`` for what it cannot do, the reason ending the error message;
+    * :meth:`unavailable`: why it cannot run in this environment (no GPU, package missing), or None.
     """
 
     name: str = ""
+    takes: tuple[str, ...] = ("mixed_precision",)
+    precisions: tuple[str, ...] = ("fp32", "bf16")
+    refuses: dict[str, str] = {}
     #: True when the forward pass is a collective (sharded parameters): every rank must run every forward.
     lockstep_forward: bool = False
-    #: True when :meth:`clip_grad_norm` returns the real global norm, so the trainer can skip non-finite steps.
-    checks_grad_norm: bool = True
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+
+    def __init__(self, args: StrategyArgs | None = None):
+        self.args = args or StrategyArgs()
 
     @property
     def is_main(self) -> bool:
         """True on the rank that logs and writes files."""
         return self.rank == 0
 
-    def check(self) -> None:
-        """Raise :class:`StrategyUnavailable` when the strategy cannot run in this environment."""
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why the strategy cannot run in this environment (cheap: imports nothing heavy), or None."""
+        return None
+
+    @classmethod
+    def refusals(cls, cfg) -> list[str]:
+        """What ``cfg`` (a :class:`~coati.config.TrainConfig`) asks of this strategy that it cannot do, one line each."""
+        wants = {"lora": cfg.lora.lora_rank > 0, "resume": cfg.optim.save_every > 0 or bool(cfg.optim.resume)}
+        errors = [f"--strategy {cls.name} {why}" for need, why in cls.refuses.items() if wants[need]]
+        if cfg.strategy.mixed_precision not in cls.precisions:
+            errors.append(f"--strategy {cls.name} trains in {' or '.join(cls.precisions)}, not --mixed_precision "
+                          f"{cfg.strategy.mixed_precision}")
+        reason = cls.unavailable()
+        return errors + ([reason] if reason else [])
 
     @abstractmethod
     def setup(self) -> None:
@@ -48,13 +75,22 @@ class Strategy(ABC):
 
     @abstractmethod
     def prepare(self, model: nn.Module,
-                make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+                make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer], accumulates: bool = False,
                 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Move/wrap the model for this strategy and build its optimizer over the trainable parameters."""
+        """Move/wrap the model for this strategy and build its optimizer over the trainable parameters.
+
+        ``accumulates``: the loop accumulates gradients over micro-batches (only Gemini must know before boosting).
+        """
 
     @abstractmethod
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The plain module inside whatever ``prepare`` returned."""
+
+    def autocast(self) -> ContextManager:
+        """The precision context of forward passes: bf16 autocast under ``--mixed_precision bf16``, else none."""
+        if self.args.mixed_precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def no_sync(self, model: nn.Module) -> ContextManager:
         """Context for gradient-accumulation micro-steps that need no gradient synchronisation."""
@@ -64,15 +100,21 @@ class Strategy(ABC):
         """Backpropagate ``loss`` (a 0-dim tensor)."""
         loss.backward()
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip the global gradient norm to ``max_norm``; returns the norm before clipping (0-dim float32)."""
-        params = [p for p in model.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor | None:
+        """Clip the global gradient norm to ``max_norm`` (0 = no clipping), then update and clear the gradients,
+        unless the norm is not finite: then the gradients are cleared and nothing is updated.
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Apply the update and clear gradients."""
-        optimizer.step()
+        Returns:
+            the global norm before clipping (0-dim float32; NaN/inf when the update was skipped), or None when the
+            strategy's own optimizer finds overflow and the norm is not known here.
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor over the shards
+        if bool(torch.isfinite(norm)):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks (in place and returned); identity on one process."""
@@ -81,25 +123,18 @@ class Strategy(ABC):
     def barrier(self) -> None:
         """Wait for every rank."""
 
-    def all_finite(self, params: Iterable[torch.Tensor]) -> bool:
-        """True when every rank's ``params`` are all finite (see :func:`parameters_finite`; one all-reduce)."""
-        flag = torch.tensor([0.0 if parameters_finite(params) else 1.0], dtype=torch.float64)
-        return self.all_reduce(flag).item() == 0
-
-    def resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-        """Model (+ optimizer, unless None) state to save with torch.distributed.checkpoint (every rank calls it)."""
-        return dcp_state(model, optimizer)
-
-    def load_resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
-        """Restore what :meth:`resume_state` gave, after DCP filled it in place."""
-        load_dcp_state(model, optimizer, state)
-
-    def state_dict_for_export(self, model: nn.Module) -> nn.Module | None:
-        """The plain model to export, on the main rank (None elsewhere)."""
+    def export_model(self, model: nn.Module) -> nn.Module | None:
+        """The plain trained model to export, on the main rank (None elsewhere); every rank must call it."""
         return self.unwrap(model) if self.is_main else None
 
     def teardown(self) -> None:
         """Release the process group."""
+
+
+def all_finite(strategy: Strategy, params: Iterable[torch.Tensor]) -> bool:
+    """True when every rank's ``params`` are all finite (see :func:`parameters_finite`; one all-reduce)."""
+    flag = torch.tensor([0.0 if parameters_finite(params) else 1.0], dtype=torch.float64)
+    return strategy.all_reduce(flag).item() == 0
 
 
 def parameters_finite(params: Iterable[torch.Tensor]) -> bool:

@@ -1,24 +1,18 @@
-"""ColossalAI strategies: ZeRO-2 (``LowLevelZeroPlugin``) and Gemini (``GeminiPlugin``) through a ``Booster``.
+"""ColossalAI strategies through a ``Booster``: ``colossalai_ddp`` (``TorchDDPPlugin``; CPU or GPU),
+``colossalai_zero2`` (``LowLevelZeroPlugin`` stage 2) and ``colossalai_gemini`` (``GeminiPlugin``), both CUDA only.
 
-Both need CUDA GPUs and the ``colossalai`` package (0.5.0, installed with ``scripts/install_colossalai.sh``).
-``colossalai`` is imported only inside methods, so importing this module, ``--help`` and the registry work without
-it; :meth:`check` says what is missing before any model is loaded.
+They need the ``colossalai`` package (0.5.0, installed with ``scripts/install_colossalai.sh``), imported only inside
+methods, so importing this module, ``--help`` and the registry work without it.
 
-How they fit the trainer's loop (``coati/trainer.py``):
-
-* ColossalAI owns mixed precision: the model's weights are cast to bf16/fp16 and fp32 master weights live in the
-  optimizer. The value head of :class:`~coati.models.reward_model.RewardModel` is called on an fp32 hidden state, so
-  a forward pre-hook casts its input to the training dtype and a forward hook returns its output in fp32.
-* ``prepare`` returns the plain torch optimizer inside ColossalAI's optimizer wrapper, so LR schedulers (which need a
-  ``torch.optim.Optimizer``) drive its learning rate; stepping always goes through :meth:`optimizer_step`, which steps
-  the wrapper (gradient reduction, unscaling, clipping, master-weight update).
-* Gradient clipping happens inside ColossalAI's optimizer step, at the norm given when the strategy is built
-  (``max_grad_norm``); :meth:`clip_grad_norm` only checks that the trainer asks for the same norm.
-* ``state_dict_for_export`` gathers the full (bf16/fp16) weights on rank 0 and loads them, upcast to the original
-  dtype, into a CPU copy of the model taken in ``prepare`` (parameters on the meta device until then, so the copy
-  costs no memory during training).
-* Resume checkpoints (torch.distributed.checkpoint of model + optimizer) are not supported: ColossalAI shards the
-  optimizer state its own way.
+* ``prepare`` returns the plain torch optimizer inside ColossalAI's optimizer wrapper (LR schedulers need a
+  ``torch.optim.Optimizer``); backward goes through the booster. ``colossalai_ddp`` trains in fp32 or under bf16
+  autocast and clips and steps that torch optimizer, all exactly as ``ddp``.
+* The ZeRO plugins own mixed precision: they cast the weights to bf16/fp16 and keep fp32 master weights in the
+  optimizer, so there is no autocast. The value head of :class:`~coati.models.reward_model.RewardModel` is called on
+  an fp32 hidden state: a forward pre-hook casts its input to the training dtype, a forward hook its output to fp32.
+  Their optimizers clip inside their own step, at the norm :meth:`step` sets just before it, and find fp16 overflow
+  themselves. The export loads the gathered weights, upcast, into a CPU copy taken in ``prepare``.
+* Resume checkpoints (torch.distributed.checkpoint of plain torch modules and optimizers) are refused.
 """
 
 from __future__ import annotations
@@ -27,6 +21,8 @@ import contextlib
 import copy
 import importlib.util
 import math
+import warnings
+from abc import abstractmethod
 from typing import Callable, ContextManager, Iterable
 
 import torch
@@ -35,48 +31,18 @@ from torch import nn
 from coati.strategies.base import Strategy, StrategyUnavailable
 from coati.strategies.distributed import ProcessGroupMixin
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PLACEMENT_POLICIES = ("static", "auto")
-_ALTERNATIVES = "use --strategy ddp or --strategy fsdp instead (they run on CPU and GPU)"
 _INSTALL = "pip install -e .[colossalai] then bash scripts/install_colossalai.sh"
+_NO_RESUME = ("cannot write or read resume checkpoints (ColossalAI wraps the model and optimizer its own way): train "
+              "without --save_every/--resume, or use --strategy fsdp or ddp")
 
 
-# ------------------------------------------------------------------------------------------ shared helpers
-
-
-def _check_environment(name: str) -> None:
-    """Raise :class:`StrategyUnavailable` unless CUDA GPUs are visible and the colossalai package is installed."""
-    if not torch.cuda.is_available():
-        raise StrategyUnavailable(
-            f"--strategy {name} needs CUDA GPUs; none is visible (torch {torch.__version__}: "
-            f"torch.cuda.is_available() is False). ColossalAI's plugins run on CUDA only: {_ALTERNATIVES}.")
-    if importlib.util.find_spec("colossalai") is None:
-        raise StrategyUnavailable(
-            f"--strategy {name} needs the colossalai package, which is not installed. Install it with "
-            f"`{_INSTALL}` (ColossalAI 0.5.0, installed next to the current torch and transformers), or "
-            f"{_ALTERNATIVES}.")
-
-
-def _import_booster(name: str):
-    """``(Booster, plugin module)`` from colossalai; a failing import becomes :class:`StrategyUnavailable`."""
-    try:
-        from colossalai.booster import Booster
-        from colossalai.booster import plugin
-    except Exception as e:  # a broken install fails in many ways (ImportError, AttributeError, ...)
-        raise StrategyUnavailable(
-            f"--strategy {name}: importing colossalai failed ({type(e).__name__}: {e}). Reinstall it with "
-            f"`{_INSTALL}`, or {_ALTERNATIVES}.") from e
-    return Booster, plugin
-
-
-def _check_precision(mixed_precision: str) -> None:
-    if mixed_precision not in PRECISIONS:
-        raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {mixed_precision!r}")
-
-
-def _require_cuda_device(name: str, device: torch.device) -> None:
-    if device.type != "cuda":
-        raise StrategyUnavailable(f"--strategy {name} needs CUDA GPUs; none is visible: {_ALTERNATIVES}.")
+@contextlib.contextmanager
+def _quiet():
+    """Silence the warnings ColossalAI's own code raises (optional kernels not installed, DDP arguments that torch
+    deprecates): they are not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"colossalai(\.|$)")
+        yield
 
 
 def _export_skeleton(model: nn.Module) -> nn.Module:
@@ -91,12 +57,9 @@ def _export_skeleton(model: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
     for module in model.modules():
         for key, buf in module._buffers.items():
-            if buf is None or id(buf) in memo:
-                continue
-            if key in module._non_persistent_buffers_set:
-                memo[id(buf)] = buf.detach().to("cpu", copy=True)
-            else:
-                memo[id(buf)] = torch.empty_like(buf, device="meta")
+            if buf is not None and id(buf) not in memo:
+                keep = key in module._non_persistent_buffers_set
+                memo[id(buf)] = buf.detach().to("cpu", copy=True) if keep else torch.empty_like(buf, device="meta")
     return copy.deepcopy(model, memo)
 
 
@@ -104,19 +67,11 @@ def _fill_skeleton(skeleton: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
     """Load a full state dict into the skeleton (on CPU, each floating tensor cast back to the skeleton's dtype).
 
     Raises:
-        RuntimeError: keys do not match, or a tensor is still on the meta device afterwards.
+        RuntimeError: keys do not match.
     """
     target = skeleton.state_dict()
-    converted = {}
-    for key, value in state_dict.items():
-        value = value.detach()
-        dtype = target[key].dtype if key in target and value.is_floating_point() else value.dtype
-        converted[key] = value.to(device="cpu", dtype=dtype)
-    skeleton.load_state_dict(converted, strict=True, assign=True)
-    leftover = [n for n, t in [*skeleton.named_parameters(), *skeleton.named_buffers()] if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"export: no weights gathered for {', '.join(leftover[:5])}"
-                           + (f" and {len(leftover) - 5} more" if len(leftover) > 5 else ""))
+    skeleton.load_state_dict({k: v.detach().to("cpu", target[k].dtype if k in target and v.is_floating_point()
+                                                else v.dtype) for k, v in state_dict.items()}, strict=True, assign=True)
     return skeleton
 
 
@@ -126,8 +81,7 @@ def _cast_value_head(model: nn.Module, dtype: torch.dtype) -> list:
     Returns:
         the hook handles (empty when the model has no such head).
     """
-    hf_model = getattr(model, "hf_model", None)
-    head = getattr(hf_model, "score", None)
+    head = getattr(getattr(model, "hf_model", None), "score", None)
     if not isinstance(head, nn.Module):
         return []
 
@@ -141,123 +95,78 @@ def _cast_value_head(model: nn.Module, dtype: torch.dtype) -> list:
 
 
 def _as_hybrid_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Rebuild a torch Adam/AdamW as ColossalAI's ``HybridAdam`` with the same parameter groups and settings.
+    """Rebuild the run's torch Adam/AdamW as ColossalAI's ``HybridAdam`` (same parameter groups and settings).
 
     Gemini accepts only ColossalAI's Adam implementations; with CPU offload HybridAdam updates CPU master weights
     with a vectorised kernel. Both of its kernels are ColossalAI CUDA extensions, compiled on first use: that
     needs ninja, a C++ compiler and the CUDA toolkit (nvcc, ``CUDA_HOME``) matching torch's CUDA.
-
-    Raises:
-        ValueError: the optimizer is not Adam/AdamW, or uses amsgrad.
     """
-    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        raise ValueError(f"ColossalAI strategies rebuild the optimizer as HybridAdam; that needs torch Adam or "
-                         f"AdamW, got {type(optimizer).__name__}")
-    if any(g.get("amsgrad") for g in optimizer.param_groups):
-        raise ValueError("ColossalAI's HybridAdam has no amsgrad")
     from colossalai.nn.optimizer import HybridAdam
 
-    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(optimizer.defaults.get("decoupled_weight_decay"))
-    groups = [{"params": list(g["params"]), "lr": float(g["lr"]), "betas": tuple(float(b) for b in g["betas"]),
-               "eps": float(g["eps"]), "weight_decay": float(g["weight_decay"])} for g in optimizer.param_groups]
-    return HybridAdam(groups, adamw_mode=decoupled)
+    groups = [{k: g[k] for k in ("params", "lr", "betas", "eps", "weight_decay")} for g in optimizer.param_groups]
+    return HybridAdam(groups, adamw_mode=bool(optimizer.defaults.get("decoupled_weight_decay")))
 
 
-def _check_clip(name: str, configured: float, requested: float) -> None:
-    if not math.isclose(configured, requested, rel_tol=1e-9, abs_tol=0.0):
-        raise ValueError(f"--strategy {name} clips gradients inside ColossalAI's optimizer step at the norm fixed "
-                         f"when the strategy is built (max_grad_norm={configured}); the trainer asks for "
-                         f"{requested}. Build the strategy with max_grad_norm={requested}.")
+class _BoosterStrategy(ProcessGroupMixin, Strategy):
+    """A ColossalAI ``Booster`` over the plugin of :meth:`_plugin` (a base, not a strategy): process group, boosting,
+    backward through the optimizer wrapper, teardown."""
 
-
-def _booster_optimizer(wrapper, optimizer: torch.optim.Optimizer):
-    """ColossalAI's optimizer wrapper, given it or the torch optimizer inside it (what ``prepare`` returned).
-
-    Raises:
-        ValueError: ``prepare`` has not run, or ``optimizer`` is another optimizer.
-    """
-    if wrapper is None or not (optimizer is wrapper or optimizer is wrapper.unwrap()):
-        raise ValueError("optimizer_step needs the optimizer returned by prepare()")
-    return wrapper
-
-
-def _no_resume(name: str):
-    """Raises: ValueError naming the alternatives."""
-    raise ValueError(f"--strategy {name} cannot write or read resume checkpoints (ColossalAI shards the optimizer "
-                     f"state its own way): train without --save_every/--resume, or use --strategy fsdp or ddp.")
-
-
-class _BoosterMixin:
-    """Step plumbing shared by the ColossalAI strategies (a mixin, not a strategy): a Booster owns backward, clipping
-    and the update, and ColossalAI shards the optimizer its own way, so resume checkpoints are refused."""
-
+    takes = ("mixed_precision", "dist_timeout")
+    refuses = {"resume": _NO_RESUME}
+    #: rebuild the optimizer as ColossalAI's HybridAdam before boosting
+    hybrid_adam = False
     _booster = None
-    _optimizer = None
-    _clip_requested = False
-    max_grad_norm: float = 0.0
+    _optimizer = None  # ColossalAI's optimizer wrapper
 
-    def check(self) -> None:
-        """Cheap checks before any model is loaded (colossalai is not imported here).
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why it cannot run here: the colossalai package is not installed (found without importing it)."""
+        if importlib.util.find_spec("colossalai") is None:
+            return (f"--strategy {cls.name} needs the colossalai package, which is not installed: install it with "
+                    f"`{_INSTALL}`, or use --strategy ddp or --strategy fsdp")
+        return None
 
-        Raises:
-            ValueError: resume checkpoints were asked for.
-            StrategyUnavailable: no CUDA GPU is visible (checked first), or colossalai is not installed.
-        """
-        if self.resume_checkpoints:
-            _no_resume(self.name)
-        _check_environment(self.name)
+    @abstractmethod
+    def _plugin(self, accumulates: bool):
+        """The ColossalAI plugin to boost with (``accumulates``: the loop accumulates gradients)."""
 
     def setup(self) -> None:
-        """Join the process group (nccl, ``cuda:LOCAL_RANK``) and import colossalai.
+        """Join the process group and import colossalai.
 
         Raises:
-            StrategyUnavailable: no CUDA device, or colossalai fails to import.
+            StrategyUnavailable: colossalai fails to import (a broken install).
         """
         super().setup()
-        _require_cuda_device(self.name, self.device)
-        _import_booster(self.name)
+        try:
+            with _quiet():
+                import colossalai.booster  # noqa: F401
+        except Exception as e:  # a broken install fails in many ways (ImportError, AttributeError, ...)
+            raise StrategyUnavailable(f"--strategy {self.name}: importing colossalai failed ({type(e).__name__}: "
+                                      f"{e}); reinstall it with `{_INSTALL}`") from e
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """``booster.backward``: loss scaling (fp16), backward, gradient reduce-scatter into the shards."""
-        self._booster.backward(loss, self._optimizer)
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clipping happens in :meth:`optimizer_step` (ColossalAI computes the norm over its shards there).
+    def prepare(self, model: nn.Module, make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+                accumulates: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Boost the model and the optimizer built over its trainable parameters.
 
         Returns:
-            NaN (the norm is known only after the step; see :attr:`last_grad_norm`).
-        Raises:
-            ValueError: ``max_norm`` differs from the ``max_grad_norm`` the strategy was built with.
+            ``(ColossalAI's model wrapper, the torch optimizer inside its optimizer wrapper)``.
         """
-        _check_clip(self.name, self.max_grad_norm, max_norm)
-        self._clip_requested = True
-        return torch.tensor(float("nan"))
+        from colossalai.booster import Booster
 
-    @property
-    def last_grad_norm(self) -> float | None:
-        """Global gradient norm (before clipping) measured by the last optimizer step (None before any)."""
-        return None if self._optimizer is None else self._optimizer.get_grad_norm()
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        self._booster = Booster(plugin=self._plugin(accumulates))
+        with _quiet():
+            boosted, self._optimizer, *_ = self._booster.boost(model, _as_hybrid_adam(optimizer) if self.hybrid_adam
+                                                               else optimizer)
+        return boosted, self._optimizer.unwrap()
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Unscale, clip, update the master weights, refresh the training-dtype weights, clear gradients.
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The module inside ColossalAI's model wrapper."""
+        return model.unwrap() if hasattr(model, "unwrap") else model
 
-        Raises:
-            ValueError: not the optimizer from ``prepare``; or the strategy clips but the trainer did not ask to.
-        """
-        wrapper = _booster_optimizer(self._optimizer, optimizer)
-        if self.max_grad_norm > 0 and not self._clip_requested:
-            _check_clip(self.name, self.max_grad_norm, 0.0)
-        self._clip_requested = False
-        wrapper.step()
-        wrapper.zero_grad()
-
-    def resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Raises: ValueError (not supported)."""
-        _no_resume(self.name)
-
-    def load_resume_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Raises: ValueError (not supported)."""
-        _no_resume(self.name)
+    def backward(self, loss: torch.Tensor) -> None:
+        """``booster.backward``: loss scaling (fp16), backward, gradient reduction."""
+        self._booster.backward(loss, self._optimizer)
 
     def teardown(self) -> None:
         """Drop the booster and destroy the process group."""
@@ -265,181 +174,137 @@ class _BoosterMixin:
         super().teardown()
 
 
-# ------------------------------------------------------------------------------------------ ZeRO-2
+class ColossalAIDDPStrategy(_BoosterStrategy):
+    """ColossalAI's ``TorchDDPPlugin``: torch DDP behind a Booster, on CPU (gloo) or GPU (nccl); same losses and
+    weights as ``ddp`` (the base autocast and :meth:`~coati.strategies.base.Strategy.step`); LoRA works."""
+
+    name = "colossalai_ddp"
+
+    def _plugin(self, accumulates: bool):
+        from colossalai.booster.plugin import TorchDDPPlugin
+
+        return TorchDDPPlugin()
+
+    def no_sync(self, model: nn.Module) -> ContextManager:
+        """Skip the gradient all-reduce on accumulation micro-steps."""
+        return self._booster.no_sync(model, self._optimizer)
 
 
-class ColossalAIZero2Strategy(_BoosterMixin, ProcessGroupMixin, Strategy):
-    """ColossalAI ZeRO stage 2: ``Booster`` + ``LowLevelZeroPlugin(stage=2)``, one process per GPU (torchrun).
+class _ZeroStrategy(_BoosterStrategy):
+    """The ZeRO plugins (a base, not a strategy): they cast the weights and clip inside their optimizer's step."""
 
-    Every rank keeps the full model in bf16/fp16; fp32 master weights, optimizer state and gradients are partitioned
-    over ranks. Gradients are reduce-scattered at every backward and accumulate in the partitions, so gradient
-    accumulation works without ``no_sync`` (ZeRO-2 has none). LoRA models work (only trainable parameters are
-    partitioned; frozen weights stay replicated in the training dtype).
+    precisions = ("fp32", "bf16", "fp16")
+    #: the attribute of ColossalAI's optimizer wrapper holding the clipping norm
+    _norm_attr = ""
+    _skeleton: nn.Module | None = None
 
-    Args:
-        mixed_precision: ``bf16`` or ``fp16`` (fp16 uses ColossalAI's dynamic loss scaling).
-        zero_cpu_offload: keep master weights and optimizer state in CPU memory (the optimizer is rebuilt as
-            ColossalAI's HybridAdam).
-        dist_timeout: seconds a collective may wait.
-        lora: the model carries LoRA adapters (accepted; nothing changes).
-        max_grad_norm: gradient clipping norm applied inside the optimizer step (0 = none); must equal the trainer's.
-        resume_checkpoints: the run writes or reads resume checkpoints (refused by :meth:`check`).
-    Raises:
-        ValueError: unknown ``mixed_precision``.
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why it cannot run here: no CUDA GPU (checked first: installing colossalai would not help), or no package."""
+        if not torch.cuda.is_available():
+            return (f"--strategy {cls.name} needs CUDA GPUs; none is visible: use --strategy ddp, --strategy fsdp or "
+                    f"--strategy colossalai_ddp instead (they run on CPU and GPU)")
+        return super().unavailable()
+
+    def prepare(self, model: nn.Module, make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+                accumulates: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Keep a memory-free copy for the export (rank 0), hook the value head, then boost."""
+        self._skeleton = _export_skeleton(model) if self.is_main else None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision)
+        if dtype is not None:
+            _cast_value_head(model, dtype)
+        return super().prepare(model, make_optimizer, accumulates)
+
+    def autocast(self) -> ContextManager:
+        """None: the plugin has cast the weights to the training dtype."""
+        return contextlib.nullcontext()
+
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+        """Step ColossalAI's optimizer wrapper, clipping at ``max_norm`` (0 = none): unscale, clip, update the master
+        weights (skipped on fp16 overflow), refresh the training-dtype weights, clear the gradients.
+
+        Returns:
+            None: the wrapper finds overflow itself and measures the norm over its shards, in loss-scaled units.
+        """
+        setattr(self._optimizer, self._norm_attr, max_norm if max_norm > 0 else math.inf)
+        self._optimizer.step()
+        self._optimizer.zero_grad()
+
+    @abstractmethod
+    def _full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The full state dict (keys of the unwrapped module) on rank 0; every rank calls it."""
+
+    def export_model(self, model: nn.Module) -> nn.Module | None:
+        """Rank 0: the CPU copy holding the trained weights in their original dtype; None elsewhere."""
+        state = self._full_state(model)
+        return _fill_skeleton(self._skeleton, state) if self.is_main else None
+
+
+class ColossalAIZero2Strategy(_ZeroStrategy):
+    """ColossalAI ZeRO stage 2 (``LowLevelZeroPlugin(stage=2)``), one process per GPU.
+
+    Every rank keeps the full model in the training dtype; fp32 master weights, optimizer state and gradients are
+    partitioned over ranks. Gradients are reduce-scattered at every backward and accumulate in the partitions (ZeRO-2
+    has no ``no_sync``). LoRA works (frozen weights stay replicated). ``--cpu_offload`` keeps master weights and
+    optimizer state in CPU memory (the optimizer is rebuilt as HybridAdam).
     """
 
     name = "colossalai_zero2"
-    lockstep_forward = False
-    checks_grad_norm = False  # ColossalAI finds overflow itself (fp16 loss scaling) inside its step
+    takes = ("mixed_precision", "dist_timeout", "cpu_offload")
+    _norm_attr = "_clip_grad_norm"  # LowLevelZeroOptimizer
 
-    def __init__(self, mixed_precision: str = "bf16", zero_cpu_offload: bool = False, dist_timeout: float = 1800.0,
-                 lora: bool = False, max_grad_norm: float = 1.0, resume_checkpoints: bool = False):
-        _check_precision(mixed_precision)
-        self.mixed_precision, self.zero_cpu_offload = mixed_precision, zero_cpu_offload
-        self.dist_timeout, self.lora, self.max_grad_norm = dist_timeout, lora, float(max_grad_norm)
-        self.resume_checkpoints = resume_checkpoints
-        self._booster = None
-        self._optimizer = None  # ColossalAI's LowLevelZeroOptimizer
-        self._skeleton: nn.Module | None = None
-        self._clip_requested = False
+    @property
+    def hybrid_adam(self) -> bool:
+        """With CPU offload."""
+        return self.args.cpu_offload
 
-    def prepare(self, model: nn.Module,
-                make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-                ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Boost the model and the optimizer built over its trainable parameters.
+    def _plugin(self, accumulates: bool):
+        from colossalai.booster.plugin import LowLevelZeroPlugin
 
-        Returns:
-            ``(LowLevelZeroModel, inner torch optimizer)``: give the optimizer to the LR scheduler and to
-            :meth:`optimizer_step`.
-        """
-        Booster, plugins = _import_booster(self.name)
-        self._skeleton = _export_skeleton(model) if self.is_main else None
-        _cast_value_head(model, PRECISIONS[self.mixed_precision])
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
-        if self.zero_cpu_offload:
-            optimizer = _as_hybrid_adam(optimizer)
-        plugin = plugins.LowLevelZeroPlugin(stage=2, precision=self.mixed_precision, cpu_offload=self.zero_cpu_offload,
-                                            max_norm=self.max_grad_norm)
-        self._booster = Booster(plugin=plugin)
-        boosted, self._optimizer, *_ = self._booster.boost(model, optimizer)
-        return boosted, self._optimizer.unwrap()
+        return LowLevelZeroPlugin(stage=2, precision=self.args.mixed_precision, cpu_offload=self.args.cpu_offload)
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        """The RewardModel inside the LowLevelZeroModel (weights in the training dtype, on the GPU)."""
-        return model.unwrap() if hasattr(model, "unwrap") else model
-
-    def state_dict_for_export(self, model: nn.Module) -> nn.Module | None:
-        """Rank 0: a CPU RewardModel holding the trained weights (every rank holds them all under ZeRO-2)."""
-        if not self.is_main:
-            return None
-        return _fill_skeleton(self._skeleton, self.unwrap(model).state_dict())
-
-# ------------------------------------------------------------------------------------------ Gemini
+    def _full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.unwrap(model).state_dict()  # every rank holds every (training-dtype) weight
 
 
-class ColossalAIGeminiStrategy(_BoosterMixin, ProcessGroupMixin, Strategy):
-    """ColossalAI Gemini: ``Booster`` + ``GeminiPlugin``, chunk-based ZeRO-3 with CPU/GPU placement of chunks.
+class ColossalAIGeminiStrategy(_ZeroStrategy):
+    """ColossalAI Gemini (``GeminiPlugin``): chunk-based ZeRO-3 with CPU/GPU placement of chunks (``--placement_policy``
+    static: chunks stay where placed; auto: they move from memory statistics of the first step).
 
     Parameters, gradients and optimizer state live in chunks sharded over ranks; every forward gathers them, so every
-    rank runs every forward (``lockstep_forward``). The optimizer is rebuilt as ColossalAI's ``HybridAdam`` with the
-    settings of the one the trainer builds (Gemini accepts only ColossalAI's Adam implementations).
-
-    LoRA is refused: in ColossalAI 0.5.0 ``GeminiPlugin.support_lora()`` is False and ``enable_lora`` raises
-    NotImplementedError, and GeminiDDP treats every frozen parameter as "ignored" (neither chunked nor sharded), so
-    the frozen base model, the bulk of a LoRA model, would get none of Gemini's memory savings. Use
-    ``colossalai_zero2`` (or ddp/fsdp) for LoRA.
-
-    Args:
-        mixed_precision: ``bf16`` or ``fp16``.
-        placement_policy: ``static`` (chunks stay where placed; all on GPU by default) or ``auto`` (chunks move
-            between CPU and GPU from memory statistics gathered during the first step).
-        dist_timeout: seconds a collective may wait.
-        lora: the model carries LoRA adapters (refused by :meth:`check`).
-        max_grad_norm: gradient clipping norm applied inside the optimizer step (0 = none); must equal the trainer's.
-        accumulation_steps: micro-batches per optimizer step; > 1 turns on Gemini's gradient accumulation (separate
-            gradient chunks, more memory), which must be known before boosting.
-        resume_checkpoints: the run writes or reads resume checkpoints (refused by :meth:`check`).
-    Raises:
-        ValueError: unknown ``mixed_precision``/``placement_policy``, or ``accumulation_steps`` < 1.
+    rank runs every forward. The optimizer is rebuilt as HybridAdam (Gemini takes only ColossalAI's Adam). The plugin
+    is built with clipping on (at an infinite norm) so that its chunks measure gradient norms; :meth:`step` sets the
+    real norm.
     """
 
     name = "colossalai_gemini"
+    takes = ("mixed_precision", "dist_timeout", "placement_policy")
+    precisions = ("bf16", "fp16")
+    refuses = {"lora": "does not support LoRA (ColossalAI 0.5.0's GeminiPlugin has no LoRA support and leaves frozen "
+                       "weights unsharded): use --strategy colossalai_zero2, fsdp or ddp with --lora_rank, or drop "
+                       "--lora_rank for full fine-tuning with Gemini",
+               "resume": _NO_RESUME}
     lockstep_forward = True
-    checks_grad_norm = False  # ColossalAI finds overflow itself (fp16 loss scaling) inside its step
+    hybrid_adam = True
+    _norm_attr = "max_norm"  # GeminiOptimizer
+    _accumulates = False
 
-    def __init__(self, mixed_precision: str = "bf16", placement_policy: str = "static", dist_timeout: float = 1800.0,
-                 lora: bool = False, max_grad_norm: float = 1.0, accumulation_steps: int = 1,
-                 resume_checkpoints: bool = False):
-        _check_precision(mixed_precision)
-        if placement_policy not in PLACEMENT_POLICIES:
-            raise ValueError(f"placement_policy must be one of {', '.join(PLACEMENT_POLICIES)}, "
-                             f"got {placement_policy!r}")
-        if accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
-        self.mixed_precision, self.placement_policy = mixed_precision, placement_policy
-        self.dist_timeout, self.lora, self.max_grad_norm = dist_timeout, lora, float(max_grad_norm)
-        self.accumulation_steps, self.resume_checkpoints = accumulation_steps, resume_checkpoints
-        self._booster = None
-        self._optimizer = None  # ColossalAI's GeminiOptimizer
-        self._skeleton: nn.Module | None = None
-        self._clip_requested = False
+    def _plugin(self, accumulates: bool):
+        from colossalai.booster.plugin import GeminiPlugin
 
-    def check(self) -> None:
-        """Cheap checks before any model is loaded (colossalai is not imported here).
-
-        Raises:
-            ValueError: LoRA or resume checkpoints were asked for (configuration errors, reported first).
-            StrategyUnavailable: no CUDA GPU is visible (checked first), or colossalai is not installed.
-        """
-        if self.lora:
-            raise ValueError(f"--strategy {self.name} does not support LoRA (ColossalAI 0.5.0's GeminiPlugin has no "
-                             f"LoRA support and leaves frozen weights unsharded): use --strategy colossalai_zero2, "
-                             f"fsdp or ddp with --lora_rank, or drop --lora_rank for full fine-tuning with Gemini.")
-        super().check()
-
-    def prepare(self, model: nn.Module,
-                make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-                ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Boost the model and a HybridAdam over its parameters.
-
-        Returns:
-            ``(GeminiDDP, inner HybridAdam)``: give the optimizer to the LR scheduler and to :meth:`optimizer_step`.
-        Raises:
-            ValueError: some parameter is frozen (LoRA or partial freezing; see the class docstring).
-        """
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        if frozen:
-            raise ValueError(f"--strategy {self.name} trains every parameter, but {len(frozen)} are frozen (e.g. "
-                             f"{frozen[0]}): LoRA/frozen weights need --strategy colossalai_zero2, fsdp or ddp.")
-        Booster, plugins = _import_booster(self.name)
-        self._skeleton = _export_skeleton(model) if self.is_main else None
-        _cast_value_head(model, PRECISIONS[self.mixed_precision])
-        optimizer = _as_hybrid_adam(make_optimizer(list(model.parameters())))
-        plugin = plugins.GeminiPlugin(placement_policy=self.placement_policy, precision=self.mixed_precision,
-                                      max_norm=self.max_grad_norm,
-                                      enable_gradient_accumulation=self.accumulation_steps > 1)
-        self._booster = Booster(plugin=plugin)
-        boosted, self._optimizer, *_ = self._booster.boost(model, optimizer)
-        return boosted, self._optimizer.unwrap()
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        """The RewardModel inside GeminiDDP (its parameters are views into chunks: use state_dict_for_export)."""
-        return model.unwrap() if hasattr(model, "unwrap") else model
+        self._accumulates = accumulates  # pin_memory: what the default enable_async_reduce sets, with a warning
+        return GeminiPlugin(placement_policy=self.args.placement_policy, precision=self.args.mixed_precision,
+                            max_norm=math.inf, enable_gradient_accumulation=accumulates, pin_memory=True)
 
     def no_sync(self, model: nn.Module) -> ContextManager:
-        """Gemini reduces at every backward; accumulation works when the strategy was built for it.
+        """Nothing: Gemini reduces at every backward and accumulates when prepared with ``accumulates=True``.
 
         Raises:
-            ValueError: built with ``accumulation_steps=1`` but the trainer accumulates.
+            RuntimeError: prepared with ``accumulates=False`` (Gemini would overwrite the accumulated gradients).
         """
-        if self.accumulation_steps == 1:
-            raise ValueError(f"--strategy {self.name} was built with accumulation_steps=1 but the trainer accumulates "
-                             f"gradients; build it with the trainer's accumulation_steps.")
+        if not self._accumulates:
+            raise RuntimeError(f"--strategy {self.name} was prepared with accumulates=False but the loop accumulates")
         return contextlib.nullcontext()
 
-    def state_dict_for_export(self, model: nn.Module) -> nn.Module | None:
-        """Gather the chunks (every rank must call this) and return a CPU RewardModel on rank 0, None elsewhere."""
-        state = model.state_dict(only_rank_0=True)  # collective; rank 0 gets the full tensors
-        if not self.is_main:
-            return None
-        return _fill_skeleton(self._skeleton, state)
+    def _full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return model.state_dict(only_rank_0=True)  # a collective gathering the chunks

@@ -13,20 +13,14 @@ from coati.strategies.distributed import ProcessGroupMixin
 
 
 class DDPStrategy(ProcessGroupMixin, Strategy):
-    """Data parallel with full replicas; gradients are averaged over ranks at each backward.
-
-    Args:
-        dist_timeout: seconds a collective may wait before the process group errors out.
-    """
+    """Data parallel with full replicas; gradients are averaged over ranks at each backward (``--dist_timeout``:
+    seconds a collective may wait before the process group errors out)."""
 
     name = "ddp"
+    takes = ("mixed_precision", "dist_timeout")
 
-    def __init__(self, dist_timeout: float = 1800.0):
-        self.dist_timeout = dist_timeout
-
-    def prepare(self, model: nn.Module,
-                make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def prepare(self, model: nn.Module, make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+                accumulates: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Wrap in DDP (parameters broadcast from rank 0) and build the optimizer."""
         model.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None

@@ -39,14 +39,12 @@ def init_process_group(timeout_s: float) -> tuple[int, int, torch.device]:
 class ProcessGroupMixin:
     """``setup``/``all_reduce``/``barrier``/``teardown`` over torch.distributed's default group.
 
-    Expects ``self.dist_timeout`` (seconds) and sets ``rank``, ``world_size`` and ``device``.
+    Reads ``self.args.dist_timeout`` (seconds) and sets ``rank``, ``world_size`` and ``device``.
     """
-
-    dist_timeout: float = 1800.0
 
     def setup(self) -> None:
         """Initialise the process group and device."""
-        self.rank, self.world_size, self.device = init_process_group(self.dist_timeout)
+        self.rank, self.world_size, self.device = init_process_group(self.args.dist_timeout)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (the tensor may live on CPU; it travels via the group's device)."""

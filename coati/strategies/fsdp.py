@@ -29,26 +29,17 @@ class FSDPStrategy(ProcessGroupMixin, Strategy):
     backward (less communication, more memory). bf16 comes from the trainer's autocast, as with every strategy, so
     the numerics match ``ddp``. Rank 0 keeps a CPU copy of the unsharded model for the export.
 
-    Args:
-        zero_stage: 2 or 3.
-        cpu_offload: keep sharded parameters and optimizer state in CPU memory (``CPUOffloadPolicy``; GPU runs).
-        dist_timeout: seconds a collective may wait.
-    Raises:
-        ValueError: zero_stage not 2 or 3.
+    Options: ``--zero_stage`` 2 or 3; ``--cpu_offload`` keeps sharded parameters and optimizer state in CPU memory
+    (``CPUOffloadPolicy``; GPU runs); ``--dist_timeout``.
     """
 
     name = "fsdp"
+    takes = ("mixed_precision", "dist_timeout", "zero_stage", "cpu_offload")
     lockstep_forward = True
+    _export_template: nn.Module | None = None
 
-    def __init__(self, zero_stage: int = 3, cpu_offload: bool = False, dist_timeout: float = 1800.0):
-        if zero_stage not in (2, 3):
-            raise ValueError(f"--zero_stage must be 2 or 3 for fsdp, got {zero_stage}")
-        self.zero_stage, self.cpu_offload, self.dist_timeout = zero_stage, cpu_offload, dist_timeout
-        self._export_template: nn.Module | None = None
-
-    def prepare(self, model: nn.Module,
-                make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def prepare(self, model: nn.Module, make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+                accumulates: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Shard every transformer block, then the root, and build the optimizer over the sharded parameters."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
@@ -57,8 +48,8 @@ class FSDPStrategy(ProcessGroupMixin, Strategy):
             self._export_template = copy.deepcopy(model).cpu()
         model.to(self.device)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        kwargs = dict(mesh=mesh, reshard_after_forward=self.zero_stage == 3,
-                      offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy())
+        kwargs = dict(mesh=mesh, reshard_after_forward=self.args.zero_stage == 3,
+                      offload_policy=CPUOffloadPolicy() if self.args.cpu_offload else OffloadPolicy())
         for block in transformer_blocks(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
@@ -81,12 +72,7 @@ class FSDPStrategy(ProcessGroupMixin, Strategy):
 
         return ctx()
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip the global norm over all shards; returns it as a plain 0-dim tensor."""
-        norm = super().clip_grad_norm(model, max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-    def state_dict_for_export(self, model: nn.Module) -> nn.Module | None:
+    def export_model(self, model: nn.Module) -> nn.Module | None:
         """Gather the full state dict to rank 0 (a collective: every rank calls it) into the CPU copy."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -19,9 +19,8 @@ class NaiveStrategy(Strategy):
         """Pick the device."""
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def prepare(self, model: nn.Module,
-                make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def prepare(self, model: nn.Module, make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+                accumulates: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Move the model to the device and build the optimizer."""
         model.to(self.device)
         return model, make_optimizer([p for p in model.parameters() if p.requires_grad])

@@ -7,22 +7,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
+
+from conftest import run_env
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--dataset", "hh-rlhf", "--max_samples", "48", "--max_len", "96", "--lr", "1e-3", "--log_every", "1",
           "--disable_tqdm", "--seed", "7"]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop("RANK", None)
-    return env
-
-
 def _run(args, launcher=None, expect_ok=True):
     cmd = (launcher or [sys.executable]) + [str(REPO / "train_reward_model.py")] + args
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env(), timeout=600, cwd=REPO)
     if expect_ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -49,17 +47,32 @@ def test_cli_trains_evaluates_and_exports(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["eval"]["pairs"] == evals[-1]["pairs"]
 
+    # the export's train_config.json is a recipe: given back, it trains the same run again (weights equal), and
+    # --report_to tensorboard feeds the same rows to TensorBoard event files
+    again = tmp_path / "again"
+    _run(["--config", str(out / "train_config.json"), "--save_path", str(again), "--report_to", "tensorboard"])
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert [r["loss"] for r in _rows(again)] == [r["loss"] for r in train]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-def test_help_lists_every_flag_with_defaults():
+    events = EventAccumulator(str(again / "runs"))
+    events.Reload()
+    for tag, key in (("train/loss", "loss"), ("train/acc", "acc"), ("eval/acc", "acc")):
+        rows = train if tag.startswith("train") else evals
+        assert [(e.step, round(e.value, 5)) for e in events.Scalars(tag)] == \
+            [(r["step"], round(r[key], 5)) for r in rows]
+
+
+def test_help_groups_the_flags_and_shows_each_default_once():
     proc = subprocess.run([sys.executable, str(REPO / "train_reward_model.py"), "--help"], capture_output=True,
-                          text=True, env=_env(), cwd=REPO)
+                          text=True, env=run_env(), cwd=REPO)
     assert proc.returncode == 0
-    from coati.config import TrainConfig
-    import dataclasses
-    for f in dataclasses.fields(TrainConfig):
-        assert f"--{f.name}" in proc.stdout
     text = " ".join(proc.stdout.split())  # argparse wraps lines anywhere
+    for group in ("backbone:", "lora:", "data:", "loss:", "strategy:", "optim:", "log:"):
+        assert group in text
     assert "(default: log_sig)" in text and "(default: 512)" in text
+    assert text.count("(default: 512)") == 1 and "(default: None)" not in text and "--max-len" not in text
 
 
 @pytest.mark.parametrize("args, message", [

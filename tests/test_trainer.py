@@ -1,0 +1,92 @@
+"""The training loop: step planning, skipped non-finite steps, the stand-in batches of a collective evaluation."""
+
+import math
+
+import pytest
+import torch
+
+from coati.checkpoint import list_checkpoints, verify_checkpoint
+from coati.config import OptimArgs
+from coati.data.collate import GlobalBatchSampler, PairLoader, make_collate
+from coati.data.template import TokenizedPair
+from coati.losses import log_sig_loss
+from coati.trainer import NonFiniteError, plan_steps
+from conftest import tiny_trainer
+
+
+@pytest.mark.parametrize("batches, accumulation, epochs, max_steps, expected", [
+    (10, 1, 1, None, (10, 10)), (10, 3, 2, None, (3, 6)), (10, 3, 2, 4, (3, 4)), (2, 3, 5, None, (0, 0)),
+])
+def test_plan_steps_drops_incomplete_windows_and_caps_at_max_steps(batches, accumulation, epochs, max_steps,
+                                                                   expected):
+    optim = OptimArgs(accumulation_steps=accumulation, max_epochs=epochs, max_steps=max_steps)
+    assert plan_steps(batches, optim) == expected
+
+
+def test_an_evaluation_tail_gives_every_pair_once_and_stand_ins_only_when_asked(tokenizer):
+    pairs = [TokenizedPair([5 + i, 2], [20 + i, 7, 2], None, "en", "x") for i in range(5)]
+    collate = make_collate(tokenizer.pad_token_id, False, 0, True, "right")
+
+    def loader(rank, fill):
+        sampler = GlobalBatchSampler(5, 2, world_size=2, rank=rank, shuffle=False, drop_last=False)
+        return list(PairLoader(pairs, collate, sampler, fill_empty=fill).batches())
+
+    counted = []
+    for rank in (0, 1):
+        batches = loader(rank, fill=True)
+        assert len(batches) == 2  # every rank runs the same number of forwards (5 pairs, 2 per rank per batch)
+        counted += [t for b, ok in batches if ok for t in b.inputs["input_ids"][:len(b.langs), 0].tolist()]
+    assert sorted(counted) == [5, 6, 7, 8, 9]  # every pair once; rank 1's last batch is a stand-in
+    assert [ok for _, ok in loader(1, fill=True)] == [True, False] and len(loader(1, fill=False)) == 1
+
+
+def _trainer(tokenizer, tmp_path, loss_fn, **opts):
+    return tiny_trainer(tokenizer, tmp_path, loss_fn, **opts)
+
+
+def _nan_on(calls_to_poison):
+    calls = {"n": 0}
+
+    def loss_fn(c, r, m):
+        calls["n"] += 1
+        loss = log_sig_loss(c, r, m)
+        return loss * float("nan") if calls["n"] in calls_to_poison else loss
+    return loss_fn
+
+
+def test_non_finite_steps_are_skipped_and_counted(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, _nan_on({3, 4}))
+    snapshots = []
+    original = trainer.strategy.step
+    trainer.strategy.step = lambda opt, max_norm: (snapshots.append(trainer.step), original(opt, max_norm))[1]
+    rows = trainer.fit()
+    assert trainer.step == 8 and trainer.skipped_steps == 2
+    assert snapshots == [0, 1, 4, 5, 6, 7]  # no update at steps 3 and 4 (0-based 2 and 3)
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert all(math.isfinite(r["loss"]) for r in rows if r.get("pairs"))
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_too_many_bad_steps_stop_with_a_last_good_checkpoint(tokenizer, tmp_path):
+    from coati.checkpoint import save_resume_checkpoint
+
+    trainer = _trainer(tokenizer, tmp_path, _nan_on(set(range(3, 100))), max_bad_steps=3, save_every=100)
+    trainer.on_save = lambda step: save_resume_checkpoint(str(tmp_path), step, trainer.strategy, trainer.model,
+                                                          trainer.optimizer, trainer.scheduler, {}, 2)
+    good = {}
+    original = trainer.strategy.step
+
+    def step_and_remember(opt, max_norm):
+        norm = original(opt, max_norm)
+        good.update({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+        return norm
+    trainer.strategy.step = step_and_remember
+    with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
+        trainer.fit()
+    newest = list_checkpoints(str(tmp_path))[-1]
+    verify_checkpoint(newest)
+    assert newest.endswith("step-000004")  # steps 3, 4, 5 were bad: the state is that of step 2, saved at 4
+    assert all(torch.equal(good[k], v) for k, v in trainer.model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
