@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: SmolLM2-135M-Instruct + LoRA reward model on real English and Chinese preference pairs,
 # 2 processes (DDP on gloo here, nccl on GPUs), held-out evaluation per language, HF export to out/rm-bilingual.
+# The settings are the recipe examples/rm_bilingual.yaml.
 # 254 optimizer steps; the time depends on the processor (README: 30 to 50 min on 2-core AMD EPYCs, about 75 min on
 # a 2-core Intel Xeon, all with AVX512-BF16). Extra flags are passed on (the last one given wins).
 # `python -m coati.launch` is torchrun with the same arguments that exits 130/143 without a traceback on Ctrl-C or
@@ -10,7 +11,4 @@ cd "$(dirname "$0")/.."
 export COATI_DATA_DIR="${COATI_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 export HF_HUB_OFFLINE=1
 python3 -m coati.launch --standalone --nproc_per_node 2 train_reward_model.py \
-    --model llama --pretrain smollm2-135m --strategy ddp --loss_fn log_sig \
-    --dataset hh-rlhf dpo-en-demo oaast-rm-zh dpo-zh-demo medical-dpo-zh --max_samples 700 --eval_split 0.18 \
-    --max_len 256 --batch_size 4 --lora_rank 16 --lora_alpha 32 --lr 2e-4 --bf16 --max_epochs 1 \
-    --log_every 8 --eval_every 96 --save_path "${SAVE_PATH:-out/rm-bilingual}" "$@"
+    --config examples/rm_bilingual.yaml --save_path "${SAVE_PATH:-out/rm-bilingual}" "$@"

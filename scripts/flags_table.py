@@ -1,18 +1,25 @@
-"""Print the README's flag table from TrainConfig (paste it under '## Flags' after adding a flag)."""
+"""Print the README's flag tables from the config groups (paste them under '## Flags' after adding a flag)."""
 
-import dataclasses
-
-from coati.config import TrainConfig, build_parser
+from coati.config import ALIASES, GROUPS, build_parser, option_fields
 
 
 def main() -> None:
     actions = {a.dest: a for a in build_parser()._actions}
-    print("| flag | default | meaning |\n|---|---|---|")
-    for f in dataclasses.fields(TrainConfig):
-        action = actions[f.name]
-        default = " ".join(action.default) if isinstance(action.default, list) else action.default
-        choices = f" ({' / '.join(action.choices)})" if action.choices else ""
-        print(f"| `--{f.name}` | `{default}` | {f.metadata['help']}{choices} |")
+    fields = option_fields()
+    aliases = {target: name for name, (target, _) in ALIASES.items()}
+    for group, cls in GROUPS.items():
+        print(f"**{group}** ({cls.__name__}: {cls.__doc__.strip().rstrip('.')})\n")
+        print("| flag | default | meaning |\n|---|---|---|")
+        for name, (g, f) in fields.items():
+            if g != group:
+                continue
+            action = actions[name]
+            default = " ".join(action.default) if isinstance(action.default, list) else action.default
+            choices = f" ({' / '.join(map(str, action.choices))})" if action.choices else ""
+            alias = f" (old spelling: `--{aliases[name]}`)" if name in aliases else ""
+            print(f"| `--{name}` | `{default}` | {f.metadata['help']}{choices}{alias} |")
+        print()
+    print(f"| `--config` | | {actions['config'].help} |")
 
 
 if __name__ == "__main__":
