@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install ColossalAI 0.5.0 (for --strategy colossalai_zero2 / colossalai_gemini) next to the installed torch and
-# transformers without letting pip replace them.
+# Install ColossalAI 0.5.0 (for --strategy colossalai_ddp / colossalai_zero2 / colossalai_gemini) next to the installed
+# torch and transformers without letting pip replace them.
 #
 # ColossalAI 0.5.0 declares torch<=2.5.1, transformers==4.51.3 and peft<=0.13.2, so it is installed with --no-deps and
 # only what `import colossalai.booster` needs is added:
@@ -42,5 +42,5 @@ if [[ "$before" != "$after" ]]; then
 fi
 "$PY" -W ignore -c "import colossalai
 from colossalai.booster import Booster
-from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin
+from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 print('colossalai', colossalai.__version__, 'imports fine; torch/transformers unchanged:', '$after')"
