@@ -63,9 +63,9 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
     the tokenizer (right padding) and ``train_config.json``. ``AutoModelForSequenceClassification.from_pretrained``
     then reads the reward at the last non-pad token, which is the EOS the trainer scored.
 
-    Everything is first written into a temporary folder inside ``path`` and moved into place only when complete
-    (``config.json`` last), so a full disk or an interrupt leaves the previous export whole and no temporary folder.
-    Files are readable by others (0644 under umask 022). Other files in ``path`` (checkpoints, metrics) are kept.
+    Everything is written into a temporary folder inside ``path`` and moved into place when complete (``config.json``
+    last), so a full disk or an interrupt leaves the previous export whole and no temporary folder. Files are readable
+    by others (0644 under umask 022); other files in ``path`` (checkpoints, metrics) are kept.
 
     Args:
         model: the HF sequence-classification model or its peft wrapper (merged on a copy; ``model`` is unchanged).
@@ -85,9 +85,7 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
                                     f"exported to {path}. Lower --lr or check the data")
     plain.config.update({"num_labels": 1, "id2label": {0: "reward"}, "label2id": {"reward": 0},
                          "pad_token_id": tokenizer.pad_token_id, **(extra_config or {})})
-    files = dict(extra_json or {})
-    if train_config is not None:
-        files["train_config.json"] = train_config
+    files = {**(extra_json or {}), **({} if train_config is None else {"train_config.json": train_config})}
     tmp = None
     try:
         os.makedirs(path, exist_ok=True)
@@ -143,10 +141,8 @@ def _sha256(path: str) -> str:
 
 
 def _files(root: str) -> list[str]:
-    out = []
-    for folder, _, names in os.walk(root):
-        out += [os.path.relpath(os.path.join(folder, n), root) for n in names if n != "manifest.json"]
-    return sorted(out)
+    return sorted(os.path.relpath(os.path.join(folder, n), root) for folder, _, names in os.walk(root)
+                  for n in names if n != "manifest.json")
 
 
 def verify_checkpoint(path: str) -> None:
@@ -176,18 +172,14 @@ def verify_checkpoint(path: str) -> None:
 def list_checkpoints(save_path: str) -> list[str]:
     """Finished checkpoint folders under ``<save_path>/checkpoints``, oldest first (temporary ones excluded)."""
     root = os.path.join(save_path, CHECKPOINT_DIR)
-    if not os.path.isdir(root):
-        return []
-    names = sorted(n for n in os.listdir(root) if n.startswith(_PREFIX) and n[len(_PREFIX):].isdigit())
-    return [os.path.join(root, n) for n in names]
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in sorted(names) if n.startswith(_PREFIX) and n[len(_PREFIX):].isdigit()]
 
 
 def find_resume_checkpoint(save_path: str, resume: str) -> str | None:
-    """Resolve ``--resume``.
+    """Resolve ``--resume``: ``auto`` (the newest valid checkpoint under save_path, invalid ones skipped with a
+    warning; None when there is none) or a checkpoint folder.
 
-    Args:
-        resume: ``auto`` (the newest valid checkpoint under save_path; invalid ones are skipped with a warning;
-            None when there is none), or a checkpoint folder (must be valid).
     Raises:
         CheckpointError: an explicit folder that is missing or fails :func:`verify_checkpoint`.
     """
@@ -213,8 +205,7 @@ def prepare_save_path(save_path: str, resuming: bool) -> None:
 
     Raises:
         PermissionError: the folder cannot be created or written.
-        CheckpointError: a new run, and ``<save_path>/checkpoints`` holds a finished checkpoint; the message says
-            what to do.
+        CheckpointError: a new run, and ``<save_path>/checkpoints`` holds a finished checkpoint (says what to do).
     """
     try:
         os.makedirs(save_path, exist_ok=True)
@@ -222,8 +213,7 @@ def prepare_save_path(save_path: str, resuming: bool) -> None:
             pass
     except OSError as e:
         raise PermissionError(f"--save_path {save_path} is not writable: {e}") from None
-    found = [] if resuming else list_checkpoints(save_path)
-    if found:
+    if not resuming and (found := list_checkpoints(save_path)):
         raise CheckpointError(f"--save_path {save_path} already holds resume checkpoints (newest "
                               f"{os.path.basename(found[-1])}); continue that run with --resume auto, or start this "
                               f"one in another --save_path (or delete {os.path.join(save_path, CHECKPOINT_DIR)}); "
@@ -265,8 +255,7 @@ def run_fingerprint(options: dict, train_tok: list, global_batch: int, total_ste
     Returns:
         ``{"settings": {field: value, "global_batch": int, "total_steps": int}, "data_sha256": hex str}``.
     """
-    settings = {k: options[k] for k in FINGERPRINT_FIELDS}
-    settings.update(global_batch=global_batch, total_steps=total_steps)
+    settings = dict({k: options[k] for k in FINGERPRINT_FIELDS}, global_batch=global_batch, total_steps=total_steps)
     h = hashlib.sha256()
     for p in train_tok:
         h.update(array.array("q", [len(p.chosen_ids), *p.chosen_ids, len(p.rejected_ids), *p.rejected_ids]).tobytes())
@@ -371,8 +360,7 @@ def dcp_load(state: dict, path: str) -> None:
     try:
         dcp.load(state, storage_reader=reader, planner=_SafePlanner())
     except CheckpointException as e:  # a BaseException holding each rank's error
-        inner = [f for f in _failures(e) if isinstance(f, CheckpointError)]
-        if inner:
+        if inner := [f for f in _failures(e) if isinstance(f, CheckpointError)]:
             raise inner[0] from None
         raise
 
@@ -381,10 +369,9 @@ def dcp_load(state: dict, path: str) -> None:
 
 def save_resume_checkpoint(save_path: str, step: int, strategy, model, optimizer, scheduler, trainer_state: dict,
                            keep_last: int) -> str:
-    """Write a resume checkpoint atomically (every rank calls this); keep the newest ``keep_last`` (0 = all).
+    """Write a resume checkpoint atomically (every rank calls this) and return its folder
+    ``<save_path>/checkpoints/step-<step>``; keep the newest ``keep_last`` (0 = all).
 
-    Returns:
-        the finished folder ``<save_path>/checkpoints/step-<step>``.
     Raises:
         NonFiniteWeightsError: a parameter is NaN or infinite (nothing is written).
         CheckpointError: writing failed (full disk, interrupt); the temporary folder is removed.
@@ -439,24 +426,15 @@ def _write_error(e: BaseException, final: str) -> BaseException:
     first cause; anything else is raised unchanged."""
     inner = _failures(e)
     stop = next((f for f in inner if not isinstance(f, Exception) or isinstance(f, Interrupted)), None)
-    if stop is not None:  # Ctrl-C / a stop signal while writing
-        return stop
     cause = next((f for f in inner if isinstance(f, OSError)), None)
-    if cause is not None:
-        reason = describe_os_error(cause)
-    elif inner != [e]:
-        reason = f"{type(inner[0]).__name__}: {inner[0]}"[:300]
-    else:
-        return e
+    if stop is not None or (cause is None and inner == [e]):  # an interrupt, or an error not from DCP
+        return stop or e
+    reason = describe_os_error(cause) if cause is not None else f"{type(inner[0]).__name__}: {inner[0]}"[:300]
     return CheckpointError(f"writing checkpoint {final} failed: {reason}; no partial checkpoint was left")
 
 
 def read_trainer_state(path: str) -> dict:
-    """The ``trainer_state.json`` of a verified checkpoint.
-
-    Raises:
-        CheckpointError: unreadable or not a JSON object.
-    """
+    """The ``trainer_state.json`` of a verified checkpoint; raises CheckpointError when unreadable or not an object."""
     try:
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
             state = json.load(f)
@@ -494,11 +472,8 @@ def load_resume_checkpoint(path: str, strategy, model, optimizer, scheduler) -> 
 
 def resume_run(save_path: str, resume: str, fingerprint: dict, strategy, model, optimizer, scheduler) -> int:
     """``--resume``: find the checkpoint (:func:`find_resume_checkpoint`), refuse another run's
-    (:func:`check_same_run`) and restore it (:func:`load_resume_checkpoint`).
-
-    Returns:
-        the step to continue from (0 when ``resume`` is ``auto`` and there is no valid checkpoint yet).
-    """
+    (:func:`check_same_run`), restore it (:func:`load_resume_checkpoint`) and return the step to continue from (0
+    when ``resume`` is ``auto`` and there is no valid checkpoint yet)."""
     path = find_resume_checkpoint(save_path, resume)
     if path is None:
         return 0

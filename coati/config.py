@@ -82,8 +82,8 @@ class ModelArgs:
     """The backbone, its weights and tokenizer, the reward token, activation checkpointing."""
 
     model: str = _opt("llama", "backbone family (registry coati.models.backbones.BACKBONES)")
-    pretrain: str | None = _opt(None, "pretrained weights: local HF folder, Hub id (online), a .gguf file, or the alias "
-                                      "'smollm2-135m'; omitted = random init from --model_config")
+    pretrain: str | None = _opt(None, "pretrained weights: local HF folder, Hub id (online), a .gguf file, or the "
+                                      "alias 'smollm2-135m'; omitted = random init from --model_config")
     model_config: str = _opt("tiny", "random-init config when --pretrain is omitted: a preset name of the backbone "
                                      "(e.g. tiny, small) or a config.json path")
     tokenizer: str | None = _opt(None, "tokenizer folder or Hub id; default: the backbone's own, or SmolLM2's for a "

@@ -45,11 +45,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from coati.config import COUNT, DefaultsOnceHelpFormatter, Range, checked
+from coati.config import COUNT, DefaultsOnceHelpFormatter, checked
 from coati.data.sources import json_object_lines
 from coati.io import dumps, write_json
 from coati.metrics import grouped_metrics, pair_metrics
-from coati.score import check_output_target
+from coati.score import add_model_options, check_output_target
 
 PLOTS = ("margin_hist.png", "accuracy_by_subset.png", "reward_distributions.png", "calibration.png")
 TRAINING_CURVES = "training_curves.png"
@@ -74,31 +74,22 @@ def read_metrics_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--metrics {path}: no such file")
     with open(path, encoding="utf-8") as f:
-        lines = list(json_object_lines(f, path))
-    for where, _, problem in lines:
-        if problem:
-            raise ValueError(f"{where}: {problem}")
-    return [row for _, row, _ in lines]
+        return [row for _, row in json_object_lines(f, path)]
 
 
 # ---------------------------------------------------------------------------------------------- plots
 
-def _subplots(*args, **kwargs):
-    """``matplotlib.pyplot.subplots`` on the non-interactive Agg backend."""
-    import matplotlib
+def _subplots(*args, figsize: tuple[float, float]):
+    """``(fig, axes)`` as ``pyplot.subplots``, but a figure outside pyplot: no GUI backend, nothing to close."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(*args, **kwargs)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args)
 
 
 def _save(fig, path: str) -> str:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -264,29 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_samples", type=checked(int, COUNT), default=None,
                    help="at most N pairs per dataset (first N in file order; not with --heldout)")
     p.add_argument("--strict_data", action="store_true", help="stop at the first bad row instead of skipping it")
-    p.add_argument("--batch_size", type=checked(int, COUNT), default=16, help="sequences per forward pass")
-    p.add_argument("--max_len", type=checked(int, Range(8, integer=True)), default=None,
-                   help="max tokens per sequence (default: train_config.json)")
     p.add_argument("--output_dir", default=None, help="where the report and plots go (default: <model_path>/eval)")
     p.add_argument("--metrics", default=None, help="a training metrics.jsonl: also plot training_curves.png")
     p.add_argument("--bins", type=checked(int, COUNT), default=10, help="equal-width confidence bins for the ECE")
     p.add_argument("--subset_by", choices=("source", "file"), default="source",
                    help="subsets: the dataset spec of each pair, or the file it came from")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="backbone weights dtype")
-    p.add_argument("--disable_tqdm", action="store_true", help="no progress bar")
-    return p
-
-
-def _check_args(args) -> None:
-    if bool(args.dataset) == bool(args.heldout):
-        raise ValueError("give --dataset (the pairs to evaluate) or --heldout (the pairs the training run held out)"
-                         + (", not both" if args.heldout else ""))
-    if args.heldout and args.max_samples is not None:
-        raise ValueError("--max_samples applies to --dataset; --heldout takes the training run's own settings")
-    if args.metrics and not os.path.isfile(args.metrics):
-        raise FileNotFoundError(f"--metrics {args.metrics}: no such file")
+    return add_model_options(p)
 
 
 def heldout_settings(model_path: str) -> dict:
@@ -311,10 +285,9 @@ def heldout_settings(model_path: str) -> dict:
             raise ValueError(f"--heldout: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(stored, dict):
         raise ValueError(f"--heldout: {path} is not a JSON object")
-    keys = ("dataset", "data_dir", "max_samples", "strict_data", "seed", "eval_dataset", "max_eval_samples",
-            "eval_split")
     defaults = TrainConfig().to_dict()
-    settings = {k: stored.get(k, defaults[k]) for k in keys}
+    settings = {k: stored.get(k, defaults[k]) for k in ("dataset", "data_dir", "max_samples", "strict_data", "seed",
+                                                          "eval_dataset", "max_eval_samples", "eval_split")}
     for key in ("dataset", "eval_dataset"):  # one spec may be stored as a plain string
         if isinstance(settings[key], str):
             settings[key] = [settings[key]]
@@ -360,8 +333,7 @@ def heldout_pairs(model_path: str, settings: dict, data_dir: str | None = None, 
                              f"now select {len(pairs)}: the data changed since training; evaluate with --dataset")
     if not pairs:
         raise ValueError("--heldout: the training settings select no held-out pairs from the data")
-    datasets = settings["eval_dataset"] or settings["dataset"]
-    return pairs, list(datasets), selection.eval_report or selection.report
+    return pairs, list(settings["eval_dataset"] or settings["dataset"]), selection.eval_report or selection.report
 
 
 def run(args) -> dict:
@@ -374,7 +346,13 @@ def run(args) -> dict:
     from coati.data.sources import default_data_dir, load_pairs
     from coati.scoring import RewardScorer, resolve_device
 
-    _check_args(args)
+    if bool(args.dataset) == bool(args.heldout):
+        raise ValueError("give --dataset (the pairs to evaluate) or --heldout (the pairs the training run held out)"
+                         + (", not both" if args.heldout else ""))
+    if args.heldout and args.max_samples is not None:
+        raise ValueError("--max_samples applies to --dataset; --heldout takes the training run's own settings")
+    if args.metrics and not os.path.isfile(args.metrics):
+        raise FileNotFoundError(f"--metrics {args.metrics}: no such file")
     output_dir = args.output_dir or os.path.join(args.model_path, "eval")
     check_output_target("--output_dir", output_dir, folder=True)
     device = resolve_device(args.device)

@@ -29,9 +29,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Te
 
 def _diff(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None) -> torch.Tensor:
     d = chosen.float() - rejected.float()
-    if margin is not None:
-        d = d - margin.float()
-    return d
+    return d if margin is None else d - margin.float()
 
 
 def log_sig_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,7 +141,6 @@ def get_loss(name: str) -> LossFn:
 
 
 def _entry(registry: dict[str, Registered], name: str, what: str) -> Registered:
-    try:
-        return registry[name]
-    except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; choose one of: {', '.join(registry)}") from None
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; choose one of: {', '.join(registry)}")
+    return registry[name]

@@ -150,24 +150,17 @@ def ece_from_bins(table: Sequence[dict]) -> float:
 
 
 def expected_calibration_error(chosen: torch.Tensor, rejected: torch.Tensor, bins: int = 10) -> float:
-    """:func:`ece_from_bins` of :func:`calibration_bins` (``[N]`` rewards, ``bins`` >= 1); NaN for N = 0.
-
-    Raises:
-        ValueError: as :func:`calibration_bins`.
-    """
+    """:func:`ece_from_bins` of :func:`calibration_bins` (``[N]`` rewards, its ValueError); NaN for N = 0."""
     return ece_from_bins(calibration_bins(chosen, rejected, bins))
 
 
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, bins: int = 10) -> dict:
-    """Metrics of N scored preference pairs (the definitions of the module docstring).
+    """Metrics (module docstring) of ``[N]`` chosen and rejected rewards (any float dtype, computed in float64).
 
-    Args:
-        chosen, rejected: ``[N]`` rewards of the chosen and rejected answers (any float dtype, computed in float64).
-        bins: calibration bins for the ECE.
     Returns:
         ``pairs``, ``acc``, ``dist``, ``dist_std``, ``chosen_reward``, ``rejected_reward``, ``reward_mean``,
-        ``reward_std`` (as :class:`PairMetrics` fed the same pairs, up to summation order), ``ece``
-        (:func:`ece_from_bins`) and ``calibration`` (the :func:`calibration_bins` table); ``{"pairs": 0}`` for N = 0.
+        ``reward_std`` (as :class:`PairMetrics` fed the same pairs, up to summation order), ``ece`` over ``bins``
+        bins and ``calibration`` (the :func:`calibration_bins` table); ``{"pairs": 0}`` for N = 0.
     Raises:
         ValueError: the sizes of ``chosen`` and ``rejected`` differ, or ``bins`` < 1.
     """
@@ -187,8 +180,5 @@ def grouped_metrics(chosen: torch.Tensor, rejected: torch.Tensor, groups: Sequen
     """
     if len(groups) != chosen.numel():
         raise ValueError(f"{chosen.numel()} pairs but {len(groups)} group labels")
-    out = {}
-    for name in sorted(set(groups)):
-        sel = torch.tensor([g == name for g in groups], dtype=torch.bool)
-        out[name] = pair_metrics(chosen.flatten()[sel], rejected.flatten()[sel], bins)
-    return out
+    masks = {name: torch.tensor([g == name for g in groups], dtype=torch.bool) for name in sorted(set(groups))}
+    return {name: pair_metrics(chosen.flatten()[m], rejected.flatten()[m], bins) for name, m in masks.items()}

@@ -75,7 +75,7 @@ def _trim(path: str, step: int) -> None:
                 continue
             raise ValueError(f"{path} line {n} is not a metrics row with a step ({e}): fix or delete the file")
         if step > 0 and row_step <= step:
-            kept.append(line if line.endswith("\n") else line + "\n")
+            kept.append(line.rstrip("\n") + "\n")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -105,8 +105,7 @@ class MetricsLog:
     """
 
     def __init__(self, folder: str, report_to: str = "none", config: dict | None = None, start_step: int = 0):
-        problem = report_to_problem(report_to)
-        if problem:
+        if problem := report_to_problem(report_to):
             raise ValueError(problem)
         self.folder, self.report_to, self.start_step = folder, report_to, start_step
         self.path = os.path.join(folder, "metrics.jsonl")

@@ -85,9 +85,7 @@ def parse_rows(lines, name: str) -> tuple[list[_Row], list, list[str]]:
             empty``), text with a lone surrogate, or a bad prompt.
     """
     rows, prompts, responses = [], [], []
-    for where, row, problem in json_object_lines(lines, name):
-        if problem:
-            raise RowError(f"{where}: {problem}")
+    for where, row in json_object_lines(lines, name, RowError):
         if "responses" in row:
             cands = row["responses"]
             if not isinstance(cands, list) or not cands or not all(isinstance(c, str) for c in cands):
@@ -142,7 +140,7 @@ def attach_scores(rows: list[_Row], scores: list[float], truncated: list[bool] |
         span = slice(row.first, row.first + row.count)
         mine, cut = scores[span], None if truncated is None else truncated[span]
         if row.kind == "responses":
-            data = {**row.data, "scores": mine, "best": max(range(len(mine)), key=lambda i: (mine[i], -i))}
+            data = {**row.data, "scores": mine, "best": mine.index(max(mine))}  # the first one on ties
         else:
             data, cut = {**row.data, "score": mine[0]}, cut and cut[0]
         if cut is not None:
@@ -183,6 +181,18 @@ def check_output_target(flag: str, path: str, folder: bool = False) -> None:
         raise PermissionError(f"{flag} {path}: not writable")
 
 
+def add_model_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of loading and running the model, shared with ``python -m coati.evaluate``; returns ``p``."""
+    p.add_argument("--batch_size", type=checked(int, COUNT), default=16, help="sequences per forward pass")
+    p.add_argument("--max_len", type=checked(int, Range(8, integer=True)), default=None,
+                   help="max tokens per sequence (default: train_config.json)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="backbone weights dtype")
+    p.add_argument("--disable_tqdm", action="store_true", help="no progress bar (it goes to stderr)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m coati.score`` argument parser."""
     p = argparse.ArgumentParser(prog="python -m coati.score", description=__doc__.split("\n\n")[0],
@@ -194,14 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(r - reward_mean) / reward_std with the statistics stored in config.json")
     p.add_argument("--reward_mean", type=checked(float, Range()), default=None, help="override the stored reward_mean")
     p.add_argument("--reward_std", type=checked(float, POSITIVE), default=None, help="override the stored reward_std")
-    p.add_argument("--batch_size", type=checked(int, COUNT), default=16, help="sequences per forward pass")
-    p.add_argument("--max_len", type=checked(int, Range(8, integer=True)), default=None,
-                   help="max tokens per sequence (default: train_config.json)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="backbone weights dtype")
-    p.add_argument("--disable_tqdm", action="store_true", help="no progress bar (it goes to stderr)")
-    return p
+    return add_model_options(p)
 
 
 def run(args) -> int:

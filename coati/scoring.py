@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from coati.checkpoint import non_finite_names
+from coati.config import DataArgs
 from coati.data.collate import pad_sequences
 from coati.data.formats import check_answer, check_text, parse_message
 from coati.data.template import (Encoded, SequenceEncoder, TruncationStats, render_prompt, tokenize_pairs,
@@ -50,8 +51,7 @@ from coati.models.reward_model import RewardModel
 logger = logging.getLogger(__name__)
 
 #: used when an export has no ``train_config.json`` (a plain HF reward model): the trainer's defaults.
-DEFAULT_MAX_LEN = 512
-DEFAULT_CHAT_TEMPLATE = "auto"
+DEFAULTS = DataArgs()
 
 Prompt = str | Sequence[dict] | None
 
@@ -88,23 +88,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.index is not None and callable(count) and dev.index >= count():
         raise ValueError(f"--device {device}: this machine has {count()} {dev.type} device(s) (indices from 0)")
     return dev
-
-
-def check_finite_weights(model: torch.nn.Module, path: str) -> None:
-    """Refuse a model with NaN/inf weights (one ``torch.isfinite(p).all()`` per parameter, no copies).
-
-    Raises:
-        ValueError: ``"<path>: N weight tensors are not finite (NaN/inf), e.g. <first name>; ..."``.
-    """
-    bad = non_finite_names(model)
-    if not bad:
-        return
-    dtype = next(model.parameters()).dtype
-    what = "1 weight tensor is" if len(bad) == 1 else f"{len(bad)} weight tensors are"
-    advice = ("this export is broken, retrain it" if dtype == torch.float32 else
-              f"they do not fit in {str(dtype).replace('torch.', '')}: load it in float32 (--dtype float32), or "
-              "retrain it if that fails too")
-    raise ValueError(f"{path}: {what} not finite (NaN/inf), e.g. {bad[0]}; {advice}")
 
 
 def normalize_prompt(prompt: Prompt) -> list[dict[str, str]]:
@@ -200,17 +183,22 @@ class RewardScorer:
         train_config = json.loads(Path(tc_path).read_text(encoding="utf-8")) if os.path.isfile(tc_path) else {}
         if not train_config:
             logger.warning("%s has no train_config.json: using max_len=%d and chat_template=%s; scores may not match "
-                           "the layout the model was trained on", path, DEFAULT_MAX_LEN, DEFAULT_CHAT_TEMPLATE)
-        max_len = int(max_len if max_len is not None else train_config.get("max_len", DEFAULT_MAX_LEN))
+                           "the layout the model was trained on", path, DEFAULTS.max_len, DEFAULTS.chat_template)
+        max_len = int(max_len if max_len is not None else train_config.get("max_len", DEFAULTS.max_len))
         if max_len < 8:
             raise ValueError(f"max_len must be at least 8, got {max_len}")
 
         stored = getattr(config, "reward_token_id", None)  # None: the EOS
         tokenizer = load_tokenizer(path, reward_token="auto" if stored is None else str(stored))
-        chat = use_chat_template(tokenizer, train_config.get("chat_template") or DEFAULT_CHAT_TEMPLATE)
+        chat = use_chat_template(tokenizer, train_config.get("chat_template") or DEFAULTS.chat_template)
         encoder = SequenceEncoder(tokenizer, max_len, stored)
         hf_model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
-        check_finite_weights(hf_model, path)
+        if bad := non_finite_names(hf_model):  # one torch.isfinite(p).all() per parameter, no copies
+            what = "1 weight tensor is" if len(bad) == 1 else f"{len(bad)} weight tensors are"
+            loaded = str(hf_model.dtype).replace("torch.", "")
+            advice = ("this export is broken, retrain it" if loaded == "float32" else f"they do not fit in {loaded}: "
+                      "load it in float32 (--dtype float32), or retrain it if that fails too")
+            raise ValueError(f"{path}: {what} not finite (NaN/inf), e.g. {bad[0]}; {advice}")
         hf_model.score.to(torch.float32)  # RewardModel runs the value head in fp32
         hf_model.to(dev).eval()
         model = RewardModel(hf_model, backbone_for(config)).eval()
@@ -251,11 +239,9 @@ class RewardScorer:
 
     @torch.no_grad()
     def score_ids(self, sequences: Sequence[Sequence[int]], progress: bool = False) -> torch.Tensor:
-        """Rewards of already encoded sequences (each ending in the reward token, at most ``max_len`` long).
+        """Rewards of N already encoded sequences (:meth:`encode` outputs: token id lists, each ending in the reward
+        token, at most ``max_len`` long), ``progress``: a tqdm bar over batches (on stderr).
 
-        Args:
-            sequences: N lists of token ids (e.g. :meth:`encode` outputs).
-            progress: show a tqdm bar over batches (on stderr).
         Returns:
             ``[N]`` float32 CPU tensor of raw rewards, in input order, all finite.
         Raises:
@@ -283,8 +269,9 @@ class RewardScorer:
         """Encode (prompt, response) pairs in the trainer's layout (see the module docstring), keeping truncation.
 
         Args:
-            prompts: N prompts (see :func:`normalize_prompt`) or None for N empty prompts.
-            responses: N response strings.
+            prompts: N prompts (a string, i.e. one user message, a list of messages or None: see
+                :func:`normalize_prompt`), or None for N empty prompts.
+            responses: N response strings (the final assistant answer; surrounding whitespace is stripped).
         Returns:
             N :class:`~coati.data.template.Encoded`: ``input_ids`` (``list[int]``, ending in the reward token, at
             most ``max_len`` long) and whether the prompt (``prompt_truncated``, cut from the left) or the answer
@@ -321,19 +308,11 @@ class RewardScorer:
 
     def score_texts(self, prompts: Sequence[Prompt] | None, responses: Sequence[str], normalize: bool = False,
                     progress: bool = False) -> list[float]:
-        """Score N (prompt, response) pairs.
+        """Score N (prompt, response) pairs (as :meth:`encode_texts` takes them): N floats in input order, fp32
+        rewards (unitless value-head logits), or with ``normalize`` ``(r - reward_mean) / reward_std``.
 
-        Args:
-            prompts: N prompts, each a string (one user message), a list of ``{"role", "content"}`` messages, or
-                None (empty prompt); or None for N empty prompts.
-            responses: N response strings (the final assistant answer; surrounding whitespace is stripped).
-            normalize: return ``(r - reward_mean) / reward_std`` with the export's statistics.
-            progress: tqdm bar over batches.
-        Returns:
-            N floats (fp32 rewards, unitless logits of the value head), in input order.
         Raises:
-            ValueError: mismatched lengths, bad prompts/responses (see :meth:`encode_texts`), ``normalize`` without
-                statistics, or a non-finite score.
+            ValueError: as :meth:`encode_texts`, ``normalize`` without statistics, or a non-finite score.
         """
         return self.score_encoded(self.encode_texts(prompts, responses), normalize=normalize, progress=progress)
 
@@ -348,11 +327,9 @@ class RewardScorer:
         return rewards.tolist()
 
     def score_pairs(self, pairs: Sequence, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score preference pairs exactly as the trainer's evaluation does (:func:`tokenize_pairs`).
+        """Score N :class:`~coati.data.formats.PreferencePair` exactly as the trainer's evaluation does
+        (:func:`tokenize_pairs`); ``progress``: tqdm bar over batches.
 
-        Args:
-            pairs: N :class:`~coati.data.formats.PreferencePair` (``.prompt`` messages, ``.chosen``, ``.rejected``).
-            progress: tqdm bar over batches.
         Returns:
             (chosen, rejected): two ``[N]`` float32 CPU tensors of raw rewards, in input order (all 2N sequences
             batched together). Truncation counts are kept in :attr:`last_truncation`.
@@ -362,12 +339,10 @@ class RewardScorer:
         return rewards[:len(items)].clone(), rewards[len(items):].clone()
 
     def best_of_n(self, prompt: Prompt, responses: Sequence[str], normalize: bool = False) -> tuple[list[float], int]:
-        """Score N candidate responses to one prompt and pick the best (Best-of-N / rejection sampling).
+        """Score N >= 1 candidate responses to one prompt and pick the best (Best-of-N / rejection sampling).
 
-        Args:
-            prompt: a string, a list of messages, or None.
-            responses: N >= 1 candidate strings.
-            normalize: normalised scores (the ranking is the same either way: std > 0).
+        ``normalize`` as :meth:`score_texts` (the ranking is the same either way: std > 0).
+
         Returns:
             (scores, best): N floats in the order of ``responses``, and the index of the highest score (the first
             one on ties).
@@ -377,4 +352,4 @@ class RewardScorer:
         if not responses:
             raise ValueError("best_of_n needs at least one response")
         scores = self.score_texts([prompt] * len(responses), responses, normalize=normalize)
-        return scores, max(range(len(scores)), key=lambda i: (scores[i], -i))
+        return scores, scores.index(max(scores))

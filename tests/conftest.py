@@ -72,7 +72,8 @@ def tiny_trainer(tokenizer, folder, loss_fn, **options):
     from coati.trainer import Trainer
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig.from_dict(dict(dict(batch_size=4, max_grad_norm=1.0, seed=0, log_every=1, packing=False), **options))
+    defaults = dict(batch_size=4, max_grad_norm=1.0, seed=0, log_every=1, packing=False)
+    cfg = TrainConfig.from_dict(dict(defaults, **options))
     strategy = NaiveStrategy(cfg.strategy)
     strategy.setup()
     torch.manual_seed(0)

@@ -7,7 +7,6 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 from coati.config import StrategyArgs, TrainConfig, validate
 from coati.strategies.colossalai import (ColossalAIDDPStrategy, ColossalAIGeminiStrategy, ColossalAIZero2Strategy,
                                          _export_skeleton, _fill_skeleton)
+from conftest import run_env
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO = [ColossalAIZero2Strategy, ColossalAIGeminiStrategy]
@@ -104,7 +104,7 @@ def test_registry_and_validation_do_not_import_colossalai():
             "    validate(TrainConfig.from_dict({'strategy': name, 'mixed_precision': 'bf16'}))\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'colossalai'))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+                          env=run_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
 
@@ -256,13 +256,10 @@ COMMON = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--
 
 
 def _train(args, nproc=1, save_path=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                                    if nproc > 1 else [])
     proc = subprocess.run(launcher + [str(REPO / "train_reward_model.py")] + args + ["--save_path", str(save_path)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+                          capture_output=True, text=True, env=run_env(), timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return save_path
 
@@ -273,13 +270,13 @@ def _losses(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["--mixed_precision", "fp32"], ["--mixed_precision", "bf16", "--lora_rank", "4"]],
-                         ids=["fp32", "bf16_lora"])
-def test_colossalai_ddp_trains_like_ddp(extra, tmp_path):
-    """Same per-step losses and exported weights as ``--strategy ddp``: 2 CPU processes, gradient accumulation
-    (``no_sync`` on the first micro-batch of each step) and clipping at 0.5 (the gradient norms here are larger)."""
+def test_colossalai_ddp_trains_like_ddp(tmp_path):
+    """Same per-step losses and exported weights as ``--strategy ddp``: 2 CPU processes, full fine-tuning in fp32,
+    gradient accumulation (``no_sync`` on the first micro-batch of each step) and clipping at 0.5 (the gradient norms
+    here are larger). (bf16 and LoRA take the same code as under ddp: the base ``autocast`` and peft; measured equal
+    too when this test was written, and left out to keep the suite's time.)"""
     _colossalai()
-    args = COMMON + extra
+    args = COMMON
     ref = _train(args + ["--strategy", "ddp"], nproc=2, save_path=tmp_path / "ddp")
     out = _train(args + ["--strategy", "colossalai_ddp"], nproc=2, save_path=tmp_path / "colossalai_ddp")
     ref_losses, losses = _losses(ref), _losses(out)

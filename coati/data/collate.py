@@ -265,7 +265,8 @@ class PairLoader:
 
 def make_collate(pad_id: int, packing: bool, capacity: int, share_prefix: bool,
                  padding_side: str) -> Callable[[list[TokenizedPair]], Batch]:
-    """``items -> Batch``: :func:`collate_packed` (rows of ``capacity`` tokens, 0 = one row) or :func:`collate_pairs`."""
+    """``items -> Batch``: :func:`collate_packed` (rows of ``capacity`` tokens, 0 = one row), or
+    :func:`collate_pairs`."""
     if packing:
         return partial(collate_packed, pad_id=pad_id, capacity=capacity, share_prefix=share_prefix)
     return partial(collate_pairs, pad_id=pad_id, padding_side=padding_side)
@@ -303,7 +304,8 @@ def prepare_data(args: DataArgs, seed: int, tokenizer, reward_token_id: int) -> 
                              args.max_eval_samples, args.eval_split)
     chat = use_chat_template(tokenizer, args.chat_template)
     encoder = SequenceEncoder(tokenizer, args.max_len, reward_token_id)
-    (train, train_cut), (evals, eval_cut) = (tokenize_pairs(p, encoder, chat) for p in (selection.train, selection.eval))
+    (train, train_cut), (evals, eval_cut) = (tokenize_pairs(p, encoder, chat)
+                                             for p in (selection.train, selection.eval))
     return RunData(selection, train, evals, {"train": train_cut, "eval": eval_cut}, chat, data_dir)
 
 

@@ -69,10 +69,8 @@ class PreferencePair:
 
 @dataclass(frozen=True)
 class Format:
-    """A row layout: ``detect(row)`` says whether a row looks like it, ``parse(row)`` builds the pair.
-
-    ``parse`` raises :class:`DataFormatError` for a row that is not usable.
-    """
+    """A row layout: ``detect(row)`` says whether a row looks like it, ``parse(row)`` builds the pair (raising
+    :class:`DataFormatError` for a row that is not usable)."""
 
     name: str
     detect: Callable[[Mapping], bool]
@@ -125,10 +123,8 @@ def parse_message(obj: object, where: str) -> Message:
     return {"role": _ROLES[role.lower()], "content": content.strip()}
 
 
-def _messages(obj: object, key: str) -> list[Message]:
-    if not isinstance(obj, list):
-        raise DataFormatError(f"{key!r} must be a list of messages, got {type(obj).__name__}")
-    return [parse_message(m, f"{key}[{i}]") for i, m in enumerate(obj)]
+def _messages(value: list, key: str) -> list[Message]:
+    return [parse_message(m, f"{key}[{i}]") for i, m in enumerate(value)]
 
 
 def _answer(row: Mapping, key: str, conversation: bool = False) -> tuple[list[Message], str]:
@@ -343,7 +339,6 @@ def parse_row(row: Mapping, fmt: str | None = None) -> PreferencePair:
     Args:
         row: the decoded row (a mapping).
         fmt: a key of :data:`FORMATS`; None detects it with :func:`detect_format`.
-
     Raises:
         ValueError: ``fmt`` is not a known format name.
         DataFormatError: the row is not usable: undetectable format, missing keys, wrong types, unknown roles,

@@ -33,10 +33,8 @@ _MAX_SKIP_MESSAGES = 5
 
 @dataclass(frozen=True)
 class NamedDataset:
-    """A dataset known by name: local copies (globs relative to the data dir) and an optional Hub fallback.
-
-    ``hub_data_files``, when set, restricts the Hub load to those files of the repository.
-    """
+    """A dataset known by name: local copies (globs relative to the data dir) and an optional Hub fallback
+    (``hub_data_files``, when set, restricts the Hub load to those files of the repository)."""
 
     name: str
     local_files: tuple[str, ...]
@@ -77,10 +75,8 @@ def default_data_dir() -> str | None:
 
 @dataclass
 class SourceReport:
-    """Counts for one source: rows read, pairs kept, rows skipped, formats detected, first skip messages.
-
-    ``errors`` holds file-level problems (e.g. a truncated gzip) that ended a file early.
-    """
+    """Counts for one source: rows read, pairs kept, rows skipped, formats detected, first skip messages, and
+    ``errors``: file-level problems (e.g. a truncated gzip) that ended a file early."""
 
     files: list[str] = field(default_factory=list)
     rows_read: int = 0
@@ -91,7 +87,7 @@ class SourceReport:
     errors: list[str] = field(default_factory=list)
 
     def skip(self, message: str) -> None:
-        """Count one skipped row, keeping its message if fewer than 5 are kept."""
+        """Count one skipped row, keeping its message if fewer than :data:`_MAX_SKIP_MESSAGES` are kept."""
         self.rows_skipped += 1
         if len(self.skipped) < _MAX_SKIP_MESSAGES:
             self.skipped.append(message)
@@ -180,20 +176,20 @@ def _decode_json(text: str) -> tuple[object, str | None]:
         return None, _json_problem(e)
 
 
-def json_object_lines(lines: Iterable[str], name: str) -> Iterator[tuple[str, dict | None, str | None]]:
-    """The non-blank ``lines`` of JSON-lines text, each decoded as one JSON object (scoring input, metrics files).
+def json_object_lines(lines: Iterable[str], name: str, error=ValueError) -> Iterator[tuple[str, dict]]:
+    """``(name:line, object)`` for each non-blank line of JSON-lines text (scoring input, metrics files).
 
-    Yields:
-        ``(where, row, problem)``: ``where`` is ``name:line``; ``row`` the object and ``problem`` None, or ``row``
-        None and ``problem`` why the line is unusable (see :func:`_decode_json`, or a value that is not an object).
+    Raises:
+        ``error``: ``"name:line: why"`` at the first line that is not a JSON object (see :func:`_decode_json`).
     """
     for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        row, problem = _decode_json(line)
-        if problem is None and not isinstance(row, dict):
-            row, problem = None, f"a row must be a JSON object, got {type(row).__name__}"
-        yield f"{name}:{line_no}", row, problem
+        if line.strip():
+            row, problem = _decode_json(line)
+            if problem is None and not isinstance(row, dict):
+                problem = f"a row must be a JSON object, got {type(row).__name__}"
+            if problem:
+                raise error(f"{name}:{line_no}: {problem}")
+            yield f"{name}:{line_no}", row
 
 
 def _read_json(path: str) -> Iterator[tuple[str, object, str | None]]:
@@ -266,12 +262,9 @@ def _read_hub(hub: _Hub) -> Iterator[tuple[str, object, str | None]]:
 def _read(source: str | _Hub) -> Iterator[tuple[str, object, str | None]]:
     if isinstance(source, _Hub):
         return _read_hub(source)
-    if source.endswith(".parquet"):
-        return _read_parquet(source)
-    if source.endswith(".json"):
-        return _read_json(source)
-    if source.endswith((".jsonl", ".gz")):
-        return _read_lines(source)
+    for ends, reader in ((".parquet", _read_parquet), (".json", _read_json), ((".jsonl", ".gz"), _read_lines)):
+        if source.endswith(ends):
+            return reader(source)
     raise DataFormatError(f"{source}: unsupported file type (expected one of {', '.join(_FILE_TYPES)})")
 
 
@@ -318,11 +311,9 @@ def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: i
         strict: raise on the first unusable row or file problem instead of skipping it.
         seed: the returned list (all specs together) is shuffled with ``random.Random(seed)``; None keeps file order.
             The choice of pairs never depends on it.
-
     Returns:
         (pairs, report); each pair's ``source`` is the dataset name (or file path / Hub id) and ``origin`` its
         ``"path:line"`` (or ``"name:row N"``).
-
     Raises:
         FileNotFoundError: unknown spec, missing file, or a named dataset with no local copy that cannot be loaded
             from the Hub (offline, no Hub id, ...); the message says what was looked for.
@@ -406,10 +397,8 @@ def split_eval(pairs: Sequence[PreferencePair], fraction: float) -> tuple[list[P
 
 @dataclass
 class PairSelection:
-    """The training and evaluation pairs of a run, with the data reports of their loads.
-
-    ``eval_report`` is None when the evaluation pairs were split from ``train``'s datasets (``eval_split``).
-    """
+    """The training and evaluation pairs of a run, with the data reports of their loads (``eval_report`` is None
+    when the evaluation pairs were split from ``train``'s datasets: ``eval_split``)."""
 
     train: list[PreferencePair]
     eval: list[PreferencePair]

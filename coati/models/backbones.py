@@ -62,12 +62,9 @@ class Backbone:
     takes: tuple[str, ...] = ()
 
     def row_capacity(self, max_len: int, share_prefix: bool) -> int:
-        """Default packed row capacity in tokens (when ``--max_tokens_per_batch`` is 0).
-
-        Returns:
-            0 (the whole batch in one row, no padding) with per-group attention; with a dense mask (quadratic in the
-            row length) the longest group: ``2 * max_len`` with prefix sharing (a pair), else ``max_len``.
-        """
+        """Default packed row capacity in tokens (when ``--max_tokens_per_batch`` is 0): 0 (the whole batch in one row,
+        no padding) with per-group attention; with a dense mask (quadratic in the row length) the longest group,
+        ``2 * max_len`` with prefix sharing (a pair), else ``max_len``."""
         return 0 if self.packed_forward is None else (2 if share_prefix else 1) * max_len
 
 
@@ -84,36 +81,19 @@ _LLAMA_PRESETS = {
                num_key_value_heads=4, max_position_embeddings=4096),
 }
 
-BACKBONES: dict[str, Backbone] = {
-    "bloom": Backbone(
-        name="bloom",
-        config_class=BloomConfig,
-        model_class=BloomForSequenceClassification,
-        model_types=("bloom",),
-        lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-        presets=bloom.BLOOM_PRESETS,
-        packed_forward=bloom.packed_forward,
-    ),
-    "llama": Backbone(
-        name="llama",
-        config_class=LlamaConfig,
-        model_class=LlamaForSequenceClassification,
-        model_types=("llama", "mistral"),
-        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        presets=_LLAMA_PRESETS,
-    ),
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (
+    Backbone(name="bloom", config_class=BloomConfig, model_class=BloomForSequenceClassification,
+             model_types=("bloom",), lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+             presets=bloom.BLOOM_PRESETS, packed_forward=bloom.packed_forward),
+    Backbone(name="llama", config_class=LlamaConfig, model_class=LlamaForSequenceClassification,
+             model_types=("llama", "mistral"),
+             lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+             presets=_LLAMA_PRESETS),
     # InternLM2 checkpoints are converted at load time into native LLaMA modules (no remote code)
-    "internlm2": Backbone(
-        name="internlm2",
-        config_class=LlamaConfig,
-        model_class=LlamaForSequenceClassification,
-        model_types=("internlm2",),
-        lora_targets=INTERNLM2_LORA_TARGETS,
-        presets=INTERNLM2_PRESETS,
-        load_pretrained=load_internlm2,
-        config_from_dict=internlm2_to_llama_config,
-    ),
-}
+    Backbone(name="internlm2", config_class=LlamaConfig, model_class=LlamaForSequenceClassification,
+             model_types=("internlm2",), lora_targets=INTERNLM2_LORA_TARGETS, presets=INTERNLM2_PRESETS,
+             load_pretrained=load_internlm2, config_from_dict=internlm2_to_llama_config),
+)}
 
 
 def get_backbone(name: str) -> Backbone:
@@ -122,10 +102,9 @@ def get_backbone(name: str) -> Backbone:
     Raises:
         ValueError: unknown name; the message lists the choices.
     """
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+    if name not in BACKBONES:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
 
 
 def backbone_for(config: PretrainedConfig) -> Backbone:
@@ -161,8 +140,7 @@ def build_config(backbone: Backbone, model_config: str, vocab_size: int, pad_tok
             raise ValueError(f"{model_config}: model_type {model_type!r} does not match --model {backbone.name}")
         if backbone.config_from_dict is not None:
             config = backbone.config_from_dict(dict(kwargs, **ids))
-            for key, value in ids.items():
-                setattr(config, key, value)
+            config.update(ids)
             return config
         kwargs.pop("model_type", None)
     elif model_config in backbone.presets:

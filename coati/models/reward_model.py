@@ -22,13 +22,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.to(torch.bool)
     if not bool(mask.any(dim=-1).all()):
         raise ValueError("a sequence in the batch has no real token (attention_mask all zero)")
-    length = mask.shape[-1]
-    return (length - 1) - mask.flip(-1).to(torch.int64).argmax(dim=-1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[N, L]`` int64 positions counting only real tokens (0 at each row's first real token; pads get 0)."""
-    return (attention_mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)
+    return (mask.shape[-1] - 1) - mask.flip(-1).to(torch.int64).argmax(dim=-1)
 
 
 class RewardModel(nn.Module):
@@ -54,8 +48,7 @@ class RewardModel(nn.Module):
     @property
     def hf_model(self) -> nn.Module:
         """The underlying ``*ForSequenceClassification`` (LoRA layers, if any, injected in place)."""
-        m = self.model
-        return m.get_base_model() if hasattr(m, "get_base_model") else m
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, reward_index: torch.Tensor | None = None,
@@ -78,9 +71,9 @@ class RewardModel(nn.Module):
         seq_cls = self.hf_model
         body = getattr(seq_cls, seq_cls.base_model_prefix)
         if reward_index is None:
-            # BLOOM (ALiBi) ignores position_ids: it derives the same positions from the mask
+            # positions count only real tokens (pads get 0); BLOOM (ALiBi) ignores them, deriving the same from the mask
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+                          position_ids=(attention_mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)).last_hidden_state
             last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
         else:
             if groups is None:

@@ -60,7 +60,7 @@ class Strategy(ABC):
 
     @classmethod
     def refusals(cls, cfg) -> list[str]:
-        """What ``cfg`` (a :class:`~coati.config.TrainConfig`) asks of this strategy that it cannot do, one line each."""
+        """What ``cfg`` (a :class:`~coati.config.TrainConfig`) asks that this strategy cannot do, one line each."""
         wants = {"lora": cfg.lora.lora_rank > 0, "resume": cfg.optim.save_every > 0 or bool(cfg.optim.resume)}
         errors = [f"--strategy {cls.name} {why}" for need, why in cls.refuses.items() if wants[need]]
         if cfg.strategy.mixed_precision not in cls.precisions:
