@@ -331,9 +331,6 @@ class _SafeReader(FileSystemReader):
         return metadata
 
 
-_safe_reader = _SafeReader
-
-
 class _SafePlanner(DefaultLoadPlanner):
     """DCP's default load planner, except that non-tensor items load with ``torch.load(weights_only=True)``."""
 

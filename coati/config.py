@@ -23,6 +23,8 @@ from typing import Any
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
+from coati.reporting import REPORT_TO
+
 
 @dataclass(frozen=True)
 class Range:
@@ -213,7 +215,7 @@ class LogArgs:
 
     report_to: str = _opt("none", "where metrics rows also go (besides metrics.jsonl), on rank 0: none, "
                                  "tensorboard (event files in <save_path>/runs) or wandb (offline unless "
-                                 "WANDB_MODE says otherwise)", choices=("none", "tensorboard", "wandb"))
+                                 "WANDB_MODE says otherwise)", choices=REPORT_TO)
 
 
 @dataclass(frozen=True)
@@ -418,8 +420,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     (LoRA, resume checkpoints, a precision, a missing GPU or package: its class-level capabilities).
     """
     errors, registries, flat = [], _registries(), cfg.to_dict()
+    hints = {name: hint for cls in GROUPS.values() for name, hint in typing.get_type_hints(cls).items()}
     for name, (group, f) in option_fields().items():
-        hint = typing.get_type_hints(GROUPS[group])[name]
+        hint = hints[name]
         problem = _value_error(name, f, hint, flat[name], tuple(registries.get(name, ())) or f.metadata.get("choices"))
         if problem:
             errors.append(problem)
@@ -439,10 +442,10 @@ def validate(cfg: TrainConfig) -> list[str]:
                 users = [k for k, e in registry.items() if opt in e.takes]
                 errors.append(f"--{opt} is not used by --{selector} {flat[selector]} (only by "
                               f"{', '.join(users)}): drop it or choose one of those")
-    errors += registries["strategy"][flat["strategy"]].refusals(cfg)
     from coati.reporting import report_to_problem
 
-    return errors + [p for p in [report_to_problem(cfg.log.report_to)] if p]
+    backend = report_to_problem(cfg.log.report_to)
+    return errors + registries["strategy"][flat["strategy"]].refusals(cfg) + ([backend] if backend else [])
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -19,7 +19,6 @@ from coati.config import OptimArgs, TrainConfig, parse_args
 from coati.data.collate import RunData, make_loaders, prepare_data
 from coati.data.formats import DataFormatError
 from coati.losses import build_loss
-from coati.models.backbones import get_backbone
 from coati.models.loading import CacheError, build_reward_model, prepare_model_files
 from coati.reporting import MetricsLog
 from coati.signals import Interrupted, signals_raise
@@ -111,8 +110,8 @@ def run(cfg: TrainConfig) -> dict:
         if main:
             logger.info("initialised the weights from %s (new optimizer, schedule and step)", optim.init_from)
     model, optimizer = strategy.prepare(reward_model, make_optimizer(optim), accumulates=optim.accumulation_steps > 1)
-    capacity = cfg.data.max_tokens_per_batch or get_backbone(cfg.backbone.model).row_capacity(
-        cfg.data.max_len, cfg.data.share_prefix)
+    capacity = cfg.data.max_tokens_per_batch or reward_model.backbone.row_capacity(cfg.data.max_len,
+                                                                                   cfg.data.share_prefix)
     train, evaluation = make_loaders(data, cfg.data, optim.batch_size, optim.eval_batch_size or optim.batch_size,
                                      optim.seed, tokenizer.pad_token_id, capacity, strategy)
     total = plan_steps(len(train), optim)[1]

@@ -83,15 +83,16 @@ class Trainer:
         """Train up to ``total_steps`` optimizer steps, starting at ``self.step`` (non-zero after a resume: the data
         order continues exactly where it stopped). Returns the metrics rows (also written to metrics.jsonl)."""
         with self.stop.installed():
-            return self._fit(self.total_steps, self.steps_per_epoch, self.optim)
+            return self._fit()
 
     def _save(self) -> str:
         if self.last_checkpoint is None or self.last_checkpoint[0] != self.step:
             self.last_checkpoint = (self.step, self.on_save(self.step))
         return self.last_checkpoint[1]
 
-    def _fit(self, total: int, spe: int, opts: OptimArgs) -> list[dict]:
-        strategy, accumulation = self.strategy, opts.accumulation_steps
+    def _fit(self) -> list[dict]:
+        strategy, opts, total, spe = self.strategy, self.optim, self.total_steps, self.steps_per_epoch
+        accumulation = opts.accumulation_steps
         bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=self.log.disable_tqdm or not strategy.is_main)
         window, t0, tokens = PairMetrics(), time.perf_counter(), [0, 0, 0]

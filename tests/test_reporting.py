@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from coati import reporting
 from coati.reporting import MetricsLog, report_to_problem, row_scalars
 
 
@@ -212,4 +211,3 @@ def test_report_to_problem_is_none_when_usable_and_names_choices_when_unknown():
     assert report_to_problem("none") is None
     assert report_to_problem("tensorboard") is None  # installed by the test extra
     assert report_to_problem("mlflow") == "--report_to: must be one of none, tensorboard, wandb, got 'mlflow'"
-    assert reporting.REPORT_TO == ("none", "tensorboard", "wandb")

@@ -151,9 +151,9 @@ def _checkpoint_weights_finite(path):
     """True when every tensor stored in a DCP checkpoint is finite (read with the safe reader)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from coati.checkpoint import _safe_reader, dcp_load
+    from coati.checkpoint import _SafeReader, dcp_load
 
-    meta = _safe_reader(os.path.join(path, "model_optim")).read_metadata()
+    meta = _SafeReader(os.path.join(path, "model_optim")).read_metadata()
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
              if isinstance(m, TensorStorageMetadata) and k.startswith("model.")}
     dcp_load(state, os.path.join(path, "model_optim"))
