@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from transformers import PreTrainedTokenizerBase
 
+from coati.config import TrainConfig
 from coati.io import describe_os_error, make_readable, write_json
 from coati.models.lora import merged_copy
 from coati.signals import Interrupted
@@ -56,7 +57,8 @@ def _is_weight_file(name: str) -> bool:
 
 
 def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, train_config: dict | None = None,
-              extra_config: dict | None = None, extra_json: dict[str, dict] | None = None) -> str:
+              extra_config: dict | None = None, extra_json: dict[str, dict] | None = None,
+              adapter: bool = False) -> str:
     """Write ``model`` to ``path`` as a Hugging Face folder, atomically.
 
     The folder holds ``config.json`` (``num_labels == 1``, ``pad_token_id`` distinct from EOS), ``model.safetensors``,
@@ -72,6 +74,8 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
         train_config: written as ``train_config.json``.
         extra_config: keys added to ``config.json`` (e.g. reward statistics).
         extra_json: more JSON files written with the export, ``{file name: content}`` (e.g. ``summary.json``).
+        adapter: also write the peft adapter (LoRA weights and the trained value head, peft's own layout) to
+            ``path/adapter``, for users who load it over their own (e.g. 4-bit) copy of the base model.
     Returns:
         ``path``.
     Raises:
@@ -95,6 +99,9 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
         tokenizer.save_pretrained(tmp)
         for name, content in files.items():
             write_json(os.path.join(tmp, name), content)
+        if adapter and hasattr(model, "peft_config"):
+            model.save_pretrained(os.path.join(tmp, "adapter"))
+            shutil.rmtree(os.path.join(path, "adapter"), ignore_errors=True)
         make_readable(tmp)
         new = set(os.listdir(tmp))
         if not any(_is_weight_file(n) for n in new):
@@ -242,7 +249,8 @@ def init_from_kind(path: str) -> str:
 #: (Strategy, logging, checkpoint and packing layout settings are left out: they do not change the math, and a
 #: checkpoint resumes under another strategy.)
 FINGERPRINT_FIELDS = ("model", "pretrain", "model_config", "tokenizer", "lora_rank", "lora_alpha", "lora_dropout",
-                      "lora_train_bias", "loss_fn", "focal_gamma", "penalty", "penalty_weight", "reward_bound",
+                      "lora_train_bias", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
+                      "bnb_4bit_double_quant", "loss_fn", "focal_gamma", "penalty", "penalty_weight", "reward_bound",
                       "center_rewards_coefficient", "reward_token", "max_len", "chat_template", "group_by_length",
                       "max_epochs", "max_steps", "lr", "weight_decay", "adam_eps", "warmup_ratio", "max_grad_norm",
                       "mixed_precision", "seed", "init_from")
@@ -275,7 +283,9 @@ def check_same_run(path: str, fingerprint: dict) -> None:
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
         diffs = ["run fingerprint (the checkpoint has none: written by an older coati)"]
     else:
-        old, new = saved["settings"], fingerprint["settings"]
+        defaults = TrainConfig().to_dict()  # a setting added since the checkpoint was written had its default then
+        new = fingerprint["settings"]
+        old = {k: saved["settings"].get(k, defaults.get(k)) for k in set(saved["settings"]) | set(new)}
         diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                  if old.get(k) != new.get(k)]
         if saved.get("data_sha256") != fingerprint.get("data_sha256"):

@@ -98,6 +98,18 @@ class ModelArgs:
     gradient_checkpointing_ratio: float = _opt(1.0, "with --gradient_checkpointing: share of the blocks recomputed "
                                                     "(the first ones); below 1 trades memory for speed",
                                               valid=Range(0, 1, lo_open=True))
+    load_in_4bit: bool = _opt(False, "QLoRA: load the frozen backbone in 4 bits (bitsandbytes; needs --lora_rank); "
+                                     "the LoRA adapters and the value head train in full precision")
+    load_in_8bit: bool = _opt(False, "load the frozen backbone in 8 bits (bitsandbytes LLM.int8; needs --lora_rank)")
+    bnb_4bit_quant_type: str = _opt("nf4", "with --load_in_4bit: the 4-bit data type (nf4 = NormalFloat4, QLoRA "
+                                           "section 3)", choices=("nf4", "fp4"))
+    bnb_4bit_double_quant: bool = _opt(True, "with --load_in_4bit: quantise the quantisation constants too "
+                                             "(QLoRA section 3, double quantisation)")
+
+    @property
+    def quantized(self) -> bool:
+        """True when the backbone loads in 4 or 8 bits."""
+        return self.load_in_4bit or self.load_in_8bit
 
 
 @dataclass
@@ -211,6 +223,8 @@ class LogArgs:
 
     log_every: int = _opt(10, "log train metrics every N optimizer steps", valid=COUNT)
     save_path: str = _opt("out/rm", "export folder: HF model, tokenizer, train_config.json, metrics.jsonl")
+    export_adapter: bool = _opt(False, "with LoRA: also write the peft adapter and the value head to "
+                                       "<save_path>/adapter (for users who keep the 4-bit or original base)")
     disable_tqdm: bool = _opt(False, "no progress bar")
 
     report_to: str = _opt("none", "where metrics rows also go (besides metrics.jsonl), on rank 0: none, "
@@ -411,6 +425,30 @@ def _value_error(name: str, f: dataclasses.Field, hint: Any, value: Any, choices
     return None
 
 
+BITSANDBYTES_INSTALL = "pip install --no-deps bitsandbytes==0.50.2 (or scripts/setup.sh)"
+
+
+def quantization_problems(cfg: TrainConfig) -> list[str]:
+    """What is wrong with the 4-/8-bit options of ``cfg`` (one line each): both widths, a quantised backbone without
+    LoRA (nothing would train but the value head), 4-bit options without ``--load_in_4bit``, bitsandbytes missing."""
+    import importlib.util
+
+    m, errors = cfg.backbone, []
+    flag = "--load_in_4bit" if m.load_in_4bit else "--load_in_8bit"
+    if m.load_in_4bit and m.load_in_8bit:
+        errors.append("--load_in_4bit and --load_in_8bit: choose one")
+    if m.quantized and cfg.lora.lora_rank <= 0:
+        errors.append(f"{flag} freezes the quantised backbone, so it needs LoRA adapters to train: add --lora_rank "
+                      "(e.g. 16; QLoRA trains the adapters and the value head)")
+    defaults = ModelArgs()
+    for name in ("bnb_4bit_quant_type", "bnb_4bit_double_quant"):
+        if getattr(m, name) != getattr(defaults, name) and not m.load_in_4bit:
+            errors.append(f"--{name} is used only with --load_in_4bit: drop it or add --load_in_4bit")
+    if m.quantized and importlib.util.find_spec("bitsandbytes") is None:
+        errors.append(f"{flag} needs the bitsandbytes package: {BITSANDBYTES_INSTALL}")
+    return errors
+
+
 def validate(cfg: TrainConfig) -> list[str]:
     """Every rule a config breaks, as ``--flag: must be ..., got ...`` lines (empty when valid).
 
@@ -430,6 +468,10 @@ def validate(cfg: TrainConfig) -> list[str]:
         return errors
     if cfg.backbone.reward_token not in ("auto", "eos") and not cfg.backbone.reward_token.isdigit():
         errors.append(f"--reward_token: must be auto, eos or a token id, got {cfg.backbone.reward_token!r}")
+    errors += quantization_problems(cfg)
+    if cfg.log.export_adapter and cfg.lora.lora_rank <= 0:
+        errors.append("--export_adapter writes the LoRA adapter: add --lora_rank, or drop it (full fine-tuning "
+                      "exports the whole model)")
     if cfg.optim.resume and cfg.optim.init_from:
         errors.append("--resume continues a run and --init_from starts a new one from a checkpoint's weights: "
                       "give one of them")

@@ -358,7 +358,8 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     settings = heldout_settings(args.model_path) if args.heldout else None
     scorer = RewardScorer.from_pretrained(args.model_path, device=device, dtype=getattr(torch, args.dtype),
-                                          max_len=args.max_len, batch_size=args.batch_size)
+                                          max_len=args.max_len, batch_size=args.batch_size,
+                                          load_in_4bit=args.load_in_4bit)
     if settings is not None:
         pairs, datasets, data_report = heldout_pairs(args.model_path, settings, args.data_dir, args.strict_data)
     else:

@@ -189,6 +189,9 @@ def add_model_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="backbone weights dtype")
+    p.add_argument("--load_in_4bit", action="store_true",
+                   help="load the backbone's linear layers in 4 bits (bitsandbytes NF4, computing in --dtype): less "
+                        "memory, scores within the quantisation error (see README)")
     p.add_argument("--disable_tqdm", action="store_true", help="no progress bar (it goes to stderr)")
     return p
 
@@ -233,7 +236,8 @@ def run(args) -> int:
             raise ValueError(f"{args.input}: not UTF-8 text ({e.reason})") from None
     scorer = RewardScorer.from_pretrained(args.model_path, device=device, dtype=getattr(torch, args.dtype),
                                           max_len=args.max_len, batch_size=args.batch_size,
-                                          reward_mean=args.reward_mean, reward_std=args.reward_std)
+                                          reward_mean=args.reward_mean, reward_std=args.reward_std,
+                                          load_in_4bit=args.load_in_4bit)
     encoded = scorer.encode_texts(prompts, responses)
     scores = scorer.score_encoded(encoded, normalize=args.normalize, progress=not args.disable_tqdm)
     truncated = [e.prompt_truncated or e.answer_truncated for e in encoded]

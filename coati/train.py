@@ -71,7 +71,7 @@ def export(cfg: TrainConfig, model, tokenizer, reward_token_id: int, data: RunDa
                      reward_stats_source="eval" if final_eval else "train_last_epoch")
     recipe = dict(cfg.to_dict(), data_dir=os.path.abspath(data.data_dir) if data.data_dir else None)
     export_hf(model.model, tokenizer, cfg.log.save_path, recipe, extra_config=extra,
-              extra_json={"summary.json": summary})
+              extra_json={"summary.json": summary}, adapter=cfg.log.export_adapter)
     if final_eval:
         langs = {k: {"acc": round(v["acc"], 4), "dist": round(v["dist"], 4), "pairs": v["pairs"]}
                  for k, v in final_eval["languages"].items()}
@@ -99,11 +99,16 @@ def run(cfg: TrainConfig) -> dict:
         logger.info("%s\nworld size %d, device %s", data.summary(), strategy.world_size, strategy.device)
 
     seed_everything(cfg.optim.seed)
-    reward_model = build_reward_model(cfg.backbone, cfg.lora, tokenizer)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.strategy.mixed_precision, torch.float32)
+    reward_model = build_reward_model(cfg.backbone, cfg.lora, tokenizer, compute_dtype, strategy.device)
     if main:
         n_train = sum(p.numel() for p in reward_model.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in reward_model.parameters())
-        logger.info("model: %s, %.1fM parameters, %.2fM trainable", cfg.backbone.model, n_all / 1e6, n_train / 1e6)
+        stored = sum(p.numel() * p.element_size() for p in reward_model.parameters())
+        kind = "4-bit" if cfg.backbone.load_in_4bit else "8-bit" if cfg.backbone.load_in_8bit else "fp32"
+        if cfg.lora.lora_rank > 0 and not cfg.backbone.quantized:
+            kind = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, kind)
+        logger.info("model: %s (%s backbone), parameters stored in %.1f MB, %.2fM trainable", cfg.backbone.model,
+                    kind, stored / 2**20, n_train / 1e6)
     optim = cfg.optim
     if init_from == "checkpoint":  # into the plain module: every strategy then wraps (or casts) the loaded weights
         load_checkpoint_weights(optim.init_from, strategy, reward_model)

@@ -219,16 +219,51 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase,
     return tokenizer
 
 
+def quantization_config(args: ModelArgs, compute_dtype: torch.dtype = torch.float32):
+    """transformers' ``BitsAndBytesConfig`` for ``--load_in_4bit`` / ``--load_in_8bit``, or None.
+
+    4-bit: ``--bnb_4bit_quant_type`` (NF4 by default), double quantisation (``--bnb_4bit_double_quant``) and
+    ``compute_dtype`` (the dtype each 4-bit layer de-quantises to for its matmul: bf16 under bf16 training), as in
+    QLoRA (Dettmers et al. 2023, arXiv 2305.14314, section 3). 8-bit: LLM.int8 (Dettmers et al. 2022). The value head
+    ``score`` is never quantised (``llm_int8_skip_modules``).
+    """
+    if not args.quantized:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["score"])
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=args.bnb_4bit_double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=["score"])
+
+
 def build_model(backbone: Backbone, tokenizer: PreTrainedTokenizerBase, pretrain: str | None, model_config: str,
-                trust_remote_code: bool = False) -> PreTrainedModel:
+                trust_remote_code: bool = False, quantization=None,
+                device: torch.device | str = "cpu") -> PreTrainedModel:
     """The ``*ForSequenceClassification`` model (num_labels=1), pretrained or randomly initialised, in fp32.
 
     The value head (``score``) of a pretrained backbone is freshly initialised by transformers.
+
+    With ``quantization`` (a ``BitsAndBytesConfig``, see :func:`quantization_config`) the backbone's linear layers load
+    as bitsandbytes 4-/8-bit layers on ``device``, through transformers' own loader; everything else (embeddings,
+    norms, the value head) stays fp32. A backbone without a plain HF checkpoint (random init, or an InternLM2
+    checkpoint converted at load time) is first built in fp32 and written to a temporary folder for that loader.
 
     Raises:
         ValueError: ``--pretrain`` is a checkpoint of another family than ``--model``, or a bad ``--model_config``.
     """
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if quantization is not None and (pretrain is None or backbone.load_pretrained is not None):
+        from safetensors.torch import save_model
+
+        plain = build_model(backbone, tokenizer, pretrain, model_config, trust_remote_code)
+        os.makedirs(cache_dir(), exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="quantize-", dir=cache_dir()) as tmp:
+            plain.config.save_pretrained(tmp)  # each rank its own folder: save_pretrained writes only on rank 0
+            save_model(plain, os.path.join(tmp, "model.safetensors"))
+            del plain
+            return _from_pretrained(backbone, tmp, quantization, device)
     if pretrain is None:
         config = build_config(backbone, model_config, vocab_size=len(tokenizer), pad_token_id=pad_id,
                               eos_token_id=eos_id, bos_token_id=tokenizer.bos_token_id)
@@ -242,17 +277,24 @@ def build_model(backbone: Backbone, tokenizer: PreTrainedTokenizerBase, pretrain
             raise ValueError(f"--pretrain {pretrain} is a {config.model_type!r} checkpoint but --model is "
                              f"{backbone.name!r} (accepts model_type {', '.join(backbone.model_types)})")
         config.num_labels, config.pad_token_id = 1, pad_id
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the "score.weight MISSING" load report is expected: we say it once
-        try:
-            model = backbone.model_class.from_pretrained(path, config=config, dtype=torch.float32)
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        model = _from_pretrained(backbone, path, quantization, device, config)
         head = "loaded with it" if _has_value_head(path) else "freshly initialised"
         logger.info("loaded %s from %s; value head (score) %s", backbone.name, pretrain, head)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def _from_pretrained(backbone: Backbone, path: str, quantization, device, config=None) -> PreTrainedModel:
+    """``model_class.from_pretrained`` in fp32 (quantised on ``device`` when ``quantization`` is given), without
+    transformers' expected "score.weight MISSING" load report (the caller says whether the head was loaded)."""
+    kwargs = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device)}}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return backbone.model_class.from_pretrained(path, config=config, dtype=torch.float32, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _has_value_head(path: str) -> bool:
@@ -337,18 +379,47 @@ def prepare_model_files(args: ModelArgs) -> tuple[PreTrainedTokenizerBase, int]:
     return tokenizer, resolve_reward_token(tokenizer, args.reward_token)
 
 
-def build_reward_model(args: ModelArgs, lora: LoraArgs, tokenizer: PreTrainedTokenizerBase) -> RewardModel:
+def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen weights of ``model``'s linear layers in ``dtype``, in place (the LoRA backbone under bf16
+    training). Autocast casts exactly these weights to bf16 for every matmul anyway, so the rewards and gradients are
+    bit-identical to an fp32 store; embeddings and norms (which autocast leaves in fp32) stay fp32, as do trainable
+    parameters (LoRA adapters, the value head) and quantised weights. Returns the number of parameters cast."""
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                cast += p.numel()
+    return cast
+
+
+def build_reward_model(args: ModelArgs, lora: LoraArgs, tokenizer: PreTrainedTokenizerBase,
+                       compute_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> RewardModel:
     """The :class:`~coati.models.reward_model.RewardModel` of a run: the backbone (:func:`build_model`), activation
     checkpointing and LoRA adapters as the options say, in fp32 on CPU.
+
+    With LoRA the frozen linear weights are stored in ``compute_dtype`` (bf16 under bf16 training; see
+    :func:`store_frozen_in`), the adapters and the value head in fp32. With
+    ``--load_in_4bit`` / ``--load_in_8bit`` (QLoRA) the backbone's linear layers are bitsandbytes layers on ``device``
+    de-quantising to ``compute_dtype``, prepared by peft's ``prepare_model_for_kbit_training`` before the adapters.
 
     Raises:
         as :func:`build_model`, :func:`enable_gradient_checkpointing` and :func:`~coati.models.lora.apply_lora`.
     """
     backbone = get_backbone(args.model)
-    hf_model = build_model(backbone, tokenizer, args.pretrain, args.model_config, args.trust_remote_code)
+    quantization = quantization_config(args, compute_dtype)
+    hf_model = build_model(backbone, tokenizer, args.pretrain, args.model_config, args.trust_remote_code,
+                           quantization, device)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        hf_model = prepare_model_for_kbit_training(hf_model, use_gradient_checkpointing=False)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(hf_model, args.gradient_checkpointing_ratio)
     if lora.lora_rank > 0:
         hf_model = apply_lora(hf_model, backbone.lora_targets, lora.lora_rank, lora.lora_alpha, lora.lora_dropout,
                               lora.lora_train_bias)
+        store_frozen_in(hf_model, compute_dtype)
     return RewardModel(hf_model, backbone)

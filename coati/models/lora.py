@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 from torch import nn
 
@@ -31,13 +32,65 @@ def apply_lora(model: nn.Module, target_modules: tuple[str, ...], rank: int, alp
         raise ValueError(f"none of the LoRA target modules {target_modules} exists in {type(model).__name__}")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias=bias, target_modules=targets,
                         modules_to_save=["score"])
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
+
+
+#: bitsandbytes' packed weight classes (4-bit, 8-bit)
+_QUANTIZED_PARAMS = ("Params4bit", "Int8Params")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when ``model`` holds bitsandbytes 4- or 8-bit weights."""
+    return any(type(p).__name__ in _QUANTIZED_PARAMS for p in model.parameters())
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
-    """A plain ``*ForSequenceClassification`` with LoRA merged into the base weights, without touching ``model``.
+    """A plain fp32 ``*ForSequenceClassification`` with LoRA merged into the base weights, without touching ``model``.
 
-    For a model without adapters this is a deep copy. Biases (trained or not) are kept as they are.
+    For a model without adapters this is a deep copy. For a peft model every adapted layer's weight becomes
+    ``W + (alpha / r) B A`` (peft's ``get_delta_weight``) computed in fp32, where ``W`` is the frozen base weight as the
+    forward pass used it: de-quantised from 4 or 8 bits (peft's ``dequantize_module_weight``) or upcast from bf16; the
+    value head is the trained copy; biases (trained or not) are kept. The copy has no quantisation config, so it
+    saves and loads as an ordinary fp32 model.
     """
-    clone = copy.deepcopy(model)
-    return clone.merge_and_unload() if hasattr(clone, "merge_and_unload") else clone
+    if not hasattr(model, "get_base_model"):
+        return copy.deepcopy(model)
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+    from peft.utils.integrations import dequantize_module_weight
+    from transformers.initialization import no_init_weights
+
+    base, state = model.get_base_model(), {}
+    wrapped = set()
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                layer = module.get_base_layer()
+                weight = dequantize_module_weight(layer).float()
+                for adapter in module.active_adapters:
+                    weight = weight + module.get_delta_weight(adapter).float()
+                state[f"{name}.weight"] = weight
+                if layer.bias is not None:
+                    state[f"{name}.bias"] = layer.bias.detach().float()
+                wrapped.add(name + ".")
+            elif isinstance(module, ModulesToSaveWrapper):
+                trained = module.modules_to_save[module.active_adapters[0]]
+                state.update({f"{name}.{k}": v.detach().float() for k, v in trained.state_dict().items()})
+                wrapped.add(name + ".")
+        for name, p in base.named_parameters():
+            if any(name.startswith(w) for w in wrapped):
+                continue
+            if type(p).__name__ in _QUANTIZED_PARAMS:  # a quantised layer without adapters
+                p = dequantize_module_weight(base.get_submodule(name.rsplit(".", 1)[0]))
+            state[name] = p.detach().float()
+    config = copy.deepcopy(base.config)
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, key):
+            delattr(config, key)
+    with no_init_weights():
+        plain = type(base)(config)
+    plain.load_state_dict(state, strict=True)
+    return plain.float()

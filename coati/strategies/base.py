@@ -31,7 +31,8 @@ class Strategy(ABC):
 
     * ``takes``: the :class:`~coati.config.StrategyArgs` options it reads besides ``strategy``;
     * ``precisions``: the ``--mixed_precision`` values it trains in;
-    * ``refuses``: ``{"lora" | "resume": reason}`` for what it cannot do, the reason ending the error message;
+    * ``refuses``: ``{"lora" | "resume" | "quantized": reason}`` for what it cannot do (``quantized``: a 4- or
+      8-bit bitsandbytes backbone), the reason ending the error message;
     * :meth:`unavailable`: why it cannot run in this environment (no GPU, package missing), or None.
     """
 
@@ -61,7 +62,8 @@ class Strategy(ABC):
     @classmethod
     def refusals(cls, cfg) -> list[str]:
         """What ``cfg`` (a :class:`~coati.config.TrainConfig`) asks that this strategy cannot do, one line each."""
-        wants = {"lora": cfg.lora.lora_rank > 0, "resume": cfg.optim.save_every > 0 or bool(cfg.optim.resume)}
+        wants = {"lora": cfg.lora.lora_rank > 0, "resume": cfg.optim.save_every > 0 or bool(cfg.optim.resume),
+                 "quantized": cfg.backbone.quantized}
         errors = [f"--strategy {cls.name} {why}" for need, why in cls.refuses.items() if wants[need]]
         if cfg.strategy.mixed_precision not in cls.precisions:
             errors.append(f"--strategy {cls.name} trains in {' or '.join(cls.precisions)}, not --mixed_precision "
@@ -157,20 +159,33 @@ def dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict
 
     ``get_state_dict`` strips DDP's ``module.`` prefix and keeps FSDP2's DTensor shards, so the same checkpoint
     loads under naive, ddp and fsdp (DCP reshards on load).
+    A model with a bitsandbytes 4-/8-bit backbone keeps only its trainable parameters (LoRA adapters, value head):
+    the frozen quantised weights are rebuilt from ``--pretrain`` exactly (quantisation is deterministic), and their
+    packed data and quantisation constants are not tensors DCP can reshard.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    from coati.models.lora import is_quantized
+
     if optimizer is None:
-        return {"model": get_model_state_dict(model)}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
+        model_sd = get_model_state_dict(model)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+    if is_quantized(model):
+        trainable = {n.removeprefix("module.") for n, p in model.named_parameters() if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trainable}
+    return {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
 
 
 def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
     """Inverse of :func:`dcp_state`: put loaded model (and optimizer) state back."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
+    from coati.models.lora import is_quantized
+
+    options = StateDictOptions(strict=not is_quantized(model))  # quantised: the trainable parameters only
     if optimizer is None:
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=options)
         return
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=options)

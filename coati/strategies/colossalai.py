@@ -34,6 +34,8 @@ from coati.strategies.distributed import ProcessGroupMixin
 _INSTALL = "pip install -e .[colossalai] then bash scripts/install_colossalai.sh"
 _NO_RESUME = ("cannot write or read resume checkpoints (ColossalAI wraps the model and optimizer its own way): train "
               "without --save_every/--resume, or use --strategy fsdp or ddp")
+_NO_QUANTIZED = ("cannot train a 4-/8-bit backbone (its plugins cast and shard every parameter, and bitsandbytes' "
+                 "packed weights keep their quantisation state outside the tensor): use --strategy ddp or naive")
 
 
 @contextlib.contextmanager
@@ -112,7 +114,7 @@ class _BoosterStrategy(ProcessGroupMixin, Strategy):
     backward through the optimizer wrapper, teardown."""
 
     takes = ("mixed_precision", "dist_timeout")
-    refuses = {"resume": _NO_RESUME}
+    refuses = {"resume": _NO_RESUME, "quantized": _NO_QUANTIZED}
     #: rebuild the optimizer as ColossalAI's HybridAdam before boosting
     hybrid_adam = False
     _booster = None
@@ -283,7 +285,7 @@ class ColossalAIGeminiStrategy(_ZeroStrategy):
     refuses = {"lora": "does not support LoRA (ColossalAI 0.5.0's GeminiPlugin has no LoRA support and leaves frozen "
                        "weights unsharded): use --strategy colossalai_zero2, fsdp or ddp with --lora_rank, or drop "
                        "--lora_rank for full fine-tuning with Gemini",
-               "resume": _NO_RESUME}
+               "resume": _NO_RESUME, "quantized": _NO_QUANTIZED}
     lockstep_forward = True
     hybrid_adam = True
     _norm_attr = "max_norm"  # GeminiOptimizer
