@@ -81,7 +81,7 @@ def _opt(default: Any, help: str, valid: Range | None = None, **argparse_kwargs)
 
 @dataclass
 class ModelArgs:
-    """The backbone, its weights and tokenizer, the reward token, activation checkpointing."""
+    """The backbone, its weights and tokenizer, 4-/8-bit loading (QLoRA), the reward token, activation checkpointing."""
 
     model: str = _opt("llama", "backbone family (registry coati.models.backbones.BACKBONES)")
     pretrain: str | None = _opt(None, "pretrained weights: local HF folder, Hub id (online), a .gguf file, or the "

