@@ -171,6 +171,38 @@ def test_lora_backbone_is_stored_in_bf16_and_computes_exactly_as_the_fp32_store(
     assert g1.keys() == g2.keys() and all(torch.equal(g1[k], g2[k]) for k in g1)
 
 
+def _in_file_mapping(model, folder) -> list[str]:
+    """Names of ``model``'s tensors whose memory lies in a memory map of a file under ``folder`` (/proc/self/maps)."""
+    maps = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[5].startswith(str(folder)):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            maps.append((lo, hi))
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return [n for n, t in tensors if t.numel() and any(lo <= t.data_ptr() < hi for lo, hi in maps)]
+
+
+@pytest.mark.parametrize("options", [dict(compute=torch.bfloat16), dict(load_in_4bit=True)], ids=["bf16_store", "4bit"])
+def test_cast_or_quantised_backbone_keeps_no_view_into_the_checkpoint_file(options, tokenizer, tmp_path):
+    """transformers loads safetensors as views into one memory map of the file; after the bf16 cast or the 4-bit
+    quantisation no tensor may stay such a view (one would keep every page of the full-precision file resident).
+    The fp32 LoRA store, which casts nothing, still reads the weights from the map: the detector sees them."""
+    from coati.models.backbones import get_backbone
+    from coati.models.loading import build_model
+
+    torch.manual_seed(0)
+    build_model(get_backbone("llama"), tokenizer, None, "tiny").save_pretrained(tmp_path)
+    fp32 = _build(tokenizer, pretrain=str(tmp_path))
+    assert "model.base_model.model.model.embed_tokens.weight" in _in_file_mapping(fp32, tmp_path)
+    options = dict(options)
+    converted = _build(tokenizer, compute=options.pop("compute", torch.float32), pretrain=str(tmp_path), **options)
+    assert _in_file_mapping(converted, tmp_path) == []
+    kept, copied = fp32.state_dict(), converted.state_dict()
+    norms = [n for n in kept if n.endswith(("embed_tokens.weight", "norm.weight"))]
+    assert norms and all(torch.equal(kept[n], copied[n]) for n in norms)  # the copies hold the loaded values
+
+
 def test_scorer_loads_an_export_in_4bit(tokenizer, tmp_path):
     """RewardScorer(load_in_4bit=True) scores exactly like the fp32 export whose linear weights went through NF4
     quantisation and back (bitsandbytes' own round trip), i.e. its error is the weights' quantisation error only."""

@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 from coati.io import describe_os_error, make_readable, write_json
 from coati.config import LoraArgs, ModelArgs
 from coati.models.backbones import Backbone, build_config, get_backbone
-from coati.models.lora import apply_lora
+from coati.models.lora import apply_lora, is_quantized
 from coati.models.reward_model import RewardModel
 
 logger = logging.getLogger(__name__)
@@ -383,16 +383,25 @@ def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Store the frozen weights of ``model``'s linear layers in ``dtype``, in place (the LoRA backbone under bf16
     training). Autocast casts exactly these weights to bf16 for every matmul anyway, so the rewards and gradients are
     bit-identical to an fp32 store; embeddings and norms (which autocast leaves in fp32) stay fp32, as do trainable
-    parameters (LoRA adapters, the value head) and quantised weights. Returns the number of parameters cast."""
-    cast = 0
+    parameters (LoRA adapters, the value head) and quantised weights. Returns the number of parameters cast.
+
+    When anything was cast, or the model is quantised, the floating-point tensors left as loaded are copied into
+    memory of their own: transformers loads a safetensors checkpoint as views into one memory map of the whole file,
+    so a single remaining view (the embedding, a norm) would keep every page of the file that loading read resident,
+    the full-precision weights the cast or quantisation was meant to drop."""
+    cast = {}
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
             continue
         for p in module.parameters(recurse=False):
             if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)
-                cast += p.numel()
-    return cast
+                cast[id(p)] = p.numel()
+    if cast or is_quantized(model):
+        for t in list(model.parameters()) + list(model.buffers()):
+            if id(t) not in cast and t.is_floating_point() and t.device.type == "cpu":
+                t.data = t.data.clone()
+    return sum(cast.values())
 
 
 def build_reward_model(args: ModelArgs, lora: LoraArgs, tokenizer: PreTrainedTokenizerBase,
