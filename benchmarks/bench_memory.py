@@ -14,7 +14,7 @@ LoRA everywhere: rank ``--lora_rank`` on the backbone's attention and MLP projec
 Peak memory on CPU is the process's peak RSS twice: over the whole run (loading included) and over training only
 (the kernel's high-water mark is reset, ``/proc/self/clear_refs``, just before the first step); on CUDA it is
 ``torch.cuda.max_memory_allocated``. A random-init preset (``--model_config 1b``) is built once and saved to a temporary
-folder, so every mode (and 4-bit loading) reads the same checkpoint.
+folder (in bf16 by default, as released checkpoints are), so every mode (and 4-bit loading) reads the same checkpoint.
 
     python benchmarks/bench_memory.py --pretrain smollm2-135m --json benchmarks/results_memory_135m.json
     python benchmarks/bench_memory.py --model_config 1b --modes lora_fp32_base lora_bf16_base qlora trl_qlora \
@@ -24,9 +24,10 @@ folder, so every mode (and 4-bit loading) reads the same checkpoint.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="llama", help="backbone family")
     p.add_argument("--pretrain", default=None, help="pretrained weights (e.g. smollm2-135m); else --model_config")
     p.add_argument("--model_config", default="1b", help="random-init preset, saved once to a temporary folder")
+    p.add_argument("--checkpoint_dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="dtype the random-init preset is saved in (released checkpoints ship bf16)")
     p.add_argument("--dataset", nargs="+", default=["hh-rlhf"])
     p.add_argument("--pairs", type=int, default=64, help="pairs to draw the batches from")
     p.add_argument("--max_len", type=int, default=256)
@@ -66,18 +69,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def reset_peak() -> None:
-    """Start a new peak-memory reading: the CUDA allocator's, or the kernel's RSS high-water mark (VmHWM)."""
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def reset_peak() -> dict:
+    """Start a new peak-memory reading: the CUDA allocator's, or the kernel's RSS high-water mark (VmHWM).
+
+    Memory that loading freed is handed back to the kernel first (``gc.collect`` and glibc's ``malloc_trim``), so the
+    new mark starts from what is live, not from what the allocator kept after loading. Returns the readings the reset
+    ends: ``load_peak_rss_mb`` (the high-water mark of loading) and ``start_rss_mb`` (resident when training starts).
+    """
+    load_peak = _status_mb("VmHWM")
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the mark starts from the RSS as it is
+        pass
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+    return {"load_peak_rss_mb": load_peak, "start_rss_mb": _status_mb("VmRSS")}
 
 
-def peak_mb(device: str) -> dict:
-    with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return {"train_peak_rss_mb": hwm / 1024, "run_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+def peak_mb(device: str, before: dict) -> dict:
+    """The training high-water marks (RSS, MB; on CUDA also ``max_memory_allocated``, MiB) and the run's overall peak."""
+    train = _status_mb("VmHWM")
+    return {"train_peak_rss_mb": train, "run_peak_rss_mb": max(train, before["load_peak_rss_mb"]), **before,
             "train_peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None}
 
 
@@ -105,7 +125,7 @@ def run_coati(args, mode: str) -> dict:
     model = build_reward_model(model_args, lora, tokenizer, compute, args.device).to(args.device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True)
     capacity = backbone.row_capacity(args.max_len, True)
-    reset_peak()
+    before = reset_peak()
     losses, t0 = [], None
     for step, idx in enumerate(plan):
         if step == args.warmup:
@@ -122,7 +142,7 @@ def run_coati(args, mode: str) -> dict:
         losses.append(loss.item())
     if args.device == "cuda":
         torch.cuda.synchronize()
-    return finish(args, model, time.perf_counter() - t0, losses)
+    return finish(args, model, time.perf_counter() - t0, losses, before)
 
 
 def run_trl(args) -> dict:
@@ -150,7 +170,7 @@ def run_trl(args) -> dict:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
-            reset_peak()
+            clock["before"] = reset_peak()
 
         def on_step_end(self, a, state, control, **kw):
             if state.global_step == args.warmup:
@@ -172,14 +192,14 @@ def run_trl(args) -> dict:
         trainer.train()
         if args.device == "cuda":
             torch.cuda.synchronize()
-        return finish(args, trainer.model, time.perf_counter() - clock["t0"], losses)
+        return finish(args, trainer.model, time.perf_counter() - clock["t0"], losses, clock["before"])
 
 
-def finish(args, model, elapsed: float, losses: list[float]) -> dict:
+def finish(args, model, elapsed: float, losses: list[float], before: dict) -> dict:
     stored = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"pairs_per_s": args.steps * args.batch_size / elapsed, "seconds": elapsed, "losses": losses,
-            "parameter_mb": stored / 2 ** 20, "trainable_params": trainable, **peak_mb(args.device)}
+            "parameter_mb": stored / 2 ** 20, "trainable_params": trainable, **peak_mb(args.device, before)}
 
 
 def main(argv=None) -> int:
@@ -198,7 +218,7 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(resolve_pretrain(SMOLLM2_ALIAS, with_model=False))
         torch.manual_seed(args.seed)
         model = build_model(get_backbone(args.model), tokenizer, None, args.model_config)
-        model.save_pretrained(folder)
+        model.to(torch.bfloat16 if args.checkpoint_dtype == "bf16" else torch.float32).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         del model
         passed += ["--pretrain", folder]
@@ -215,7 +235,7 @@ def main(argv=None) -> int:
             results[mode] = json.loads(line[-1][len("RESULT "):])
             r = results[mode]
             print(f"{mode:16} pairs/s {r['pairs_per_s']:6.2f}  train peak RSS {r['train_peak_rss_mb']:8.0f} MB  "
-                  f"run peak RSS {r['run_peak_rss_mb']:8.0f} MB  parameters {r['parameter_mb']:8.0f} MB  "
+                  f"start RSS {r['start_rss_mb']:6.0f} MB  load peak RSS {r['load_peak_rss_mb']:6.0f} MB  parameters {r['parameter_mb']:8.0f} MB  "
                   f"losses {[round(x, 4) for x in r['losses']]}", flush=True)
     finally:
         if folder:
