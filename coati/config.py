@@ -185,6 +185,9 @@ class StrategyArgs:
                                         "scaling). --bf16 is --mixed_precision bf16", choices=("fp32", "bf16", "fp16"))
     dist_timeout: float = _opt(1800.0, "seconds a collective may wait before every rank stops with an error",
                                valid=POSITIVE)
+    sequence_parallel_size: int = _opt(1, "ddp/fsdp: split every batch's tokens over groups of S ranks (DeepSpeed-"
+                                          "Ulysses all-to-all attention); the world is W/S data-parallel groups",
+                                       valid=COUNT)
 
 
 @dataclass
@@ -449,6 +452,34 @@ def quantization_problems(cfg: TrainConfig) -> list[str]:
     return errors
 
 
+def sequence_parallel_problems(cfg: TrainConfig) -> list[str]:
+    """What stops ``--sequence_parallel_size`` S > 1 (one line each): a backbone without per-group attention (BLOOM),
+    S not dividing the number of processes (``WORLD_SIZE``, 1 outside torchrun), S not dividing the query heads
+    (read from the preset or the checkpoint's ``config.json`` when it is a folder; a GGUF file is checked once
+    converted, still before the model loads)."""
+    import os
+
+    size = cfg.strategy.sequence_parallel_size
+    if size <= 1:
+        return []
+    from coati.models.backbones import get_backbone
+    from coati.models.loading import attention_heads
+    from coati.strategies.sequence_parallel import head_problem
+
+    errors = []
+    if get_backbone(cfg.backbone.model).packed_forward is not None:
+        errors.append(f"--sequence_parallel_size needs per-group attention (llama, internlm2): --model "
+                      f"{cfg.backbone.model}'s ALiBi attention runs transformers' own attention over one dense mask "
+                      f"of the whole row, which cannot be split by heads")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % size:
+        errors.append(f"--sequence_parallel_size {size} must divide the number of processes ({world}; start "
+                      f"S x data-parallel processes with torchrun --nproc_per_node)")
+    heads = None if errors else attention_heads(cfg.backbone)
+    problem = heads and head_problem(size, *heads)
+    return errors + ([problem] if problem else [])
+
+
 def validate(cfg: TrainConfig) -> list[str]:
     """Every rule a config breaks, as ``--flag: must be ..., got ...`` lines (empty when valid).
 
@@ -468,7 +499,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         return errors
     if cfg.backbone.reward_token not in ("auto", "eos") and not cfg.backbone.reward_token.isdigit():
         errors.append(f"--reward_token: must be auto, eos or a token id, got {cfg.backbone.reward_token!r}")
-    errors += quantization_problems(cfg)
+    errors += quantization_problems(cfg) + sequence_parallel_problems(cfg)
     if cfg.log.export_adapter and cfg.lora.lora_rank <= 0:
         errors.append("--export_adapter writes the LoRA adapter: add --lora_rank, or drop it (full fine-tuning "
                       "exports the whole model)")

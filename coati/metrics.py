@@ -90,8 +90,9 @@ class PairMetrics:
             self.sums[j] += rows[torch.tensor([lg == lang for lg in langs], dtype=torch.bool)].sum(0)
 
     def reduce(self, strategy) -> PairMetrics:
-        """All-reduce (sum) ``sums`` over ranks with ``strategy.all_reduce(tensor)``, in place; returns ``self``."""
-        strategy.all_reduce(self.sums)
+        """Sum ``sums`` over the data-parallel ranks with ``strategy.reduce_data(tensor)`` (the ranks of a
+        sequence-parallel group hold the same pairs and count once), in place; returns ``self``."""
+        strategy.reduce_data(self.sums)
         return self
 
     def result(self) -> dict:

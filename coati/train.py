@@ -19,10 +19,12 @@ from coati.config import OptimArgs, TrainConfig, parse_args
 from coati.data.collate import RunData, make_loaders, prepare_data
 from coati.data.formats import DataFormatError
 from coati.losses import build_loss
-from coati.models.loading import CacheError, build_reward_model, prepare_model_files
+from coati.models.loading import (CacheError, attention_heads, build_reward_model, prepare_model_files,
+                                  resolve_pretrain)
 from coati.reporting import MetricsLog
 from coati.signals import Interrupted, signals_raise
 from coati.strategies import STRATEGIES, StrategyUnavailable
+from coati.strategies.sequence_parallel import head_problem
 from coati.trainer import NonFiniteError, Trainer, plan_steps
 
 logger = logging.getLogger("coati")
@@ -51,7 +53,8 @@ def summarize(trainer: Trainer, data: RunData, final_eval: dict, global_batch: i
     """The run's ``summary.json``: steps, pairs, speed, skipped steps, the last epoch's and the final metrics."""
     seconds = max(trainer.train_seconds, 1e-9)
     return {"steps": trainer.step, "train_pairs": len(data.train), "eval_pairs": len(data.eval),
-            "world_size": trainer.strategy.world_size, "fit_seconds": fit_s, "train_seconds": trainer.train_seconds,
+            "world_size": trainer.strategy.world_size, "sequence_parallel_size": trainer.strategy.sp_size,
+            "fit_seconds": fit_s, "train_seconds": trainer.train_seconds,
             "train_pairs_per_s": (trainer.step - start_step) * global_batch / seconds,
             "train_tokens_per_s": trainer.train_tokens / seconds, "skipped_steps": trainer.skipped_steps,
             "train_last_epoch": trainer.epoch_metrics, "eval": final_eval, "data": data.selection.report.to_dict(),
@@ -79,6 +82,21 @@ def export(cfg: TrainConfig, model, tokenizer, reward_token_id: int, data: RunDa
                     final_eval["loss"], final_eval["pairs"], langs)
 
 
+def check_sequence_parallel_heads(cfg: TrainConfig) -> None:
+    """Once the model files are prepared (a GGUF checkpoint converted), refuse a sequence-parallel size that does not
+    divide the query heads, before any model loads (:func:`coati.config.sequence_parallel_problems` checks presets
+    and folders at parse time).
+
+    Raises:
+        ValueError: one line naming the heads.
+    """
+    size = cfg.strategy.sequence_parallel_size
+    if size > 1 and cfg.backbone.pretrain:
+        heads = attention_heads(cfg.backbone, resolve_pretrain(cfg.backbone.pretrain))
+        if problem := heads and head_problem(size, *heads):
+            raise ValueError(problem)
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and export a validated config (:func:`coati.config.parse_args`); returns the summary written
     to ``<save_path>/summary.json``."""
@@ -88,6 +106,7 @@ def run(cfg: TrainConfig) -> dict:
     if init_from == "export":
         cfg = cfg.replace(pretrain=cfg.optim.init_from)
     tokenizer, reward_token_id = prepare_model_files(cfg.backbone)
+    check_sequence_parallel_heads(cfg)
     strategy = STRATEGIES[cfg.strategy.strategy](cfg.strategy)
     strategy.setup()
     main = strategy.is_main
@@ -96,11 +115,14 @@ def run(cfg: TrainConfig) -> dict:
     seed_everything(cfg.optim.seed)
     data = prepare_data(cfg.data, cfg.optim.seed, tokenizer, reward_token_id)
     if main:
-        logger.info("%s\nworld size %d, device %s", data.summary(), strategy.world_size, strategy.device)
+        layout = f" ({strategy.data_world_size} data-parallel x {strategy.sp_size} sequence-parallel)" \
+            if strategy.sp_size > 1 else ""
+        logger.info("%s\nworld size %d%s, device %s", data.summary(), strategy.world_size, layout, strategy.device)
 
     seed_everything(cfg.optim.seed)
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.strategy.mixed_precision, torch.float32)
     reward_model = build_reward_model(cfg.backbone, cfg.lora, tokenizer, compute_dtype, strategy.device)
+    reward_model.sequence_parallel = strategy.sequence_parallel
     if main:
         n_train = sum(p.numel() for p in reward_model.parameters() if p.requires_grad)
         stored = sum(p.numel() * p.element_size() for p in reward_model.parameters())
@@ -122,10 +144,10 @@ def run(cfg: TrainConfig) -> dict:
     total = plan_steps(len(train), optim)[1]
     if total == 0:
         raise ValueError(f"{len(data.train)} training pairs make no optimizer step with batch_size "
-                         f"{optim.batch_size} x {strategy.world_size} processes x accumulation "
+                         f"{optim.batch_size} x {strategy.data_world_size} data-parallel processes x accumulation "
                          f"{optim.accumulation_steps}")
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(optim.warmup_ratio * total), total)
-    global_batch = optim.batch_size * optim.accumulation_steps * strategy.world_size
+    global_batch = optim.batch_size * optim.accumulation_steps * strategy.data_world_size
     run_state = {"fingerprint": run_fingerprint(cfg.to_dict(), data.train, global_batch, total)}
     start = resume_run(save_path, optim.resume, run_state["fingerprint"], strategy, model, optimizer,
                        scheduler) if optim.resume else 0

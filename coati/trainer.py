@@ -203,7 +203,7 @@ class Trainer:
     def _train_row(self, window: PairMetrics, epoch: int, t0: float, tokens: list[int]) -> dict:
         elapsed = time.perf_counter() - t0
         counts = torch.tensor([float(t) for t in tokens], dtype=torch.float64)
-        self.strategy.all_reduce(counts)
+        self.strategy.reduce_data(counts)
         res = window.reduce(self.strategy).result()
         self.train_seconds += elapsed
         self.train_tokens += int(counts[0].item())

@@ -188,12 +188,12 @@ def test_other_languages_count_only_overall():
 
 
 class _TwoRanks:
-    """A stand-in strategy: all_reduce adds the sums of a second rank's PairMetrics."""
+    """A stand-in strategy: reducing over the data-parallel ranks adds the sums of a second rank's PairMetrics."""
 
     def __init__(self, other: PairMetrics):
         self.other = other
 
-    def all_reduce(self, tensor):
+    def reduce_data(self, tensor):
         tensor += self.other.sums
         return tensor
 

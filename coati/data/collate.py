@@ -316,11 +316,12 @@ def make_loaders(data: RunData, args: DataArgs, batch_size: int, eval_batch_size
 
     Args:
         capacity: packed row capacity (``--max_tokens_per_batch``, or the backbone's default when that is 0).
-        strategy: gives ``world_size``, ``rank`` and ``lockstep_forward``.
+        strategy: gives ``data_world_size``, ``data_rank`` (the ranks of a sequence-parallel group read the same
+            batches) and ``lockstep_forward``.
     """
     collate = make_collate(pad_id, args.packing, capacity, args.share_prefix, args.padding_side)
     lengths = [len(p.chosen_ids) + len(p.rejected_ids) for p in data.train] if args.group_by_length else None
-    world, rank = strategy.world_size, strategy.rank
+    world, rank = strategy.data_world_size, strategy.data_rank
     train = PairLoader(data.train, collate, GlobalBatchSampler(len(data.train), batch_size, world, rank, seed=seed,
                                                                lengths=lengths))
     if not data.eval:

@@ -359,6 +359,27 @@ def enable_gradient_checkpointing(model: PreTrainedModel, ratio: float = 1.0) ->
     return keep
 
 
+def attention_heads(args: ModelArgs, folder: str | None = None) -> tuple[int, int] | None:
+    """``(query heads, key/value heads)`` of the backbone ``args`` names, without loading weights: from the
+    random-init preset, else from ``config.json`` in ``folder`` (default ``--pretrain`` when it is a folder).
+
+    Returns:
+        None when not known yet (a GGUF file or alias before conversion, a Hub id) or not a preset name.
+    """
+    if not args.pretrain:
+        cfg = get_backbone(args.model).presets.get(args.model_config)
+    else:
+        path = os.path.join(folder or args.pretrain, "config.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    if not cfg or "num_attention_heads" not in cfg:
+        return None
+    heads = int(cfg["num_attention_heads"])
+    return heads, int(cfg.get("num_key_value_heads") or heads)
+
+
 def prepare_model_files(args: ModelArgs) -> tuple[PreTrainedTokenizerBase, int]:
     """The model files and the tokenizer, before any process group exists.
 

@@ -84,17 +84,20 @@ class PackPlan:
 
     rows: list[list[tuple[int, int, tuple[int, int, int]]]]
     device: torch.device
+    #: the sequence-parallel group whose ranks each hold 1/S of the rows' tokens, or None (travels with the plan, so
+    #: activation recomputation during backward splits the same way)
+    sequence_parallel: object = None
     _cache: dict = field(default_factory=dict)
 
     @classmethod
-    def from_groups(cls, groups: torch.Tensor, num_rows: int) -> "PackPlan":
+    def from_groups(cls, groups: torch.Tensor, num_rows: int, sequence_parallel=None) -> "PackPlan":
         """Build the plan; raises ValueError when groups overlap or are out of order within a row."""
         rows = [[] for _ in range(num_rows)]
         for r, s, p, c, n_r in groups.tolist():
             if rows[r] and rows[r][-1][0] + rows[r][-1][1] > s:
                 raise ValueError(f"packed groups overlap or are out of order in row {r} at column {s}")
             rows[r].append((s, p + c + n_r, (p, c, n_r)))
-        return cls(rows, groups.device)
+        return cls(rows, groups.device, sequence_parallel)
 
     def mask(self, shape: tuple[int, int, int], dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """``[n, n]`` mask of a group, built once: bool (True = attend; None for a plain sequence, which is causal)
@@ -108,25 +111,79 @@ class PackPlan:
         return self._cache[shape, dtype]
 
 
+def causal_split_attention(shape: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           dropout: float, scaling: float) -> torch.Tensor:
+    """Attention of one group with no mask written out: memory linear in the group length.
+
+    A plain sequence is one causal call. A pair ``[P | C | R]`` is two: ``[P | C]`` on itself (causal), and ``R``'s
+    queries against the keys and values of ``[P ; R]`` with the causal diagonal aligned to the lower right
+    (``torch.nn.attention.bias.causal_lower_right``: query i of R sees P and R's first i + 1 tokens), the alignment
+    flash-attention's variable-length kernel uses. Same result as the group's boolean mask (:func:`_group_mask`).
+
+    Args:
+        shape: ``(prefix_len, chosen_len, rejected_len)``; q, k, v: ``[H, n, D]`` (key/value heads repeated).
+    Returns:
+        ``[H, n, D]``.
+    """
+    dev = q.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else \
+        torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = (t.to(dtype) for t in (q, k, v))  # autocast leaves SDPA's inputs as they come (RoPE's q, k are fp32)
+    p, c, r = shape
+    if not (c or r):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)
+    from torch.nn.attention.bias import causal_lower_right
+
+    pc = p + c
+    first = F.scaled_dot_product_attention(q[:, :pc], k[:, :pc], v[:, :pc], is_causal=True, dropout_p=dropout,
+                                           scale=scaling)
+    keys, values = (torch.cat([t[:, :p], t[:, pc:]], dim=1) for t in (k, v))
+    second = F.scaled_dot_product_attention(q[:, pc:], keys, values, attn_mask=causal_lower_right(r, p + r),
+                                            dropout_p=dropout, scale=scaling)
+    return torch.cat([first, second], dim=1)
+
+
+#: Groups at least this long run :func:`causal_split_attention` on CPU; shorter ones the written-out path, which
+#: is faster for short groups (``benchmarks/bench_packed_attention.py``). CUDA always uses the split path.
+SPLIT_ATTENTION_MIN_LEN = 1024
+
+
 def group_attention(plan: PackPlan, shape: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     dropout: float, scaling: float, fused: bool | None = None) -> torch.Tensor:
     """Attention of one group, ``[H, n, D]`` in and out.
 
-    On CUDA, ``scaled_dot_product_attention`` (its fused kernels). On CPU its kernels are slow for many short
-    groups, so scores, softmax (fp32) and the weighted sum are written out: one ``baddbmm`` adds the mask. On the
-    benchmark's shapes this measured 1.7x faster per layer than SDPA in bf16 and on par in fp32
-    (``benchmarks/bench_packed_attention.py``). ``fused`` forces one path (default: SDPA except on CPU).
+    Two paths with the same result. :func:`causal_split_attention` (``scaled_dot_product_attention`` with no mask:
+    memory linear in ``n``) on CUDA and, on CPU, for groups of at least :data:`SPLIT_ATTENTION_MIN_LEN` tokens. For
+    shorter groups on CPU, SDPA's kernels are slow, so scores, softmax (fp32) and the weighted sum are written out:
+    one ``baddbmm`` adds the mask (``n x n`` scores kept for backward). ``fused`` forces one path (True: split SDPA).
     """
-    if fused if fused is not None else q.device.type != "cpu":
-        mask = plan.mask(shape)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
-                                              scale=scaling)
+    if fused if fused is not None else (q.device.type != "cpu" or q.shape[1] >= SPLIT_ATTENTION_MIN_LEN):
+        return causal_split_attention(shape, q, k, v, dropout, scaling)
     n = q.shape[1]
     scores = torch.baddbmm(plan.mask(shape, q.dtype).expand(q.shape[0], n, n), q, k.transpose(-1, -2), alpha=scaling)
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     if dropout:
         probs = F.dropout(probs, p=dropout, training=True)
     return probs @ v
+
+
+def _rows_attention(plan: PackPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
+                    scaling: float) -> torch.Tensor:
+    """Per-group attention of whole packed rows: ``[R, H, L, D]`` in (key/value repeated to H heads) and out."""
+    length = query.shape[2]
+    out_rows = []
+    for r, groups in enumerate(plan.rows):
+        # split (not slice) the row: the backward of a split is one concatenation, where slices would each
+        # fill a zero tensor the size of the row
+        spans, pos = [], 0  # (size, group shape, or None for tokens no group covers)
+        for start, n, shape in groups + [(length, 0, None)]:
+            spans += [(start - pos, None)] * (start > pos) + [(n, shape)] * (n > 0)
+            pos = start + n
+        parts = zip(*(t[r].split([size for size, _ in spans], dim=1) for t in (query, key, value)))
+        pieces = [group_attention(plan, shape, q, k, v, dropout, scaling) if shape else torch.zeros_like(q)
+                  for (_, shape), (q, k, v) in zip(spans, parts)]
+        out_rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    return torch.stack(out_rows)
 
 
 def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -136,6 +193,8 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
 
     Without ``coati_pack`` it is transformers' SDPA attention unchanged (padded batches, generation). With it, each
     group of each row attends only within itself (module docstring); positions no group covers (padding) get zeros.
+    When the plan has a sequence-parallel group (:mod:`coati.strategies.sequence_parallel`) the inputs hold this
+    rank's 1/S of the tokens: two all-to-alls around the per-group attention give it whole rows for 1/S of the heads.
 
     Args:
         query: ``[R, H, L, D]``; key, value: ``[R, H_kv, L, D]`` (grouped-query heads are repeated).
@@ -149,24 +208,21 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    _, heads, length, dim = query.shape
+    heads, dim = query.shape[1], query.shape[3]
     scaling = dim ** -0.5 if scaling is None else scaling
-    if key.shape[1] != heads:
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
-    out_rows = []
-    for r, groups in enumerate(coati_pack.rows):
-        # split (not slice) the row: the backward of a split is one concatenation, where slices would each
-        # fill a zero tensor the size of the row
-        spans, pos = [], 0  # (size, group shape, or None for tokens no group covers)
-        for start, n, shape in groups + [(length, 0, None)]:
-            spans += [(start - pos, None)] * (start > pos) + [(n, shape)] * (n > 0)
-            pos = start + n
-        parts = zip(*(t[r].split([size for size, _ in spans], dim=1) for t in (query, key, value)))
-        pieces = [group_attention(coati_pack, shape, q, k, v, dropout, scaling) if shape else torch.zeros_like(q)
-                  for (_, shape), (q, k, v) in zip(spans, parts)]
-        out_rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
-    return torch.stack(out_rows).transpose(1, 2).contiguous(), None
+    sp = coati_pack.sequence_parallel
+    if sp is not None:
+        if key.shape[1] % sp.size:  # key/value heads S does not divide: one per query head
+            key = key.repeat_interleave(heads // key.shape[1], dim=1)
+            value = value.repeat_interleave(heads // value.shape[1], dim=1)
+        query, key, value = (sp.seq_to_heads(t) for t in (query, key, value))
+    if key.shape[1] != query.shape[1]:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    out = _rows_attention(coati_pack, query, key, value, dropout, scaling)
+    if sp is not None:
+        out = sp.heads_to_seq(out)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _packed_mask(*args, **kwargs):

@@ -39,6 +39,10 @@ class RewardModel(nn.Module):
             per-group attention the model is switched to ``coati_packed`` here (:func:`packed_attention.enable`).
     """
 
+    #: The sequence-parallel group the forward splits its tokens over (set by ``train.run`` under
+    #: ``--sequence_parallel_size`` > 1), or None.
+    sequence_parallel = None
+
     def __init__(self, model: nn.Module, backbone: Backbone):
         super().__init__()
         self.model, self.backbone = model, backbone
@@ -70,6 +74,8 @@ class RewardModel(nn.Module):
         """
         seq_cls = self.hf_model
         body = getattr(seq_cls, seq_cls.base_model_prefix)
+        if self.sequence_parallel is not None:
+            return self._sequence_parallel_forward(body, input_ids, attention_mask, position_ids, reward_index, groups)
         if reward_index is None:
             # positions count only real tokens (pads get 0); BLOOM (ALiBi) ignores them, deriving the same from the mask
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
@@ -92,3 +98,40 @@ class RewardModel(nn.Module):
         with torch.autocast(device_type=last_hidden.device.type, enabled=False):
             return seq_cls.score(last_hidden.float()).squeeze(-1).float()
 
+
+    def _sequence_parallel_forward(self, body: nn.Module, input_ids: torch.Tensor,
+                                   attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                                   reward_index: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` with every row's tokens split over the sequence-parallel group
+        (:mod:`coati.strategies.sequence_parallel`): same inputs, same ``[N]`` fp32 rewards on every rank of the group.
+
+        A padded batch runs as a packed one with one plain-sequence group per row (its real tokens, which must be
+        contiguous). Rows are padded at the end to a multiple of S, so rank j holds columns ``[j L/S, (j + 1) L/S)``.
+        """
+        sp = self.sequence_parallel
+        if self.backbone.packed_forward is not None:
+            raise ValueError("sequence parallelism needs a backbone with per-group attention (llama, internlm2)")
+        if reward_index is None:  # padded: one group per row
+            mask = attention_mask.to(torch.bool)
+            lengths, first = mask.sum(-1), mask.to(torch.int64).argmax(-1)
+            last = last_token_index(attention_mask)
+            if not bool((last - first + 1 == lengths).all()):
+                raise ValueError("sequence parallelism needs each row's real tokens to be contiguous")
+            rows = torch.arange(mask.shape[0], device=mask.device)
+            zeros = torch.zeros_like(rows)
+            groups = torch.stack([rows, first, lengths, zeros, zeros], dim=1)
+            position_ids = (mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)
+            reward_index = torch.stack([rows, last], dim=1)
+        elif groups is None:
+            raise ValueError("a packed batch needs its group table (collate_packed's inputs['groups'])")
+        pad = -input_ids.shape[1] % sp.size
+        if pad:
+            input_ids, position_ids = (torch.nn.functional.pad(t, (0, pad)) for t in (input_ids, position_ids))
+        plan = packed_attention.PackPlan.from_groups(groups, input_ids.shape[0], sp)
+        with packed_attention.packed_forward():
+            hidden = body(input_ids=sp.shard(input_ids), position_ids=sp.shard(position_ids), use_cache=False,
+                          coati_pack=plan).last_hidden_state
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            values = self.hf_model.score(hidden.float()).squeeze(-1).float()  # [R, L/S]: per local token
+        values = sp.gather_tokens(values)  # [R, L]
+        return values[reward_index[:, 0], reward_index[:, 1]]

@@ -45,6 +45,8 @@ class Strategy(ABC):
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    #: this rank's sequence-parallel group (:mod:`coati.strategies.sequence_parallel`), None without one
+    sequence_parallel = None
 
     def __init__(self, args: StrategyArgs | None = None):
         self.args = args or StrategyArgs()
@@ -53,6 +55,28 @@ class Strategy(ABC):
     def is_main(self) -> bool:
         """True on the rank that logs and writes files."""
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data-parallel index: the ranks of one sequence-parallel group share it (and their batches)."""
+        return self.rank // self.sp_size
+
+    @property
+    def data_world_size(self) -> int:
+        """Number of data-parallel groups (distinct batches per step): ``world_size / S``."""
+        return self.world_size // self.sp_size
+
+    @property
+    def sp_size(self) -> int:
+        """Ranks per sequence-parallel group (1 without sequence parallelism)."""
+        return self.sequence_parallel.size if self.sequence_parallel else 1
+
+    def reduce_data(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the data-parallel groups (in place and returned): metrics and counts, of which every
+        rank of a sequence-parallel group holds the same copy, count once (only its first rank contributes)."""
+        if self.sequence_parallel is not None and self.sequence_parallel.rank:
+            tensor.zero_()
+        return self.all_reduce(tensor)
 
     @classmethod
     def unavailable(cls) -> str | None:

@@ -17,7 +17,7 @@ class DDPStrategy(ProcessGroupMixin, Strategy):
     seconds a collective may wait before the process group errors out)."""
 
     name = "ddp"
-    takes = ("mixed_precision", "dist_timeout")
+    takes = ("mixed_precision", "dist_timeout", "sequence_parallel_size")
 
     def prepare(self, model: nn.Module, make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                 accumulates: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:

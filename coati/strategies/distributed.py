@@ -39,12 +39,20 @@ def init_process_group(timeout_s: float) -> tuple[int, int, torch.device]:
 class ProcessGroupMixin:
     """``setup``/``all_reduce``/``barrier``/``teardown`` over torch.distributed's default group.
 
-    Reads ``self.args.dist_timeout`` (seconds) and sets ``rank``, ``world_size`` and ``device``.
+    Reads ``self.args.dist_timeout`` (seconds) and ``sequence_parallel_size``; sets ``rank``, ``world_size``,
+    ``device`` and ``sequence_parallel``.
     """
 
     def setup(self) -> None:
-        """Initialise the process group and device."""
+        """Initialise the process group and device, and the sequence-parallel groups when S > 1.
+
+        Raises:
+            ValueError: S does not divide the world size.
+        """
+        from coati.strategies.sequence_parallel import make_groups
+
         self.rank, self.world_size, self.device = init_process_group(self.args.dist_timeout)
+        self.sequence_parallel = make_groups(self.args.sequence_parallel_size)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (the tensor may live on CPU; it travels via the group's device)."""

@@ -34,7 +34,7 @@ class FSDPStrategy(ProcessGroupMixin, Strategy):
     """
 
     name = "fsdp"
-    takes = ("mixed_precision", "dist_timeout", "zero_stage", "cpu_offload")
+    takes = ("mixed_precision", "dist_timeout", "sequence_parallel_size", "zero_stage", "cpu_offload")
     refuses = {"quantized": "cannot train a 4-/8-bit backbone: FSDP2 shards each parameter as a DTensor, and "
                             "bitsandbytes' packed weights keep their quantisation state (absmax, code) outside the "
                             "tensor, so a shard cannot be de-quantised; use --strategy ddp (or naive)"}
