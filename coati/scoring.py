@@ -47,6 +47,7 @@ from coati.data.template import (Encoded, SequenceEncoder, TruncationStats, rend
                                  use_chat_template)
 from coati.models.backbones import backbone_for
 from coati.models.loading import load_tokenizer, quantization_config
+from coati.models.lora import keep_standard_4bit_layout
 from coati.models.reward_model import RewardModel
 
 logger = logging.getLogger(__name__)
@@ -212,6 +213,8 @@ class RewardScorer:
         hf_model.score.to(torch.float32)  # RewardModel runs the value head in fp32
         if quantization is None:  # a quantised model was loaded onto the device
             hf_model.to(dev)
+        else:
+            keep_standard_4bit_layout(hf_model)  # scores computed in the chosen dtype, not bnb's bf16 CPU kernel
         hf_model.eval()
         model = RewardModel(hf_model, backbone_for(config)).eval()
         if reward_mean is None and reward_std is None:

@@ -103,6 +103,30 @@ def test_export_of_a_4bit_model_scores_like_the_trainer(compute, tokenizer, tmp_
     assert (exported - trainer).abs().max().item() < tol, (exported - trainer).abs().max()
 
 
+def test_an_evaluation_forward_leaves_the_4bit_layers_trainable_and_exportable(tokenizer):
+    """bitsandbytes repacks a 4-bit weight for its bf16 CPU kernel on the first eval-mode no-grad forward (on
+    AVX512-BF16 CPUs, such as this project's); after that the layer passes no gradient to its input and de-quantises
+    wrongly. coati keeps the standard layout: after an evaluation, gradients equal those of a twin that never
+    evaluated, and the export still equals the trainer."""
+    evaluated, twin = _build(tokenizer, load_in_4bit=True), _build(tokenizer, load_in_4bit=True)
+    pairs = _pairs(seed=3, prompt=True)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        before = evaluated.eval()(**batch.inputs)
+    layers = [m for m in evaluated.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    grads = []
+    for rm in (evaluated.train(), twin.train()):
+        r = rm(**batch.inputs)
+        log_sig_loss(r[:len(pairs)], r[len(pairs):]).backward()
+        grads.append({n: p.grad for n, p in rm.named_parameters() if p.requires_grad})
+    assert all(g is not None for g in grads[0].values())
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[1])
+    with torch.no_grad():
+        exported = merged_copy(evaluated.model).eval()(**batch.inputs).logits.squeeze(-1)
+    assert (exported - before).abs().max().item() < 1e-5
+
+
 def test_merged_copy_uses_the_dequantised_weights_the_forward_used(tokenizer):
     """Every adapted linear of the merged copy is dequantize(W4) + (alpha / r) B A, with bitsandbytes' own
     de-quantisation as the reference."""

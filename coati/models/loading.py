@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 from coati.io import describe_os_error, make_readable, write_json
 from coati.config import LoraArgs, ModelArgs
 from coati.models.backbones import Backbone, build_config, get_backbone
-from coati.models.lora import apply_lora, is_quantized
+from coati.models.lora import apply_lora, is_quantized, keep_standard_4bit_layout
 from coati.models.reward_model import RewardModel
 
 logger = logging.getLogger(__name__)
@@ -446,6 +446,7 @@ def build_reward_model(args: ModelArgs, lora: LoraArgs, tokenizer: PreTrainedTok
         from peft import prepare_model_for_kbit_training
 
         hf_model = prepare_model_for_kbit_training(hf_model, use_gradient_checkpointing=False)
+        keep_standard_4bit_layout(hf_model)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(hf_model, args.gradient_checkpointing_ratio)
     if lora.lora_rank > 0:

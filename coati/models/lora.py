@@ -46,6 +46,32 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(p).__name__ in _QUANTIZED_PARAMS for p in model.parameters())
 
 
+def keep_standard_4bit_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking ``model``'s 4-bit weights for its CPU inference kernel; returns the number of
+    4-bit layers.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit`` in eval mode, given an input that needs no gradient,
+    rewrites its weight in place into a CPU-only layout, and from then on multiplies through that kernel: in bf16
+    whatever the compute dtype, with no backward for the input (a later training step silently gets no gradient
+    through the layer), and peft's ``dequantize_module_weight`` (the export) reads the new layout as the old one
+    (measured here: weights off by 0.25). The layers keep the standard layout after this; one already repacked is
+    converted back.
+    """
+    layers = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        layers += 1
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+    return layers
+
+
 def merged_copy(model: nn.Module) -> nn.Module:
     """A plain fp32 ``*ForSequenceClassification`` with LoRA merged into the base weights, without touching ``model``.
 
@@ -64,6 +90,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
     from transformers.initialization import no_init_weights
 
     base, state = model.get_base_model(), {}
+    keep_standard_4bit_layout(base)  # a layer bitsandbytes repacked goes back first (the one change to model)
     wrapped = set()
     with torch.no_grad():
         for name, module in base.named_modules():
