@@ -49,16 +49,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_pair(args, tokens: int):
-    """One tokenized long pair of at least ``tokens`` tokens (chosen sequence), built from real dialogues."""
-    import make_long_pairs
-    from coati.data.formats import PreferencePair
-    from coati.data.sources import default_data_dir, load_pairs
-    from coati.data.template import SequenceEncoder, tokenize_pairs, use_chat_template
+def load_tokenizer_for(args):
+    """The run's tokenizer (the pretrained backbone's, else SmolLM2's)."""
     from coati.models.loading import SMOLLM2_ALIAS, load_tokenizer, resolve_pretrain
 
-    tokenizer = load_tokenizer(resolve_pretrain(args.pretrain or SMOLLM2_ALIAS, with_model=False))
-    raw, _ = load_pairs(args.dataset, default_data_dir(), None, seed=0)
+    return load_tokenizer(resolve_pretrain(args.pretrain or SMOLLM2_ALIAS, with_model=False))
+
+
+def make_pair(tokenizer, raw, tokens: int):
+    """One tokenized long pair of at least ``tokens`` tokens (chosen sequence), built from the real pairs ``raw``."""
+    import make_long_pairs
+    from coati.data.formats import PreferencePair
+    from coati.data.template import SequenceEncoder, tokenize_pairs, use_chat_template
 
     def count(messages):
         return len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
@@ -67,12 +69,16 @@ def make_pair(args, tokens: int):
     row = make_long_pairs.build(raw, count, tokens, 1)[0]
     pair = PreferencePair(row["prompt"], row["chosen"], row["rejected"], None, "long", "built")
     encoded, _ = tokenize_pairs([pair], SequenceEncoder(tokenizer, max_len=10 ** 9), use_chat_template(tokenizer, "auto"))
-    return tokenizer, encoded[0]
+    return encoded[0]
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+def read_pair(path: str):
+    """The tokenized pair the parent saved for a child."""
+    from coati.data.template import TokenizedPair
+
+    with open(path) as f:
+        saved = json.load(f)
+    return TokenizedPair(saved["chosen"], saved["rejected"], None, "en", "long")
 
 
 def child(args) -> dict:
@@ -87,17 +93,11 @@ def child(args) -> dict:
     from coati.strategies import STRATEGIES
 
     spec = json.loads(args.child)
-    with open(spec["pair"]) as f:
-        saved = json.load(f)
-    from coati.data.template import TokenizedPair
-
-    pair = TokenizedPair(saved["chosen"], saved["rejected"], None, "en", "long")
+    pair = read_pair(spec["pair"])
     strategy = STRATEGIES["ddp"](StrategyArgs(strategy="ddp", mixed_precision="bf16",
                                               sequence_parallel_size=spec["sp"]))
     strategy.setup()
-    from coati.models.loading import SMOLLM2_ALIAS, load_tokenizer, resolve_pretrain
-
-    tokenizer = load_tokenizer(resolve_pretrain(args.pretrain or SMOLLM2_ALIAS, with_model=False))
+    tokenizer = load_tokenizer_for(args)
     torch.manual_seed(0)
     model = build_reward_model(ModelArgs(model=args.model, pretrain=args.pretrain, model_config=args.model_config,
                                          gradient_checkpointing=True), LoraArgs(), tokenizer)
@@ -116,7 +116,7 @@ def child(args) -> dict:
         strategy.step(opt, 1.0)
         losses.append(loss.item())
     elapsed = time.perf_counter() - t0
-    mine = torch.tensor([_status_mb("VmHWM"), before["start_rss_mb"]], dtype=torch.float64)
+    mine = torch.tensor([bench_memory._status_mb("VmHWM"), before["start_rss_mb"]], dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(strategy.world_size)]
     dist.all_gather(every, mine)
     peaks = [t[0].item() for t in every]
@@ -165,8 +165,8 @@ def run_trl(args, tokenizer, pair) -> dict:
         trainer.train()
     elapsed = time.perf_counter() - clock["t0"]
     tokens = len(pair.chosen_ids) + len(pair.rejected_ids)
-    return {"peak_rss_mb_max_rank": _status_mb("VmHWM"),
-            "activation_mb_max_rank": _status_mb("VmHWM") - clock["before"]["start_rss_mb"],
+    peak = bench_memory._status_mb("VmHWM")
+    return {"peak_rss_mb_max_rank": peak, "activation_mb_max_rank": peak - clock["before"]["start_rss_mb"],
             "computed_tokens": tokens, "tokens_per_s": tokens * args.steps / elapsed,
             "seconds_per_step": elapsed / args.steps}
 
@@ -175,23 +175,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         if args.child.startswith("trl:"):
-            spec = json.loads(args.child[4:])
-            from coati.data.template import TokenizedPair
-            from coati.models.loading import SMOLLM2_ALIAS, load_tokenizer, resolve_pretrain
-
-            with open(spec["pair"]) as f:
-                saved = json.load(f)
-            tokenizer = load_tokenizer(resolve_pretrain(args.pretrain or SMOLLM2_ALIAS, with_model=False))
-            result = run_trl(args, tokenizer, TokenizedPair(saved["chosen"], saved["rejected"], None, "en", "long"))
+            result = run_trl(args, load_tokenizer_for(args), read_pair(json.loads(args.child[4:])["pair"]))
         else:
             result = child(args)
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(result), flush=True)
         return 0
     passed = list(argv if argv is not None else sys.argv[1:])
+    from coati.data.sources import default_data_dir, load_pairs
+
     results, tmp = {}, tempfile.mkdtemp(prefix="bench-long-")
+    tokenizer = load_tokenizer_for(args)
+    raw, _ = load_pairs(args.dataset, default_data_dir(), None, seed=0)
     for length in args.lengths:
-        _, pair = make_pair(args, length)
+        pair = make_pair(tokenizer, raw, length)
         path = os.path.join(tmp, f"pair_{length}.json")
         with open(path, "w") as f:
             json.dump({"chosen": pair.chosen_ids, "rejected": pair.rejected_ids}, f)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 #: Name of the attention implementation registered with transformers.
 PACKED_ATTENTION = "coati_packed"
@@ -132,8 +133,6 @@ def causal_split_attention(shape: tuple[int, int, int], q: torch.Tensor, k: torc
     p, c, r = shape
     if not (c or r):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)
-    from torch.nn.attention.bias import causal_lower_right
-
     pc = p + c
     first = F.scaled_dot_product_attention(q[:, :pc], k[:, :pc], v[:, :pc], is_causal=True, dropout_p=dropout,
                                            scale=scaling)
