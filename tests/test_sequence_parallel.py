@@ -151,3 +151,21 @@ def test_split_causal_attention_equals_the_written_out_mask():
         (o1, g1), (o2, g2) = outs
         assert torch.allclose(o1, o2, atol=1e-12), shape
         assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g1, g2)), shape
+
+
+def test_split_causal_attention_keeps_no_quadratic_scores_for_backward():
+    """What the split form saves for backward grows linearly in the group length: no ``[H, n, n]`` scores. (CPU
+    SDPA only runs its flash kernel on 4-D inputs; given 3-D ones it fell back to the math kernel, which saves
+    the attention weights: 16 MB here against about 1 MB.)"""
+    from coati.models.packed_attention import PackPlan, group_attention
+
+    heads, n, dim = 4, 1024, 16
+    for shape in ((n, 0, 0), (n - 256, 0, 256), (512, 256, 256)):
+        plan = PackPlan.from_groups(torch.tensor([[0, 0, *shape]]), 1)
+        q, k, v = (torch.randn(heads, n, dim, requires_grad=True) for _ in range(3))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            group_attention(plan, shape, q, k, v, 0.0, dim ** -0.5, fused=True)
+        scores = heads * n * n * 4  # the fp32 scores the written-out path keeps
+        assert 0 < sum(saved) < scores / 4, (shape, sum(saved), scores)

@@ -13,8 +13,9 @@ Groups are described by a ``[G, 5]`` int64 tensor of ``(row, start, prefix_len, 
 sequence of ``n`` tokens is ``(row, start, n, 0, 0)``. Tokens of a row that no group covers are padding.
 
 RoPE backbones (LLaMA, InternLM2) run the attention of each group separately (the attention implementation
-``coati_packed``, registered with transformers below: written-out attention on CPU, ``scaled_dot_product_attention``
-on CUDA), so a row may be as long as the whole batch at no quadratic cost: one row, no padding.
+``coati_packed``, registered with transformers below: mask-free ``scaled_dot_product_attention`` calls, or for short
+groups on CPU written-out attention, see :func:`group_attention`), so a row may be as long as the whole batch at no
+quadratic cost: one row, no padding.
 ALiBi backbones (BLOOM) run transformers' own attention with the dense additive mask of :func:`packed_causal_mask`.
 """
 
@@ -129,22 +130,30 @@ def causal_split_attention(shape: tuple[int, int, int], q: torch.Tensor, k: torc
     dev = q.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else \
         torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    q, k, v = (t.to(dtype) for t in (q, k, v))  # autocast leaves SDPA's inputs as they come (RoPE's q, k are fp32)
+    # autocast leaves SDPA's inputs as they come (RoPE's q, k are fp32); a batch dimension is added because CPU
+    # SDPA takes its flash kernel (memory linear in n) only for 4-D inputs: 3-D ones fall back to the math kernel,
+    # which writes out and keeps the n x n scores (1 GB at n = 8192 and 4 heads, bf16)
+    q, k, v = (t.to(dtype)[None] for t in (q, k, v))
     p, c, r = shape
     if not (c or r):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)[0]
     pc = p + c
-    first = F.scaled_dot_product_attention(q[:, :pc], k[:, :pc], v[:, :pc], is_causal=True, dropout_p=dropout,
-                                           scale=scaling)
-    keys, values = (torch.cat([t[:, :p], t[:, pc:]], dim=1) for t in (k, v))
-    second = F.scaled_dot_product_attention(q[:, pc:], keys, values, attn_mask=causal_lower_right(r, p + r),
+    first = F.scaled_dot_product_attention(q[:, :, :pc], k[:, :, :pc], v[:, :, :pc], is_causal=True,
+                                           dropout_p=dropout, scale=scaling)
+    keys, values = (torch.cat([t[:, :, :p], t[:, :, pc:]], dim=2) for t in (k, v))
+    second = F.scaled_dot_product_attention(q[:, :, pc:], keys, values, attn_mask=causal_lower_right(r, p + r),
                                             dropout_p=dropout, scale=scaling)
-    return torch.cat([first, second], dim=1)
+    return torch.cat([first, second], dim=2)[0]
 
 
-#: Groups at least this long run :func:`causal_split_attention` on CPU; shorter ones the written-out path, which
-#: is faster for short groups (``benchmarks/bench_packed_attention.py``). CUDA always uses the split path.
-SPLIT_ATTENTION_MIN_LEN = 1024
+#: Groups at least this long run :func:`causal_split_attention` on CPU; shorter ones the written-out path. CUDA
+#: always uses the split path. Measured with ``benchmarks/bench_packed_attention.py --scales`` (benchmarks/README.md):
+#: in bf16 the written-out path takes 0.6x the split path's time at a mean group length of 189, 0.88x at 567 and
+#: 2.8x at 756. In fp32 the split path was 1.1-1.6x faster at every length, but short fp32 groups keep the
+#: written-out path: both are equally close to fp64 (7e-7 per call), yet with the SDPA kernel the 3-step
+#: sequence-parallel parity gap of ``tests/test_sequence_parallel.py`` (S = 2 against one process, SGD lr 0.5)
+#: grew from 2e-6 to 1.4e-5, past the 1e-5 that coati's parity guarantees are stated in.
+SPLIT_ATTENTION_MIN_LEN = 640
 
 
 def group_attention(plan: PackPlan, shape: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -153,10 +162,13 @@ def group_attention(plan: PackPlan, shape: tuple[int, int, int], q: torch.Tensor
 
     Two paths with the same result. :func:`causal_split_attention` (``scaled_dot_product_attention`` with no mask:
     memory linear in ``n``) on CUDA and, on CPU, for groups of at least :data:`SPLIT_ATTENTION_MIN_LEN` tokens. For
-    shorter groups on CPU, SDPA's kernels are slow, so scores, softmax (fp32) and the weighted sum are written out:
-    one ``baddbmm`` adds the mask (``n x n`` scores kept for backward). ``fused`` forces one path (True: split SDPA).
+    shorter groups on CPU, scores, softmax (fp32) and the weighted sum are written out (faster in half precision,
+    steadier across layouts in fp32): one ``baddbmm`` adds the mask (``n x n`` scores kept for backward).
+    ``fused`` forces one path (True: split SDPA).
     """
-    if fused if fused is not None else (q.device.type != "cpu" or q.shape[1] >= SPLIT_ATTENTION_MIN_LEN):
+    if fused is None:
+        fused = q.device.type != "cpu" or q.shape[1] >= SPLIT_ATTENTION_MIN_LEN
+    if fused:
         return causal_split_attention(shape, q, k, v, dropout, scaling)
     n = q.shape[1]
     scores = torch.baddbmm(plan.mask(shape, q.dtype).expand(q.shape[0], n, n), q, k.transpose(-1, -2), alpha=scaling)
