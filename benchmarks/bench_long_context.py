@@ -5,8 +5,12 @@ dialogues joined as history before one pair's real answers, so chosen and reject
 for ``--warmup`` + ``--steps`` optimizer steps (one pair per step, bf16 autocast, AdamW, gradient checkpointing on all
 blocks) on ``S`` ranks for each ``S`` in ``--sp``: ``S = 1`` is one process, ``S > 1`` is ``torchrun --nproc_per_node
 S`` with ``--sequence_parallel_size S`` under ``ddp`` (gloo on CPU). Reported per run: the largest peak RSS over the
-ranks (training only, after a ``malloc_trim``, as ``bench_memory.py``), the activation memory (that peak minus the
-resident memory when training starts), and computed tokens per second.
+ranks (training only, after a ``malloc_trim``, as ``bench_memory.py``), the training memory (that peak minus the
+resident memory when training starts: activations, gradients and the optimizer state), the step memory (the peak of
+the measured steps minus the resident memory before them, optimizer state already allocated: activations and
+gradients, the part sequence parallelism divides save the gradients), the step heap (the same, read as the bytes
+malloc has handed out and not got back, sampled every 5 ms: live tensors only, where the RSS also keeps what the
+allocator freed but did not return), and computed tokens per second.
 
 ``--trl`` adds TRL's ``RewardTrainer`` (padded, no sequence parallelism, no prefix sharing) on the same pairs.
 
@@ -17,11 +21,13 @@ resident memory when training starts), and computed tokens per second.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -81,6 +87,41 @@ def read_pair(path: str):
     return TokenizedPair(saved["chosen"], saved["rejected"], None, "en", "long")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_mb() -> float:
+    """Bytes glibc's malloc has handed out and not got back (``mallinfo2``: in-use chunks of every arena plus
+    mmapped blocks), in MB: live tensors, unlike the RSS, which also holds memory freed but kept by the allocator."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2 ** 20
+
+
+class HeapPeak:
+    """The highest :func:`heap_mb` while the ``with`` block runs, sampled every 5 ms by a thread."""
+
+    def __enter__(self) -> "HeapPeak":
+        self.start = self.peak = heap_mb()
+        self._done = threading.Event()
+
+        def sample():
+            while not self._done.is_set():
+                self.peak = max(self.peak, heap_mb())
+                time.sleep(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def child(args) -> dict:
     """One run (this process is one rank): train the pair, return this rank's readings (rank 0 gathers them)."""
     import bench_memory
@@ -105,9 +146,11 @@ def child(args) -> dict:
     wrapped, opt = strategy.prepare(model, lambda ps: torch.optim.AdamW(ps, lr=1e-5, fused=True))
     batch = collate_packed([pair], tokenizer.pad_token_id, 0, True)
     before = bench_memory.reset_peak()
-    losses, t0 = [], time.perf_counter()
+    losses, t0, step_start, heap = [], time.perf_counter(), None, HeapPeak()
     for step in range(args.warmup + args.steps):
-        if step == args.warmup:
+        if step == args.warmup:  # optimizer state exists from here: what the measured steps add is the step's own
+            step_start = bench_memory.reset_peak() if args.warmup else {"load_peak_rss_mb": 0.0, **before}
+            heap.__enter__()
             t0 = time.perf_counter()
         with strategy.autocast():
             rewards = wrapped(**batch.inputs)
@@ -116,13 +159,20 @@ def child(args) -> dict:
         strategy.step(opt, 1.0)
         losses.append(loss.item())
     elapsed = time.perf_counter() - t0
-    mine = torch.tensor([bench_memory._status_mb("VmHWM"), before["start_rss_mb"]], dtype=torch.float64)
+    heap.__exit__()
+    mine = torch.tensor([max(bench_memory._status_mb("VmHWM"), step_start["load_peak_rss_mb"]),
+                         before["start_rss_mb"], step_start["start_rss_mb"], bench_memory._status_mb("VmHWM"),
+                         heap.peak - heap.start],
+                        dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(strategy.world_size)]
     dist.all_gather(every, mine)
     peaks = [t[0].item() for t in every]
     activations = [t[0].item() - t[1].item() for t in every]
+    step_mb = [t[3].item() - t[2].item() for t in every]  # peak of the measured steps over their start
+    heap_step = [t[4].item() for t in every]
     strategy.teardown()
-    return {"peak_rss_mb_max_rank": max(peaks), "activation_mb_max_rank": max(activations), "peaks_mb": peaks,
+    return {"peak_rss_mb_max_rank": max(peaks), "activation_mb_max_rank": max(activations),
+            "step_mb_max_rank": max(step_mb), "step_heap_mb_max_rank": max(heap_step), "peaks_mb": peaks,
             "computed_tokens": batch.computed_tokens, "tokens_per_s": batch.computed_tokens * args.steps / elapsed,
             "seconds_per_step": elapsed / args.steps, "losses": losses}
 
@@ -154,6 +204,8 @@ def run_trl(args, tokenizer, pair) -> dict:
 
         def on_step_end(self, a, state, control, **kw):
             if state.global_step == args.warmup:
+                clock["step"] = bench_memory.reset_peak()
+                clock["heap"] = HeapPeak().__enter__()
                 clock["t0"] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as out:
@@ -164,9 +216,13 @@ def run_trl(args, tokenizer, pair) -> dict:
                                 callbacks=[Clock()])
         trainer.train()
     elapsed = time.perf_counter() - clock["t0"]
+    clock["heap"].__exit__()
     tokens = len(pair.chosen_ids) + len(pair.rejected_ids)
-    peak = bench_memory._status_mb("VmHWM")
+    step_peak = bench_memory._status_mb("VmHWM")
+    peak = max(step_peak, clock["step"]["load_peak_rss_mb"])
     return {"peak_rss_mb_max_rank": peak, "activation_mb_max_rank": peak - clock["before"]["start_rss_mb"],
+            "step_mb_max_rank": step_peak - clock["step"]["start_rss_mb"],
+            "step_heap_mb_max_rank": clock["heap"].peak - clock["heap"].start,
             "computed_tokens": tokens, "tokens_per_s": tokens * args.steps / elapsed,
             "seconds_per_step": elapsed / args.steps}
 
@@ -213,7 +269,8 @@ def main(argv=None) -> int:
             r = results[f"{length}/{name}"] = json.loads(line[-1][len("RESULT "):])
             r.update(chosen_tokens=len(pair.chosen_ids), rejected_tokens=len(pair.rejected_ids))
             print(f"{length:6} {name:5} peak RSS/rank {r['peak_rss_mb_max_rank']:7.0f} MB  activations/rank "
-                  f"{r['activation_mb_max_rank']:7.0f} MB  tokens/s {r['tokens_per_s']:7.1f}  "
+                  f"{r['activation_mb_max_rank']:7.0f} MB  step/rank {r['step_mb_max_rank']:7.0f} MB  step heap/rank "
+                  f"{r['step_heap_mb_max_rank']:7.0f} MB  tokens/s {r['tokens_per_s']:7.1f}  "
                   f"s/step {r['seconds_per_step']:6.1f}", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -66,6 +66,12 @@ class ProcessGroupMixin:
         dist.barrier()
 
     def teardown(self) -> None:
-        """Destroy the process group."""
+        """Destroy the process group, after a barrier.
+
+        The barrier lets gloo's worker thread finish releasing the tensors of the last collective first: seen with
+        torch 2.13, a DDP reducer freed after ``destroy_process_group`` runs ``~ProcessGroupGloo`` holding the GIL
+        while that thread waits for the GIL to drop an ``all_gather``'s Python-owned outputs, and both hang.
+        """
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
