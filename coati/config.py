@@ -136,6 +136,9 @@ class DataArgs:
                                    valid=COUNT)
     max_eval_samples: int | None = _opt(None, "at most N evaluation pairs per eval dataset", valid=COUNT)
     strict_data: bool = _opt(False, "stop at the first bad row (file:line) instead of skipping and counting it")
+    max_responses: int | None = _opt(None, "ranked lists: keep the K best-ranked answers of each prompt (the "
+                                           "answers dropped are counted in the data report; default: all)",
+                                     valid=Range(2, integer=True))
     max_len: int = _opt(512, "max tokens per sequence (prompt truncated from the left; the EOS is always kept)",
                          valid=Range(8, integer=True))
     packing: bool = _opt(True, "pack the chosen and rejected sequences of each batch into rows without padding "
@@ -166,6 +169,10 @@ class LossArgs:
     reward_bound: float = _opt(5.0, "log_barrier bound B: scores are kept inside (-B, B)", valid=POSITIVE)
     center_rewards_coefficient: float = _opt(0.0, "adds c * mean((r_c + r_r)^2) to keep rewards centred at 0",
                                              valid=NON_NEGATIVE)
+    list_weighting: str = _opt("prompt", "ranked lists: weigh each prompt's C(K, 2) comparisons 1/C(K, 2), so every "
+                                         "prompt counts once (prompt, InstructGPT), or every comparison the same "
+                                         "(pair); pairs are unaffected", choices=("prompt", "pair"))
+    margin_from_scores: bool = _opt(False, "scored lists: each comparison's margin is its score difference")
 
 
 @dataclass

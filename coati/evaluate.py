@@ -213,10 +213,14 @@ def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins
     t0 = time.perf_counter()
     chosen, rejected = scorer.score_pairs(pairs, progress=progress)
     seconds = time.perf_counter() - t0
+    owners = [pairs[i] for i in getattr(scorer, "last_owner", range(len(pairs)))]  # the row of each comparison
+    top1 = {}
+    if any(p.more for p in pairs):  # ranked lists: the share of prompts whose best answer scores highest
+        top1 = {"prompts": len(pairs), "top1": scorer.last_top1.double().mean().item()}
     report = {"model_path": scorer.path, "datasets": list(datasets), "heldout": heldout,
-              **pair_metrics(chosen, rejected, bins), "bins": bins,
-              "subsets": grouped_metrics(chosen, rejected, [subset_name(p, subset_by) for p in pairs], bins),
-              "languages": grouped_metrics(chosen, rejected, [p.lang for p in pairs], bins),
+              **pair_metrics(chosen, rejected, bins), **top1, "bins": bins,
+              "subsets": grouped_metrics(chosen, rejected, [subset_name(p, subset_by) for p in owners], bins),
+              "languages": grouped_metrics(chosen, rejected, [p.lang for p in owners], bins),
               "truncation": vars(scorer.last_truncation), "data": data_report or {}, "max_len": scorer.encoder.max_len,
               "chat_template": scorer.chat_template, "seconds": seconds,
               "pairs_per_s": len(pairs) / seconds if seconds > 0 else None}
@@ -226,7 +230,7 @@ def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins
     with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(markdown_report(report))
     with open(os.path.join(output_dir, "pair_scores.jsonl"), "w", encoding="utf-8") as f:
-        for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
+        for p, c, r in zip(owners, chosen.tolist(), rejected.tolist()):
             f.write(dumps({"origin": p.origin, "source": p.source, "lang": p.lang, "chosen_reward": c,
                            "rejected_reward": r, "margin": c - r}) + "\n")
     write_plots(chosen, rejected, report, output_dir)
@@ -287,7 +291,8 @@ def heldout_settings(model_path: str) -> dict:
         raise ValueError(f"--heldout: {path} is not a JSON object")
     defaults = TrainConfig().to_dict()
     settings = {k: stored.get(k, defaults[k]) for k in ("dataset", "data_dir", "max_samples", "strict_data", "seed",
-                                                          "eval_dataset", "max_eval_samples", "eval_split")}
+                                                          "eval_dataset", "max_eval_samples", "eval_split",
+                                                          "max_responses")}
     for key in ("dataset", "eval_dataset"):  # one spec may be stored as a plain string
         if isinstance(settings[key], str):
             settings[key] = [settings[key]]
@@ -319,7 +324,8 @@ def heldout_pairs(model_path: str, settings: dict, data_dir: str | None = None, 
         stored_dir = None
     selection = select_pairs(settings["dataset"], stored_dir or data_dir or default_data_dir(),
                              settings["max_samples"], bool(strict or settings["strict_data"]), settings["seed"],
-                             settings["eval_dataset"], settings["max_eval_samples"], settings["eval_split"] or 0.0)
+                             settings["eval_dataset"], settings["max_eval_samples"], settings["eval_split"] or 0.0,
+                             settings.get("max_responses"))
     pairs = selection.eval
     summary_path = os.path.join(model_path, "summary.json")
     if os.path.isfile(summary_path):

@@ -10,7 +10,11 @@ For N pairs with rewards ``r_c,i`` (chosen) and ``r_r,i`` (rejected), unitless l
   ``config.json`` stores for normalisation);
 * ``ece``: expected calibration error of the Bradley-Terry probability ``sigmoid(r_c - r_r)``
   (:func:`calibration_bins`, :func:`ece_from_bins`);
-* ``loss`` (training only, :class:`PairMetrics`): pair-weighted mean loss.
+* ``loss`` (training only, :class:`PairMetrics`): pair-weighted mean loss;
+* ``top1`` (:class:`PairMetrics`, when given ranked lists): share of prompts whose top-ranked answer gets the highest
+  reward (:func:`top1_correct`); ``prompts`` their count. For pairs ``top1`` equals ``acc``.
+
+For ranked lists the pairs are all the ordered pairs of each prompt's answers (C(K, 2) of a strictly ranked list).
 
 Every quantity but the ECE is a ratio of sums over pairs, so :class:`PairMetrics` can add batches and all-reduce
 over ranks before dividing, and :func:`pair_metrics` over one tensor gives the same numbers.
@@ -24,8 +28,26 @@ import torch
 
 LANGS = ("en", "zh")
 # columns of a pair's row (and of a sum of rows): loss, pair count, correct, dist, chosen, rejected,
-# squared rewards r_c^2 + r_r^2, squared dist
-_LOSS, _PAIRS, _CORRECT, _DIST, _CHOSEN, _REJECTED, _REWARD_SQ, _DIST_SQ = range(8)
+# squared rewards r_c^2 + r_r^2, squared dist; then per prompt (PairMetrics.add_top1): prompts, top-1 right
+_LOSS, _PAIRS, _CORRECT, _DIST, _CHOSEN, _REJECTED, _REWARD_SQ, _DIST_SQ, _PROMPTS, _TOP1 = range(10)
+_COLUMNS = 10
+
+
+def top1_correct(rewards: torch.Tensor, item: torch.Tensor, best: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Per prompt, whether a top-ranked answer gets a strictly higher reward than every other answer.
+
+    Args:
+        rewards: ``[N]`` rewards (any float dtype and device); item: ``[N]`` int64 prompt index (0..B-1) of each;
+        best: ``[N]`` bool, the answer is one of its prompt's top-ranked (tied best) answers.
+    Returns:
+        ``[B]`` bool on CPU (a tie for the highest reward between a best and another answer is wrong, as in ``acc``).
+    """
+    r = rewards.detach().double().cpu()
+    item, best = item.cpu(), best.cpu()
+    low = torch.full((num_items,), float("-inf"), dtype=torch.float64)
+    top = low.scatter_reduce(0, item[best], r[best], "amax")
+    rest = low.scatter_reduce(0, item[~best], r[~best], "amax")
+    return top > rest
 
 
 def _as_pairs(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,10 +59,11 @@ def _as_pairs(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _pair_columns(c: torch.Tensor, r: torch.Tensor, loss: float = 0.0) -> torch.Tensor:
-    """``[N, 8]`` float64 rows, one per pair, whose column sums :func:`_summary` turns into metrics."""
+    """``[N, 10]`` float64 rows, one per pair, whose column sums :func:`_summary` turns into metrics."""
     d = c - r
+    zero = torch.zeros_like(c)
     return torch.stack([torch.full_like(c, loss), torch.ones_like(c), (c > r).double(), d, c, r, c * c + r * r,
-                        d * d], dim=1)
+                        d * d, zero, zero], dim=1)
 
 
 def _std(sum_x: float, sum_sq: float, n: float) -> float:
@@ -49,7 +72,7 @@ def _std(sum_x: float, sum_sq: float, n: float) -> float:
 
 
 def _summary(s: torch.Tensor, loss: bool = False) -> dict:
-    """The metrics (module docstring; ``loss`` too if asked, never ``ece``) of a column sum ``s`` ``[8]``;
+    """The metrics (module docstring; ``loss`` too if asked, never ``ece``) of a column sum ``s`` ``[10]``;
     ``{"pairs": 0}`` when it holds no pair."""
     v = s.tolist()
     n = v[_PAIRS]
@@ -61,18 +84,21 @@ def _summary(s: torch.Tensor, loss: bool = False) -> dict:
            "reward_std": _std(v[_CHOSEN] + v[_REJECTED], v[_REWARD_SQ], 2 * n)}
     if loss:
         out["loss"] = v[_LOSS] / n
+    if v[_PROMPTS]:
+        out.update(prompts=int(v[_PROMPTS]), top1=v[_TOP1] / v[_PROMPTS])
     return out
 
 
 class PairMetrics:
     """Sums over pairs (overall and per language in :data:`LANGS`) that are all-reduced before dividing.
 
-    The metrics are those of the module docstring, ``loss`` included, without ``ece`` (it needs every score). The
-    sums are a ``[1 + len(LANGS), 8]`` float64 CPU tensor ``sums`` (row 0 overall, row j the language ``LANGS[j-1]``).
+    The metrics are those of the module docstring, ``loss`` and ``top1`` included, without ``ece`` (it needs every
+    score). The sums are a ``[1 + len(LANGS), 10]`` float64 CPU tensor ``sums`` (row 0 overall, row j the language
+    ``LANGS[j-1]``).
     """
 
     def __init__(self):
-        self.sums = torch.zeros(1 + len(LANGS), 8, dtype=torch.float64)
+        self.sums = torch.zeros(1 + len(LANGS), _COLUMNS, dtype=torch.float64)
 
     def add(self, loss: float, chosen: torch.Tensor, rejected: torch.Tensor, langs: Sequence[str]) -> None:
         """Accumulate one batch: its mean ``loss`` (weighted by its pair count), ``[B]`` rewards (any float dtype and
@@ -88,6 +114,22 @@ class PairMetrics:
         self.sums[0] += rows.sum(0)
         for j, lang in enumerate(LANGS, start=1):
             self.sums[j] += rows[torch.tensor([lg == lang for lg in langs], dtype=torch.bool)].sum(0)
+
+    def add_top1(self, correct: torch.Tensor, langs: Sequence[str]) -> None:
+        """Accumulate one batch's prompts: ``[B]`` bool :func:`top1_correct` and their ``B`` language codes.
+
+        Raises:
+            ValueError: ``langs`` has another length.
+        """
+        if len(langs) != correct.numel():
+            raise ValueError(f"{correct.numel()} prompts but {len(langs)} language codes")
+        right = correct.cpu().double().flatten()
+        self.sums[0, _PROMPTS] += right.numel()
+        self.sums[0, _TOP1] += right.sum()
+        for j, lang in enumerate(LANGS, start=1):
+            mine = torch.tensor([lg == lang for lg in langs], dtype=torch.bool)
+            self.sums[j, _PROMPTS] += mine.sum()
+            self.sums[j, _TOP1] += right[mine].sum()
 
     def reduce(self, strategy) -> PairMetrics:
         """Sum ``sums`` over the data-parallel ranks with ``strategy.reduce_data(tensor)`` (the ranks of a

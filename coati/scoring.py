@@ -342,16 +342,25 @@ class RewardScorer:
         return rewards.tolist()
 
     def score_pairs(self, pairs: Sequence, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score N :class:`~coati.data.formats.PreferencePair` exactly as the trainer's evaluation does
-        (:func:`tokenize_pairs`); ``progress``: tqdm bar over batches.
+        """Score N :class:`~coati.data.formats.PreferencePair` (pairs or ranked lists) exactly as the trainer's
+        evaluation does (:func:`tokenize_pairs`, every answer scored once); ``progress``: tqdm bar over batches.
 
         Returns:
-            (chosen, rejected): two ``[N]`` float32 CPU tensors of raw rewards, in input order (all 2N sequences
-            batched together). Truncation counts are kept in :attr:`last_truncation`.
+            (chosen, rejected): two ``[M]`` float32 CPU tensors of raw rewards of the M comparisons (M = N for
+            pairs; a ranked list gives its ordered pairs), in input order. Kept for the caller: truncation counts in
+            :attr:`last_truncation`, the input index of each comparison in :attr:`last_owner` (``list[int]``, M) and
+            the per-prompt top-1 result in :attr:`last_top1` (``[N]`` bool, :func:`coati.metrics.top1_correct`).
         """
+        from coati.data.collate import list_layout
+        from coati.metrics import top1_correct
+
         items, self.last_truncation = tokenize_pairs(list(pairs), self.encoder, self.chat_template)
-        rewards = self.score_ids([it.chosen_ids for it in items] + [it.rejected_ids for it in items], progress)
-        return rewards[:len(items)].clone(), rewards[len(items):].clone()
+        layout = list_layout(items)
+        rewards = self.score_ids(layout.sequences, progress)
+        index = torch.tensor(layout.pairs, dtype=torch.int64).reshape(-1, 2)
+        self.last_owner = [layout.item[w] for w, _ in layout.pairs]
+        self.last_top1 = top1_correct(rewards, torch.tensor(layout.item), torch.tensor(layout.best), len(items))
+        return rewards[index[:, 0]].clone(), rewards[index[:, 1]].clone()
 
     def best_of_n(self, prompt: Prompt, responses: Sequence[str], normalize: bool = False) -> tuple[list[float], int]:
         """Score N >= 1 candidate responses to one prompt and pick the best (Best-of-N / rejection sampling).

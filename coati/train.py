@@ -140,7 +140,8 @@ def run(cfg: TrainConfig) -> dict:
     capacity = cfg.data.max_tokens_per_batch or reward_model.backbone.row_capacity(cfg.data.max_len,
                                                                                    cfg.data.share_prefix)
     train, evaluation = make_loaders(data, cfg.data, optim.batch_size, optim.eval_batch_size or optim.batch_size,
-                                     optim.seed, tokenizer.pad_token_id, capacity, strategy)
+                                     optim.seed, tokenizer.pad_token_id, capacity, strategy,
+                                     cfg.loss.list_weighting, cfg.loss.margin_from_scores)
     total = plan_steps(len(train), optim)[1]
     if total == 0:
         raise ValueError(f"{len(data.train)} training pairs make no optimizer step with batch_size "

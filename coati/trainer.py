@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from coati.checkpoint import NonFiniteWeightsError
 from coati.config import LogArgs, OptimArgs
 from coati.data.collate import Batch, PairLoader
-from coati.metrics import PairMetrics
+from coati.metrics import PairMetrics, top1_correct
 from coati.signals import Interrupted, StopFlag, signal_name
 from coati.strategies.base import Strategy, all_finite
 
@@ -37,7 +37,8 @@ class Trainer:
     Args:
         model: the prepared (possibly wrapped) module whose forward is ``(**batch.inputs) -> [2B]`` float32 rewards.
         optimizer, scheduler: built after ``strategy.prepare`` (the scheduler over ``plan_steps``' total).
-        loss_fn: ``(chosen [B], rejected [B], margin [B] | None) -> scalar``; see :mod:`coati.losses`.
+        loss_fn: ``(chosen [M], rejected [M], margin [M] | None[, weight [M]]) -> scalar`` over a batch's M
+            comparisons (``weight`` passed only for ranked lists weighted per prompt); see :mod:`coati.losses`.
         train, evaluation: this rank's :class:`~coati.data.collate.PairLoader` of the training / evaluation pairs
             (``evaluation`` None: nothing to evaluate).
         optim, log: the optimisation/loop and logging option groups.
@@ -65,14 +66,27 @@ class Trainer:
         self.train_tokens = 0  # real tokens trained on by all ranks in this run
         self._bad_streak = 0
 
-    def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, chosen [M], rejected [M], rewards [N])`` of one batch's M comparisons of N sequences."""
         dev = self.strategy.device
         with self.strategy.autocast():
             rewards = self.model(**{k: v.to(dev) for k, v in batch.inputs.items()})
-        b = rewards.shape[0] // 2
-        chosen, rejected = rewards[:b], rewards[b:]
+        if batch.pairs is None:  # a batch built by hand: B pairs as 2B sequences, chosen first
+            b = rewards.shape[0] // 2
+            chosen, rejected = rewards[:b], rewards[b:]
+        else:
+            pairs = batch.pairs.to(dev)
+            chosen, rejected = rewards[pairs[:, 0]], rewards[pairs[:, 1]]
         margin = batch.margin.to(dev) if batch.margin is not None else None
-        return self.loss_fn(chosen, rejected, margin), chosen, rejected
+        if batch.weight is None:
+            return self.loss_fn(chosen, rejected, margin), chosen, rejected, rewards
+        return self.loss_fn(chosen, rejected, margin, batch.weight.to(dev)), chosen, rejected, rewards
+
+    @staticmethod
+    def _add(metrics: PairMetrics, value: float, batch: Batch, chosen, rejected, rewards) -> None:
+        metrics.add(value, chosen, rejected, batch.langs)
+        if batch.item is not None:
+            metrics.add_top1(top1_correct(rewards, batch.item, batch.best, len(batch.item_langs)), batch.item_langs)
 
     def _log(self, row: dict) -> None:
         self.history.append(row)
@@ -111,14 +125,14 @@ class Trainer:
                 tokens[2] += batch.total_tokens
                 ctx = contextlib.nullcontext() if last_micro else strategy.no_sync(self.model)
                 with ctx:
-                    loss, chosen, rejected = self._forward(batch)
+                    loss, chosen, rejected, rewards = self._forward(batch)
                     strategy.backward(loss / accumulation)
                 value = loss.item()  # one device sync per micro-batch
                 finite = math.isfinite(value)
                 bad_micro = bad_micro or not finite
                 if finite:
-                    window.add(value, chosen, rejected, batch.langs)
-                    epoch_sums.add(value, chosen, rejected, batch.langs)
+                    self._add(window, value, batch, chosen, rejected, rewards)
+                    self._add(epoch_sums, value, batch, chosen, rejected, rewards)
                 if not last_micro:
                     continue
                 stop = self._update(bad_micro)
@@ -232,9 +246,9 @@ class Trainer:
         bar = tqdm(total=len(self.evaluation), desc=split, leave=False, dynamic_ncols=True,
                    disable=self.log.disable_tqdm or not self.strategy.is_main)
         for batch, counted in self.evaluation.batches():
-            loss, chosen, rejected = self._forward(batch)  # a stand-in batch still joins a collective forward
+            loss, chosen, rejected, rewards = self._forward(batch)  # a stand-in batch still joins the collective
             if counted:
-                metrics.add(loss.item(), chosen, rejected, batch.langs)
+                self._add(metrics, loss.item(), batch, chosen, rejected, rewards)
             bar.update(1)
         bar.close()
         row = {"step": self.step, "split": split, **metrics.reduce(self.strategy).result()}

@@ -17,17 +17,26 @@ from coati.models.packed_attention import shared_prefix_len
 
 @dataclass
 class Batch:
-    """One micro-batch of B pairs as 2B sequences, all chosen first, then all rejected.
+    """One micro-batch of B prompts (pairs, or ranked lists of K answers) as N sequences and M comparisons.
+
+    Sequences are numbered answer-major: the first answer of every item, then the second of every item, then the
+    third of the items that have one, and so on; for B pairs that is the 2B sequences, all chosen first, then all
+    rejected, and the M = B comparisons are ``(i, B + i)``.
 
     Attributes:
-        inputs: the reward model's keyword arguments. Padded (:func:`collate_pairs`): ``input_ids`` and
-            ``attention_mask`` ``[2B, L]`` int64 (L = longest sequence). Packed (:func:`collate_packed`):
-            ``input_ids`` and ``position_ids`` ``[R, L]`` int64, ``groups`` ``[G, 5]`` int64 and ``reward_index``
-            ``[2B, 2]`` int64.
-        margin: ``[B]`` float32 required reward gaps, or None (missing margins count as 0 when any pair has one).
-        langs: the B pairs' languages.
-        real_tokens: tokens of the 2B sequences; computed_tokens: token positions the model computes (shared
+        inputs: the reward model's keyword arguments (its ``[N]`` rewards follow the sequence order). Padded
+            (:func:`collate_pairs`): ``input_ids`` and ``attention_mask`` ``[N, L]`` int64 (L = longest
+            sequence). Packed (:func:`collate_packed`): ``input_ids`` and ``position_ids`` ``[R, L]`` int64,
+            ``groups`` ``[G, 3 + Kmax]`` int64 and ``reward_index`` ``[N, 2]`` int64.
+        margin: ``[M]`` float32 required reward gaps, or None (missing margins count as 0 when any pair has one).
+        langs: the M comparisons' languages (their prompt's).
+        real_tokens: tokens of the N sequences; computed_tokens: token positions the model computes (shared
             prompts once); total_tokens: positions computed, padding included. Padding fraction = 1 - computed / total.
+        pairs: ``[M, 2]`` int64 (winner, loser) sequence indices of the comparisons.
+        weight: ``[M]`` float32 loss weights (``1 / C_b`` for the C_b comparisons of prompt b, ``--list_weighting
+            prompt``), or None for equal weights (all pairs, or ``--list_weighting pair``).
+        item: ``[N]`` int64 index (0..B-1) of the prompt each sequence answers; best: ``[N]`` bool, the sequence
+            is one of its prompt's top-ranked answers (for ``top1``); item_langs: the B prompts' languages.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -36,19 +45,84 @@ class Batch:
     real_tokens: int
     computed_tokens: int
     total_tokens: int
+    pairs: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    item: torch.Tensor | None = None
+    best: torch.Tensor | None = None
+    item_langs: list[str] | None = None
 
 
-def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "right") -> Batch:
-    """Stack B pairs into one padded :class:`Batch` of 2B sequences (``computed_tokens == real_tokens``).
+@dataclass
+class ListLayout:
+    """The sequences and comparisons of B items in :class:`Batch` order (:func:`list_layout`).
+
+    Attributes:
+        sequences: the N token-id lists; index: ``index[b][k]`` = sequence number of item b's answer k.
+        pairs: ``[(winner, loser)]`` sequence numbers; margins: one per pair (None when none of the items has one).
+        weights: one per pair, or None (all equal); item, best: per sequence (see :class:`Batch`).
+    """
+
+    sequences: list[list[int]]
+    index: list[list[int]]
+    pairs: list[tuple[int, int]]
+    margins: list[float] | None
+    weights: list[float] | None
+    item: list[int]
+    best: list[bool]
+
+
+def list_layout(items: list[TokenizedPair], list_weighting: str = "prompt",
+                margin_from_scores: bool = False) -> ListLayout:
+    """Number the answers of B pairs or ranked lists answer-major and list their comparisons
+    (:meth:`~coati.data.template.TokenizedPair.comparisons`).
+
+    Args:
+        list_weighting: ``prompt``: each prompt's C_b comparisons weigh ``1 / C_b`` (a prompt is one batch element,
+            InstructGPT, arXiv 2203.02155, section 3.5); ``pair``: every comparison weighs the same. A batch of
+            pairs has equal weights either way (``weights`` None).
+        margin_from_scores: per-pair margins from score differences (scored lists).
+    Raises:
+        ValueError: an unknown ``list_weighting``.
+    """
+    if list_weighting not in ("prompt", "pair"):
+        raise ValueError(f"list_weighting must be 'prompt' or 'pair', got {list_weighting!r}")
+    seqs = [it.sequences for it in items]
+    index = [[0] * len(s) for s in seqs]
+    sequences, item, best = [], [], []
+    for k in range(max(map(len, seqs))):
+        for b, s in enumerate(seqs):
+            if k < len(s):
+                index[b][k] = len(sequences)
+                sequences.append(s[k])
+                item.append(b)
+                top = items[b].scores is None and k == 0 or items[b].scores is not None and \
+                    items[b].scores[k] == items[b].scores[0]
+                best.append(bool(top))
+    pairs, margins, weights = [], [], []
+    for b, it in enumerate(items):
+        comps = it.comparisons(margin_from_scores)
+        for i, j, m in comps:
+            pairs.append((index[b][i], index[b][j]))
+            margins.append(m)
+            weights.append(1.0 / len(comps))
+    equal = list_weighting == "pair" or len(set(weights)) <= 1
+    return ListLayout(sequences, index, pairs, None if all(m is None for m in margins) else
+                      [0.0 if m is None else float(m) for m in margins], None if equal else weights, item, best)
+
+
+def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "right",
+                  list_weighting: str = "prompt", margin_from_scores: bool = False) -> Batch:
+    """Stack B pairs (or ranked lists) into one padded :class:`Batch` of N sequences, one per row
+    (``computed_tokens == real_tokens``: each answer's prompt is computed with it; packing shares it).
 
     Raises:
-        ValueError: empty ``items`` or an unknown padding side.
+        ValueError: empty ``items``, an unknown padding side or ``list_weighting``.
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
-    seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
-    input_ids, attention_mask = pad_sequences(seqs, pad_id, padding_side)
-    return _batch(items, {"input_ids": input_ids, "attention_mask": attention_mask}, seqs, input_ids.numel())
+    layout = list_layout(items, list_weighting, margin_from_scores)
+    input_ids, attention_mask = pad_sequences(layout.sequences, pad_id, padding_side)
+    return _batch(items, layout, {"input_ids": input_ids, "attention_mask": attention_mask}, input_ids.numel())
 
 
 def pad_sequences(seqs, pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,13 +146,16 @@ def pad_sequences(seqs, pad_id: int, padding_side: str = "right") -> tuple[torch
     return input_ids, attention_mask
 
 
-def _batch(items: list[TokenizedPair], inputs: dict, seqs: list[list[int]], total_tokens: int,
+def _batch(items: list[TokenizedPair], layout: ListLayout, inputs: dict, total_tokens: int,
            computed: int | None = None) -> Batch:
-    margin = None
-    if any(it.margin is not None for it in items):
-        margin = torch.tensor([0.0 if it.margin is None else float(it.margin) for it in items], dtype=torch.float32)
-    real = sum(map(len, seqs))
-    return Batch(inputs, margin, [it.lang for it in items], real, real if computed is None else computed, total_tokens)
+    margin = None if layout.margins is None else torch.tensor(layout.margins, dtype=torch.float32)
+    weight = None if layout.weights is None else torch.tensor(layout.weights, dtype=torch.float32)
+    real = sum(map(len, layout.sequences))
+    langs = [items[layout.item[w]].lang for w, _ in layout.pairs]
+    return Batch(inputs, margin, langs, real, real if computed is None else computed, total_tokens,
+                 pairs=torch.tensor(layout.pairs, dtype=torch.int64).reshape(-1, 2), weight=weight,
+                 item=torch.tensor(layout.item, dtype=torch.int64), best=torch.tensor(layout.best, dtype=torch.bool),
+                 item_langs=[it.lang for it in items])
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -107,67 +184,95 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, share_prefix: bool = True) -> Batch:
-    """Pack the 2B sequences of B pairs into rows without padding between them.
+def _share_groups(seqs: list[list[int]], numbers: list[int], capacity: int) -> list[tuple]:
+    """Groups ``(token ids, positions, shape, [(sequence number, column of its last token)...])`` of the K
+    sequences of one item that share their first ``p`` tokens: ``[P | T1 | ... | Tj]`` filled in rank order while
+    it fits ``capacity`` (0: no limit), a new group with its own copy of ``P`` when the next answer does not fit; a
+    group of one answer is a plain sequence."""
+    p = min(shared_prefix_len(seqs[0], s) for s in seqs[1:])
+    chunks, size = [[]], p
+    for k, s in enumerate(seqs):
+        tail = len(s) - p
+        if capacity and chunks[-1] and size + tail > capacity:
+            chunks.append([])
+            size = p
+        chunks[-1].append(k)
+        size += tail
+    out = []
+    for chunk in chunks:
+        if len(chunk) == 1:
+            s = seqs[chunk[0]]
+            out.append((list(s), list(range(len(s))), (len(s),), [(numbers[chunk[0]], len(s) - 1)]))
+            continue
+        ids, pos, ends = list(seqs[chunk[0]][:p]), list(range(p)), []
+        for k in chunk:
+            ids += seqs[k][p:]
+            pos += range(p, len(seqs[k]))
+            ends.append((numbers[k], len(ids) - 1))
+        out.append((ids, pos, (p, *(len(seqs[k]) - p for k in chunk)), ends))
+    return out
 
-    With ``share_prefix`` a pair whose chosen and rejected sequences start with the same tokens (the prompt) becomes
-    one group ``[shared | chosen rest | rejected rest]`` computed as if the two were separate sequences (see
-    :mod:`coati.models.packed_attention`), so the prompt is computed once; otherwise, or when the pair shares no
-    token, each sequence is a group of its own. Positions are each token's position in its own sequence, so every
-    reward equals the padded path's.
+
+def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, share_prefix: bool = True,
+                   list_weighting: str = "prompt", margin_from_scores: bool = False) -> Batch:
+    """Pack the N sequences of B pairs (or ranked lists) into rows without padding between them.
+
+    With ``share_prefix`` the K sequences of an item that start with the same tokens (the prompt) become one group
+    ``[shared | answer 1 rest | ... | answer K rest]`` computed as if they were separate sequences (see
+    :mod:`coati.models.packed_attention`), so the prompt is computed once for all K answers; otherwise, or when
+    the sequences share no token, each sequence is a group of its own. Positions are each token's position in its
+    own sequence, so every reward equals the padded path's.
 
     Args:
         capacity: tokens per row; 0 puts the whole batch in one row (no padding at all: for backbones whose packed
-            attention costs nothing per row, the RoPE ones). With a capacity, groups are placed first-fit-decreasing
-            and a shared-prefix group longer than the capacity is split back into its two sequences.
+            attention costs nothing per row, the RoPE ones). With a capacity, groups are placed first-fit-decreasing;
+            an item whose shared group is longer than the capacity is cut into several groups, each with its own
+            copy of the prompt (a pair: back into its two sequences), never dropped.
+        list_weighting, margin_from_scores: as :func:`list_layout`.
     Returns:
         a :class:`Batch` whose ``inputs`` are ``input_ids`` and ``position_ids`` ``[R, L]`` int64, ``groups``
-        ``[G, 5]`` int64 (row, start, prefix_len, chosen_len, rejected_len) and ``reward_index`` ``[2B, 2]`` int64:
-        (row, column) of each sequence's last token, chosen first. ``computed_tokens`` counts the token positions
-        computed (``real_tokens`` minus the shared prefixes' second copies).
+        ``[G, 3 + Kmax]`` int64 (row, start, prefix_len, answer lengths...; for pairs ``[G, 5]``: row, start,
+        prefix_len, chosen_len, rejected_len) and ``reward_index`` ``[N, 2]`` int64: (row, column) of each
+        sequence's last token, in :class:`Batch` order. ``computed_tokens`` counts the token positions computed
+        (``real_tokens`` minus the shared prefixes' further copies).
     Raises:
-        ValueError: empty ``items`` or a sequence longer than ``capacity``.
+        ValueError: empty ``items``, a sequence longer than ``capacity``, or an unknown ``list_weighting``.
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
-    b = len(items)
-    # each group: (token ids, positions, prefix_len, chosen_len, rejected_len, sequence index of each last token)
-    groups = []
-    for i, it in enumerate(items):
-        c, r = list(it.chosen_ids), list(it.rejected_ids)
-        p = shared_prefix_len(c, r) if share_prefix else 0
-        if p > 0 and (not capacity or len(c) + len(r) - p <= capacity):
-            ids = c + r[p:]
-            pos = list(range(len(c))) + list(range(p, len(r)))
-            groups.append((ids, pos, p, len(c) - p, len(r) - p, (i, len(c) - 1), (b + i, len(ids) - 1)))
+    layout = list_layout(items, list_weighting, margin_from_scores)
+    groups = []  # (token ids, positions, shape, [(sequence number, column of its last token in the group)...])
+    for b, it in enumerate(items):
+        seqs, numbers = it.sequences, layout.index[b]
+        if share_prefix and min(shared_prefix_len(seqs[0], s) for s in seqs[1:]) > 0:
+            groups += _share_groups(seqs, numbers, capacity)
         else:
-            groups.append((c, list(range(len(c))), len(c), 0, 0, (i, len(c) - 1)))
-            groups.append((r, list(range(len(r))), len(r), 0, 0, (b + i, len(r) - 1)))
+            groups += [(list(s), list(range(len(s))), (len(s),), [(n, len(s) - 1)]) for s, n in zip(seqs, numbers)]
     if capacity:
         rows = pack_rows([len(g[0]) for g in groups], capacity)
     else:
         rows = [list(range(len(groups)))]
     length = max(sum(len(groups[g][0]) for g in row) for row in rows)
+    width = max(2, max(len(g[2]) - 1 for g in groups))  # answer columns (2 for pairs: the 5-column table)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
     position_ids = torch.zeros((len(rows), length), dtype=torch.int64)
-    reward_index = torch.zeros((2 * b, 2), dtype=torch.int64)
+    reward_index = torch.zeros((len(layout.sequences), 2), dtype=torch.int64)
     table = []
     for row_no, row in enumerate(rows):
         start = 0
         for g in row:
-            ids, pos, p, nc, nr, *ends = groups[g]
+            ids, pos, shape, ends = groups[g]
             n = len(ids)
             input_ids[row_no, start:start + n] = torch.tensor(ids, dtype=torch.int64)
             position_ids[row_no, start:start + n] = torch.tensor(pos, dtype=torch.int64)
             for seq, last in ends:
                 reward_index[seq] = torch.tensor([row_no, start + last])
-            table.append([row_no, start, p, nc, nr])
+            table.append([row_no, start, *shape] + [0] * (width + 1 - len(shape)))
             start += n
         position_ids[row_no, start:] = torch.arange(length - start)
     inputs = {"input_ids": input_ids, "position_ids": position_ids, "reward_index": reward_index,
               "groups": torch.tensor(table, dtype=torch.int64)}
-    seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
-    return _batch(items, inputs, seqs, input_ids.numel(), computed=sum(len(g[0]) for g in groups))
+    return _batch(items, layout, inputs, input_ids.numel(), computed=sum(len(g[0]) for g in groups))
 
 
 class GlobalBatchSampler:
@@ -263,13 +368,15 @@ class PairLoader:
                 yield self.collate([self.pairs[0]]), False
 
 
-def make_collate(pad_id: int, packing: bool, capacity: int, share_prefix: bool,
-                 padding_side: str) -> Callable[[list[TokenizedPair]], Batch]:
+def make_collate(pad_id: int, packing: bool, capacity: int, share_prefix: bool, padding_side: str,
+                 list_weighting: str = "prompt", margin_from_scores: bool = False
+                 ) -> Callable[[list[TokenizedPair]], Batch]:
     """``items -> Batch``: :func:`collate_packed` (rows of ``capacity`` tokens, 0 = one row), or
-    :func:`collate_pairs`."""
+    :func:`collate_pairs`; ``list_weighting`` and ``margin_from_scores`` as :func:`list_layout`."""
+    lists = dict(list_weighting=list_weighting, margin_from_scores=margin_from_scores)
     if packing:
-        return partial(collate_packed, pad_id=pad_id, capacity=capacity, share_prefix=share_prefix)
-    return partial(collate_pairs, pad_id=pad_id, padding_side=padding_side)
+        return partial(collate_packed, pad_id=pad_id, capacity=capacity, share_prefix=share_prefix, **lists)
+    return partial(collate_pairs, pad_id=pad_id, padding_side=padding_side, **lists)
 
 
 @dataclass
@@ -301,7 +408,7 @@ def prepare_data(args: DataArgs, seed: int, tokenizer, reward_token_id: int) -> 
     """
     data_dir = args.data_dir or default_data_dir()
     selection = select_pairs(args.dataset, data_dir, args.max_samples, args.strict_data, seed, args.eval_dataset,
-                             args.max_eval_samples, args.eval_split)
+                             args.max_eval_samples, args.eval_split, args.max_responses)
     chat = use_chat_template(tokenizer, args.chat_template)
     encoder = SequenceEncoder(tokenizer, args.max_len, reward_token_id)
     (train, train_cut), (evals, eval_cut) = (tokenize_pairs(p, encoder, chat)
@@ -310,17 +417,20 @@ def prepare_data(args: DataArgs, seed: int, tokenizer, reward_token_id: int) -> 
 
 
 def make_loaders(data: RunData, args: DataArgs, batch_size: int, eval_batch_size: int, seed: int, pad_id: int,
-                 capacity: int, strategy) -> tuple[PairLoader, PairLoader | None]:
+                 capacity: int, strategy, list_weighting: str = "prompt",
+                 margin_from_scores: bool = False) -> tuple[PairLoader, PairLoader | None]:
     """This rank's training loader (shuffled per epoch, last incomplete global batch dropped, optionally grouped by
     length) and evaluation loader (every pair once, None without evaluation pairs).
 
     Args:
         capacity: packed row capacity (``--max_tokens_per_batch``, or the backbone's default when that is 0).
+        list_weighting, margin_from_scores: ranked lists' loss weights and margins (:func:`list_layout`).
         strategy: gives ``data_world_size``, ``data_rank`` (the ranks of a sequence-parallel group read the same
             batches) and ``lockstep_forward``.
     """
-    collate = make_collate(pad_id, args.packing, capacity, args.share_prefix, args.padding_side)
-    lengths = [len(p.chosen_ids) + len(p.rejected_ids) for p in data.train] if args.group_by_length else None
+    collate = make_collate(pad_id, args.packing, capacity, args.share_prefix, args.padding_side, list_weighting,
+                           margin_from_scores)
+    lengths = [sum(map(len, p.sequences)) for p in data.train] if args.group_by_length else None
     world, rank = strategy.data_world_size, strategy.data_rank
     train = PairLoader(data.train, collate, GlobalBatchSampler(len(data.train), batch_size, world, rank, seed=seed,
                                                                lengths=lengths))

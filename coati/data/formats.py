@@ -1,4 +1,4 @@
-"""Preference-pair row formats: detection and parsing into :class:`PreferencePair`.
+"""Preference-pair and ranked-list row formats: detection and parsing into :class:`PreferencePair`.
 
 Every supported layout is a :class:`Format` in :data:`FORMATS`; adding one means writing a ``detect`` / ``parse``
 function pair and one registry entry. Common rules for all formats:
@@ -18,7 +18,7 @@ import re
 import reprlib
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Message = dict[str, str]
 
@@ -42,16 +42,21 @@ class DataFormatError(ValueError):
 
 @dataclass
 class PreferencePair:
-    """One preference comparison: two final assistant answers to the same conversation.
+    """One preference comparison (two final assistant answers to the same conversation), or a ranked list of K >= 2
+    answers to it.
 
     Attributes:
         prompt: the conversation before the answer, as ``{"role", "content"}`` messages (role ``system``, ``user``
             or ``assistant``); may be empty.
-        chosen: the preferred final assistant answer (text only).
-        rejected: the dispreferred final assistant answer.
+        chosen: the preferred final assistant answer (text only); of a list, the best one.
+        rejected: the dispreferred final assistant answer; of a list, the second best.
         margin: the row's optional ``margin`` value, else None.
         source: the dataset name or file path the pair came from.
         origin: where in the source, e.g. ``"path:12"`` (1-based line) or ``"name:row 3"`` (0-based row).
+        more: answers 3..K of a ranked list, in rank order (empty for a pair).
+        scores: of a scored list, the scores of :attr:`responses` (higher is better, non-increasing; equal scores
+            are ties); None when the answers are strictly ranked in order.
+        dropped: answers of the row that were dropped while parsing (blank or repeated ones), counted in the report.
     """
 
     prompt: list[Message]
@@ -60,6 +65,23 @@ class PreferencePair:
     margin: float | None = None
     source: str = ""
     origin: str = ""
+    more: list[str] = field(default_factory=list)
+    scores: list[float] | None = None
+    dropped: int = 0
+
+    @property
+    def responses(self) -> list[str]:
+        """The K answers in rank order: ``[chosen, rejected, *more]``."""
+        return [self.chosen, self.rejected, *self.more]
+
+    def cap(self, k: int) -> int:
+        """Keep only the ``k`` (>= 2) best-ranked answers; returns how many were removed."""
+        removed = max(len(self.more) - (k - 2), 0)
+        if removed:
+            self.more = self.more[:k - 2]
+            if self.scores is not None:
+                self.scores = self.scores[:k]
+        return removed
 
     @property
     def lang(self) -> str:
@@ -140,17 +162,20 @@ def _answer(row: Mapping, key: str, conversation: bool = False) -> tuple[list[Me
     return msgs[:-1], msgs[-1]["content"]
 
 
-def _margin(row: Mapping) -> float | None:
-    value = row.get("margin")
-    if value is None:
-        return None
+def _number(value: object, what: str) -> float:
+    """A finite float from a JSON number (not a bool); DataFormatError naming ``what`` otherwise."""
     try:  # a JSON integer too large for a float (e.g. 400 digits) overflows
         number = math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
     except OverflowError:
         number = math.nan
     if not math.isfinite(number):
-        raise DataFormatError(f"'margin' must be a finite number, got {_brief(value)}")
+        raise DataFormatError(f"{what} must be a finite number, got {_brief(value)}")
     return number
+
+
+def _margin(row: Mapping) -> float | None:
+    value = row.get("margin")
+    return None if value is None else _number(value, "'margin'")
 
 
 def is_blank(text: str) -> bool:
@@ -197,6 +222,38 @@ def _pair(row: Mapping, prompt: list[Message], chosen: str, rejected: str) -> Pr
     for i, message in enumerate(prompt):
         check_text(f"prompt message {i}", message["content"])
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=_margin(row))
+
+
+def _ranked_list(row: Mapping, prompt: list[Message], answers: list[str | None],
+                 scores: list[float] | None = None) -> PreferencePair:
+    """A ranked list from ``answers`` (best first when ``scores`` is None, else in any order with one score each,
+    higher better). Blank answers (and None: an answer that could not be read) and repeats of an earlier answer are
+    dropped and counted in ``dropped``; a scored list is sorted by score, best first (stable: ties keep row order).
+
+    Raises:
+        DataFormatError: fewer than 2 answers left, all scores equal (no comparison), or text that is not valid
+            Unicode.
+    """
+    for i, message in enumerate(prompt):
+        check_text(f"prompt message {i}", message["content"])
+    keep, seen = [], set()
+    for i, text in enumerate(answers):
+        if text is None or is_blank(text) or text in seen:
+            continue
+        check_text(f"answer {i}", text)
+        seen.add(text)
+        keep.append((i, text))
+    if scores is not None:
+        keep.sort(key=lambda item: -scores[item[0]])
+    if len(keep) < 2:
+        raise DataFormatError(f"a ranked list needs at least 2 distinct non-empty answers, got {len(keep)} of "
+                              f"{len(answers)}")
+    kept_scores = None if scores is None else [scores[i] for i, _ in keep]
+    if kept_scores is not None and kept_scores[0] == kept_scores[-1]:
+        raise DataFormatError("all answers have the same score: no preference to learn")
+    texts = [t for _, t in keep]
+    return PreferencePair(prompt, texts[0], texts[1], _margin(row), more=texts[2:], scores=kept_scores,
+                          dropped=len(answers) - len(keep))
 
 
 # ---------------------------------------------------------------- hh-rlhf
@@ -280,15 +337,12 @@ def _parse_sharegpt(row: Mapping) -> PreferencePair:
 
 # ---------------------------------------------------------------- ranked outputs
 
-def _parse_ranked(row: Mapping) -> PreferencePair:
-    """History turns, then ``instruction`` (+ ``"\\n" + input`` when non-empty); ``output[0]`` beats ``output[1]``."""
+def _instruction_prompt(row: Mapping) -> list[Message]:
+    """History turns, then ``instruction`` (+ ``"\\n" + input`` when non-empty) as the last user message."""
     instruction = _require(row, "instruction", str, "a string")
     extra = row.get("input") or ""
     if not isinstance(extra, str):
         raise DataFormatError(f"'input' must be a string, got {type(extra).__name__}")
-    outputs = _require(row, "output", list, "a list of ranked answers")
-    if len(outputs) < 2 or not all(isinstance(o, str) for o in outputs[:2]):
-        raise DataFormatError(f"'output' needs at least 2 string answers, got {len(outputs)} item(s)")
     history = row.get("history") or []
     if not isinstance(history, list):
         raise DataFormatError(f"'history' must be a list, got {type(history).__name__}")
@@ -299,7 +353,69 @@ def _parse_ranked(row: Mapping) -> PreferencePair:
         prompt += [{"role": "user", "content": turn[0].strip()}, {"role": "assistant", "content": turn[1].strip()}]
     user = instruction.strip() + ("\n" + extra.strip() if extra.strip() else "")
     prompt.append({"role": "user", "content": user})
-    return _pair(row, prompt, outputs[0].strip(), outputs[1].strip())
+    return prompt
+
+
+def _parse_ranked(row: Mapping) -> PreferencePair:
+    """:func:`_instruction_prompt`, then all of ``output``, best first (``output[0]`` beats every later one)."""
+    prompt = _instruction_prompt(row)
+    outputs = _require(row, "output", list, "a list of ranked answers")
+    bad = next((i for i, o in enumerate(outputs) if not isinstance(o, str)), None)
+    if bad is not None:
+        raise DataFormatError(f"'output' must hold string answers; item {bad} is {type(outputs[bad]).__name__}")
+    if len(outputs) < 2:
+        raise DataFormatError(f"'output' needs at least 2 string answers, got {len(outputs)} item(s)")
+    return _ranked_list(row, prompt, [o.strip() for o in outputs])
+
+
+# ---------------------------------------------------------------- generic ranked / scored lists
+
+def _parse_list(row: Mapping) -> PreferencePair:
+    """``prompt`` (a string or messages), ``responses`` (strings or assistant messages) and one of ``scores``
+    (higher is better) or ``ranking`` (each response's rank, lower is better: 1 = best); equal values are ties."""
+    raw = row.get("prompt")
+    if raw is None or isinstance(raw, str):
+        prompt = [{"role": "user", "content": raw.strip()}] if raw and raw.strip() else []
+    elif isinstance(raw, list):
+        prompt = _messages(raw, "prompt")
+    else:
+        raise DataFormatError(f"'prompt' must be a string or a list of messages, got {type(raw).__name__}")
+    responses = _require(row, "responses", list, "a list of answers")
+    answers = []
+    for i, item in enumerate(responses):
+        if isinstance(item, str):
+            answers.append(item.strip())
+            continue
+        message = parse_message(item, f"responses[{i}]")
+        if message["role"] != "assistant":
+            raise DataFormatError(f"responses[{i}] must be an assistant message, got role {message['role']!r}")
+        answers.append(message["content"])
+    key = "scores" if "scores" in row else "ranking"
+    values = _require(row, key, list, "a list of numbers")
+    if len(values) != len(answers):
+        raise DataFormatError(f"{key!r} has {len(values)} values for {len(answers)} responses")
+    numbers = [_number(v, f"{key}[{i}]") for i, v in enumerate(values)]
+    return _ranked_list(row, prompt, answers, numbers if key == "scores" else [-v for v in numbers])
+
+
+def _parse_completions(row: Mapping) -> PreferencePair:
+    """UltraFeedback's raw layout: ``instruction`` and ``completions`` ``[{"response", "overall_score"}...]``
+    (``fine-grained_score`` when there is no ``overall_score``). A completion without a usable response or score is
+    dropped and counted."""
+    prompt = _instruction_prompt(row)
+    completions = _require(row, "completions", list, "a list of completions")
+    answers, scores = [], []
+    for item in completions:
+        text = item.get("response") if isinstance(item, Mapping) else None
+        score = next((item[k] for k in ("overall_score", "fine-grained_score") if isinstance(item, Mapping)
+                      and k in item), None)
+        try:
+            score = _number(score, "score")
+        except DataFormatError:
+            text, score = None, 0.0
+        answers.append(text.strip() if isinstance(text, str) else None)
+        scores.append(score)
+    return _ranked_list(row, prompt, answers, scores)
 
 
 # ---------------------------------------------------------------- registry
@@ -315,6 +431,11 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            '{"conversations": [{"from", "value"}...], "chosen": {"from", "value"} | str, "rejected": ...}'),
     Format("ranked_outputs", lambda row: {"instruction", "output"} <= row.keys(), _parse_ranked,
            '{"instruction": str, "input": str, "output": [best, second, ...], "history": [[user, assistant]...]}'),
+    Format("ranked_list", lambda row: "responses" in row and ("scores" in row or "ranking" in row), _parse_list,
+           '{"prompt": str | messages, "responses": [str | message...], "scores": [higher better] | "ranking": '
+           '[rank, 1 = best]}'),
+    Format("completions", lambda row: {"instruction", "completions"} <= row.keys(), _parse_completions,
+           '{"instruction": str, "completions": [{"response": str, "overall_score": number}...]} (UltraFeedback)'),
 )}
 
 

@@ -75,8 +75,11 @@ def default_data_dir() -> str | None:
 
 @dataclass
 class SourceReport:
-    """Counts for one source: rows read, pairs kept, rows skipped, formats detected, first skip messages, and
-    ``errors``: file-level problems (e.g. a truncated gzip) that ended a file early."""
+    """Counts for one source: rows read, pairs (or ranked lists) kept, rows skipped, formats detected, first skip
+    messages, and ``errors``: file-level problems (e.g. a truncated gzip) that ended a file early. For ranked
+    lists also: ``lists`` (kept rows with more than 2 answers), ``comparisons`` (ordered pairs the kept rows give),
+    ``responses_dropped`` (blank or repeated answers left out of kept rows) and ``responses_capped`` (answers beyond
+    ``--max_responses``)."""
 
     files: list[str] = field(default_factory=list)
     rows_read: int = 0
@@ -85,6 +88,10 @@ class SourceReport:
     formats: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    lists: int = 0
+    comparisons: int = 0
+    responses_dropped: int = 0
+    responses_capped: int = 0
 
     def skip(self, message: str) -> None:
         """Count one skipped row, keeping its message if fewer than :data:`_MAX_SKIP_MESSAGES` are kept."""
@@ -105,6 +112,7 @@ class DataReport:
     rows_read = _total("rows_read", "Total rows read over all sources (blank lines are not rows).")
     pairs_kept = _total("pairs_kept", "Total usable pairs over all sources.")
     rows_skipped = _total("rows_skipped", "Total skipped rows over all sources.")
+    comparisons = _total("comparisons", "Total comparisons (ordered pairs) of the kept rows over all sources.")
     del _total
 
     def summary(self) -> str:
@@ -114,6 +122,10 @@ class DataReport:
             fmts = ", ".join(f"{k}={v}" for k, v in s.formats.items()) or "none"
             lines.append(f"  {name}: {s.rows_read} read, {s.pairs_kept} kept, {s.rows_skipped} skipped "
                          f"from {len(s.files)} file(s); formats: {fmts}")
+            if s.lists or s.responses_dropped or s.responses_capped:
+                lines.append(f"    ranked lists: {s.lists} with more than 2 answers, {s.comparisons} comparisons; "
+                             f"answers dropped: {s.responses_dropped} blank or repeated, {s.responses_capped} beyond "
+                             "--max_responses")
             lines += [f"    skipped {m}" for m in s.skipped]
             if s.rows_skipped > len(s.skipped):
                 lines.append(f"    ... and {s.rows_skipped - len(s.skipped)} more skipped")
@@ -300,7 +312,8 @@ def _resolve(spec: str, data_dir: str | None) -> tuple[str, list[str | _Hub]]:
 # ---------------------------------------------------------------- public API
 
 def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: int | None = None,
-               strict: bool = False, seed: int | None = 0) -> tuple[list[PreferencePair], DataReport]:
+               strict: bool = False, seed: int | None = 0,
+               max_responses: int | None = None) -> tuple[list[PreferencePair], DataReport]:
     """Load preference pairs from named datasets, local files or Hub ids (see the module docstring).
 
     Args:
@@ -311,6 +324,8 @@ def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: i
         strict: raise on the first unusable row or file problem instead of skipping it.
         seed: the returned list (all specs together) is shuffled with ``random.Random(seed)``; None keeps file order.
             The choice of pairs never depends on it.
+        max_responses: ranked lists keep their K best-ranked answers (:meth:`PreferencePair.cap`; counted in the
+            report); a list whose kept answers all tie is skipped. None keeps all.
     Returns:
         (pairs, report); each pair's ``source`` is the dataset name (or file path / Hub id) and ``origin`` its
         ``"path:line"`` (or ``"name:row N"``).
@@ -331,7 +346,7 @@ def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: i
     for spec in specs:
         source, inputs = _resolve(spec, data_dir)
         stats = report.sources.setdefault(source, SourceReport())
-        kept = _load_source(source, inputs, stats, max_samples, strict)
+        kept = _load_source(source, inputs, stats, max_samples, strict, max_responses)
         if not kept:
             raise ValueError(f"{spec}: no usable preference pairs\n{report.summary()}")
         pairs += kept
@@ -341,7 +356,7 @@ def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: i
 
 
 def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max_samples: int | None,
-                 strict: bool) -> list[PreferencePair]:
+                 strict: bool, max_responses: int | None = None) -> list[PreferencePair]:
     kept: list[PreferencePair] = []
     for item in inputs:
         stats.files.append(item.hub_id if isinstance(item, _Hub) else item)
@@ -354,6 +369,9 @@ def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max
                     fmt = detect_format(row)
                     stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
                     pair = parse_row(row, fmt)
+                    capped = pair.cap(max_responses) if max_responses else 0
+                    if pair.scores is not None and pair.scores[0] == pair.scores[-1]:
+                        raise DataFormatError(f"the {len(pair.responses)} answers kept by --max_responses all tie")
                 except DataFormatError as e:
                     if strict:
                         raise DataFormatError(f"{where}: {e}") from e
@@ -362,6 +380,10 @@ def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max
                 pair.source, pair.origin = source, where
                 kept.append(pair)
                 stats.pairs_kept += 1
+                stats.lists += int(bool(pair.more))
+                stats.comparisons += _count_comparisons(pair)
+                stats.responses_dropped += pair.dropped
+                stats.responses_capped += capped
                 if max_samples is not None and len(kept) >= max_samples:
                     return kept
         except _FileError as e:
@@ -371,9 +393,18 @@ def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max
     return kept
 
 
+def _count_comparisons(pair: PreferencePair) -> int:
+    """Ordered pairs of a pair (1) or ranked list (C(K, 2) minus ties)."""
+    if pair.scores is None:
+        k = len(pair.responses)
+        return k * (k - 1) // 2
+    return sum(a > b for i, a in enumerate(pair.scores) for b in pair.scores[i + 1:])
+
+
 def _bucket(pair: PreferencePair) -> float:
-    """A stable number in [0, 1) from the pair's content (prompt, chosen, rejected)."""
-    key = json.dumps([pair.prompt, pair.chosen, pair.rejected], ensure_ascii=False, sort_keys=True)
+    """A stable number in [0, 1) from the pair's content (prompt, chosen, rejected, and a list's other answers)."""
+    content = [pair.prompt, pair.chosen, pair.rejected] + ([pair.more] if pair.more else [])
+    key = json.dumps(content, ensure_ascii=False, sort_keys=True)
     # surrogatepass: a hand-built pair may hold lone surrogates (parse_row rejects them); same bytes otherwise
     return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
 
@@ -408,7 +439,8 @@ class PairSelection:
 
 def select_pairs(dataset: Sequence[str], data_dir: str | None, max_samples: int | None = None, strict: bool = False,
                  seed: int | None = 0, eval_dataset: Sequence[str] | None = None,
-                 max_eval_samples: int | None = None, eval_split: float = 0.0) -> PairSelection:
+                 max_eval_samples: int | None = None, eval_split: float = 0.0,
+                 max_responses: int | None = None) -> PairSelection:
     """The trainer's deterministic choice of training and evaluation pairs (``train_reward_model.py`` settings).
 
     With ``eval_dataset`` the evaluation pairs are loaded from it (at most ``max_eval_samples`` per dataset);
@@ -419,10 +451,10 @@ def select_pairs(dataset: Sequence[str], data_dir: str | None, max_samples: int 
     Raises:
         as :func:`load_pairs`; ValueError: no training pairs are left after the split.
     """
-    train, report = load_pairs(dataset, data_dir, max_samples, strict, seed)
+    train, report = load_pairs(dataset, data_dir, max_samples, strict, seed, max_responses)
     eval_report = None
     if eval_dataset:
-        held, eval_report = load_pairs(eval_dataset, data_dir, max_eval_samples, strict, seed)
+        held, eval_report = load_pairs(eval_dataset, data_dir, max_eval_samples, strict, seed, max_responses)
     else:
         train, held = split_eval(train, eval_split) if eval_split > 0 else (train, [])
         held = held[:max_eval_samples]  # None keeps all

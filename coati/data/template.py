@@ -7,7 +7,7 @@ only when it alone does not fit, and the reward token is always kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
@@ -98,12 +98,16 @@ class SequenceEncoder:
 
 @dataclass
 class TokenizedPair:
-    """A preference pair ready for batching.
+    """A preference pair, or a ranked list of K >= 2 answers to one prompt, ready for batching.
 
     Attributes:
-        chosen_ids / rejected_ids: ``list[int]`` scored sequences (see :class:`SequenceEncoder`).
-        margin: per-pair margin or None.
+        chosen_ids / rejected_ids: ``list[int]`` scored sequences (see :class:`SequenceEncoder`) of the first two
+            answers (of a list: the best and the second best).
+        margin: the row's margin or None.
         lang: ``"en"`` or ``"zh"``; source: dataset name or file.
+        more_ids: the sequences of answers 3..K of a ranked list, in rank order (empty for a pair).
+        scores: for a scored list, the K answers' scores (higher is better, non-increasing; equal scores are ties and
+            give no comparison); None: strictly ranked in order (a pair: chosen beats rejected).
     """
 
     chosen_ids: list[int]
@@ -111,6 +115,30 @@ class TokenizedPair:
     margin: float | None
     lang: str
     source: str
+    more_ids: list[list[int]] = field(default_factory=list)
+    scores: list[float] | None = None
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        """The K scored sequences in rank order: ``[chosen_ids, rejected_ids, *more_ids]``."""
+        return [self.chosen_ids, self.rejected_ids, *self.more_ids]
+
+    def comparisons(self, margin_from_scores: bool = False) -> list[tuple[int, int, float | None]]:
+        """The ordered pairs of the list: ``(winner, loser, margin)`` with indices into :attr:`sequences`.
+
+        All ``C(K, 2)`` pairs ``i < j`` of a strictly ranked list (a pair: ``[(0, 1, margin)]``); of a scored list
+        those with ``scores[i] > scores[j]`` (ties give none). The margin is the row's ``margin`` (None without
+        one), or with ``margin_from_scores`` (scored lists only) the score difference ``scores[i] - scores[j]``.
+        """
+        k = 2 + len(self.more_ids)
+        out = []
+        for i in range(k):
+            for j in range(i + 1, k):
+                if self.scores is None:
+                    out.append((i, j, self.margin))
+                elif self.scores[i] > self.scores[j]:
+                    out.append((i, j, self.scores[i] - self.scores[j] if margin_from_scores else self.margin))
+        return out
 
 
 @dataclass
@@ -129,10 +157,11 @@ class TruncationStats:
 
 def tokenize_pairs(pairs: list, encoder: SequenceEncoder, chat_template: bool,
                    chunk: int = 512) -> tuple[list[TokenizedPair], TruncationStats]:
-    """Render and tokenize :class:`~coati.data.formats.PreferencePair` objects (each prompt tokenized once).
+    """Render and tokenize :class:`~coati.data.formats.PreferencePair` objects (each prompt tokenized once; the
+    answers of a ranked list all of them).
 
     Returns:
-        the tokenized pairs in input order, and truncation counts.
+        the tokenized pairs (and lists) in input order, and truncation counts.
     """
     tok = encoder.tokenizer
     out: list[TokenizedPair] = []
@@ -140,14 +169,17 @@ def tokenize_pairs(pairs: list, encoder: SequenceEncoder, chat_template: bool,
     for start in range(0, len(pairs), chunk):
         part = pairs[start:start + chunk]
         prompts = [render_prompt(p.prompt, tok, chat_template) for p in part]
-        ids = tok(prompts + [p.chosen for p in part] + [p.rejected for p in part],
-                  add_special_tokens=False).input_ids
-        n = len(part)
+        answers = [a for p in part for a in p.responses]
+        ids = tok(prompts + answers, add_special_tokens=False).input_ids
+        at = len(part)
         for i, pair in enumerate(part):
-            c = encoder.encode_ids(ids[i], ids[n + i])
-            r = encoder.encode_ids(ids[i], ids[2 * n + i])
+            k = len(pair.responses)
+            encoded = [encoder.encode_ids(ids[i], a) for a in ids[at:at + k]]
+            at += k
             stats.pairs += 1
-            stats.prompt_truncated += int(c.prompt_truncated or r.prompt_truncated)
-            stats.answer_truncated += int(c.answer_truncated or r.answer_truncated)
-            out.append(TokenizedPair(c.input_ids, r.input_ids, pair.margin, pair.lang, pair.source))
+            stats.prompt_truncated += int(any(e.prompt_truncated for e in encoded))
+            stats.answer_truncated += int(any(e.answer_truncated for e in encoded))
+            seqs = [e.input_ids for e in encoded]
+            out.append(TokenizedPair(seqs[0], seqs[1], pair.margin, pair.lang, pair.source, seqs[2:],
+                                     None if pair.scores is None else list(pair.scores)))
     return out, stats

@@ -1,16 +1,20 @@
-"""Variable-length attention over packed rows, with the prompt of each pair computed once (prefix sharing).
+"""Variable-length attention over packed rows, with the prompt of each pair or ranked list computed once (prefix
+sharing).
 
-A packed batch is a few rows of tokens holding *groups* back to back. A group is either one sequence, or one
-preference pair laid out as ``[P | C | R]``: the tokens the chosen and rejected sequences share at their start
-(``P``, normally the prompt), then the rest of the chosen sequence (``C``), then the rest of the rejected one
-(``R``). ``C`` attends to ``P`` and to itself, ``R`` to ``P`` and to itself (never to ``C``), and ``R`` takes the
-positions it has in the rejected sequence (``len(P)``, ``len(P) + 1``, ...). Every hidden state is then exactly the
-one the sequence would get alone, while ``P`` is computed once instead of twice; its gradient is the sum of what the
-two sequences send it, as in the unshared computation. The idea is that of Wang et al., "Accelerating Direct
-Preference Optimization with Prefix Sharing" (arXiv 2410.20305, section 3).
+A packed batch is a few rows of tokens holding *groups* back to back. A group is either one sequence, or K >= 2
+sequences that start with the same tokens, laid out as ``[P | T1 | ... | TK]``: the shared start (``P``, normally
+the prompt), then the rest of each sequence (``Ti``, its answer). For a preference pair that is ``[P | C | R]``
+(chosen, then rejected); for a ranked list of K answers (InstructGPT, arXiv 2203.02155, section 3.5) all K answers
+share one ``P``. Each ``Ti`` attends to ``P`` and to itself, never to another answer, and takes the positions it has
+in its own sequence (``len(P)``, ``len(P) + 1``, ...). Every hidden state is then exactly the one the sequence would
+get alone, while ``P`` is computed once instead of K times; its gradient is the sum of what the K sequences send it,
+as in the unshared computation. The idea is that of Wang et al., "Accelerating Direct Preference Optimization with
+Prefix Sharing" (arXiv 2410.20305, section 3), here for any K.
 
-Groups are described by a ``[G, 5]`` int64 tensor of ``(row, start, prefix_len, chosen_len, rejected_len)``; a plain
-sequence of ``n`` tokens is ``(row, start, n, 0, 0)``. Tokens of a row that no group covers are padding.
+Groups are described by a ``[G, 2 + 1 + Kmax]`` int64 tensor of ``(row, start, prefix_len, len_T1, ..., len_TK)``,
+zero-padded on the right (so a batch of pairs has 5 columns: ``(row, start, prefix_len, chosen_len,
+rejected_len)``); a plain sequence of ``n`` tokens is ``(row, start, n, 0, ...)``. A group's *shape* is the table
+row without ``(row, start)``; zeros in it are ignored. Tokens of a row that no group covers are padding.
 
 RoPE backbones (LLaMA, InternLM2) run the attention of each group separately (the attention implementation
 ``coati_packed``, registered with transformers below: mask-free ``scaled_dot_product_attention`` calls, or for short
@@ -46,12 +50,21 @@ def shared_prefix_len(chosen: list[int], rejected: list[int]) -> int:
     return next((p for p in range(limit) if chosen[p] != rejected[p]), max(limit, 0))
 
 
-def _group_mask(p: int, c: int, r: int, device: torch.device) -> torch.Tensor:
-    """``[n, n]`` bool (True = attend) for one group ``[P | C | R]`` (plain sequence: c = r = 0): causal, and R
-    never sees C."""
-    n = p + c + r
+def tails(shape) -> list[int]:
+    """The answer lengths ``[len_T1, ..., len_TK]`` of a group shape ``(prefix_len, len_T1, ...)``, zeros dropped."""
+    return [int(t) for t in shape[1:] if t]
+
+
+def _group_mask(shape, device: torch.device) -> torch.Tensor:
+    """``[n, n]`` bool (True = attend) for one group ``[P | T1 | ... | TK]`` of shape ``(p, len_T1, ...)`` (plain
+    sequence: no tails): causal, and no answer sees another."""
+    p, rest = int(shape[0]), tails(shape)
+    n = p + sum(rest)
     allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    allowed[p + c:, p:p + c] = False
+    end = p
+    for t in rest:
+        allowed[end + t:, end:end + t] = False
+        end += t
     return allowed
 
 
@@ -63,14 +76,14 @@ def packed_causal_mask(groups: torch.Tensor, rows: int, length: int, dtype: torc
     empty).
 
     Args:
-        groups: ``[G, 5]`` int64 group table (module docstring); rows, length: the batch shape ``[R, L]``.
+        groups: ``[G, 3 + Kmax]`` int64 group table (module docstring); rows, length: the batch shape ``[R, L]``.
     Returns:
         ``[R, 1, L, L]`` of ``dtype``: 0 where allowed, else the dtype's min.
     """
     allowed = torch.eye(length, dtype=torch.bool, device=groups.device).repeat(rows, 1, 1)
-    for r, s, p, c, n_r in groups.tolist():
-        n = p + c + n_r
-        allowed[r, s:s + n, s:s + n] = _group_mask(p, c, n_r, groups.device)
+    for r, s, *shape in groups.tolist():
+        n = sum(shape)
+        allowed[r, s:s + n, s:s + n] = _group_mask(shape, groups.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=groups.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -79,12 +92,12 @@ def packed_causal_mask(groups: torch.Tensor, rows: int, length: int, dtype: torc
 class PackPlan:
     """What the ``coati_packed`` attention needs, built once per forward from the group table.
 
-    ``rows[r]`` lists ``(start, n, shape)`` for the groups of row r in order, ``shape`` = ``(prefix_len,
-    chosen_len, rejected_len)``. Masks and additive biases are built once per shape and dtype, then shared by all
-    layers.
+    ``rows[r]`` lists ``(start, n, shape)`` for the groups of row r in order, ``shape`` = ``(prefix_len, len_T1,
+    ..., len_TK)`` (module docstring). Masks and additive biases are built once per shape and dtype, then shared by
+    all layers.
     """
 
-    rows: list[list[tuple[int, int, tuple[int, int, int]]]]
+    rows: list[list[tuple[int, int, tuple[int, ...]]]]
     device: torch.device
     #: the sequence-parallel group whose ranks each hold 1/S of the rows' tokens, or None (travels with the plan, so
     #: activation recomputation during backward splits the same way)
@@ -95,35 +108,39 @@ class PackPlan:
     def from_groups(cls, groups: torch.Tensor, num_rows: int, sequence_parallel=None) -> "PackPlan":
         """Build the plan; raises ValueError when groups overlap or are out of order within a row."""
         rows = [[] for _ in range(num_rows)]
-        for r, s, p, c, n_r in groups.tolist():
+        for r, s, p, *rest in groups.tolist():
             if rows[r] and rows[r][-1][0] + rows[r][-1][1] > s:
                 raise ValueError(f"packed groups overlap or are out of order in row {r} at column {s}")
-            rows[r].append((s, p + c + n_r, (p, c, n_r)))
+            shape = (p, *tails((p, *rest)))
+            rows[r].append((s, sum(shape), shape))
         return cls(rows, groups.device, sequence_parallel)
 
-    def mask(self, shape: tuple[int, int, int], dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    def mask(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """``[n, n]`` mask of a group, built once: bool (True = attend; None for a plain sequence, which is causal)
         or, given ``dtype``, additive of that dtype (0 allowed, -inf not) for any group."""
-        if dtype is None and not (shape[1] or shape[2]):
+        shape = (shape[0], *tails(shape))
+        if dtype is None and len(shape) == 1:
             return None
         if (shape, dtype) not in self._cache:
-            allowed = _group_mask(*shape, self.device)
+            allowed = _group_mask(shape, self.device)
             self._cache[shape, dtype] = allowed if dtype is None else torch.zeros(
                 allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, float("-inf"))
         return self._cache[shape, dtype]
 
 
-def causal_split_attention(shape: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def causal_split_attention(shape: tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            dropout: float, scaling: float) -> torch.Tensor:
     """Attention of one group with no mask written out: memory linear in the group length.
 
-    A plain sequence is one causal call. A pair ``[P | C | R]`` is two: ``[P | C]`` on itself (causal), and ``R``'s
-    queries against the keys and values of ``[P ; R]`` with the causal diagonal aligned to the lower right
-    (``torch.nn.attention.bias.causal_lower_right``: query i of R sees P and R's first i + 1 tokens), the alignment
-    flash-attention's variable-length kernel uses. Same result as the group's boolean mask (:func:`_group_mask`).
+    A plain sequence is one causal call. A group ``[P | T1 | ... | TK]`` is K calls: ``[P | T1]`` on itself
+    (causal), and for each later answer ``Ti`` its queries against the keys and values of ``[P ; Ti]`` with the
+    causal diagonal aligned to the lower right (``torch.nn.attention.bias.causal_lower_right``: query j of Ti sees P
+    and Ti's first j + 1 tokens), the alignment flash-attention's variable-length kernel uses. Same result as the
+    group's boolean mask (:func:`_group_mask`).
 
     Args:
-        shape: ``(prefix_len, chosen_len, rejected_len)``; q, k, v: ``[H, n, D]`` (key/value heads repeated).
+        shape: ``(prefix_len, len_T1, ..., len_TK)`` (zeros ignored); q, k, v: ``[H, n, D]`` (key/value heads
+            repeated).
     Returns:
         ``[H, n, D]``.
     """
@@ -134,16 +151,20 @@ def causal_split_attention(shape: tuple[int, int, int], q: torch.Tensor, k: torc
     # SDPA takes its flash kernel (memory linear in n) only for 4-D inputs: 3-D ones fall back to the math kernel,
     # which writes out and keeps the n x n scores (1 GB at n = 8192 and 4 heads, bf16)
     q, k, v = (t.to(dtype)[None] for t in (q, k, v))
-    p, c, r = shape
-    if not (c or r):
+    p, rest = int(shape[0]), tails(shape)
+    if not rest:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)[0]
-    pc = p + c
-    first = F.scaled_dot_product_attention(q[:, :, :pc], k[:, :, :pc], v[:, :, :pc], is_causal=True,
-                                           dropout_p=dropout, scale=scaling)
-    keys, values = (torch.cat([t[:, :, :p], t[:, :, pc:]], dim=2) for t in (k, v))
-    second = F.scaled_dot_product_attention(q[:, :, pc:], keys, values, attn_mask=causal_lower_right(r, p + r),
-                                            dropout_p=dropout, scale=scaling)
-    return torch.cat([first, second], dim=2)[0]
+    pc = p + rest[0]
+    outs = [F.scaled_dot_product_attention(q[:, :, :pc], k[:, :, :pc], v[:, :, :pc], is_causal=True,
+                                           dropout_p=dropout, scale=scaling)]
+    start = pc
+    for t in rest[1:]:
+        keys, values = (torch.cat([x[:, :, :p], x[:, :, start:start + t]], dim=2) for x in (k, v))
+        outs.append(F.scaled_dot_product_attention(q[:, :, start:start + t], keys, values,
+                                                   attn_mask=causal_lower_right(t, p + t), dropout_p=dropout,
+                                                   scale=scaling))
+        start += t
+    return torch.cat(outs, dim=2)[0]
 
 
 #: Groups at least this long run :func:`causal_split_attention` on CPU; shorter ones the written-out path. CUDA
@@ -156,7 +177,7 @@ def causal_split_attention(shape: tuple[int, int, int], q: torch.Tensor, k: torc
 SPLIT_ATTENTION_MIN_LEN = 640
 
 
-def group_attention(plan: PackPlan, shape: tuple[int, int, int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def group_attention(plan: PackPlan, shape: tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     dropout: float, scaling: float, fused: bool | None = None) -> torch.Tensor:
     """Attention of one group, ``[H, n, D]`` in and out.
 
