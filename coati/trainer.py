@@ -71,12 +71,8 @@ class Trainer:
         dev = self.strategy.device
         with self.strategy.autocast():
             rewards = self.model(**{k: v.to(dev) for k, v in batch.inputs.items()})
-        if batch.pairs is None:  # a batch built by hand: B pairs as 2B sequences, chosen first
-            b = rewards.shape[0] // 2
-            chosen, rejected = rewards[:b], rewards[b:]
-        else:
-            pairs = batch.pairs.to(dev)
-            chosen, rejected = rewards[pairs[:, 0]], rewards[pairs[:, 1]]
+        pairs = batch.pairs.to(dev)
+        chosen, rejected = rewards[pairs[:, 0]], rewards[pairs[:, 1]]
         margin = batch.margin.to(dev) if batch.margin is not None else None
         if batch.weight is None:
             return self.loss_fn(chosen, rejected, margin), chosen, rejected, rewards
@@ -85,8 +81,7 @@ class Trainer:
     @staticmethod
     def _add(metrics: PairMetrics, value: float, batch: Batch, chosen, rejected, rewards) -> None:
         metrics.add(value, chosen, rejected, batch.langs)
-        if batch.item is not None:
-            metrics.add_top1(top1_correct(rewards, batch.item, batch.best, len(batch.item_langs)), batch.item_langs)
+        metrics.add_top1(top1_correct(rewards, batch.item, batch.best, len(batch.item_langs)), batch.item_langs)
 
     def _log(self, row: dict) -> None:
         self.history.append(row)

@@ -95,9 +95,8 @@ def list_layout(items: list[TokenizedPair], list_weighting: str = "prompt",
                 index[b][k] = len(sequences)
                 sequences.append(s[k])
                 item.append(b)
-                top = items[b].scores is None and k == 0 or items[b].scores is not None and \
-                    items[b].scores[k] == items[b].scores[0]
-                best.append(bool(top))
+                scores = items[b].scores
+                best.append(k == 0 if scores is None else scores[k] == scores[0])
     pairs, margins, weights = [], [], []
     for b, it in enumerate(items):
         comps = it.comparisons(margin_from_scores)

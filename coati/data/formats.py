@@ -178,6 +178,12 @@ def _margin(row: Mapping) -> float | None:
     return None if value is None else _number(value, "'margin'")
 
 
+def ordered_pairs(k: int, scores: list[float] | None) -> list[tuple[int, int]]:
+    """The comparisons ``(winner, loser)`` of K answers in rank order: all ``i < j`` when strictly ranked
+    (``scores`` None; a pair: ``[(0, 1)]``), else those with ``scores[i] > scores[j]`` (ties give none)."""
+    return [(i, j) for i in range(k) for j in range(i + 1, k) if scores is None or scores[i] > scores[j]]
+
+
 def is_blank(text: str) -> bool:
     """True for text with nothing visible: empty, whitespace, or only invisible format characters.
 
@@ -303,6 +309,16 @@ def _detect_flat(row: Mapping) -> bool:
             and ("prompt" in row or isinstance(row["chosen"], list)))
 
 
+def _prompt_field(row: Mapping) -> list[Message]:
+    """The optional ``prompt`` key: a string (one user message; empty or missing: no message) or messages."""
+    raw = row.get("prompt")
+    if raw is None or isinstance(raw, str):
+        return [{"role": "user", "content": raw.strip()}] if raw and raw.strip() else []
+    if isinstance(raw, list):
+        return _messages(raw, "prompt")
+    raise DataFormatError(f"'prompt' must be a string or a list of messages, got {type(raw).__name__}")
+
+
 def _parse_flat(row: Mapping) -> PreferencePair:
     """Answers are strings or conversations ending with the assistant answer (UltraFeedback on the Hub).
 
@@ -311,13 +327,7 @@ def _parse_flat(row: Mapping) -> PreferencePair:
     """
     context, chosen = _answer(row, "chosen", conversation=True)
     _, rejected = _answer(row, "rejected", conversation=True)
-    raw = row.get("prompt")
-    if raw is None or isinstance(raw, str):
-        given = [{"role": "user", "content": raw.strip()}] if raw and raw.strip() else []
-    elif isinstance(raw, list):
-        given = _messages(raw, "prompt")
-    else:
-        raise DataFormatError(f"'prompt' must be a string or a list of messages, got {type(raw).__name__}")
+    given = _prompt_field(row)
     prompt = context if context[:len(given)] == given else given + context
     return _pair(row, prompt, chosen, rejected)
 
@@ -373,13 +383,7 @@ def _parse_ranked(row: Mapping) -> PreferencePair:
 def _parse_list(row: Mapping) -> PreferencePair:
     """``prompt`` (a string or messages), ``responses`` (strings or assistant messages) and one of ``scores``
     (higher is better) or ``ranking`` (each response's rank, lower is better: 1 = best); equal values are ties."""
-    raw = row.get("prompt")
-    if raw is None or isinstance(raw, str):
-        prompt = [{"role": "user", "content": raw.strip()}] if raw and raw.strip() else []
-    elif isinstance(raw, list):
-        prompt = _messages(raw, "prompt")
-    else:
-        raise DataFormatError(f"'prompt' must be a string or a list of messages, got {type(raw).__name__}")
+    prompt = _prompt_field(row)
     responses = _require(row, "responses", list, "a list of answers")
     answers = []
     for i, item in enumerate(responses):

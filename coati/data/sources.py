@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
-from coati.data.formats import DataFormatError, PreferencePair, detect_format, parse_row
+from coati.data.formats import DataFormatError, PreferencePair, detect_format, ordered_pairs, parse_row
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_TYPES = (".jsonl", ".jsonl.gz", ".gz", ".json", ".parquet")
@@ -381,7 +381,7 @@ def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max
                 kept.append(pair)
                 stats.pairs_kept += 1
                 stats.lists += int(bool(pair.more))
-                stats.comparisons += _count_comparisons(pair)
+                stats.comparisons += len(ordered_pairs(len(pair.responses), pair.scores))
                 stats.responses_dropped += pair.dropped
                 stats.responses_capped += capped
                 if max_samples is not None and len(kept) >= max_samples:
@@ -391,14 +391,6 @@ def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max
                 raise DataFormatError(str(e)) from e
             stats.errors.append(str(e))
     return kept
-
-
-def _count_comparisons(pair: PreferencePair) -> int:
-    """Ordered pairs of a pair (1) or ranked list (C(K, 2) minus ties)."""
-    if pair.scores is None:
-        k = len(pair.responses)
-        return k * (k - 1) // 2
-    return sum(a > b for i, a in enumerate(pair.scores) for b in pair.scores[i + 1:])
 
 
 def _bucket(pair: PreferencePair) -> float:

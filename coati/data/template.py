@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
+from coati.data.formats import ordered_pairs
+
 _PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
@@ -130,15 +132,10 @@ class TokenizedPair:
         those with ``scores[i] > scores[j]`` (ties give none). The margin is the row's ``margin`` (None without
         one), or with ``margin_from_scores`` (scored lists only) the score difference ``scores[i] - scores[j]``.
         """
-        k = 2 + len(self.more_ids)
-        out = []
-        for i in range(k):
-            for j in range(i + 1, k):
-                if self.scores is None:
-                    out.append((i, j, self.margin))
-                elif self.scores[i] > self.scores[j]:
-                    out.append((i, j, self.scores[i] - self.scores[j] if margin_from_scores else self.margin))
-        return out
+        pairs = ordered_pairs(2 + len(self.more_ids), self.scores)
+        if self.scores is None or not margin_from_scores:
+            return [(i, j, self.margin) for i, j in pairs]
+        return [(i, j, self.scores[i] - self.scores[j]) for i, j in pairs]
 
 
 @dataclass
