@@ -435,6 +435,9 @@ def _value_error(name: str, f: dataclasses.Field, hint: Any, value: Any, choices
     return None
 
 
+#: ``layout`` choices of :meth:`coati.scoring.RewardScorer.from_pretrained` and ``--layout`` (``auto`` resolves to one
+#: of the others).
+LAYOUTS = ("auto", "coati", "chat", "text")
 BITSANDBYTES_INSTALL = "pip install --no-deps bitsandbytes==0.50.2 (or scripts/setup.sh)"
 
 

@@ -10,8 +10,13 @@ Usage::
 (its ``--eval_split`` or ``--eval_dataset``), re-selected from ``<model_path>/train_config.json`` by
 :func:`heldout_pairs`; give exactly one of the two. Pairs are scored with :class:`coati.scoring.RewardScorer`, i.e.
 in exactly the training layout. Metrics (:func:`coati.metrics.pair_metrics`, as in the trainer's metrics.jsonl)
-are given overall, per subset (``pair.source``, the dataset spec, or with ``--subset_by file`` its file) and per
-language (``pair.lang``: ``en`` / ``zh``).
+are given overall, per subset (``pair.source``, the dataset spec, with ``--subset_by file`` its file, with
+``--subset_by subset`` the rows' own ``subset`` field) and per language (``pair.lang``: ``en`` / ``zh``).
+
+``--format rewardbench`` / ``rewardbench2`` reads local files in the RewardBench v1 / RewardBench 2 layout and adds
+their leaderboard scores (per subset, per section, overall; ties at the top shared) from
+:mod:`coati.rewardbench`, printed and in ``report.json`` ``benchmark`` and ``report.md``, beside the pairwise figures
+above over every chosen-rejected comparison. Each response is scored once.
 
 Outputs in ``--output_dir`` (default ``<model_path>/eval``):
 
@@ -49,6 +54,7 @@ from coati.config import COUNT, DefaultsOnceHelpFormatter, checked
 from coati.data.sources import json_object_lines
 from coati.io import dumps, write_json
 from coati.metrics import grouped_metrics, pair_metrics
+from coati.rewardbench import NO_SUBSET, VERSIONS, benchmark_scores, check_rows, leaderboard_table
 from coati.score import add_model_options, check_output_target
 
 PLOTS = ("margin_hist.png", "accuracy_by_subset.png", "reward_distributions.png", "calibration.png")
@@ -57,8 +63,11 @@ _CURVE_KEYS = ("loss", "acc", "dist")
 
 
 def subset_name(pair, by: str = "source") -> str:
-    """The subset a pair is reported under: its ``source`` (dataset spec), or with ``by="file"`` the file name of
-    its ``origin`` (e.g. ``hh-rlhf_harmless-base_test.jsonl.gz``; Hub rows keep the Hub id)."""
+    """The subset a pair is reported under: its ``source`` (dataset spec), with ``by="subset"`` the row's own
+    ``subset`` field (RewardBench's; ``"(no subset)"`` when it has none), or with ``by="file"`` the file name of its
+    ``origin`` (e.g. ``hh-rlhf_harmless-base_test.jsonl.gz``; Hub rows keep the Hub id)."""
+    if by == "subset":
+        return pair.subset or NO_SUBSET
     if by == "source" or not pair.origin:
         return pair.source
     where = pair.origin.rsplit(":", 1)[0]
@@ -182,8 +191,15 @@ def markdown_report(report: dict) -> str:
     groups = [("**all**", report)] + [(f"subset `{k}`", m) for k, m in report["subsets"].items()] + \
         [(f"lang `{k}`", m) for k, m in report["languages"].items()]
     trunc = report.get("truncation") or {}
+    bench = report.get("benchmark")
+    board = [] if bench is None else [leaderboard_table(bench, f"`{report['model_path']}`"), "",
+                                      "| subset | prompts | score |", "|---|---:|---:|"] + [
+        f"| {name} | {m['prompts']} | {100 * m['score']:.1f} |" for name, m in bench["subsets"].items()] + [
+        "", f"Ties at the top shared: {bench['ties_at_top']} prompts." + (f" Ties subset: {bench['ties_rule']}."
+                                                                         if "ties_rule" in bench else ""),
+        "", "Pairwise figures over every chosen-rejected comparison:", ""]
     return "\n".join(
-        [f"# Reward model evaluation: `{report['model_path']}`", "",
+        [f"# Reward model evaluation: `{report['model_path']}`", ""] + board + [
          f"Datasets: {', '.join(report['datasets'])}; max_len {report['max_len']}; chat template "
          f"{'on' if report['chat_template'] else 'off'}; ECE with {report['bins']} equal-width confidence bins.", "",
          "| group | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -197,8 +213,11 @@ def markdown_report(report: dict) -> str:
 
 def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins: int = 10,
              metrics_path: str | None = None, subset_by: str = "source", progress: bool = True,
-             data_report: dict | None = None, heldout: bool = False) -> dict:
+             data_report: dict | None = None, heldout: bool = False, benchmark: str | None = None) -> dict:
     """Score ``pairs`` with a :class:`~coati.scoring.RewardScorer` and write the report and plots.
+
+    ``benchmark`` (``"rewardbench"`` or ``"rewardbench2"``) adds the benchmark's subset, section and overall scores
+    (:func:`coati.rewardbench.benchmark_scores`) as ``report["benchmark"]`` and its leaderboard row to report.md.
 
     ``report.json`` and ``pair_scores.jsonl`` are strict JSON (:func:`coati.io.dumps`: no NaN/Infinity literals).
 
@@ -210,6 +229,8 @@ def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins
     if not pairs:
         raise ValueError("no preference pairs to evaluate")
     training_rows = read_metrics_jsonl(metrics_path) if metrics_path else None  # fail before scoring
+    if benchmark is not None:
+        check_rows(benchmark, pairs)
     t0 = time.perf_counter()
     chosen, rejected = scorer.score_pairs(pairs, progress=progress)
     seconds = time.perf_counter() - t0
@@ -217,7 +238,9 @@ def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins
     top1 = {}
     if any(p.more for p in pairs):  # ranked lists: the share of prompts whose best answer scores highest
         top1 = {"prompts": len(pairs), "top1": scorer.last_top1.double().mean().item()}
+    bench = None if benchmark is None else benchmark_scores(benchmark, pairs, scorer.last_answer_rewards)
     report = {"model_path": scorer.path, "datasets": list(datasets), "heldout": heldout,
+              **({} if bench is None else {"benchmark": bench}),
               **pair_metrics(chosen, rejected, bins), **top1, "bins": bins,
               "subsets": grouped_metrics(chosen, rejected, [subset_name(p, subset_by) for p in owners], bins),
               "languages": grouped_metrics(chosen, rejected, [p.lang for p in owners], bins),
@@ -262,8 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=None, help="where the report and plots go (default: <model_path>/eval)")
     p.add_argument("--metrics", default=None, help="a training metrics.jsonl: also plot training_curves.png")
     p.add_argument("--bins", type=checked(int, COUNT), default=10, help="equal-width confidence bins for the ECE")
-    p.add_argument("--subset_by", choices=("source", "file"), default="source",
-                   help="subsets: the dataset spec of each pair, or the file it came from")
+    p.add_argument("--format", choices=("pairs",) + VERSIONS, default="pairs",
+                   help="pairs: any training data format; rewardbench / rewardbench2: local files in the layout of "
+                        "RewardBench v1 / RewardBench 2, scored per subset and section as their leaderboards do")
+    p.add_argument("--subset_by", choices=("source", "file", "subset"), default=None,
+                   help="subsets: the dataset spec of each pair, the file it came from, or the rows' own 'subset' "
+                        "field (default: subset with a RewardBench --format, else source)")
     return add_model_options(p)
 
 
@@ -355,6 +382,9 @@ def run(args) -> dict:
     if bool(args.dataset) == bool(args.heldout):
         raise ValueError("give --dataset (the pairs to evaluate) or --heldout (the pairs the training run held out)"
                          + (", not both" if args.heldout else ""))
+    benchmark = None if args.format == "pairs" else args.format
+    if benchmark and args.heldout:
+        raise ValueError(f"--format {benchmark} reads the benchmark's files given with --dataset, not --heldout")
     if args.heldout and args.max_samples is not None:
         raise ValueError("--max_samples applies to --dataset; --heldout takes the training run's own settings")
     if args.metrics and not os.path.isfile(args.metrics):
@@ -363,20 +393,31 @@ def run(args) -> dict:
     check_output_target("--output_dir", output_dir, folder=True)
     device = resolve_device(args.device)
     settings = heldout_settings(args.model_path) if args.heldout else None
-    scorer = RewardScorer.from_pretrained(args.model_path, device=device, dtype=getattr(torch, args.dtype),
-                                          max_len=args.max_len, batch_size=args.batch_size,
-                                          load_in_4bit=args.load_in_4bit)
     if settings is not None:
         pairs, datasets, data_report = heldout_pairs(args.model_path, settings, args.data_dir, args.strict_data)
     else:
         datasets = args.dataset
         pairs, data_report = load_pairs(args.dataset, args.data_dir or default_data_dir(), args.max_samples,
                                         args.strict_data, seed=None)
+    if benchmark:
+        check_rows(benchmark, pairs)  # before the model loads
+    scorer = RewardScorer.from_pretrained(args.model_path, device=device, dtype=getattr(torch, args.dtype),
+                                          max_len=args.max_len, batch_size=args.batch_size,
+                                          load_in_4bit=args.load_in_4bit, layout=args.layout)
     if data_report.rows_skipped:
         print(data_report.summary(), file=sys.stderr)
     report = evaluate(scorer, pairs, datasets, output_dir, bins=args.bins, metrics_path=args.metrics,
-                      subset_by=args.subset_by, progress=not args.disable_tqdm, data_report=data_report.to_dict(),
-                      heldout=bool(args.heldout))
+                      subset_by=args.subset_by or ("subset" if benchmark else "source"),
+                      progress=not args.disable_tqdm, data_report=data_report.to_dict(), heldout=bool(args.heldout),
+                      benchmark=benchmark)
+    if benchmark:
+        bench = report["benchmark"]
+        print(leaderboard_table(bench, args.model_path))
+        for name, m in bench["subsets"].items():
+            print(f"  {name}: {m['prompts']} prompts, {100 * m['score']:.1f}")
+        if bench["unmapped"]:
+            print(f"  not in the Score (outside the official mapping): {', '.join(bench['unmapped'])}")
+        print(f"  ties at the top (shared): {bench['ties_at_top']} prompts")
     print(f"{report['pairs']} {'held-out ' if args.heldout else ''}pairs: acc {report['acc']:.4f}, "
           f"dist {report['dist']:.4f}, reward mean {report['reward_mean']:.4f} std {report['reward_std']:.4f}, "
           f"ECE {report['ece']:.4f}")

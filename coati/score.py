@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from coati.config import COUNT, POSITIVE, DefaultsOnceHelpFormatter, Range, checked
+from coati.config import COUNT, LAYOUTS, POSITIVE, DefaultsOnceHelpFormatter, Range, checked
 
 from coati.data.formats import DataFormatError, check_answer
 from coati.data.sources import json_object_lines
@@ -192,6 +192,12 @@ def add_model_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--load_in_4bit", action="store_true",
                    help="load the backbone's linear layers in 4 bits (bitsandbytes NF4, computing in --dtype): less "
                         "memory, scores within the quantisation error (see README)")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="how prompt and response become tokens: coati (this trainer's, read from train_config.json), "
+                        "chat (the whole conversation through the tokenizer's chat template, as TRL and OpenRLHF "
+                        "train; plus the config's reward_token_id when set, as InternLM2 reward models), text (hh-rlhf "
+                        "text + EOS, TRL on plain text); auto: coati with a train_config.json, else chat when the "
+                        "tokenizer has a template, else text")
     p.add_argument("--disable_tqdm", action="store_true", help="no progress bar (it goes to stderr)")
     return p
 
@@ -237,7 +243,7 @@ def run(args) -> int:
     scorer = RewardScorer.from_pretrained(args.model_path, device=device, dtype=getattr(torch, args.dtype),
                                           max_len=args.max_len, batch_size=args.batch_size,
                                           reward_mean=args.reward_mean, reward_std=args.reward_std,
-                                          load_in_4bit=args.load_in_4bit)
+                                          load_in_4bit=args.load_in_4bit, layout=args.layout)
     encoded = scorer.encode_texts(prompts, responses)
     scores = scorer.score_encoded(encoded, normalize=args.normalize, progress=not args.disable_tqdm)
     truncated = [e.prompt_truncated or e.answer_truncated for e in encoded]

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,12 +41,13 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from coati.checkpoint import non_finite_names
-from coati.config import BITSANDBYTES_INSTALL, DataArgs, ModelArgs
+from coati.config import BITSANDBYTES_INSTALL, LAYOUTS, DataArgs, ModelArgs
 from coati.data.collate import pad_sequences
-from coati.data.formats import check_answer, check_text, parse_message
+from coati.data.formats import check_answer, check_text, ordered_pairs, parse_message
 from coati.data.template import (Encoded, SequenceEncoder, TruncationStats, render_prompt, tokenize_pairs,
                                  use_chat_template)
-from coati.models.backbones import backbone_for
+from coati.models.backbones import Backbone, backbone_for
+from coati.models.internlm2 import internlm2_to_llama_config, load_internlm2
 from coati.models.loading import load_tokenizer, quantization_config
 from coati.models.lora import keep_standard_4bit_layout
 from coati.models.reward_model import RewardModel
@@ -56,6 +58,26 @@ logger = logging.getLogger(__name__)
 DEFAULTS = DataArgs()
 
 Prompt = str | Sequence[dict] | None
+
+#: default ``max_len`` of the ``chat`` / ``text`` layouts (another trainer's model: no train_config.json to read).
+FOREIGN_MAX_LEN = 2048
+
+
+def scoring_backbone(config) -> Backbone:
+    """The registry entry of ``config.model_type`` (:func:`~coati.models.backbones.backbone_for`), or for a model
+    type coati does not train (Qwen2, Gemma, ...) a scoring-only entry: padded batches with transformers' own
+    attention, no packing."""
+    try:
+        return backbone_for(config)
+    except ValueError:
+        pass
+
+    def no_packing(*_args):
+        raise ValueError(f"model_type {config.model_type!r}: packed batches are not supported (scoring uses padded "
+                         "batches)")
+
+    return Backbone(name=config.model_type, config_class=type(config), model_class=AutoModelForSequenceClassification,
+                    model_types=(config.model_type,), lora_targets=(), packed_forward=no_packing)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -116,6 +138,22 @@ def normalize_prompt(prompt: Prompt) -> list[dict[str, str]]:
     return messages
 
 
+@dataclass
+class _Answers:
+    """What :func:`~coati.data.collate.list_layout` reads of a tokenized item, for layouts that encode each answer
+    whole: the number of answers (placeholder sequences) and their scores."""
+
+    count: int
+    scores: list[float] | None
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return [[]] * self.count
+
+    def comparisons(self, margin_from_scores: bool = False) -> list[tuple[int, int, None]]:
+        return [(i, j, None) for i, j in ordered_pairs(self.count, self.scores)]
+
+
 class RewardScorer:
     """A loaded reward model that scores (prompt, response) texts in the trainer's layout.
 
@@ -131,29 +169,59 @@ class RewardScorer:
         device: where the model runs; batch_size: sequences per forward pass.
         reward_mean / reward_std: the statistics of ``normalize=True`` (``config.json``'s, or given), or None; set
             them with :meth:`set_normalization`.
+        layout: how a (prompt, response) becomes tokens (:data:`LAYOUTS`): ``coati`` (the trainer's), ``chat`` or
+            ``text`` (other trainers' reward models: see :meth:`from_pretrained`).
+        strip_pad_id: with ``chat`` / ``text``, trailing tokens with this id (the model's ``pad_token_id``) are not
+            scored, so the reward is read where transformers' sequence-classification pooling reads it (the last
+            token that is not the pad id); None: nothing stripped.
+        append_reward_token: with ``chat``, the config's ``reward_token_id`` is appended to every text.
         last_truncation: :class:`~coati.data.template.TruncationStats` of the last :meth:`score_pairs` call.
     """
 
     def __init__(self, model: RewardModel, tokenizer, encoder: SequenceEncoder, chat_template: bool,
                  device: torch.device, batch_size: int = 8, train_config: dict | None = None,
-                 reward_mean: float | None = None, reward_std: float | None = None, path: str = ""):
+                 reward_mean: float | None = None, reward_std: float | None = None, path: str = "",
+                 layout: str = "coati", strip_pad_id: int | None = None, append_reward_token: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if layout not in LAYOUTS[1:]:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS[1:])}, got {layout!r}")
         self.model, self.tokenizer, self.encoder, self.chat_template = model, tokenizer, encoder, chat_template
         self.device, self.batch_size, self.train_config, self.path = device, batch_size, train_config or {}, path
+        self.layout, self.strip_pad_id, self.append_reward_token = layout, strip_pad_id, append_reward_token
         self.last_truncation = TruncationStats()
         self.set_normalization(reward_mean, reward_std)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                         max_len: int | None = None, batch_size: int = 8, reward_mean: float | None = None,
-                        reward_std: float | None = None, load_in_4bit: bool = False) -> RewardScorer:
-        """Load an exported reward model folder.
+                        reward_std: float | None = None, load_in_4bit: bool = False,
+                        layout: str = "auto") -> RewardScorer:
+        """Load a reward model folder: a coati export, another trainer's ``*ForSequenceClassification`` export (TRL,
+        OpenRLHF-style, with one label), or a released InternLM2 reward model (``InternLM2ForRewardModel``).
 
         Args:
-            path: folder written by :func:`coati.checkpoint.export_hf` (or any HF ``*ForSequenceClassification``
-                folder with ``num_labels == 1`` and a tokenizer; without ``train_config.json`` the trainer defaults
-                ``max_len=512`` and ``chat_template=auto`` are used, with a warning).
+            path: folder written by :func:`coati.checkpoint.export_hf`; or any HF ``*ForSequenceClassification``
+                folder with ``num_labels == 1``, a ``score`` head and a tokenizer; or an InternLM2 reward model
+                (``model_type: internlm2`` with ``v_head.weight``), converted without remote code as the backbone
+                is (:func:`coati.models.internlm2.load_internlm2` with ``reward_head``).
+            layout: how each (prompt, response) is turned into tokens, i.e. which layout the model was trained on:
+
+                * ``coati``: the trainer's (the module docstring), settings from ``train_config.json`` (without one:
+                  ``max_len=512`` and ``chat_template=auto``, with a warning);
+                * ``chat``: the whole conversation, the response as its last assistant message, rendered by the
+                  tokenizer's chat template and tokenized as one text (no special tokens added), then
+                  ``config.reward_token_id`` appended when the config has one (InternLM2 reward models); TRL's
+                  ``RewardTrainer`` on conversational data, OpenRLHF with ``--apply_chat_template``;
+                * ``text``: the prompt in the hh-rlhf layout, the response and the EOS text, tokenized with the
+                  tokenizer's special tokens (TRL's ``RewardTrainer`` on plain-text data);
+                * ``auto`` (default): ``coati`` when ``train_config.json`` exists, else ``chat`` when the tokenizer
+                  has a chat template, else ``text``.
+
+                With ``chat`` / ``text`` the reward of a ``*ForSequenceClassification`` model is read where its own
+                pooling reads it (trailing ``pad_token_id`` tokens are not scored; :attr:`strip_pad_id`), an
+                InternLM2 reward model's at its reward token; over-long texts lose tokens from the start (flagged
+                ``prompt_truncated``) and ``max_len`` defaults to 2048.
             device: ``"cuda"``, ``"cpu"``, a ``torch.device``...; default CUDA when available, else CPU; checked by
                 :func:`resolve_device` before anything is loaded.
             dtype: weights dtype of the backbone (``torch.float32``, ``torch.bfloat16``, ...); the value head always
@@ -169,10 +237,14 @@ class RewardScorer:
             the scorer, model in eval mode on ``device``.
         Raises:
             ValueError: ``path`` is not a folder, has no ``config.json``, is not a single-output sequence
-                classifier (``num_labels != 1``), has weights that are not finite (NaN/inf), a bad or unavailable
-                ``device`` (:func:`resolve_device`), bad ``max_len`` / ``batch_size`` / statistics, or
-                ``load_in_4bit`` without the bitsandbytes package.
+                classifier (``num_labels != 1``) or has no ``score`` head, is an InternLM2 checkpoint without
+                ``v_head``, has weights that are not finite (NaN/inf), a bad or unavailable ``device``
+                (:func:`resolve_device`), bad ``max_len`` / ``batch_size`` / statistics / ``layout`` (``chat``
+                without a chat template), or ``load_in_4bit`` without the bitsandbytes package (or with an InternLM2
+                reward model).
         """
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         dev = resolve_device(device)
         if load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(f"--load_in_4bit needs the bitsandbytes package: {BITSANDBYTES_INSTALL}")
@@ -183,27 +255,46 @@ class RewardScorer:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{path}: not a reward-model export (no config.json); pass the --save_path folder of a "
                              "training run")
-        config = AutoConfig.from_pretrained(path)
+        raw = json.loads(Path(path, "config.json").read_text(encoding="utf-8"))
+        internlm2 = isinstance(raw, dict) and raw.get("model_type") == "internlm2"
+        if internlm2 and load_in_4bit:
+            raise ValueError(f"{path}: --load_in_4bit is not supported for InternLM2 reward models (they are "
+                             "converted in fp32)")
+        config = internlm2_to_llama_config(raw) if internlm2 else AutoConfig.from_pretrained(path)
         if getattr(config, "num_labels", None) != 1:
             raise ValueError(f"{path}: config.json has num_labels={getattr(config, 'num_labels', None)}, a reward "
                              "model export has num_labels=1 (one scalar per sequence)")
         tc_path = os.path.join(path, "train_config.json")
         train_config = json.loads(Path(tc_path).read_text(encoding="utf-8")) if os.path.isfile(tc_path) else {}
-        if not train_config:
+        stored = raw.get("reward_token_id") if internlm2 else getattr(config, "reward_token_id", None)  # None: EOS
+        tokenizer = load_tokenizer(path, reward_token="auto" if stored is None else str(stored))
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if layout == "auto":
+            layout = "coati" if train_config else "chat" if has_template else "text"
+        if layout == "chat" and not has_template:
+            raise ValueError(f"{path}: layout chat, but its tokenizer has no chat template (use layout text)")
+        if layout == "coati" and not train_config:
             logger.warning("%s has no train_config.json: using max_len=%d and chat_template=%s; scores may not match "
                            "the layout the model was trained on", path, DEFAULTS.max_len, DEFAULTS.chat_template)
-        max_len = int(max_len if max_len is not None else train_config.get("max_len", DEFAULTS.max_len))
+        default_len = train_config.get("max_len", DEFAULTS.max_len) if layout == "coati" else FOREIGN_MAX_LEN
+        max_len = int(max_len if max_len is not None else default_len)
         if max_len < 8:
             raise ValueError(f"max_len must be at least 8, got {max_len}")
 
-        stored = getattr(config, "reward_token_id", None)  # None: the EOS
-        tokenizer = load_tokenizer(path, reward_token="auto" if stored is None else str(stored))
-        chat = use_chat_template(tokenizer, train_config.get("chat_template") or DEFAULTS.chat_template)
+        chat = use_chat_template(tokenizer, train_config.get("chat_template") or DEFAULTS.chat_template) \
+            if layout == "coati" else layout == "chat"
         encoder = SequenceEncoder(tokenizer, max_len, stored)
         quantization = quantization_config(ModelArgs(load_in_4bit=True), dtype) if load_in_4bit else None
-        hf_model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, **({} if quantization is None else {"quantization_config": quantization,
-                                                                   "device_map": {"": str(dev)}}))
+        if internlm2:
+            hf_model = load_internlm2(path, pad_token_id=tokenizer.pad_token_id, reward_head=True).to(dtype)
+        else:
+            hf_model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, **({} if quantization is None else {"quantization_config": quantization,
+                                                                       "device_map": {"": str(dev)}}))
+        if not isinstance(getattr(hf_model, "score", None), torch.nn.Linear):
+            raise ValueError(f"{path}: {type(hf_model).__name__} has no 'score' head (Linear(hidden, 1)); coati "
+                             "reads decoder reward models whose value head is 'score', as transformers' "
+                             "*ForSequenceClassification and coati's exports have")
         if bad := non_finite_names(hf_model):  # one torch.isfinite(p).all() per parameter, no copies
             what = "1 weight tensor is" if len(bad) == 1 else f"{len(bad)} weight tensors are"
             loaded = str(hf_model.dtype).replace("torch.", "")
@@ -216,13 +307,15 @@ class RewardScorer:
         else:
             keep_standard_4bit_layout(hf_model)  # scores computed in the chosen dtype, not bnb's bf16 CPU kernel
         hf_model.eval()
-        model = RewardModel(hf_model, backbone_for(config)).eval()
+        model = RewardModel(hf_model, backbone_for(config) if layout == "coati" else scoring_backbone(config)).eval()
         if reward_mean is None and reward_std is None:
             reward_mean, reward_std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
             if (reward_mean is None) != (reward_std is None):
                 logger.warning("%s/config.json has only one of reward_mean/reward_std; normalisation disabled", path)
                 reward_mean = reward_std = None
-        return cls(model, tokenizer, encoder, chat, dev, batch_size, train_config, reward_mean, reward_std, path)
+        strip = None if internlm2 or layout == "coati" else getattr(config, "pad_token_id", None)
+        return cls(model, tokenizer, encoder, chat, dev, batch_size, train_config, reward_mean, reward_std, path,
+                   layout, strip, append_reward_token=layout == "chat" and stored is not None)
 
     def set_normalization(self, mean: float | None, std: float | None) -> None:
         """Set (or clear with ``None, None``) the statistics of ``normalize=True``: score = (r - mean) / std.
@@ -305,6 +398,8 @@ class RewardScorer:
             if not isinstance(r, str):
                 raise ValueError(f"responses[{i}] must be a string, got {type(r).__name__}")
             check_answer(f"responses[{i}]", r)
+        if self.layout != "coati":
+            return self._encode_whole([normalize_prompt(p) for p in prompts], [r.strip() for r in responses])
         tok = self.tokenizer
         keys, rendered = [], {}
         for p in prompts:  # each distinct prompt is rendered and tokenized once
@@ -316,6 +411,26 @@ class RewardScorer:
                               if rendered else []))
         answer_ids = tok([r.strip() for r in responses], add_special_tokens=False).input_ids if responses else []
         return [self.encoder.encode_ids(prompt_ids[k] if rendered[k] else [], a) for k, a in zip(keys, answer_ids)]
+
+    def _encode_whole(self, prompts: list[list[dict]], responses: list[str]) -> list[Encoded]:
+        """The ``chat`` / ``text`` layouts (:meth:`from_pretrained`): each conversation tokenized as one text."""
+        tok, reward = self.tokenizer, self.encoder.reward_token_id
+        if self.layout == "chat":
+            texts = [tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+                     for p, r in zip(prompts, responses)]
+            ids = tok(texts, add_special_tokens=False).input_ids if texts else []
+            extra = [reward] if self.append_reward_token else []
+        else:
+            texts = [render_prompt(p, tok, False) + r + (tok.eos_token or "") for p, r in zip(prompts, responses)]
+            ids, extra = (tok(texts).input_ids if texts else []), []
+        out = []
+        for seq in ids:
+            seq = list(seq) + extra
+            while self.strip_pad_id is not None and len(seq) > 1 and seq[-1] == self.strip_pad_id:
+                seq.pop()
+            cut = len(seq) > self.encoder.max_len
+            out.append(Encoded(seq[-self.encoder.max_len:], cut, False))
+        return out
 
     def encode(self, prompts: Sequence[Prompt] | None, responses: Sequence[str]) -> list[list[int]]:
         """Token ids of (prompt, response) pairs: the ``input_ids`` of :meth:`encode_texts` (same errors)."""
@@ -349,17 +464,33 @@ class RewardScorer:
             (chosen, rejected): two ``[M]`` float32 CPU tensors of raw rewards of the M comparisons (M = N for
             pairs; a ranked list gives its ordered pairs), in input order. Kept for the caller: truncation counts in
             :attr:`last_truncation`, the input index of each comparison in :attr:`last_owner` (``list[int]``, M) and
-            the per-prompt top-1 result in :attr:`last_top1` (``[N]`` bool, :func:`coati.metrics.top1_correct`).
+            the per-prompt top-1 result in :attr:`last_top1` (``[N]`` bool, :func:`coati.metrics.top1_correct`) and
+            every answer's reward in :attr:`last_answer_rewards` (N lists of floats, in each input's
+            :attr:`~coati.data.formats.PreferencePair.responses` order: chosen, rejected, then the rest).
         """
         from coati.data.collate import list_layout
         from coati.metrics import top1_correct
 
-        items, self.last_truncation = tokenize_pairs(list(pairs), self.encoder, self.chat_template)
-        layout = list_layout(items)
-        rewards = self.score_ids(layout.sequences, progress)
+        if self.layout == "coati":
+            items, self.last_truncation = tokenize_pairs(list(pairs), self.encoder, self.chat_template)
+            layout = list_layout(items)
+            sequences = layout.sequences
+        else:  # every answer encoded whole, in answer-major order as list_layout numbers them
+            layout = list_layout([_Answers(len(p.responses), p.scores) for p in pairs])
+            owners: list[tuple[int, int]] = [(0, 0)] * len(layout.sequences)  # sequence -> (item, answer)
+            for b, idx in enumerate(layout.index):
+                for k, n in enumerate(idx):
+                    owners[n] = (b, k)
+            encoded = self.encode_texts([pairs[b].prompt for b, _ in owners],
+                                        [pairs[b].responses[k] for b, k in owners])
+            sequences = [e.input_ids for e in encoded]
+            cut = {b for (b, _), e in zip(owners, encoded) if e.prompt_truncated}
+            self.last_truncation = TruncationStats(len(pairs), len(cut), 0)
+        rewards = self.score_ids(sequences, progress)
         index = torch.tensor(layout.pairs, dtype=torch.int64).reshape(-1, 2)
         self.last_owner = [layout.item[w] for w, _ in layout.pairs]
-        self.last_top1 = top1_correct(rewards, torch.tensor(layout.item), torch.tensor(layout.best), len(items))
+        self.last_top1 = top1_correct(rewards, torch.tensor(layout.item), torch.tensor(layout.best), len(layout.index))
+        self.last_answer_rewards = [rewards[torch.tensor(idx)].tolist() for idx in layout.index]
         return rewards[index[:, 0]].clone(), rewards[index[:, 1]].clone()
 
     def best_of_n(self, prompt: Prompt, responses: Sequence[str], normalize: bool = False) -> tuple[list[float], int]:

@@ -124,8 +124,8 @@ def test_ranked_outputs():
 
 
 def test_registry_and_detection_errors():
-    assert list(FORMATS) == ["hh-rlhf", "hh_rlhf_cn", "prompt_chosen_rejected", "sharegpt_pairs", "ranked_outputs",
-                            "ranked_list", "completions"]
+    assert list(FORMATS) == ["hh-rlhf", "hh_rlhf_cn", "chosen_rejected_lists", "prompt_chosen_rejected",
+                            "sharegpt_pairs", "ranked_outputs", "ranked_list", "completions"]
     assert all(f.name == k and f.description for k, f in FORMATS.items())
     with pytest.raises(DataFormatError, match=r"keys: \['answer', 'question'\].*ranked_outputs"):
         detect_format({"question": "q", "answer": "a"})

@@ -57,6 +57,7 @@ class PreferencePair:
         scores: of a scored list, the scores of :attr:`responses` (higher is better, non-increasing; equal scores
             are ties); None when the answers are strictly ranked in order.
         dropped: answers of the row that were dropped while parsing (blank or repeated ones), counted in the report.
+        subset: the row's optional string ``subset`` field (RewardBench's subset names), else ``""``.
     """
 
     prompt: list[Message]
@@ -68,6 +69,7 @@ class PreferencePair:
     more: list[str] = field(default_factory=list)
     scores: list[float] | None = None
     dropped: int = 0
+    subset: str = ""
 
     @property
     def responses(self) -> list[str]:
@@ -422,6 +424,21 @@ def _parse_completions(row: Mapping) -> PreferencePair:
     return _ranked_list(row, prompt, answers, scores)
 
 
+# ---------------------------------------------------------------- chosen list / rejected list (RewardBench 2)
+
+def _string_lists(row: Mapping) -> bool:
+    return all(isinstance(row.get(k), list) and row[k] and all(isinstance(t, str) for t in row[k])
+               for k in ("chosen", "rejected"))
+
+
+def _parse_lists(row: Mapping) -> PreferencePair:
+    """``prompt`` (a string or messages), ``chosen`` and ``rejected``: non-empty lists of answer strings. Every
+    chosen answer beats every rejected one and chosen answers tie among themselves (a scored list, chosen 1,
+    rejected 0), so the comparisons are ``len(chosen) * len(rejected)``; RewardBench 2 rows have this layout."""
+    chosen, rejected = [t.strip() for t in row["chosen"]], [t.strip() for t in row["rejected"]]
+    return _ranked_list(row, _prompt_field(row), chosen + rejected, [1.0] * len(chosen) + [0.0] * len(rejected))
+
+
 # ---------------------------------------------------------------- registry
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
@@ -429,6 +446,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            'Anthropic transcripts: {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}'),
     Format("hh_rlhf_cn", lambda row: {"context", "chosen", "rejected"} <= row.keys(), _parse_hh_cn,
            '{"context": [{"role", "text"}...], "chosen": {"role", "text"}, "rejected": {"role", "text"}}'),
+    Format("chosen_rejected_lists", lambda row: {"chosen", "rejected"} <= row.keys() and _string_lists(row),
+           _parse_lists, '{"prompt": str | messages, "chosen": [str...], "rejected": [str...]} (RewardBench 2: every '
+           'chosen beats every rejected)'),
     Format("prompt_chosen_rejected", _detect_flat, _parse_flat,
            '{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}'),
     Format("sharegpt_pairs", lambda row: {"conversations", "chosen", "rejected"} <= row.keys(), _parse_sharegpt,

@@ -327,7 +327,8 @@ def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: i
         max_responses: ranked lists keep their K best-ranked answers (:meth:`PreferencePair.cap`; counted in the
             report); a list whose kept answers all tie is skipped. None keeps all.
     Returns:
-        (pairs, report); each pair's ``source`` is the dataset name (or file path / Hub id) and ``origin`` its
+        (pairs, report); each pair's ``source`` is the dataset name (or file path / Hub id), ``subset`` the row's
+        string ``subset`` field (else ``""``) and ``origin`` its
         ``"path:line"`` (or ``"name:row N"``).
     Raises:
         FileNotFoundError: unknown spec, missing file, or a named dataset with no local copy that cannot be loaded
@@ -378,6 +379,8 @@ def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max
                     stats.skip(f"{where}: {e}")
                     continue
                 pair.source, pair.origin = source, where
+                if isinstance(subset := row.get("subset"), str):
+                    pair.subset = subset
                 kept.append(pair)
                 stats.pairs_kept += 1
                 stats.lists += int(bool(pair.more))

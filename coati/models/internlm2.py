@@ -199,21 +199,26 @@ def iter_checkpoint_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             del state
 
 
-def load_internlm2(path: str, num_labels: int = 1, pad_token_id: int | None = None) -> LlamaForSequenceClassification:
+def load_internlm2(path: str, num_labels: int = 1, pad_token_id: int | None = None,
+                   reward_head: bool = False) -> LlamaForSequenceClassification:
     """Load a local InternLM2 checkpoint as a native ``LlamaForSequenceClassification`` (fp32, eval mode).
 
     No remote code runs: the config is mapped by :func:`internlm2_to_llama_config`, the tensors are renamed and
     ``wqkv`` split by :func:`convert_internlm2_tensor`, one shard at a time. The ``score`` head (``[num_labels,
-    hidden]``, no bias) is freshly initialised ``N(0, initializer_range)``; the LM head ``output`` is dropped.
+    hidden]``, no bias) is freshly initialised ``N(0, initializer_range)``, or with ``reward_head`` taken from the
+    checkpoint's ``v_head.weight`` (the released InternLM2 reward models, ``InternLM2ForRewardModel``: backbone +
+    ``v_head = Linear(hidden, 1, bias=False)``); the LM head ``output`` is dropped.
 
     Args:
         path: local folder with ``config.json`` (``model_type: internlm2``) and weights (see
             :func:`iter_checkpoint_tensors`).
         num_labels: score outputs (1 for a reward model).
         pad_token_id: the tokenizer's pad id (stored in the config; the sequence-classification head uses it).
+        reward_head: keep the checkpoint's reward head ``v_head`` as the value head (``num_labels`` must be 1).
     Raises:
         FileNotFoundError: no config.json or no weights (Hub ids are not resolved here).
-        ValueError: another model_type, an unexpected tensor name, a shape mismatch, or tensors missing.
+        ValueError: another model_type, an unexpected tensor name, a shape mismatch, or tensors missing (with
+            ``reward_head``: no ``v_head.weight``, or a ``v_head.bias``, which the value head does not have).
     """
     from transformers.initialization import no_init_weights
 
@@ -242,15 +247,27 @@ def load_internlm2(path: str, num_labels: int = 1, pad_token_id: int | None = No
                                      f"{tuple(target.shape)} from config.json")
                 target.copy_(value.to(torch.float32))
                 loaded.add(new_name)
-            if name.startswith("v_head."):
+            if reward_head and name.startswith("v_head."):
+                if name != "v_head.weight":
+                    raise ValueError(f"{path}: the reward head has {name}; coati's value head has no bias")
+                if tuple(tensor.shape) != tuple(model.score.weight.shape):
+                    raise ValueError(f"{path}: v_head.weight has shape {tuple(tensor.shape)}, expected "
+                                     f"{tuple(model.score.weight.shape)}")
+                model.score.weight.copy_(tensor.to(torch.float32))
+                loaded.add("score.weight")
+            elif name.startswith("v_head."):
                 logger.warning("%s: dropping the checkpoint's reward head %s; the value head is re-initialised",
                                path, name)
         missing = sorted(n for n in params if n not in loaded and not n.startswith("score."))
         if missing:
             raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:4])}")
-        model.score.weight.normal_(mean=0.0, std=config.initializer_range)
-    logger.info("loaded internlm2 from %s as LlamaForSequenceClassification; value head (score) freshly initialised",
-                path)
+        if reward_head and "score.weight" not in loaded:
+            raise ValueError(f"{path}: no v_head.weight, so this InternLM2 checkpoint is not a reward model "
+                             "(InternLM2ForRewardModel); train one with --model internlm2 --pretrain " + path)
+        if not reward_head:
+            model.score.weight.normal_(mean=0.0, std=config.initializer_range)
+    logger.info("loaded internlm2 from %s as LlamaForSequenceClassification; value head (score) %s", path,
+                "from its v_head" if reward_head else "freshly initialised")
     return model.eval()
 
 
