@@ -206,6 +206,10 @@ class OptimArgs:
     max_epochs: int = _opt(1, "passes over the training pairs", valid=COUNT)
     max_steps: int | None = _opt(None, "stop after this many optimizer steps (overrides max_epochs when reached); "
                                       "omit it to train --max_epochs epochs", valid=COUNT)
+    max_train_minutes: float | None = _opt(None, "stop training once this much training time has passed (evaluation "
+                                                 "and checkpoints not counted; the step under way finishes, on every "
+                                                 "rank), then evaluate and export as at the end; the learning-rate "
+                                                 "schedule still spans --max_steps / --max_epochs", valid=POSITIVE)
     lr: float = _opt(5e-6, "peak learning rate (AdamW)", valid=POSITIVE)
     weight_decay: float = _opt(0.0, "AdamW weight decay", valid=NON_NEGATIVE)
     adam_eps: float = _opt(1e-8, "AdamW epsilon", valid=POSITIVE)

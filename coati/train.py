@@ -50,9 +50,11 @@ def make_optimizer(optim: OptimArgs):
 
 def summarize(trainer: Trainer, data: RunData, final_eval: dict, global_batch: int, fit_s: float,
               start_step: int) -> dict:
-    """The run's ``summary.json``: steps, pairs, speed, skipped steps, the last epoch's and the final metrics."""
+    """The run's ``summary.json``: steps (done, planned, whether ``--max_train_minutes`` ended training first), pairs,
+    speed, skipped steps, the last epoch's and the final metrics."""
     seconds = max(trainer.train_seconds, 1e-9)
-    return {"steps": trainer.step, "train_pairs": len(data.train), "eval_pairs": len(data.eval),
+    return {"steps": trainer.step, "total_steps": trainer.total_steps, "stopped_by_time": trainer.stopped_by_time,
+            "train_pairs": len(data.train), "eval_pairs": len(data.eval),
             "world_size": trainer.strategy.world_size, "sequence_parallel_size": trainer.strategy.sp_size,
             "fit_seconds": fit_s, "train_seconds": trainer.train_seconds,
             "train_pairs_per_s": (trainer.step - start_step) * global_batch / seconds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import time
@@ -18,6 +19,8 @@ from coati.data.collate import Batch, PairLoader
 from coati.metrics import PairMetrics, top1_correct
 from coati.signals import Interrupted, StopFlag, signal_name
 from coati.strategies.base import Strategy, all_finite
+
+logger = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive optimizer steps with a non-finite loss or gradient."""
@@ -65,6 +68,7 @@ class Trainer:
         self.train_seconds = 0.0  # training time of this process's run, evaluation and checkpoints excluded
         self.train_tokens = 0  # real tokens trained on by all ranks in this run
         self._bad_streak = 0
+        self.stopped_by_time = False  # training ended at --max_train_minutes, before total_steps
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, chosen [M], rejected [M], rewards [N])`` of one batch's M comparisons of N sequences."""
@@ -130,12 +134,14 @@ class Trainer:
                     self._add(epoch_sums, value, batch, chosen, rejected, rewards)
                 if not last_micro:
                     continue
-                stop = self._update(bad_micro)
+                budget = opts.max_train_minutes
+                over = bool(budget) and self.train_seconds + time.perf_counter() - t0 >= 60.0 * budget
+                stop, over = self._update(bad_micro, over)
                 bad_micro = False
                 self.scheduler.step()
                 self.step += 1
                 bar.update(1)
-                if self.step % self.log.log_every == 0 or self.step == total:
+                if self.step % self.log.log_every == 0 or self.step == total or over:
                     row = self._train_row(window, epoch, t0, tokens)
                     if row["pairs"]:  # a window of only skipped steps has no metrics
                         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['acc']:.3f}", dist=f"{row['dist']:.3f}")
@@ -150,29 +156,38 @@ class Trainer:
                 if stop:
                     bar.close()
                     self._stop_now(total)
-                if self.step >= total:
+                if over:
+                    self.stopped_by_time = True
+                    logger.info("--max_train_minutes %s reached after %d of %d steps: evaluating and exporting",
+                                budget, self.step, total)
+                if self.step >= total or over:
                     break
             self.epoch_metrics = {"epoch": epoch, **epoch_sums.reduce(strategy).result()}
+            if self.stopped_by_time:
+                break
         bar.close()
         return self.history
 
-    def _update(self, bad_loss: bool) -> bool:
+    def _update(self, bad_loss: bool, over_time: bool = False) -> tuple[bool, bool]:
         """Clip and apply the accumulated gradients, or skip the update when the loss or the gradient norm is not
         finite on any rank (the skip is counted; ``max_bad_steps`` in a row stop the run).
 
-        The ranks agree, in one all-reduce, on a bad loss and on a stop signal received by any of them.
+        The ranks agree, in one all-reduce, on a bad loss, on a stop signal received by any of them and on a rank
+        past ``--max_train_minutes`` (``over_time``), so all of them stop after the same step.
 
         Returns:
-            True when a rank received SIGINT / SIGTERM: the caller stops after this step.
+            ``(signalled, over_time)``: a rank received SIGINT / SIGTERM (the caller stops after this step), and a
+            rank is past the training-time budget (the caller ends training normally after this step).
         Raises:
             NonFiniteError: ``max_bad_steps`` consecutive skipped steps; a resume checkpoint of the last good state
                 is written first when checkpointing is on.
             NonFiniteWeightsError: the update made a parameter NaN or infinite (nothing more is saved).
         """
         opts, strategy = self.optim, self.strategy
-        flag = torch.tensor([float(bad_loss), float(self.stop.signum is not None)], dtype=torch.float64)
+        flag = torch.tensor([float(bad_loss), float(self.stop.signum is not None), float(over_time)],
+                            dtype=torch.float64)
         strategy.all_reduce(flag)
-        bad, stop = flag[0].item() > 0, flag[1].item() > 0
+        bad, stop, over_time = (v > 0 for v in flag.tolist())
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
         else:
@@ -186,7 +201,7 @@ class Trainer:
                 raise NonFiniteWeightsError(f"the update of step {self.step + 1} made parameters NaN or infinite "
                                             f"(finite gradients, so the step size is too large: lower --lr); nothing "
                                             f"was exported{saved}")
-            return stop
+            return stop, over_time
         self.skipped_steps += 1
         self._bad_streak += 1
         if self._bad_streak >= opts.max_bad_steps:
@@ -198,7 +213,7 @@ class Trainer:
             raise NonFiniteError(f"{self._bad_streak} optimizer steps in a row had a non-finite loss or gradient "
                                  f"(up to step {self.step + 1}); stopping{saved}. Lower --lr, check the data, or "
                                  "try without --bf16")
-        return stop
+        return stop, over_time
 
     def _stop_now(self, total: int) -> None:
         """Stop after a signal: write a resume checkpoint when checkpointing is on, then raise Interrupted."""

@@ -90,3 +90,24 @@ def test_too_many_bad_steps_stop_with_a_last_good_checkpoint(tokenizer, tmp_path
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_max_train_minutes_ends_training_after_the_step_that_crosses_it(tokenizer, tmp_path, monkeypatch):
+    """A fake clock that moves 10 s per loss computation: with a 0.5-minute budget, the training time seen before
+    the update of step k is 10 k s, so step 3 is the last (30 s >= 30 s); the run then ends normally."""
+    import coati.trainer as trainer_module
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock["now"])
+
+    def slow_loss(c, r, m):
+        clock["now"] += 10.0
+        return log_sig_loss(c, r, m)
+
+    trainer = _trainer(tokenizer, tmp_path, slow_loss, max_train_minutes=0.5)
+    rows = trainer.fit()
+    assert trainer.step == 3 and trainer.total_steps == 8 and trainer.stopped_by_time
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    unlimited = _trainer(tokenizer, tmp_path / "b", slow_loss)
+    unlimited.fit()
+    assert unlimited.step == 8 and not unlimited.stopped_by_time
