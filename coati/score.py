@@ -194,10 +194,10 @@ def add_model_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "memory, scores within the quantisation error (see README)")
     p.add_argument("--layout", choices=LAYOUTS, default="auto",
                    help="how prompt and response become tokens: coati (this trainer's, read from train_config.json), "
-                        "chat (the whole conversation through the tokenizer's chat template, as TRL and OpenRLHF "
-                        "train; plus the config's reward_token_id when set, as InternLM2 reward models), text (hh-rlhf "
-                        "text + EOS, TRL on plain text); auto: coati with a train_config.json, else chat when the "
-                        "tokenizer has a template, else text")
+                        "chat (the whole conversation through the tokenizer's chat template, as TRL trains on "
+                        "conversations; plus the config's reward_token_id when set, as InternLM2 reward models), "
+                        "text (hh-rlhf text + EOS, TRL on plain text); auto: coati with a train_config.json, else "
+                        "chat when the tokenizer has a template, else text")
     p.add_argument("--disable_tqdm", action="store_true", help="no progress bar (it goes to stderr)")
     return p
 

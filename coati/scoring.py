@@ -197,8 +197,8 @@ class RewardScorer:
                         max_len: int | None = None, batch_size: int = 8, reward_mean: float | None = None,
                         reward_std: float | None = None, load_in_4bit: bool = False,
                         layout: str = "auto") -> RewardScorer:
-        """Load a reward model folder: a coati export, another trainer's ``*ForSequenceClassification`` export (TRL,
-        OpenRLHF-style, with one label), or a released InternLM2 reward model (``InternLM2ForRewardModel``).
+        """Load a reward model folder: a coati export, another trainer's ``*ForSequenceClassification`` export with one
+        label (TRL's, for example), or a released InternLM2 reward model (``InternLM2ForRewardModel``).
 
         Args:
             path: folder written by :func:`coati.checkpoint.export_hf`; or any HF ``*ForSequenceClassification``
@@ -212,7 +212,7 @@ class RewardScorer:
                 * ``chat``: the whole conversation, the response as its last assistant message, rendered by the
                   tokenizer's chat template and tokenized as one text (no special tokens added), then
                   ``config.reward_token_id`` appended when the config has one (InternLM2 reward models); TRL's
-                  ``RewardTrainer`` on conversational data, OpenRLHF with ``--apply_chat_template``;
+                  ``RewardTrainer`` on conversational data;
                 * ``text``: the prompt in the hh-rlhf layout, the response and the EOS text, tokenized with the
                   tokenizer's special tokens (TRL's ``RewardTrainer`` on plain-text data);
                 * ``auto`` (default): ``coati`` when ``train_config.json`` exists, else ``chat`` when the tokenizer
