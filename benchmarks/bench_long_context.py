@@ -13,6 +13,8 @@ malloc has handed out and not got back, sampled every 5 ms: live tensors only, w
 allocator freed but did not return), and computed tokens per second.
 
 ``--trl`` adds TRL's ``RewardTrainer`` (padded, no sequence parallelism, no prefix sharing) on the same pairs.
+``--mmap_threshold 65536`` runs the children with a fixed glibc mmap threshold, so blocks freed during a step go back
+to the system and the RSS follows the live heap (glibc's default threshold grows up to 32 MB and keeps freed blocks).
 
     python benchmarks/bench_long_context.py --model_config small --sp 1 2 --lengths 4096 8192 16384 32768
     python benchmarks/bench_long_context.py --pretrain smollm2-135m --sp 1 3 --lengths 4096 8192
@@ -49,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--trl", action="store_true", help="also TRL's RewardTrainer (padded, one process)")
+    p.add_argument("--mmap_threshold", type=int, default=0,
+                   help="bytes: run the children with glibc's MALLOC_MMAP_THRESHOLD_ set to this (a fixed threshold: "
+                        "every larger block is its own mapping, given back to the system when freed); 0 keeps "
+                        "glibc's default dynamic threshold")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -142,6 +148,9 @@ def child(args) -> dict:
     torch.manual_seed(0)
     model = build_reward_model(ModelArgs(model=args.model, pretrain=args.pretrain, model_config=args.model_config,
                                          gradient_checkpointing=True), LoraArgs(), tokenizer)
+    # train mode, as the trainer sets it: a pretrained model loads in eval mode, where transformers does not
+    # recompute (checkpoint) its blocks
+    model.train()
     model.sequence_parallel = strategy.sequence_parallel
     wrapped, opt = strategy.prepare(model, lambda ps: torch.optim.AdamW(ps, lr=1e-5, fused=True))
     batch = collate_packed([pair], tokenizer.pad_token_id, 0, True)
@@ -255,8 +264,9 @@ def main(argv=None) -> int:
                         if s > 1 else [sys.executable])
             cmd = launcher + [os.path.abspath(__file__), "--child", ("trl:" + spec) if s == 0 else spec] + passed
             try:
+                malloc = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {}
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                      env=dict(os.environ, PYTHONPATH=REPO))
+                                      env=dict(os.environ, PYTHONPATH=REPO, **malloc))
             except subprocess.TimeoutExpired:
                 results[f"{length}/{name}"] = {"failed": f"timeout after {args.timeout:.0f} s"}
                 print(f"{length:6} {name:5} timed out after {args.timeout:.0f} s", flush=True)
