@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_config", default="small", help="random-init preset (small: 8 heads, 4 key/value heads)")
     p.add_argument("--dataset", nargs="+", default=["hh-rlhf"])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    p.add_argument("--sp", type=int, nargs="+", default=[1, 2], help="sequence-parallel sizes to run")
+    p.add_argument("--sp", type=int, nargs="*", default=[1, 2],
+                   help="sequence-parallel sizes to run (none: only the --trl rows)")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--trl", action="store_true", help="also TRL's RewardTrainer (padded, one process)")

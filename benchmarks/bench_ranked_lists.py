@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrain", default="smollm2-135m")
     p.add_argument("--dataset", default="oaast-rm-zh")
-    p.add_argument("--max_len", type=int, default=512, help="lists with an answer sequence longer than this are left out")
+    p.add_argument("--max_len", type=int, default=512,
+                   help="lists with an answer sequence longer than this are left out")
     p.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step")
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps before timing")

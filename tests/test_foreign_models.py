@@ -111,8 +111,8 @@ def internlm2_rm(tmp_path_factory):
     folder = write_internlm2(tmp_path_factory.mktemp("internlm2_rm"), cfg, w)
     (folder / "tokenizer.model").write_bytes((TOKENIZER_DIR / "tokenizer.model").read_bytes())
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "InternLM2Tokenizer", "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
-                                                                                 None]},
+        "tokenizer_class": "InternLM2Tokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": CHATML,
         "added_tokens_decoder": {"92543": {"content": "<|im_start|>", "special": True},
                                  "92542": {"content": "<|im_end|>", "special": True}}}), encoding="utf-8")
