@@ -143,8 +143,11 @@ class DataArgs:
                          valid=Range(8, integer=True))
     packing: bool = _opt(True, "pack the chosen and rejected sequences of each batch into rows without padding "
                                "between them (no attention across sequences); off = padded batches")
-    share_prefix: bool = _opt(True, "packing: compute the tokens that chosen and rejected share at their start (the "
-                                    "prompt) once per pair; rewards and gradients are unchanged")
+    share_prefix: bool = _opt(True, "compute the tokens that a prompt's answers share at their start (the prompt) "
+                                    "once: packed rows hold one group [P, R1 .. RK] per prompt; padded batches run "
+                                    "the prompts first and continue each answer through their key/value cache (not "
+                                    "under --gradient_checkpointing or sequence parallelism, where padded batches "
+                                    "keep one row per answer); rewards and gradients are unchanged")
     max_tokens_per_batch: int = _opt(0, "packed row capacity in tokens (0 = auto: LLaMA and InternLM2 put the whole "
                                         "batch in one row, which their per-sequence attention makes free of "
                                         "padding; BLOOM, whose packed attention is a dense mask, uses rows of "

@@ -143,7 +143,8 @@ def run(cfg: TrainConfig) -> dict:
                                                                                    cfg.data.share_prefix)
     train, evaluation = make_loaders(data, cfg.data, optim.batch_size, optim.eval_batch_size or optim.batch_size,
                                      optim.seed, tokenizer.pad_token_id, capacity, strategy,
-                                     cfg.loss.list_weighting, cfg.loss.margin_from_scores)
+                                     cfg.loss.list_weighting, cfg.loss.margin_from_scores,
+                                     cache_prompt=not cfg.backbone.gradient_checkpointing and strategy.sp_size == 1)
     total = plan_steps(len(train), optim)[1]
     if total == 0:
         raise ValueError(f"{len(data.train)} training pairs make no optimizer step with batch_size "

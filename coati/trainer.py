@@ -125,7 +125,8 @@ class Trainer:
                 ctx = contextlib.nullcontext() if last_micro else strategy.no_sync(self.model)
                 with ctx:
                     loss, chosen, rejected, rewards = self._forward(batch)
-                    strategy.backward(loss / accumulation)
+                    scale = self._loss_scale(batch, epoch, i)
+                    strategy.backward(loss / accumulation if scale is None else loss * scale)
                 value = loss.item()  # one device sync per micro-batch
                 finite = math.isfinite(value)
                 bad_micro = bad_micro or not finite
@@ -167,6 +168,20 @@ class Trainer:
                 break
         bar.close()
         return self.history
+
+    def _loss_scale(self, batch: Batch, epoch: int, index: int) -> float | None:
+        """Factor on micro-batch ``index``'s loss (a weighted mean over this rank's comparisons) before backward, so
+        that the gradient the strategy averages over D data-parallel ranks and A accumulated micro-batches is the
+        weighted mean over every comparison of the optimizer step: ``w_local * D / w_step``, with ``w`` the loss
+        weights (:func:`~coati.data.collate.loss_weight`; ``w_step`` over all ranks' micro-batches of the step).
+        None (the caller divides by A) when every rank's micro-batches weigh the same (pairs, or lists weighted per
+        prompt); it matters for ranked lists weighted per pair, whose comparison counts differ between batches."""
+        accumulation, world = self.optim.accumulation_steps, self.strategy.data_world_size
+        first = index - index % accumulation
+        step_total = sum(self.train.global_loss_weights(epoch)[first:first + accumulation])
+        if not step_total or batch.loss_weight * world * accumulation == step_total:
+            return None
+        return batch.loss_weight * world / step_total
 
     def _update(self, bad_loss: bool, over_time: bool = False) -> tuple[bool, bool]:
         """Clip and apply the accumulated gradients, or skip the update when the loss or the gradient norm is not

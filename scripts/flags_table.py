@@ -4,7 +4,8 @@ from coati.config import ALIASES, GROUPS, build_parser, option_fields
 
 
 def main() -> None:
-    actions = {a.dest: a for a in build_parser()._actions}
+    # the action spelled --<dest> (a boolean's --no_<dest> shares its dest with the opposite default)
+    actions = {a.dest: a for a in build_parser()._actions if f"--{a.dest}" in a.option_strings}
     fields = option_fields()
     aliases = {target: name for name, (target, _) in ALIASES.items()}
     for group, cls in GROUPS.items():

@@ -144,7 +144,7 @@ def _expanded(items, margin_from_scores):
 
 
 @pytest.mark.parametrize("weighting", ["prompt", "pair"])
-@pytest.mark.parametrize("packing", ["packed", "one_row", "padded"])
+@pytest.mark.parametrize("packing", ["packed", "one_row", "padded", "padded_shared", "padded_shared_left"])
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_listwise_loss_and_gradients_equal_pairs_one_at_a_time(name, packing, weighting, tokenizer):
     backbone = get_backbone(name)
@@ -156,7 +156,12 @@ def test_listwise_loss_and_gradients_equal_pairs_one_at_a_time(name, packing, we
                "one_row": lambda it: collate_packed(it, tokenizer.pad_token_id, 0, list_weighting=weighting,
                                                     margin_from_scores=True),
                "padded": lambda it: collate_pairs(it, tokenizer.pad_token_id, list_weighting=weighting,
-                                                  margin_from_scores=True)}[packing]
+                                                  margin_from_scores=True),
+               "padded_shared": lambda it: collate_pairs(it, tokenizer.pad_token_id, list_weighting=weighting,
+                                                         margin_from_scores=True, share_prefix=True),
+               "padded_shared_left": lambda it: collate_pairs(it, tokenizer.pad_token_id, "left",
+                                                              list_weighting=weighting, margin_from_scores=True,
+                                                              share_prefix=True)}[packing]
 
     def model():
         torch.manual_seed(0)
@@ -166,6 +171,12 @@ def test_listwise_loss_and_gradients_equal_pairs_one_at_a_time(name, packing, we
     batch = collate(items)
     if packing != "padded":
         assert batch.computed_tokens < batch.real_tokens  # prompts really shared
+    if packing.startswith("padded_shared"):  # each prompt is one row, computed once for its answers
+        assert batch.inputs["prompt_ids"].shape[0] == len(items)
+        prompt_lens = [3, 4, 3, 3]
+        assert batch.computed_tokens == batch.real_tokens - sum((len(it.sequences) - 1) * p
+                                                                for it, p in zip(items, prompt_lens))
+    elif packing != "padded":
         assert batch.inputs["groups"].shape[1] == 3 + 5
     rewards = rm(**batch.inputs)
     chosen, rejected = rewards[batch.pairs[:, 0]], rewards[batch.pairs[:, 1]]

@@ -95,3 +95,17 @@ def test_two_nodes_on_loopback(strategy, tmp_path):
         assert p.returncode == 0, err[-3000:]
     assert max(abs(x - y) for x, y in zip(_losses(out), _losses(ref))) < 1e-5
     assert _max_weight_diff(ref, out) < 1e-5
+
+
+@pytest.mark.parametrize("weighting", ["pair", "prompt"])
+def test_ranked_lists_weigh_every_comparison_of_the_step_alike_on_any_layout(weighting, tmp_path):
+    """Ranked lists with different comparison counts per batch: 2 DDP ranks of 2 prompts and 1 process of 2 prompts
+    accumulated twice give the weights of 1 process of 4 prompts (the loss is the weighted mean over the whole
+    optimizer step, not a mean of per-rank means)."""
+    args = ["--model", "llama", "--max_steps", "4", "--list_weighting", weighting, "--dataset", "oaast-rm-zh",
+            "--max_samples", "64", "--max_responses", "5"] + COMMON[4:]
+    ref = _train(args + ["--strategy", "naive", "--batch_size", "4"], save_path=tmp_path / "naive")
+    ddp = _train(args + ["--strategy", "ddp", "--batch_size", "2"], nproc=2, save_path=tmp_path / "ddp")
+    acc = _train(args + ["--strategy", "naive", "--batch_size", "2", "--accumulation_steps", "2"],
+                 save_path=tmp_path / "acc")
+    assert _max_weight_diff(ref, ddp) < 1e-5 and _max_weight_diff(ref, acc) < 1e-5

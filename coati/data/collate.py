@@ -37,6 +37,8 @@ class Batch:
             prompt``), or None for equal weights (all pairs, or ``--list_weighting pair``).
         item: ``[N]`` int64 index (0..B-1) of the prompt each sequence answers; best: ``[N]`` bool, the sequence
             is one of its prompt's top-ranked answers (for ``top1``); item_langs: the B prompts' languages.
+        loss_weight: the denominator of the loss's weighted mean over this batch (:func:`loss_weight`), which the
+            trainer sets against the same total over all ranks' batches of an optimizer step.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -50,6 +52,7 @@ class Batch:
     item: torch.Tensor | None = None
     best: torch.Tensor | None = None
     item_langs: list[str] | None = None
+    loss_weight: float = 0.0
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ListLayout:
         sequences: the N token-id lists; index: ``index[b][k]`` = sequence number of item b's answer k.
         pairs: ``[(winner, loser)]`` sequence numbers; margins: one per pair (None when none of the items has one).
         weights: one per pair, or None (all equal); item, best: per sequence (see :class:`Batch`).
+        total: :func:`loss_weight` of the items.
     """
 
     sequences: list[list[int]]
@@ -69,6 +73,15 @@ class ListLayout:
     weights: list[float] | None
     item: list[int]
     best: list[bool]
+    total: float = 0.0
+
+
+def loss_weight(items: list[TokenizedPair], list_weighting: str = "prompt") -> float:
+    """Total loss weight of ``items``: the denominator of the weighted mean the loss takes over their comparisons
+    (:func:`list_layout`). ``prompt``: the number of prompts with a comparison (each prompt's ``C_b`` comparisons
+    weigh ``1 / C_b``); ``pair``: the number of comparisons. For pairs both are the number of pairs."""
+    counts = [len(it.comparisons()) for it in items]
+    return float(sum(1 for c in counts if c)) if list_weighting == "prompt" else float(sum(counts))
 
 
 def list_layout(items: list[TokenizedPair], list_weighting: str = "prompt",
@@ -106,22 +119,45 @@ def list_layout(items: list[TokenizedPair], list_weighting: str = "prompt",
             weights.append(1.0 / len(comps))
     equal = list_weighting == "pair" or len(set(weights)) <= 1
     return ListLayout(sequences, index, pairs, None if all(m is None for m in margins) else
-                      [0.0 if m is None else float(m) for m in margins], None if equal else weights, item, best)
+                      [0.0 if m is None else float(m) for m in margins], None if equal else weights, item, best,
+                      loss_weight(items, list_weighting))
 
 
 def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "right",
-                  list_weighting: str = "prompt", margin_from_scores: bool = False) -> Batch:
-    """Stack B pairs (or ranked lists) into one padded :class:`Batch` of N sequences, one per row
-    (``computed_tokens == real_tokens``: each answer's prompt is computed with it; packing shares it).
+                  list_weighting: str = "prompt", margin_from_scores: bool = False,
+                  share_prefix: bool = False) -> Batch:
+    """Stack B pairs (or ranked lists) into one padded :class:`Batch` of N sequences.
 
+    Without ``share_prefix`` every sequence is a row of its own (``computed_tokens == real_tokens``: each answer's
+    prompt is computed with it). With ``share_prefix`` the prompt of each item (the tokens all its K sequences
+    share at their start, :func:`~coati.models.packed_attention.shared_prefix_len`) is a row of a prompt batch
+    computed once, and each answer is a row that continues it through the model's key/value cache
+    (:meth:`coati.models.reward_model.RewardModel.forward`): the same rewards as one row per sequence. A batch in
+    which some item's sequences share no token falls back to one row per sequence.
+
+    Returns:
+        a :class:`Batch` whose ``inputs`` are ``input_ids`` and ``attention_mask`` ``[N, L]`` int64; shared:
+        ``input_ids`` / ``attention_mask`` ``[N, La]`` hold the answers' own tokens (after the prompt),
+        ``prompt_ids`` / ``prompt_mask`` ``[B, Lp]`` int64 the prompts (right-padded) and ``prompt_index`` ``[N]``
+        int64 the prompt row of each answer.
     Raises:
         ValueError: empty ``items``, an unknown padding side or ``list_weighting``.
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
     layout = list_layout(items, list_weighting, margin_from_scores)
-    input_ids, attention_mask = pad_sequences(layout.sequences, pad_id, padding_side)
-    return _batch(items, layout, {"input_ids": input_ids, "attention_mask": attention_mask}, input_ids.numel())
+    prefix = [min(shared_prefix_len(it.sequences[0], s) for s in it.sequences[1:]) for it in items] \
+        if share_prefix else []
+    if not prefix or min(prefix) == 0:
+        input_ids, attention_mask = pad_sequences(layout.sequences, pad_id, padding_side)
+        return _batch(items, layout, {"input_ids": input_ids, "attention_mask": attention_mask}, input_ids.numel())
+    prompt_ids, prompt_mask = pad_sequences([it.sequences[0][:p] for it, p in zip(items, prefix)], pad_id, "right")
+    answers = [s[prefix[b]:] for s, b in zip(layout.sequences, layout.item)]
+    input_ids, attention_mask = pad_sequences(answers, pad_id, padding_side)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_ids": prompt_ids,
+              "prompt_mask": prompt_mask, "prompt_index": torch.tensor(layout.item, dtype=torch.int64)}
+    return _batch(items, layout, inputs, input_ids.numel() + prompt_ids.numel(),
+                  computed=sum(prefix) + sum(map(len, answers)))
 
 
 def pad_sequences(seqs, pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +190,7 @@ def _batch(items: list[TokenizedPair], layout: ListLayout, inputs: dict, total_t
     return Batch(inputs, margin, langs, real, real if computed is None else computed, total_tokens,
                  pairs=torch.tensor(layout.pairs, dtype=torch.int64).reshape(-1, 2), weight=weight,
                  item=torch.tensor(layout.item, dtype=torch.int64), best=torch.tensor(layout.best, dtype=torch.bool),
-                 item_langs=[it.lang for it in items])
+                 item_langs=[it.lang for it in items], loss_weight=layout.total)
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -310,21 +346,25 @@ class GlobalBatchSampler:
         return self.num_items // g if self.drop_last else -(-self.num_items // g)
 
     def __iter__(self) -> Iterator[list[int]]:
+        for chunk in self.global_batches(self.epoch):
+            if self.drop_last:
+                mine = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            else:  # uneven tail: deal pairs round-robin so every pair is seen exactly once
+                mine = chunk[self.rank::self.world_size]
+            yield mine  # may be empty on some ranks in the last evaluation batch (same batch count on every rank)
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """The whole global batches of ``epoch`` (the items of all ranks), in order: each rank's batches are slices
+        of these."""
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            gen = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_items, generator=gen).tolist()
         else:
             order = list(range(self.num_items))
         g = self.batch_size * self.world_size
         if self.lengths is not None and self.shuffle:
             order = self._group_by_length(order, g, gen)
-        for start in range(0, len(self) * g, g):
-            chunk = order[start:start + g]
-            if self.drop_last:
-                mine = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-            else:  # uneven tail: deal pairs round-robin so every pair is seen exactly once
-                mine = chunk[self.rank::self.world_size]
-            yield mine  # may be empty on some ranks in the last evaluation batch (same batch count on every rank)
+        return [order[start:start + g] for start in range(0, len(self) * g, g)]
 
     def _group_by_length(self, order: list[int], g: int, gen: torch.Generator) -> list[int]:
         span = g * self.group_size
@@ -350,8 +390,17 @@ class PairLoader:
     """
 
     def __init__(self, pairs: list[TokenizedPair], collate: Callable[[list[TokenizedPair]], Batch],
-                 sampler: GlobalBatchSampler, fill_empty: bool = False):
+                 sampler: GlobalBatchSampler, fill_empty: bool = False, list_weighting: str = "prompt"):
         self.pairs, self.collate, self.sampler, self.fill_empty = pairs, collate, sampler, fill_empty
+        self.list_weighting = list_weighting
+        self._totals: tuple[int, list[float]] | None = None
+
+    def global_loss_weights(self, epoch: int) -> list[float]:
+        """:func:`loss_weight` of every global batch of ``epoch`` (the items of all ranks), in batch order."""
+        if self._totals is None or self._totals[0] != epoch:
+            self._totals = (epoch, [loss_weight([self.pairs[j] for j in chunk], self.list_weighting)
+                                    for chunk in self.sampler.global_batches(epoch)])
+        return self._totals[1]
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -371,11 +420,12 @@ def make_collate(pad_id: int, packing: bool, capacity: int, share_prefix: bool, 
                  list_weighting: str = "prompt", margin_from_scores: bool = False
                  ) -> Callable[[list[TokenizedPair]], Batch]:
     """``items -> Batch``: :func:`collate_packed` (rows of ``capacity`` tokens, 0 = one row), or
-    :func:`collate_pairs`; ``list_weighting`` and ``margin_from_scores`` as :func:`list_layout`."""
+    :func:`collate_pairs` (with ``share_prefix``: each prompt computed once and continued through the key/value
+    cache); ``list_weighting`` and ``margin_from_scores`` as :func:`list_layout`."""
     lists = dict(list_weighting=list_weighting, margin_from_scores=margin_from_scores)
     if packing:
         return partial(collate_packed, pad_id=pad_id, capacity=capacity, share_prefix=share_prefix, **lists)
-    return partial(collate_pairs, pad_id=pad_id, padding_side=padding_side, **lists)
+    return partial(collate_pairs, pad_id=pad_id, padding_side=padding_side, share_prefix=share_prefix, **lists)
 
 
 @dataclass
@@ -417,22 +467,26 @@ def prepare_data(args: DataArgs, seed: int, tokenizer, reward_token_id: int) -> 
 
 def make_loaders(data: RunData, args: DataArgs, batch_size: int, eval_batch_size: int, seed: int, pad_id: int,
                  capacity: int, strategy, list_weighting: str = "prompt",
-                 margin_from_scores: bool = False) -> tuple[PairLoader, PairLoader | None]:
+                 margin_from_scores: bool = False, cache_prompt: bool = True) -> tuple[PairLoader, PairLoader | None]:
     """This rank's training loader (shuffled per epoch, last incomplete global batch dropped, optionally grouped by
     length) and evaluation loader (every pair once, None without evaluation pairs).
 
     Args:
         capacity: packed row capacity (``--max_tokens_per_batch``, or the backbone's default when that is 0).
         list_weighting, margin_from_scores: ranked lists' loss weights and margins (:func:`list_layout`).
+        cache_prompt: padded batches with ``--share_prefix`` may compute each prompt once and continue it through
+            the key/value cache; False (gradient checkpointing, which drops the cache, or sequence parallelism) keeps
+            one row per sequence.
         strategy: gives ``data_world_size``, ``data_rank`` (the ranks of a sequence-parallel group read the same
             batches) and ``lockstep_forward``.
     """
-    collate = make_collate(pad_id, args.packing, capacity, args.share_prefix, args.padding_side, list_weighting,
+    share = args.share_prefix and (args.packing or cache_prompt)
+    collate = make_collate(pad_id, args.packing, capacity, share, args.padding_side, list_weighting,
                            margin_from_scores)
     lengths = [sum(map(len, p.sequences)) for p in data.train] if args.group_by_length else None
     world, rank = strategy.data_world_size, strategy.data_rank
     train = PairLoader(data.train, collate, GlobalBatchSampler(len(data.train), batch_size, world, rank, seed=seed,
-                                                               lengths=lengths))
+                                                               lengths=lengths), list_weighting=list_weighting)
     if not data.eval:
         return train, None
     sampler = GlobalBatchSampler(len(data.eval), eval_batch_size, world, rank, shuffle=False, drop_last=False)

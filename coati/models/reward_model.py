@@ -56,11 +56,16 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, reward_index: torch.Tensor | None = None,
-                groups: torch.Tensor | None = None) -> torch.Tensor:
+                groups: torch.Tensor | None = None, prompt_ids: torch.Tensor | None = None,
+                prompt_mask: torch.Tensor | None = None, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards for a padded batch (one sequence per row) or a packed batch (several sequences per row).
 
         Padded: ``input_ids`` and ``attention_mask`` ``[N, L]`` (1 on real tokens, padding on either side); the
         reward of row i is read at its last real token.
+        Padded with a shared prompt (:func:`coati.data.collate.collate_pairs` with ``share_prefix``): ``prompt_ids``
+        and ``prompt_mask`` ``[B, Lp]`` (right-padded) are computed once, their keys and values (transformers' cache)
+        are selected for each answer by ``prompt_index`` ``[N]``, and ``input_ids`` / ``attention_mask`` ``[N, La]``
+        (the answers' own tokens) continue them at the positions they have in their own sequences.
         Packed (see :mod:`coati.models.packed_attention`): ``input_ids`` and ``position_ids`` ``[R, L]`` (each token's
         position in its own sequence), ``groups`` ``[G, 5]`` int64 (the group table: plain sequences and
         shared-prefix pairs), ``attention_mask`` None, and ``reward_index`` ``[N, 2]`` int64 (row, column) of each
@@ -70,13 +75,20 @@ class RewardModel(nn.Module):
             ``[N]`` float32 rewards, one scalar per sequence (the value head runs in fp32 even under autocast).
         Raises:
             ValueError: a packed batch without ``groups``, or with per-group attention on a model whose attention
-            implementation (for example flash-attention) could not be switched to ``coati_packed``.
+            implementation (for example flash-attention) could not be switched to ``coati_packed``; a shared-prompt
+            batch under sequence parallelism, or on a model that returns no cache (gradient checkpointing in
+            training).
         """
         seq_cls = self.hf_model
         body = getattr(seq_cls, seq_cls.base_model_prefix)
-        if self.sequence_parallel is not None:
+        if prompt_ids is not None and self.sequence_parallel is None:
+            last_hidden = self._cached_prompt_forward(body, input_ids, attention_mask, prompt_ids, prompt_mask,
+                                                      prompt_index)
+        elif prompt_ids is not None:
+            raise ValueError("sequence parallelism takes packed batches or padded ones without a shared prompt")
+        elif self.sequence_parallel is not None:
             return self._sequence_parallel_forward(body, input_ids, attention_mask, position_ids, reward_index, groups)
-        if reward_index is None:
+        elif reward_index is None:
             # positions count only real tokens (pads get 0); BLOOM (ALiBi) ignores them, deriving the same from the mask
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                           position_ids=(attention_mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)).last_hidden_state
@@ -98,6 +110,27 @@ class RewardModel(nn.Module):
         with torch.autocast(device_type=last_hidden.device.type, enabled=False):
             return seq_cls.score(last_hidden.float()).squeeze(-1).float()
 
+    @staticmethod
+    def _cached_prompt_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                               prompt_index: torch.Tensor) -> torch.Tensor:
+        """Last hidden states ``[N, hidden]`` of N answers that continue B prompts computed once (see
+        :meth:`forward`). Gradients reach the prompt tokens through the selected keys and values."""
+        prompt_len = prompt_mask.to(torch.int64).sum(-1)  # [B]
+        out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                   position_ids=torch.arange(prompt_ids.shape[1], device=prompt_ids.device).expand_as(prompt_ids))
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None:
+            raise ValueError("the backbone returned no key/value cache (gradient checkpointing drops it in training): "
+                             "a shared prompt needs packed batches or --share_prefix false")
+        for layer in cache.layers:
+            layer.batch_select_indices(prompt_index)
+        mask = attention_mask.to(torch.int64)
+        # each answer token's position in its own sequence: its prompt's length + its rank among the real tokens
+        position_ids = prompt_len[prompt_index, None] + (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = body(input_ids=input_ids, attention_mask=torch.cat([prompt_mask[prompt_index].to(mask.dtype), mask], 1),
+                      position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
 
     def _sequence_parallel_forward(self, body: nn.Module, input_ids: torch.Tensor,
                                    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
