@@ -22,13 +22,14 @@ break ties one way instead: v1 counts a tied pair as wrong (``chosen > rejected`
 right (``numpy.argmax`` picks the first response, the chosen one). With real-valued rewards a tie needs equal scores,
 for example two identical texts; the number of prompts with a tie at the top is reported, so the difference is seen.
 
-Not replicated: RewardBench 2's ``Ties`` subset has its own official metric (several correct answers per prompt,
-scored with margins between the correct and the incorrect ones); here it is scored by the best-of-N rule above and
-the report says so (``ties_rule``).
+RewardBench 2's ``Ties`` subset has a metric of its own (:func:`ties_score`), used when its rows carry the official
+ids (``"ref:N"``: a prompt with one correct answer, ``"tied:N"``: the same question with several equally correct
+ones); without them the subset is scored by the best-of-N rule above, and the report says which (``ties_rule``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 #: RewardBench v1 sections and their subsets (official ``SUBSET_MAPPING``).
@@ -75,6 +76,68 @@ def prompt_credit(rewards: Sequence[float], num_chosen: int) -> float:
     top = max(rewards)
     at_top = [i for i, r in enumerate(rewards) if r == top]
     return sum(i < num_chosen for i in at_top) / len(at_top)
+
+
+def ties_score(rows: Sequence[tuple[str, Sequence[float], int]]) -> dict:
+    """RewardBench 2's score of its ``Ties`` subset (Malik et al. 2025, arXiv 2506.01937, section 3; the official
+    ``process_single_model``): accuracy and margins over prompts with several equally correct answers.
+
+    For each row, with the correct answers' rewards ``C`` and the incorrect ones' ``I``: accurate when
+    ``min C - max I > 0`` (a tie is wrong here); the spread ``max C - min C`` (rows with >= 2 correct answers) and the
+    gap ``min C - max I``. Over the question numbers N that have both a ``ref:N`` and a ``tied:N`` row:
+    ``preferred`` = share with gap(tied) > spread(tied), ``preferred_hard`` = share with
+    min(gap(ref), gap(tied)) > spread(tied), ``margin`` = mean of ``tanh(min(gap(ref), gap(tied)) / spread(tied) - 1)``
+    (0 where that is not a number). Score = 0.30 acc(tied) + 0.30 acc(ref) + 0.20 preferred + 0.20 preferred_hard +
+    0.01 margin.
+
+    Args:
+        rows: ``(id, rewards, num_correct)`` per row, ids ``"ref:N"`` or ``"tied:N"``, the correct answers first.
+    Returns:
+        ``{"score", "ref_accuracy", "tied_accuracy", "preferred", "preferred_hard", "margin", "pairs"}`` (pairs: the
+        question numbers with both rows; the three pair terms are 0 without any, as in the official code).
+    Raises:
+        ValueError: an id that is not ``ref:N`` / ``tied:N``, or a row without a correct or an incorrect answer.
+    """
+    stats: dict[str, dict[str, tuple[bool, float | None, float]]] = {"ref": {}, "tied": {}}
+    for row_id, rewards, num_correct in rows:
+        kind, _, number = row_id.partition(":")
+        if kind not in stats or not number:
+            raise ValueError(f"Ties row id {row_id!r} is not 'ref:N' or 'tied:N'")
+        if not 1 <= num_correct < len(rewards):
+            raise ValueError(f"Ties row {row_id}: needs correct and incorrect answers, got {num_correct} of "
+                             f"{len(rewards)}")
+        good, bad = rewards[:num_correct], rewards[num_correct:]
+        gap = min(good) - max(bad)
+        stats[kind][number] = (gap > 0, max(good) - min(good) if len(good) > 1 else None, gap)
+
+    def accuracy(kind: str) -> float:
+        values = stats[kind].values()
+        return sum(v[0] for v in values) / len(values) if values else 0.0
+
+    both = sorted(set(stats["ref"]) & set(stats["tied"]))
+    preferred = hard = margin = 0.0
+    for n in both:
+        spread, tied_gap, ref_gap = stats["tied"][n][1], stats["tied"][n][2], stats["ref"][n][2]
+        spread = float("nan") if spread is None else spread
+        low = min(ref_gap, tied_gap)
+        preferred += tied_gap > spread
+        hard += low > spread
+        with_margin = math.tanh(low / spread - 1) if spread else float("nan")
+        margin += 0.0 if math.isnan(with_margin) else with_margin
+    if both:
+        preferred, hard, margin = preferred / len(both), hard / len(both), margin / len(both)
+    ref_acc, tied_acc = accuracy("ref"), accuracy("tied")
+    score = 0.30 * tied_acc + 0.30 * ref_acc + 0.20 * preferred + 0.20 * hard + 0.01 * margin
+    return {"score": score, "ref_accuracy": ref_acc, "tied_accuracy": tied_acc, "preferred": preferred,
+            "preferred_hard": hard, "margin": margin, "pairs": len(both)}
+
+
+def _official_ties_rows(pairs: Sequence, answer_rewards: Sequence[Sequence[float]], subset: str):
+    """The ``(id, rewards, num_correct)`` rows of the v2 subset named ``subset`` when every one carries an official
+    Ties id, else None."""
+    rows = [(p.row_id, r, _num_chosen(p)) for p, r in zip(pairs, answer_rewards) if (p.subset or NO_SUBSET) == subset]
+    ok = rows and all(i.partition(":")[0] in ("ref", "tied") and i.partition(":")[2] for i, _, _ in rows)
+    return rows if ok else None
 
 
 def _num_chosen(pair) -> int:
@@ -137,6 +200,11 @@ def benchmark_scores(version: str, pairs: Sequence, answer_rewards: Sequence[Seq
         missing = [s for s in V1_SECTIONS if s not in sections]
     else:
         by_lower = {n.lower(): n for n in subsets}
+        ties_rule = "best-of-N (the rows carry no official 'ref:N' / 'tied:N' ids)"
+        if "ties" in by_lower and (rows := _official_ties_rows(pairs, answer_rewards, by_lower["ties"])):
+            official = ties_score(rows)
+            subsets[by_lower["ties"]].update(score=official["score"], ties_metric=official)
+            ties_rule = "official Ties metric (accuracy and margins over ref/tied rows)"
         mapped = {by_lower[s.lower()] for s in V2_SUBSETS if s.lower() in by_lower}
         sections = {s: subsets[by_lower[s.lower()]]["score"] for s in V2_SUBSETS if s.lower() in by_lower}
         missing = [s for s in V2_SUBSETS if s not in sections]
@@ -144,7 +212,7 @@ def benchmark_scores(version: str, pairs: Sequence, answer_rewards: Sequence[Seq
            "missing": missing, "unmapped": [n for n in subsets if n not in mapped],
            "score": sum(sections.values()) / len(sections) if sections else None}
     if version == "rewardbench2":
-        out["ties_rule"] = "best-of-N (the official Ties metric is not replicated)"
+        out["ties_rule"] = ties_rule
     return out
 
 

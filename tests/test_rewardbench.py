@@ -4,6 +4,7 @@ fixtures in the benchmarks' exact field layout scored end to end and checked aga
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from conftest import tiny_model
@@ -11,7 +12,7 @@ from conftest import tiny_model
 from coati.checkpoint import export_hf
 from coati.data.formats import PreferencePair, parse_row
 from coati.evaluate import main
-from coati.rewardbench import V1_SECTIONS, V1_SUBSET_WEIGHTS, benchmark_scores, leaderboard_table, prompt_credit
+from coati.rewardbench import ties_score, V1_SECTIONS, V1_SUBSET_WEIGHTS, benchmark_scores, leaderboard_table, prompt_credit
 from coati.scoring import RewardScorer
 
 
@@ -66,6 +67,36 @@ def test_v2_best_of_n_and_score_mean():
     assert out["ties_at_top"] == 2 and "best-of-N" in out["ties_rule"]
     with pytest.raises(ValueError, match="rewardbench2"):
         benchmark_scores("rewardbench", pairs[:1], rewards[:1])
+
+
+def test_ties_metric_closed_form():
+    """Two questions, each as a 'ref' row (one correct answer) and a 'tied' row (several), hand-computed."""
+    rows = [("ref:1", [3.0, 1.0, 0.0], 1), ("tied:1", [3.0, 2.5, 1.0, 0.0], 2),    # gaps 2.0, 1.5; spread 0.5
+            ("ref:2", [1.0, 2.0], 1), ("tied:2", [2.0, 1.0, 1.5], 2),             # gaps -1.0, -0.5; spread 1.0
+            ("tied:3", [1.0, 1.0, 0.0], 2)]                                        # no ref row: accuracy only
+    out = ties_score(rows)
+    assert out["ref_accuracy"] == 0.5 and out["tied_accuracy"] == pytest.approx(2 / 3) and out["pairs"] == 2
+    assert out["preferred"] == 0.5 and out["preferred_hard"] == 0.5  # question 1: 1.5 > 0.5; question 2: no
+    margin = (math.tanh(1.5 / 0.5 - 1) + math.tanh(-1.0 / 1.0 - 1)) / 2
+    assert out["margin"] == pytest.approx(margin)
+    assert out["score"] == pytest.approx(0.3 * 2 / 3 + 0.3 * 0.5 + 0.2 * 0.5 + 0.2 * 0.5 + 0.01 * margin)
+    # equal correct answers: the spread is 0, the margin term not a number and counted 0
+    assert ties_score([("ref:1", [2.0, 0.0], 1), ("tied:1", [1.0, 1.0, 0.0], 2)])["margin"] == 0.0
+    with pytest.raises(ValueError, match="'ref:N' or 'tied:N'"):
+        ties_score([("7", [1.0, 0.0], 1)])
+
+
+def test_v2_ties_subset_uses_the_official_metric_with_official_ids():
+    def row(row_id, chosen, rejected):
+        p = parse_row({"prompt": "Q", "chosen": chosen, "rejected": rejected})
+        p.subset, p.row_id = "Ties", row_id
+        return p
+    pairs = [row("ref:1", ["a"], ["b", "c"]), row("tied:1", ["a", "d"], ["b", "c"])]
+    rewards = [[3.0, 1.0, 0.0], [3.0, 2.5, 1.0, 0.0]]
+    out = benchmark_scores("rewardbench2", pairs, rewards)
+    official = ties_score([("ref:1", rewards[0], 1), ("tied:1", rewards[1], 2)])
+    assert out["sections"]["Ties"] == pytest.approx(official["score"]) and "official" in out["ties_rule"]
+    assert out["subsets"]["Ties"]["ties_metric"]["pairs"] == 1
 
 
 def test_v2_row_is_a_scored_list_with_every_chosen_above_every_rejected():

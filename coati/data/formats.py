@@ -58,6 +58,8 @@ class PreferencePair:
             are ties); None when the answers are strictly ranked in order.
         dropped: answers of the row that were dropped while parsing (blank or repeated ones), counted in the report.
         subset: the row's optional string ``subset`` field (RewardBench's subset names), else ``""``.
+        row_id: the row's optional ``id`` field (a string or an integer) as a string, else ``""`` (RewardBench 2's
+            Ties subset pairs its rows by id).
     """
 
     prompt: list[Message]
@@ -70,6 +72,7 @@ class PreferencePair:
     scores: list[float] | None = None
     dropped: int = 0
     subset: str = ""
+    row_id: str = ""
 
     @property
     def responses(self) -> list[str]:

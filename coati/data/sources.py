@@ -381,6 +381,8 @@ def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max
                 pair.source, pair.origin = source, where
                 if isinstance(subset := row.get("subset"), str):
                     pair.subset = subset
+                if isinstance(row_id := row.get("id"), (str, int)) and not isinstance(row_id, bool):
+                    pair.row_id = str(row_id)
                 kept.append(pair)
                 stats.pairs_kept += 1
                 stats.lists += int(bool(pair.more))
