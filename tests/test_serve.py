@@ -1,0 +1,303 @@
+"""The reward server: a real server on 127.0.0.1 and a real HTTP client (httpx). Scores equal RewardScorer's with one
+and with 32 concurrent clients, every bad input gets its status and message (and the server keeps serving), a full
+queue answers 503, a timed-out request is dropped, SIGTERM answers what was accepted, the clients and the GRPO reward
+function give the same numbers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port, run_env, tiny_model
+
+from coati.checkpoint import export_hf
+from coati.client import AsyncRewardClient, RemoteRewardFunction, RewardClient, RewardServerError
+from coati.data.template import render_prompt
+from coati.scoring import RewardScorer, normalize_prompt
+from coati.serve import RewardEngine, ServeSettings, create_app, prefix_groups
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["What is the capital of France?", "Name a prime number.", [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello in Chinese."}]]
+RESPONSES = [["Paris.", "Lyon, I think.", "The capital of France is Paris, a city on the Seine."],
+             ["2", "4", "Seven is prime.", "None exist."], ["你好", "Hello.", "您好！"]]
+
+
+@pytest.fixture(scope="module")
+def export(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve_model")
+    export_hf(tiny_model("llama", tokenizer, seed=5), tokenizer, str(path),
+              {"model": "llama", "max_len": 48, "chat_template": "auto"})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def scorer(export):
+    return RewardScorer.from_pretrained(export, device="cpu")
+
+
+def _start(export, *extra):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "coati.serve", "--model_path", export, "--port", str(port),
+                             "--device", "cpu", *extra], cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def server(export):
+    proc, url = _start(export, "--max_wait_ms", "20")
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+
+
+def _expected(scorer, prompt, responses):
+    return scorer.score_texts([prompt] * len(responses), responses)
+
+
+def _close(a, b, tol=1e-5):
+    return len(a) == len(b) and all(abs(x - y) < tol for x, y in zip(a, b))
+
+
+def test_score_equals_reward_scorer_in_request_order(server, scorer):
+    for prompt, responses in zip(PROMPTS, RESPONSES):
+        r = httpx.post(server + "/score", json={"prompt": prompt, "responses": responses})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        expected = _expected(scorer, prompt, responses)
+        assert _close(body["scores"], expected), (body, expected)
+        cut = [e.prompt_truncated or e.answer_truncated for e in scorer.encode_texts([prompt] * len(responses),
+                                                                                     responses)]
+        assert body["best"] == expected.index(max(expected)) and body["truncated"] == cut
+    many = httpx.post(server + "/score", json=[{"prompt": p, "responses": r} for p, r in zip(PROMPTS, RESPONSES)])
+    results = many.json()["results"]
+    assert [len(x["scores"]) for x in results] == [len(r) for r in RESPONSES]
+    for x, p, r in zip(results, PROMPTS, RESPONSES):
+        assert _close(x["scores"], _expected(scorer, p, r))
+
+
+def test_truncation_follows_training_and_is_reported(server, scorer):
+    long_prompt = "word " * 200
+    r = httpx.post(server + "/score", json={"prompt": long_prompt, "responses": ["short", "x " * 100]}).json()
+    enc = scorer.encode_texts([long_prompt] * 2, ["short", "x " * 100])
+    assert r["truncated"] == [True, True] and enc[0].prompt_truncated
+    assert _close(r["scores"], scorer.score_encoded(enc))
+
+
+def test_get_reward_reads_policy_texts_as_training_lays_them_out(server, scorer):
+    tok = scorer.tokenizer
+    queries, expected = [], []
+    for prompt, responses in zip(PROMPTS, RESPONSES):
+        for answer in responses:  # the policy's text: rendered prompt + answer, with or without its EOS
+            text = render_prompt(normalize_prompt(prompt), tok, True)
+            queries.append(text + answer + (tok.eos_token if len(queries) % 2 else ""))
+            expected += _expected(scorer, prompt, [answer])
+    engine = RewardEngine(scorer)
+    for q in queries:  # the same ids as the trainer's layout, whether the text ended with the EOS or not
+        assert engine.encode_query(q).input_ids[-1] == scorer.encoder.reward_token_id
+    r = httpx.post(server + "/get_reward", json={"query": queries, "prompts": ["ignored"], "labels": [None]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["rewards"] == body["scores"] and len(body["truncated"]) == len(queries)
+    assert _close(body["rewards"], expected), (body["rewards"], expected)
+    long = httpx.post(server + "/get_reward", json={"query": ["a " * 300 + "end"]}).json()
+    assert long["truncated"] == [True]
+
+
+def test_prefix_groups_cluster_samples_of_one_prompt():
+    p = list(range(10, 30))
+    seqs = [p + [1, 2], [5, 6, 7], p + [3], p[:4] + [9, 9, 9, 9, 9]]
+    assert sorted(map(sorted, prefix_groups(seqs))) == [[0, 2], [1], [3]]
+
+
+def test_32_concurrent_clients_get_their_own_scores_and_are_batched(server, scorer):
+    before = httpx.get(server + "/info").json()
+    jobs = []
+    for i in range(32):
+        prompt = PROMPTS[i % 3] if i % 4 else f"Question number {i}?"
+        responses = RESPONSES[i % 3][: 1 + i % 3] + [f"answer {i}"]
+        jobs.append((prompt, responses))
+
+    def call(job):
+        prompt, responses = job
+        if len(responses) % 2:
+            text = render_prompt([{"role": "user", "content": prompt}], scorer.tokenizer, True) \
+                if isinstance(prompt, str) else None
+            if text is not None:
+                r = httpx.post(server + "/get_reward", json={"query": [text + x for x in responses]}, timeout=60)
+                return r.json()["rewards"]
+        return httpx.post(server + "/score", json={"prompt": prompt, "responses": responses}, timeout=60).json()["scores"]
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(call, jobs))
+    for (prompt, responses), scores in zip(jobs, got):
+        assert _close(scores, _expected(scorer, prompt, responses)), (prompt, scores)
+    after = httpx.get(server + "/info").json()
+    served = after["requests"] - before["requests"]
+    assert served == 32 and after["batches"] - before["batches"] < served  # requests were merged
+
+
+@pytest.mark.parametrize("body, status, field, message", [
+    (b"{not json", 400, "body", "not valid JSON"),
+    (b"\xff\xfe{}", 400, "body", "not valid UTF-8"),
+    (b"", 400, "body", "empty"),
+    (b'{"query": [1.0, NaN]}', 400, "body", "NaN"),
+    (b"[1, 2]", 422, "body", "JSON object"),
+    (b'{"texts": ["a"]}', 422, "query", "missing field 'query'"),
+    (b'{"query": "one text"}', 422, "query", "must be a list"),
+    (b'{"query": []}', 422, "query", "is empty"),
+    (b'{"query": ["ok", 3]}', 422, "query[1]", "must be a string, got a number"),
+    (b'{"query": ["ok", "   "]}', 422, "query[1]", "is empty"),
+])
+def test_bad_get_reward_input_is_4xx_naming_the_field(server, body, status, field, message):
+    r = httpx.post(server + "/get_reward", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status and r.json()["field"] == field and message in r.json()["error"], r.text
+    assert httpx.post(server + "/get_reward", json={"query": ["fine"]}).status_code == 200
+
+
+@pytest.mark.parametrize("payload, field, message", [
+    ({"prompt": "q"}, "responses", "missing field"),
+    ({"prompt": "q", "responses": []}, "responses", "is empty"),
+    ({"prompt": "q", "responses": ["a", {"x": 1}]}, "responses[1]", "must be a string"),
+    ({"prompt": "q", "responses": ["a", ""]}, "responses", "responses[1]"),
+    ({"prompt": 5, "responses": ["a"]}, "prompt", "must be a string, a list of messages or null"),
+    ({"prompt": [{"role": "robot", "content": "hi"}], "responses": ["a"]}, "prompt", "role"),
+    ([{"prompt": "q", "responses": ["a"]}, "nope"], "[1]", "must be an object"),
+    ([{"prompt": "q", "responses": ["a"]}, {"prompt": "q", "responses": ["\ud800"]}], "[1].responses",
+     "not valid Unicode"),
+    ({"prompt": "q", "responses": ["a" * 200_001]}, "responses[0]", "--max_chars"),
+    ({"prompt": "q", "responses": ["a"] * 600}, "responses", "--max_texts"),
+])
+def test_bad_score_input_is_422_naming_the_field(server, payload, field, message):
+    r = httpx.post(server + "/score", content=json.dumps(payload).encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["field"] == field and message in r.json()["error"], r.text
+    assert httpx.post(server + "/score", json={"prompt": "q", "responses": ["a", "b"]}).status_code == 200
+
+
+def test_body_limit_unknown_path_and_info(server):
+    r = httpx.post(server + "/score", content=b"x" * (8 * 2**20 + 1), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "--max_body_bytes" in r.json()["error"]
+    assert httpx.get(server + "/nope").status_code == 404
+    assert httpx.get(server + "/get_reward").status_code == 405
+    info = httpx.get(server + "/info").json()
+    assert info["max_len"] == 48 and info["packed"] and info["layout"] == "coati" and info["normalize"] is False
+    assert info["reward_token_id"] is not None and info["version"]
+
+
+class _SlowEngine(RewardEngine):
+    """The real engine, each forward pass held ``delay`` seconds (a busy model), counting the groups scored."""
+
+    def __init__(self, scorer, delay):
+        super().__init__(scorer)
+        self.delay, self.groups_scored = delay, 0
+
+    def rewards(self, groups):
+        time.sleep(self.delay)
+        self.groups_scored += len(groups)
+        return super().rewards(groups)
+
+
+def _thread_server(engine, settings):
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def test_full_queue_answers_503_with_retry_after_and_timeouts_drop_requests(scorer):
+    engine = _SlowEngine(scorer, delay=1.0)
+    settings = ServeSettings(max_batch_tokens=8, max_wait_ms=0, max_queue=2, request_timeout=1.5)
+    server, thread, url = _thread_server(engine, settings)
+    try:
+        body = {"prompt": "q", "responses": ["a", "b"]}  # more than 8 tokens: every request is a batch of its own
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(httpx.post, url + "/score", json=body, timeout=30) for _ in range(6)]
+            responses = [f.result() for f in futures]
+        codes = sorted(r.status_code for r in responses)
+        # one scored (0-1 s); two queued: the second runs 1-2 s and times out at 1.5 s, the third times out while
+        # still queued (never computed); the other three find the queue full
+        assert codes == [200, 503, 503, 503, 504, 504], codes
+        busy = next(r for r in responses if r.status_code == 503)
+        assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["error"]
+        assert "--request_timeout" in next(r for r in responses if r.status_code == 504).json()["error"]
+        time.sleep(1.0)
+        assert httpx.post(url + "/score", json=body, timeout=30).status_code == 200  # still serving
+        assert engine.groups_scored == 3  # the first, the one that timed out while running, the last
+        info = httpx.get(url + "/info").json()
+        assert info["dropped"] == 1 and info["requests"] == 3
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_sigterm_answers_every_accepted_request_then_exits_0(export, scorer):
+    proc, url = _start(export, "--max_wait_ms", "400")
+    body = {"prompt": PROMPTS[0], "responses": RESPONSES[0]}
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(8) as pool:
+        client.get(url + "/health")
+        futures = [pool.submit(client.post, url + "/score", json=body) for _ in range(8)]
+        time.sleep(0.25)  # the requests are accepted and waiting in the batcher
+        proc.send_signal(signal.SIGTERM)
+        results = [f.result() for f in futures]
+    assert [r.status_code for r in results] == [200] * 8
+    assert all(_close(r.json()["scores"], _expected(scorer, PROMPTS[0], RESPONSES[0])) for r in results)
+    assert proc.wait(60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=2)
+
+
+def test_bad_model_path_fails_with_one_line_before_binding(tmp_path):
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-m", "coati.serve", "--model_path", str(tmp_path / "nope"), "--port",
+                           str(port)], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0]
+
+
+def test_clients_and_grpo_reward_function(server, scorer):
+    client = RewardClient(server)
+    assert client.health() and client.info()["max_len"] == 48
+    assert _close(client.score(PROMPTS[1], RESPONSES[1])["scores"], _expected(scorer, PROMPTS[1], RESPONSES[1]))
+    with pytest.raises(RewardServerError, match="422.*responses"):
+        client.score("q", [])
+
+    async def run_async():
+        async with AsyncRewardClient(server) as aclient:
+            return await asyncio.gather(*(aclient.score(p, r) for p, r in zip(PROMPTS, RESPONSES)))
+
+    for res, p, r in zip(asyncio.run(run_async()), PROMPTS, RESPONSES):
+        assert _close(res["scores"], _expected(scorer, p, r))
+    # GRPO: prompts repeated per generation, completions as strings or as conversational messages
+    reward = RemoteRewardFunction(server)
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 3
+    completions = RESPONSES[0] + [[{"role": "assistant", "content": c}] for c in RESPONSES[2]]
+    got = reward(prompts=prompts, completions=completions, completion_ids=None)
+    assert reward.__name__ == "coati_reward"
+    assert _close(got, _expected(scorer, PROMPTS[0], RESPONSES[0]) + _expected(scorer, PROMPTS[2], RESPONSES[2]))
