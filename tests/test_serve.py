@@ -147,7 +147,8 @@ def test_32_concurrent_clients_get_their_own_scores_and_are_batched(server, scor
             if text is not None:
                 r = httpx.post(server + "/get_reward", json={"query": [text + x for x in responses]}, timeout=60)
                 return r.json()["rewards"]
-        return httpx.post(server + "/score", json={"prompt": prompt, "responses": responses}, timeout=60).json()["scores"]
+        r = httpx.post(server + "/score", json={"prompt": prompt, "responses": responses}, timeout=60)
+        return r.json()["scores"]
 
     with ThreadPoolExecutor(32) as pool:
         got = list(pool.map(call, jobs))
@@ -190,7 +191,8 @@ def test_bad_get_reward_input_is_4xx_naming_the_field(server, body, status, fiel
     ({"prompt": "q", "responses": ["a"] * 600}, "responses", "--max_texts"),
 ])
 def test_bad_score_input_is_422_naming_the_field(server, payload, field, message):
-    r = httpx.post(server + "/score", content=json.dumps(payload).encode(), headers={"content-type": "application/json"})
+    r = httpx.post(server + "/score", content=json.dumps(payload).encode(),
+                   headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["field"] == field and message in r.json()["error"], r.text
     assert httpx.post(server + "/score", json={"prompt": "q", "responses": ["a", "b"]}).status_code == 200
 

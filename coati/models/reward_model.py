@@ -128,8 +128,9 @@ class RewardModel(nn.Module):
         mask = attention_mask.to(torch.int64)
         # each answer token's position in its own sequence: its prompt's length + its rank among the real tokens
         position_ids = prompt_len[prompt_index, None] + (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = body(input_ids=input_ids, attention_mask=torch.cat([prompt_mask[prompt_index].to(mask.dtype), mask], 1),
-                      position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
+        full_mask = torch.cat([prompt_mask[prompt_index].to(mask.dtype), mask], 1)  # [N, Lp + La]
+        hidden = body(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids, cache=cache,
+                      use_cache=True).last_hidden_state
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
 
     def _sequence_parallel_forward(self, body: nn.Module, input_ids: torch.Tensor,
