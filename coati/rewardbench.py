@@ -87,8 +87,8 @@ def ties_score(rows: Sequence[tuple[str, Sequence[float], int]]) -> dict:
     gap ``min C - max I``. Over the question numbers N that have both a ``ref:N`` and a ``tied:N`` row:
     ``preferred`` = share with gap(tied) > spread(tied), ``preferred_hard`` = share with
     min(gap(ref), gap(tied)) > spread(tied), ``margin`` = mean of ``tanh(min(gap(ref), gap(tied)) / spread(tied) - 1)``
-    (0 where that is not a number). Score = 0.30 acc(tied) + 0.30 acc(ref) + 0.20 preferred + 0.20 preferred_hard +
-    0.01 margin.
+    (a zero spread gives +-1 by the sign of the gap, as numpy's division does; 0 / 0 gives 0).
+    Score = 0.30 acc(tied) + 0.30 acc(ref) + 0.20 preferred + 0.20 preferred_hard + 0.01 margin.
 
     Args:
         rows: ``(id, rewards, num_correct)`` per row, ids ``"ref:N"`` or ``"tied:N"``, the correct answers first.
@@ -118,12 +118,13 @@ def ties_score(rows: Sequence[tuple[str, Sequence[float], int]]) -> dict:
     preferred = hard = margin = 0.0
     for n in both:
         spread, tied_gap, ref_gap = stats["tied"][n][1], stats["tied"][n][2], stats["ref"][n][2]
-        spread = float("nan") if spread is None else spread
+        if spread is None:  # a single correct answer: no spread, every comparison with it false (as with a NaN)
+            continue
         low = min(ref_gap, tied_gap)
         preferred += tied_gap > spread
         hard += low > spread
-        with_margin = math.tanh(low / spread - 1) if spread else float("nan")
-        margin += 0.0 if math.isnan(with_margin) else with_margin
+        if spread or low:  # x / 0 is +-inf as in the official numpy code (tanh +-1); only 0 / 0 (NaN) counts 0
+            margin += math.tanh((low / spread if spread else math.copysign(math.inf, low)) - 1)
     if both:
         preferred, hard, margin = preferred / len(both), hard / len(both), margin / len(both)
     ref_acc, tied_acc = accuracy("ref"), accuracy("tied")

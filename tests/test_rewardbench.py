@@ -81,8 +81,11 @@ def test_ties_metric_closed_form():
     margin = (math.tanh(1.5 / 0.5 - 1) + math.tanh(-1.0 / 1.0 - 1)) / 2
     assert out["margin"] == pytest.approx(margin)
     assert out["score"] == pytest.approx(0.3 * 2 / 3 + 0.3 * 0.5 + 0.2 * 0.5 + 0.2 * 0.5 + 0.01 * margin)
-    # equal correct answers: the spread is 0, the margin term not a number and counted 0
-    assert ties_score([("ref:1", [2.0, 0.0], 1), ("tied:1", [1.0, 1.0, 0.0], 2)])["margin"] == 0.0
+    # equal correct answers: the spread is 0, so gap / spread is +inf (tanh 1) for a positive gap, and the official
+    # 0 / 0 (NaN) counts 0
+    zero_spread = ties_score([("ref:1", [2.0, 0.0], 1), ("tied:1", [1.0, 1.0, 0.0], 2)])
+    assert zero_spread["margin"] == 1.0 and zero_spread["preferred"] == 1.0
+    assert ties_score([("ref:1", [2.0, 0.0], 1), ("tied:1", [1.0, 1.0, 1.0], 2)])["margin"] == 0.0  # gap 0, spread 0
     with pytest.raises(ValueError, match="'ref:N' or 'tied:N'"):
         ties_score([("7", [1.0, 0.0], 1)])
 
