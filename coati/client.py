@@ -54,21 +54,18 @@ def _retry_after(response: httpx.Response) -> float | None:
         return 1.0
 
 
-def _items(prompts: Sequence[Prompt], completions: Sequence) -> tuple[list[dict], list[int]]:
-    """``/score`` items of consecutive completions that share a prompt (GRPO's generations of one prompt), and each
-    item's size. A conversational completion (a list of messages) is scored by its last message's content."""
+def _items(prompts: Sequence[Prompt], completions: Sequence) -> list[dict]:
+    """``/score`` items of consecutive completions that share a prompt (GRPO's generations of one prompt). A
+    conversational completion (a list of messages) is scored by its last message's content."""
     items: list[dict] = []
-    sizes: list[int] = []
     for prompt, completion in zip(prompts, completions, strict=True):
         text = completion[-1]["content"] if isinstance(completion, (list, tuple)) else completion
         if items and items[-1]["prompt"] == prompt:
             items[-1]["responses"].append(text)
-            sizes[-1] += 1
         else:
             items.append({"prompt": prompt if isinstance(prompt, (str, type(None))) else list(prompt),
                           "responses": [text]})
-            sizes.append(1)
-    return items, sizes
+    return items
 
 
 class RewardClient:
@@ -185,5 +182,4 @@ class RemoteRewardFunction:
         self.__name__ = name
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence, **kwargs) -> list[float]:
-        items, _ = _items(prompts, completions)
-        return [s for result in self.client.score_many(items) for s in result["scores"]]
+        return [s for result in self.client.score_many(_items(prompts, completions)) for s in result["scores"]]

@@ -49,10 +49,8 @@ import logging
 import math
 import signal
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -122,7 +120,6 @@ class RewardEngine:
         self.packed = backbone.name in BACKBONES
         self.capacity = backbone.row_capacity(scorer.encoder.max_len, True) if self.packed else 0
         self.forward_passes = self.sequences_scored = 0
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ encoding (event-loop side, cheap)
 
@@ -157,56 +154,48 @@ class RewardEngine:
     @torch.no_grad()
     def rewards(self, groups: list[list[list[int]]]) -> list[list[float]]:
         """Raw rewards of ``groups`` (each a list of token-id sequences ending in the reward token), in the same
-        nesting and order.
+        nesting and order. Called from one thread at a time (the server's worker thread).
 
         Raises:
             ValueError: a reward that is not finite (see :meth:`~coati.scoring.RewardScorer.score_ids`).
         """
-        from coati.data.collate import item_groups, pack_groups, pad_sequences
+        from coati.data.collate import item_groups, pack_groups
 
-        with self._lock:
+        if not self.packed:  # padded batches, one row per sequence
             flat = [s for g in groups for s in g]
-            out = torch.empty(len(flat), dtype=torch.float32)
-            model, device = self.scorer.model, self.scorer.device
-            first, start = [], 0
-            for g in groups:
-                first.append(start)
-                start += len(g)
+            values = self.scorer.score_ids(flat).tolist()
+            self.forward_passes += -(-len(flat) // self.scorer.batch_size)
+        else:
+            values = []
             for chunk in self._chunks(groups):
-                if self.packed:
-                    packed, numbers = [], []
-                    for gi in chunk:
-                        ids = list(range(first[gi], first[gi] + len(groups[gi])))
-                        numbers += ids
-                        local = list(range(len(numbers) - len(ids), len(numbers)))
-                        packed += item_groups(groups[gi], local, self.capacity, share_prefix=True)
-                    inputs = pack_groups(packed, len(numbers), self.scorer.tokenizer.pad_token_id, self.capacity)
-                    values = model(**{k: v.to(device) for k, v in inputs.items()})
-                else:
-                    numbers = [n for gi in chunk for n in range(first[gi], first[gi] + len(groups[gi]))]
-                    ids, mask = pad_sequences([flat[n] for n in numbers], self.scorer.tokenizer.pad_token_id)
-                    values = model(ids.to(device), mask.to(device))
-                out[torch.as_tensor(numbers)] = values.float().cpu()
+                packed, count = [], 0  # each sequence numbered in the order of ``values``
+                for seqs in chunk:
+                    packed += item_groups(seqs, list(range(count, count + len(seqs))), self.capacity)
+                    count += len(seqs)
+                inputs = pack_groups(packed, count, self.scorer.tokenizer.pad_token_id, self.capacity)
+                out = self.scorer.model(**{k: v.to(self.scorer.device) for k, v in inputs.items()})
+                values += out.float().cpu().tolist()
                 self.forward_passes += 1
-            self.sequences_scored += len(flat)
-        if not bool(torch.isfinite(out).all()):
-            raise ValueError("a score is not finite (NaN/inf): the model's forward pass overflowed or the export is "
-                             "broken")
-        values, res = out.tolist(), []
-        for g, f in zip(groups, first):
-            res.append(values[f:f + len(g)])
+            if not all(map(math.isfinite, values)):
+                raise ValueError("a score is not finite (NaN/inf): the model's forward pass overflowed or the export "
+                                 "is broken")
+        self.sequences_scored += len(values)
+        res, start = [], 0
+        for g in groups:
+            res.append(values[start:start + len(g)])
+            start += len(g)
         return res
 
-    def _chunks(self, groups: list[list[list[int]]]) -> list[list[int]]:
-        """Group indices per forward pass: consecutive groups while their tokens fit ``max_batch_tokens`` (a group
-        larger than that is a pass of its own)."""
+    def _chunks(self, groups: list[list[list[int]]]) -> list[list[list[list[int]]]]:
+        """The groups of each forward pass, in order: consecutive groups while their tokens fit ``max_batch_tokens``
+        (a group larger than that is a pass of its own)."""
         chunks, size = [[]], 0
-        for i, g in enumerate(groups):
+        for g in groups:
             n = sum(map(len, g))
             if chunks[-1] and size + n > self.max_batch_tokens:
                 chunks.append([])
                 size = 0
-            chunks[-1].append(i)
+            chunks[-1].append(g)
             size += n
         return chunks
 
@@ -219,7 +208,6 @@ class Job:
     groups: list[list[list[int]]]
     tokens: int
     future: asyncio.Future
-    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
@@ -482,9 +470,7 @@ def create_app(engine: RewardEngine, settings: ServeSettings, info: dict | None 
                                               "the request was dropped") from None
 
     def served(raw: list[float]) -> list[float]:
-        if not settings.normalize:
-            return raw
-        return [(r - scorer.reward_mean) / scorer.reward_std for r in raw]
+        return scorer.normalize(torch.tensor(raw)).tolist() if settings.normalize else raw
 
     @app.get("/health")
     async def health():
@@ -551,8 +537,12 @@ def create_app(engine: RewardEngine, settings: ServeSettings, info: dict | None 
 
 # ---------------------------------------------------------------------------------------------- command line
 
+#: the flags' defaults
+DEFAULTS = ServeSettings()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m coati.serve`` argument parser."""
+    """The ``python -m coati.serve`` argument parser (defaults from :class:`ServeSettings`)."""
     from coati.score import add_model_options
 
     p = argparse.ArgumentParser(prog="python -m coati.serve", description=__doc__.split("\n\n")[0],
@@ -565,17 +555,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics (or --reward_mean/--reward_std are given)")
     p.add_argument("--reward_mean", type=checked(float, Range()), default=None, help="override the stored reward_mean")
     p.add_argument("--reward_std", type=checked(float, POSITIVE), default=None, help="override the stored reward_std")
-    p.add_argument("--max_batch_tokens", type=checked(int, COUNT), default=16384,
+    p.add_argument("--max_batch_tokens", type=checked(int, COUNT), default=DEFAULTS.max_batch_tokens,
                    help="token positions per forward pass (requests are merged up to this)")
-    p.add_argument("--max_wait_ms", type=checked(float, Range(0)), default=5.0,
+    p.add_argument("--max_wait_ms", type=checked(float, Range(0)), default=DEFAULTS.max_wait_ms,
                    help="how long the first waiting request waits for others to join its batch")
-    p.add_argument("--max_queue", type=checked(int, COUNT), default=256,
+    p.add_argument("--max_queue", type=checked(int, COUNT), default=DEFAULTS.max_queue,
                    help="requests waiting at most; more are answered 503 with Retry-After")
-    p.add_argument("--request_timeout", type=checked(float, POSITIVE), default=60.0,
+    p.add_argument("--request_timeout", type=checked(float, POSITIVE), default=DEFAULTS.request_timeout,
                    help="seconds a request may wait for its scores before a 504")
-    p.add_argument("--max_body_bytes", type=checked(int, COUNT), default=8 * 2**20, help="largest request body")
-    p.add_argument("--max_texts", type=checked(int, COUNT), default=512, help="texts per request at most")
-    p.add_argument("--max_chars", type=checked(int, COUNT), default=100_000, help="characters per text at most")
+    p.add_argument("--max_body_bytes", type=checked(int, COUNT), default=DEFAULTS.max_body_bytes,
+                   help="largest request body")
+    p.add_argument("--max_texts", type=checked(int, COUNT), default=DEFAULTS.max_texts,
+                   help="texts per request at most")
+    p.add_argument("--max_chars", type=checked(int, COUNT), default=DEFAULTS.max_chars,
+                   help="characters per text at most")
     p.add_argument("--shutdown_timeout", type=checked(float, POSITIVE), default=120.0,
                    help="seconds SIGTERM waits for the accepted requests before closing their connections")
     p.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info")

@@ -107,15 +107,17 @@ def test_truncation_follows_training_and_is_reported(server, scorer):
 
 def test_get_reward_reads_policy_texts_as_training_lays_them_out(server, scorer):
     tok = scorer.tokenizer
-    queries, expected = [], []
+    queries, expected, ids = [], [], []
     for prompt, responses in zip(PROMPTS, RESPONSES):
         for answer in responses:  # the policy's text: rendered prompt + answer, with or without its EOS
             text = render_prompt(normalize_prompt(prompt), tok, True)
             queries.append(text + answer + (tok.eos_token if len(queries) % 2 else ""))
             expected += _expected(scorer, prompt, [answer])
+            ids += scorer.encode([prompt], [answer])
     engine = RewardEngine(scorer)
-    for q in queries:  # the same ids as the trainer's layout, whether the text ended with the EOS or not
-        assert engine.encode_query(q).input_ids[-1] == scorer.encoder.reward_token_id
+    # exactly the trainer's token ids, whether the text ended with the EOS or not
+    same = [engine.encode_query(q).input_ids == i for q, i in zip(queries, ids)]
+    assert all(same), same
     r = httpx.post(server + "/get_reward", json={"query": queries, "prompts": ["ignored"], "labels": [None]})
     assert r.status_code == 200, r.text
     body = r.json()

@@ -37,8 +37,8 @@ class Batch:
             prompt``), or None for equal weights (all pairs, or ``--list_weighting pair``).
         item: ``[N]`` int64 index (0..B-1) of the prompt each sequence answers; best: ``[N]`` bool, the sequence
             is one of its prompt's top-ranked answers (for ``top1``); item_langs: the B prompts' languages.
-        loss_weight: the denominator of the loss's weighted mean over this batch (:func:`loss_weight`), which the
-            trainer sets against the same total over all ranks' batches of an optimizer step.
+        loss_weight: the denominator of the loss's weighted mean over this batch (:func:`item_loss_weight` summed),
+            which the trainer sets against the same total over all ranks' batches of an optimizer step.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -63,7 +63,7 @@ class ListLayout:
         sequences: the N token-id lists; index: ``index[b][k]`` = sequence number of item b's answer k.
         pairs: ``[(winner, loser)]`` sequence numbers; margins: one per pair (None when none of the items has one).
         weights: one per pair, or None (all equal); item, best: per sequence (see :class:`Batch`).
-        total: :func:`loss_weight` of the items.
+        total: the items' :func:`item_loss_weight` summed.
     """
 
     sequences: list[list[int]]
@@ -76,12 +76,17 @@ class ListLayout:
     total: float = 0.0
 
 
-def loss_weight(items: list[TokenizedPair], list_weighting: str = "prompt") -> float:
-    """Total loss weight of ``items``: the denominator of the weighted mean the loss takes over their comparisons
-    (:func:`list_layout`). ``prompt``: the number of prompts with a comparison (each prompt's ``C_b`` comparisons
-    weigh ``1 / C_b``); ``pair``: the number of comparisons. For pairs both are the number of pairs."""
-    counts = [len(it.comparisons()) for it in items]
-    return float(sum(1 for c in counts if c)) if list_weighting == "prompt" else float(sum(counts))
+def item_loss_weight(comparisons: int, list_weighting: str = "prompt") -> float:
+    """An item's share of the denominator of the weighted mean the loss takes over a batch's comparisons
+    (:func:`list_layout`), from its number of comparisons: ``prompt``: 1 for a prompt with a comparison (its ``C_b``
+    comparisons weigh ``1 / C_b``); ``pair``: its number of comparisons. A pair weighs 1 either way."""
+    return float(comparisons > 0) if list_weighting == "prompt" else float(comparisons)
+
+
+def common_prefix_len(seqs: list[list[int]]) -> int:
+    """Length of the start that all K >= 2 sequences share, leaving each its last token
+    (:func:`~coati.models.packed_attention.shared_prefix_len` of the first against each other)."""
+    return min(shared_prefix_len(seqs[0], s) for s in seqs[1:])
 
 
 def list_layout(items: list[TokenizedPair], list_weighting: str = "prompt",
@@ -110,17 +115,18 @@ def list_layout(items: list[TokenizedPair], list_weighting: str = "prompt",
                 item.append(b)
                 scores = items[b].scores
                 best.append(k == 0 if scores is None else scores[k] == scores[0])
-    pairs, margins, weights = [], [], []
+    pairs, margins, weights, total = [], [], [], 0.0
     for b, it in enumerate(items):
         comps = it.comparisons(margin_from_scores)
         for i, j, m in comps:
             pairs.append((index[b][i], index[b][j]))
             margins.append(m)
             weights.append(1.0 / len(comps))
+        total += item_loss_weight(len(comps), list_weighting)
     equal = list_weighting == "pair" or len(set(weights)) <= 1
     return ListLayout(sequences, index, pairs, None if all(m is None for m in margins) else
                       [0.0 if m is None else float(m) for m in margins], None if equal else weights, item, best,
-                      loss_weight(items, list_weighting))
+                      total)
 
 
 def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "right",
@@ -146,8 +152,7 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "
     if not items:
         raise ValueError("cannot collate an empty batch")
     layout = list_layout(items, list_weighting, margin_from_scores)
-    prefix = [min(shared_prefix_len(it.sequences[0], s) for s in it.sequences[1:]) for it in items] \
-        if share_prefix else []
+    prefix = [common_prefix_len(it.sequences) for it in items] if share_prefix else []
     if not prefix or min(prefix) == 0:
         input_ids, attention_mask = pad_sequences(layout.sequences, pad_id, padding_side)
         return _batch(items, layout, {"input_ids": input_ids, "attention_mask": attention_mask}, input_ids.numel())
@@ -224,7 +229,7 @@ def _share_groups(seqs: list[list[int]], numbers: list[int], capacity: int) -> l
     sequences of one item that share their first ``p`` tokens: ``[P | T1 | ... | Tj]`` filled in rank order while
     it fits ``capacity`` (0: no limit), a new group with its own copy of ``P`` when the next answer does not fit; a
     group of one answer is a plain sequence."""
-    p = min(shared_prefix_len(seqs[0], s) for s in seqs[1:])
+    p = common_prefix_len(seqs)
     chunks, size = [[]], p
     for k, s in enumerate(seqs):
         tail = len(s) - p
@@ -291,7 +296,7 @@ def item_groups(seqs: list[list[int]], numbers: list[int], capacity: int = 0, sh
         ``(token ids, positions, shape, [(sequence number, column of its last token in the group)...])`` tuples, as
         :func:`pack_groups` takes them.
     """
-    if share_prefix and len(seqs) > 1 and min(shared_prefix_len(seqs[0], s) for s in seqs[1:]) > 0:
+    if share_prefix and len(seqs) > 1 and common_prefix_len(seqs) > 0:
         return _share_groups(seqs, numbers, capacity)
     return [(list(s), list(range(len(s))), (len(s),), [(n, len(s) - 1)]) for s, n in zip(seqs, numbers)]
 
@@ -415,13 +420,17 @@ class PairLoader:
                  sampler: GlobalBatchSampler, fill_empty: bool = False, list_weighting: str = "prompt"):
         self.pairs, self.collate, self.sampler, self.fill_empty = pairs, collate, sampler, fill_empty
         self.list_weighting = list_weighting
+        self._item_weights: list[float] | None = None  # item_loss_weight of each pair, computed once
         self._totals: tuple[int, list[float]] | None = None
 
     def global_loss_weights(self, epoch: int) -> list[float]:
-        """:func:`loss_weight` of every global batch of ``epoch`` (the items of all ranks), in batch order."""
+        """The loss weight (:func:`item_loss_weight` summed) of every global batch of ``epoch`` (the items of all
+        ranks), in batch order."""
+        if self._item_weights is None:
+            self._item_weights = [item_loss_weight(len(p.comparisons()), self.list_weighting) for p in self.pairs]
         if self._totals is None or self._totals[0] != epoch:
-            self._totals = (epoch, [loss_weight([self.pairs[j] for j in chunk], self.list_weighting)
-                                    for chunk in self.sampler.global_batches(epoch)])
+            w = self._item_weights
+            self._totals = (epoch, [sum(w[j] for j in chunk) for chunk in self.sampler.global_batches(epoch)])
         return self._totals[1]
 
     def __len__(self) -> int:

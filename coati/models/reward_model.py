@@ -81,11 +81,11 @@ class RewardModel(nn.Module):
         """
         seq_cls = self.hf_model
         body = getattr(seq_cls, seq_cls.base_model_prefix)
-        if prompt_ids is not None and self.sequence_parallel is None:
+        if prompt_ids is not None:
+            if self.sequence_parallel is not None:
+                raise ValueError("sequence parallelism takes packed batches or padded ones without a shared prompt")
             last_hidden = self._cached_prompt_forward(body, input_ids, attention_mask, prompt_ids, prompt_mask,
                                                       prompt_index)
-        elif prompt_ids is not None:
-            raise ValueError("sequence parallelism takes packed batches or padded ones without a shared prompt")
         elif self.sequence_parallel is not None:
             return self._sequence_parallel_forward(body, input_ids, attention_mask, position_ids, reward_index, groups)
         elif reward_index is None:
@@ -119,7 +119,7 @@ class RewardModel(nn.Module):
         prompt_len = prompt_mask.to(torch.int64).sum(-1)  # [B]
         out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                    position_ids=torch.arange(prompt_ids.shape[1], device=prompt_ids.device).expand_as(prompt_ids))
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = out.cache
         if cache is None:
             raise ValueError("the backbone returned no key/value cache (gradient checkpointing drops it in training): "
                              "a shared prompt needs packed batches or --share_prefix false")
