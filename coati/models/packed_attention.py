@@ -127,9 +127,18 @@ class PackPlan:
                 allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, float("-inf"))
         return self._cache[shape, dtype]
 
+    def lower_right(self, q_len: int, kv_len: int) -> torch.Tensor:
+        """``[q_len, kv_len]`` bool causal mask aligned to the lower right (query j sees keys ``0 .. kv_len - q_len
+        + j``), built once per size and shared by all layers: what ``causal_lower_right`` materialises on every
+        call on CPU."""
+        key = ("lower_right", q_len, kv_len)
+        if key not in self._cache:
+            self._cache[key] = torch.ones(q_len, kv_len, dtype=torch.bool, device=self.device).tril(kv_len - q_len)
+        return self._cache[key]
+
 
 def causal_split_attention(shape: tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           dropout: float, scaling: float) -> torch.Tensor:
+                           dropout: float, scaling: float, plan: PackPlan | None = None) -> torch.Tensor:
     """Attention of one group with no mask written out: memory linear in the group length.
 
     A plain sequence is one causal call. A group ``[P | T1 | ... | TK]`` is K calls: ``[P | T1]`` on itself
@@ -141,6 +150,8 @@ def causal_split_attention(shape: tuple[int, ...], q: torch.Tensor, k: torch.Ten
     Args:
         shape: ``(prefix_len, len_T1, ..., len_TK)`` (zeros ignored); q, k, v: ``[H, n, D]`` (key/value heads
             repeated).
+        plan: on CPU, where ``causal_lower_right`` writes its mask out on every call, the masks are taken from the
+            plan's cache (:meth:`PackPlan.lower_right`, same values) instead.
     Returns:
         ``[H, n, D]``.
     """
@@ -157,12 +168,12 @@ def causal_split_attention(shape: tuple[int, ...], q: torch.Tensor, k: torch.Ten
     pc = p + rest[0]
     outs = [F.scaled_dot_product_attention(q[:, :, :pc], k[:, :, :pc], v[:, :, :pc], is_causal=True,
                                            dropout_p=dropout, scale=scaling)]
-    start = pc
+    start, cached = pc, plan is not None and q.device.type == "cpu"
     for t in rest[1:]:
         keys, values = (torch.cat([x[:, :, :p], x[:, :, start:start + t]], dim=2) for x in (k, v))
-        outs.append(F.scaled_dot_product_attention(q[:, :, start:start + t], keys, values,
-                                                   attn_mask=causal_lower_right(t, p + t), dropout_p=dropout,
-                                                   scale=scaling))
+        mask = plan.lower_right(t, p + t) if cached else causal_lower_right(t, p + t)
+        outs.append(F.scaled_dot_product_attention(q[:, :, start:start + t], keys, values, attn_mask=mask,
+                                                   dropout_p=dropout, scale=scaling))
         start += t
     return torch.cat(outs, dim=2)[0]
 
@@ -190,7 +201,7 @@ def group_attention(plan: PackPlan, shape: tuple[int, ...], q: torch.Tensor, k: 
     if fused is None:
         fused = q.device.type != "cpu" or q.shape[1] >= SPLIT_ATTENTION_MIN_LEN
     if fused:
-        return causal_split_attention(shape, q, k, v, dropout, scaling)
+        return causal_split_attention(shape, q, k, v, dropout, scaling, plan)
     n = q.shape[1]
     scores = torch.baddbmm(plan.mask(shape, q.dtype).expand(q.shape[0], n, n), q, k.transpose(-1, -2), alpha=scaling)
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
