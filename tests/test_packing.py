@@ -7,7 +7,8 @@ from coati.data.collate import GlobalBatchSampler, collate_packed, collate_pairs
 from coati.data.template import TokenizedPair
 from coati.losses import log_sig_loss
 from coati.models.backbones import BACKBONES, get_backbone
-from coati.models.packed_attention import PackPlan, group_attention, packed_causal_mask, shared_prefix_len
+from coati.models import packed_attention
+from coati.models.packed_attention import PackPlan, group_attention, packed_causal_mask, shared_prefix_len, varlen_layout
 from coati.models.reward_model import RewardModel
 from conftest import tiny_model
 
@@ -156,3 +157,100 @@ def test_packed_batch_on_unswitchable_attention_is_a_clear_error(tokenizer):
     assert hf.config._attn_implementation == "flash_attention_2"
     with pytest.raises(ValueError, match="--packing false"):
         rm(**collate_packed(_pairs(n=2), tokenizer.pad_token_id).inputs)
+
+
+def _lists(seed=1, n=3):
+    """Random ranked lists of 3-5 answers sharing a 5-30 token prompt."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p = torch.randint(5, 400, (int(torch.randint(5, 31, (1,), generator=g)),), generator=g).tolist()
+        seqs = [p + torch.randint(5, 400, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist() + [2]
+                for _ in range(int(torch.randint(3, 6, (1,), generator=g)))]
+        out.append(TokenizedPair(seqs[0], seqs[1], None, "en", "x", more_ids=seqs[2:]))
+    return out
+
+
+def _varlen_reference(q, k, v, layout, scaling):
+    """``varlen_attn``'s rule written out: each segment's queries against its keys, the causal diagonal aligned to
+    the lower right (query j of m sees keys 0 .. n - m + j of n)."""
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    cu_q, cu_k, outs = layout.cu_q.tolist(), layout.cu_k.tolist(), []
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
+        ks, vs = (t[cu_k[i]:cu_k[i + 1]].transpose(0, 1) for t in (k, v))
+        m, n = qs.shape[1], ks.shape[1]
+        scores = (qs @ ks.transpose(-1, -2) * scaling).masked_fill(~torch.ones(m, n, dtype=torch.bool).tril(n - m),
+                                                                  float("-inf"))
+        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_varlen_layout_segments():
+    # row 0: plain sequence of 3, then [P=2 | T1=1 | T2=2 | T3=1], one padding token; row 1: [P=1 | T1=2], padding
+    plan = PackPlan.from_groups(torch.tensor([[0, 0, 3, 0, 0, 0], [0, 3, 2, 1, 2, 1], [1, 0, 1, 2, 0, 0]]), 2)
+    layout = varlen_layout(plan, 10)
+    assert layout.cu_q.tolist() == [0, 3, 6, 8, 9, 12]
+    assert layout.cu_k.tolist() == [0, 3, 6, 10, 13, 16]
+    assert layout.q_index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12]
+    #        plain     [P|T1]    [P;T2]        [P;T3]     row 1 [P|T1]
+    assert layout.kv_index.tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 6, 7, 3, 4, 8, 10, 11, 12]
+    assert (layout.max_q, layout.max_k) == (3, 4)
+    full = PackPlan.from_groups(torch.tensor([[0, 0, 2, 1, 0], [0, 3, 2, 0, 0]]), 1)
+    assert varlen_layout(full, 5).q_index is None  # every position covered: the queries are the batch as it is
+
+
+@pytest.mark.parametrize("capacity", [160, 0])
+@pytest.mark.parametrize("name", ["llama", "internlm2"])
+def test_varlen_path_equals_per_group_attention(name, capacity, tokenizer, monkeypatch):
+    """The single variable-length call (CUDA's path) over :func:`varlen_layout` gives the rewards and gradients of
+    the per-group calls: run here with the kernel written out (:func:`_varlen_reference`), in fp32."""
+    items = _pairs(prompt=True) + _lists()
+    batch = collate_packed(items, tokenizer.pad_token_id, capacity)
+    assert (batch.total_tokens > batch.computed_tokens) == (capacity > 0)  # padding, so q_index is used
+    weights = torch.linspace(-1.0, 2.0, batch.inputs["reward_index"].shape[0])
+
+    def run():
+        torch.manual_seed(0)
+        rm = RewardModel(tiny_model(name, tokenizer), get_backbone(name)).train()
+        rewards = rm(**batch.inputs)
+        (rewards * weights).sum().backward()
+        return rewards.detach(), {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None}
+
+    ref_r, ref_g = run()
+    calls = []
+    monkeypatch.setattr(packed_attention, "_use_varlen", lambda query, dropout: True)
+    monkeypatch.setattr(packed_attention, "_varlen_kernel", lambda *a: calls.append(1) or _varlen_reference(*a))
+    var_r, var_g = run()
+    assert len(calls) == tiny_model(name, tokenizer).config.num_hidden_layers  # one call per layer
+    assert torch.allclose(var_r, ref_r, atol=1e-5), (var_r - ref_r).abs().max()
+    assert var_g.keys() == ref_g.keys()
+    assert max((var_g[k] - ref_g[k]).abs().max().item() for k in ref_g) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (PyTorch's varlen_attn)")
+def test_varlen_kernel_on_cuda_equals_per_group_attention(tokenizer, monkeypatch):
+    """On a GPU, in bf16: the real ``varlen_attn`` against the per-group SDPA calls (``COATI_VARLEN_ATTENTION=0``),
+    rewards and gradients, within bf16 rounding."""
+    items = _pairs(prompt=True) + _lists()
+    batch = collate_packed(items, tokenizer.pad_token_id, 160)
+    inputs = {k: v.cuda() for k, v in batch.inputs.items()}
+
+    def run(varlen):
+        monkeypatch.setenv("COATI_VARLEN_ATTENTION", "1" if varlen else "0")
+        torch.manual_seed(0)
+        rm = RewardModel(tiny_model("llama", tokenizer), get_backbone("llama")).cuda().to(torch.bfloat16).train()
+        rewards = rm(**inputs)
+        rewards.float().sum().backward()
+        return rewards.detach().float(), {n: p.grad.float() for n, p in rm.named_parameters() if p.grad is not None}
+
+    calls = []
+    real = packed_attention._varlen_kernel
+    monkeypatch.setattr(packed_attention, "_varlen_kernel", lambda *a: calls.append(1) or real(*a))
+    var_r, var_g = run(True)
+    assert calls and not packed_attention._VARLEN.get("failed")
+    ref_r, ref_g = run(False)
+    assert torch.allclose(var_r, ref_r, atol=3e-2, rtol=3e-2), (var_r - ref_r).abs().max()
+    for k in ref_g:
+        scale = ref_g[k].abs().max().item() + 1e-6
+        assert (var_g[k] - ref_g[k]).abs().max().item() / scale < 5e-2, k

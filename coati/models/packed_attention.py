@@ -20,6 +20,9 @@ RoPE backbones (LLaMA, InternLM2) run the attention of each group separately (th
 ``coati_packed``, registered with transformers below: mask-free ``scaled_dot_product_attention`` calls, or for short
 groups on CPU written-out attention, see :func:`group_attention`), so a row may be as long as the whole batch at no
 quadratic cost: one row, no padding.
+On CUDA in half precision the whole batch is instead one call of PyTorch's variable-length flash attention
+(``torch.nn.attention.varlen.varlen_attn``, see :func:`varlen_layout`): a fixed number of kernels per layer, however
+many groups and answers the batch holds. Set ``COATI_VARLEN_ATTENTION=0`` to keep the per-group calls there.
 ALiBi backbones (BLOOM) run transformers' own attention with the dense additive mask of :func:`packed_causal_mask`.
 """
 
@@ -27,6 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
+import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +43,8 @@ from torch.nn.attention.bias import causal_lower_right
 PACKED_ATTENTION = "coati_packed"
 
 _PACKED_FORWARD = contextvars.ContextVar("coati_packed_forward", default=False)
+
+logger = logging.getLogger(__name__)
 
 
 def shared_prefix_len(chosen: list[int], rejected: list[int]) -> int:
@@ -136,6 +144,14 @@ class PackPlan:
             self._cache[key] = torch.ones(q_len, kv_len, dtype=torch.bool, device=self.device).tril(kv_len - q_len)
         return self._cache[key]
 
+    def varlen(self, length: int) -> "VarlenLayout":
+        """The :func:`varlen_layout` of this plan for rows of ``length`` tokens, built once and shared by all
+        layers."""
+        key = ("varlen", length)
+        if key not in self._cache:
+            self._cache[key] = varlen_layout(self, length)
+        return self._cache[key]
+
 
 def causal_split_attention(shape: tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            dropout: float, scaling: float, plan: PackPlan | None = None) -> torch.Tensor:
@@ -210,6 +226,149 @@ def group_attention(plan: PackPlan, shape: tuple[int, ...], q: torch.Tensor, k: 
     return probs @ v
 
 
+@dataclass
+class VarlenLayout:
+    """A packed batch as the query and key *segments* of one variable-length attention call (see
+    :func:`varlen_layout`). Positions are flat: ``row * L + column``.
+
+    Attributes:
+        q_index: ``[Tq]`` int64, the positions some group covers, in order (the queries); None when every position
+            is covered (no padding), so the queries are the whole batch as it is.
+        kv_index: ``[Tk]`` int64, the positions of each segment's keys and values, segment after segment.
+        cu_q, cu_k: ``[S + 1]`` int32 cumulative segment lengths of queries and keys (``cu[0] = 0``).
+        max_q, max_k: the longest query and key segment.
+    """
+
+    q_index: torch.Tensor | None
+    kv_index: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+def varlen_layout(plan: PackPlan, length: int) -> VarlenLayout:
+    """Segments of the whole batch for variable-length attention with a causal diagonal aligned to the lower right
+    (query j of a segment of ``m`` queries and ``n`` keys sees keys ``0 .. n - m + j``; flash-attention's rule).
+
+    A plain sequence is one segment, its tokens both queries and keys. A group ``[P | T1 | ... | TK]`` is K
+    segments: ``[P | T1]`` on itself, then for each later answer ``Ti`` its tokens as queries against the keys of
+    ``[P ; Ti]``, the rule of :func:`causal_split_attention`. The queries of all segments, in order, are exactly the
+    tokens the groups cover, in order.
+
+    Args:
+        plan: the batch's groups; length: the row length ``L``.
+    Returns:
+        :class:`VarlenLayout` on the plan's device.
+    """
+    q_runs, k_runs = [], []  # (flat start, size); one list of key runs per segment
+    for r, groups in enumerate(plan.rows):
+        for start, _n, shape in groups:
+            s = r * length + start
+            p, rest = int(shape[0]), tails(shape)
+            first = p + (rest[0] if rest else 0)
+            q_runs.append((s, first))
+            k_runs.append([(s, first)])
+            pos = s + first
+            for t in rest[1:]:
+                q_runs.append((pos, t))
+                k_runs.append([(s, p), (pos, t)])
+                pos += t
+    q_lens = [n for _, n in q_runs]
+    k_lens = [sum(n for _, n in runs) for runs in k_runs]
+
+    def index(runs) -> torch.Tensor:
+        return torch.cat([torch.arange(a, a + n, dtype=torch.int64) for a, n in runs])
+
+    def cumulative(lens) -> torch.Tensor:
+        return torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+
+    covered = sum(q_lens) == len(plan.rows) * length
+    return VarlenLayout(None if covered else index(q_runs).to(plan.device),
+                        index([run for runs in k_runs for run in runs]).to(plan.device),
+                        cumulative(q_lens).to(plan.device), cumulative(k_lens).to(plan.device), max(q_lens),
+                        max(k_lens))
+
+
+#: ``function``: PyTorch's ``varlen_attn`` or None; ``kwargs``: what its signature takes (see
+#: :func:`_varlen_function`); ``failed``: set once it raised in this process (per-group calls from then on).
+_VARLEN: dict = {}
+
+
+def _varlen_function():
+    """PyTorch's ``varlen_attn`` (PyTorch 2.10 and later) or None, imported once; its keyword arguments are read
+    from its signature then (``is_causal`` in 2.10, ``window_size`` later; ``scale``, ``enable_gqa``)."""
+    if "function" not in _VARLEN:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            varlen_attn = None
+        _VARLEN["function"] = varlen_attn
+        if varlen_attn is not None:
+            params = inspect.signature(varlen_attn).parameters
+            _VARLEN["kwargs"] = ({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True},
+                                 "scale" in params, "enable_gqa" in params)
+    return _VARLEN["function"]
+
+
+def _varlen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout,
+                   scaling: float) -> torch.Tensor | None:
+    """PyTorch's ``varlen_attn`` over ``layout``: ``q`` ``[Tq, H, D]``, ``k``, ``v`` ``[Tk, H_kv, D]`` in, ``[Tq, H,
+    D]`` out; None when the installed version cannot be given this softmax scale (the caller then runs the
+    per-group calls)."""
+    varlen_attn = _varlen_function()
+    causal, takes_scale, takes_gqa = _VARLEN["kwargs"]
+    kwargs = dict(causal)
+    if takes_scale:
+        kwargs["scale"] = scaling
+    elif abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
+        return None
+    if k.shape[1] != q.shape[1]:
+        if takes_gqa:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, **kwargs)
+
+
+def _use_varlen(query: torch.Tensor, dropout: float) -> bool:
+    """Whether :func:`_varlen_rows_attention` is tried: CUDA, half precision (the flash kernels' only dtypes; the
+    autocast dtype under autocast), no dropout, head size a multiple of 8 up to 256, not switched off
+    (``COATI_VARLEN_ATTENTION=0``) and not failed before in this process."""
+    dev = query.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+    return (query.is_cuda and dtype in (torch.float16, torch.bfloat16) and not dropout and query.shape[-1] % 8 == 0
+            and query.shape[-1] <= 256 and os.environ.get("COATI_VARLEN_ATTENTION", "1") != "0"
+            and not _VARLEN.get("failed") and _varlen_function() is not None)
+
+
+def _varlen_rows_attention(plan: PackPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           scaling: float) -> torch.Tensor | None:
+    """Per-group attention of whole packed rows as one variable-length call: ``query`` ``[R, H, L, D]``, ``key``,
+    ``value`` ``[R, H_kv, L, D]`` in; ``[R, L, H, D]`` out (zeros where no group covers a token), or None when the
+    call cannot be made here (the caller then runs :func:`_rows_attention`). Same result as :func:`_rows_attention`
+    up to the kernels' rounding."""
+    rows, heads, length, dim = query.shape
+    dev = query.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype  # RoPE's q, k: fp32
+    layout = plan.varlen(length)
+    q, k, v = (t.transpose(1, 2).reshape(rows * length, t.shape[1], dim).to(dtype) for t in (query, key, value))
+    if layout.q_index is not None:
+        q = q.index_select(0, layout.q_index)
+    k, v = k.index_select(0, layout.kv_index), v.index_select(0, layout.kv_index)
+    try:
+        out = _varlen_kernel(q, k, v, layout, scaling)
+    except RuntimeError as e:  # an unsupported GPU or build: fall back for the rest of the process
+        _VARLEN["failed"] = True
+        logger.warning("variable-length attention failed (%s); using per-group attention calls", e)
+        return None
+    if out is None:
+        return None
+    if layout.q_index is not None:
+        out = out.new_zeros(rows * length, heads, dim).index_copy(0, layout.q_index, out)
+    return out.view(rows, length, heads, dim)
+
+
 def _rows_attention(plan: PackPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
                     scaling: float) -> torch.Tensor:
     """Per-group attention of whole packed rows: ``[R, H, L, D]`` in (key/value repeated to H heads) and out."""
@@ -238,6 +397,7 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     group of each row attends only within itself (module docstring); positions no group covers (padding) get zeros.
     When the plan has a sequence-parallel group (:mod:`coati.strategies.sequence_parallel`) the inputs hold this
     rank's 1/S of the tokens: two all-to-alls around the per-group attention give it whole rows for 1/S of the heads.
+    On CUDA in half precision the per-group calls are one variable-length call (:func:`_varlen_rows_attention`).
 
     Args:
         query: ``[R, H, L, D]``; key, value: ``[R, H_kv, L, D]`` (grouped-query heads are repeated).
@@ -259,10 +419,14 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
             key = key.repeat_interleave(heads // key.shape[1], dim=1)
             value = value.repeat_interleave(heads // value.shape[1], dim=1)
         query, key, value = (sp.seq_to_heads(t) for t in (query, key, value))
-    if key.shape[1] != query.shape[1]:
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-    out = _rows_attention(coati_pack, query, key, value, dropout, scaling)
+    out = _varlen_rows_attention(coati_pack, query, key, value, scaling) if _use_varlen(query, dropout) else None
+    if out is not None:
+        out = out.transpose(1, 2)  # [R, H, L, D], a view
+    else:
+        if key.shape[1] != query.shape[1]:
+            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+        out = _rows_attention(coati_pack, query, key, value, dropout, scaling)
     if sp is not None:
         out = sp.heads_to_seq(out)
     return out.transpose(1, 2).contiguous(), None
