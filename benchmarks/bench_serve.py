@@ -12,12 +12,16 @@ own process, on 127.0.0.1 only:
 
 Requests: ``/score`` bodies ``{"prompt", "responses"}`` with N in [4, 16] (seeded): a real prompt of hh-rlhf or of the
 Chinese pair sets with its own chosen and rejected answers plus N - 2 real answers of other rows of the same data set.
-Every concurrency level sends the same fixed list of requests (a bounded loop; loopback only).
+Every concurrency level sends the same fixed list of requests (a bounded loop; loopback only). Both servers stay up
+for the whole run and each level runs them back to back, so a drift of the machine's speed touches both alike.
 
     python benchmarks/bench_serve.py --json benchmarks/results_serve.json
+    python benchmarks/bench_serve.py --device cuda --skeleton SKELETON --requests 64   # a GPU (device_serve.sh)
 
 Without ``--model_path`` an export is made first: one training step from SmolLM2-135M-Instruct (the scores' values do
-not matter here, only the work per request).
+not matter here, only the work per request). With ``--skeleton`` (an export without its weights, made by
+``--make_skeleton EXPORT OUT``) random weights of its config are written instead, for a machine without the
+SmolLM2 package.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -36,6 +41,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+#: children import this repo first, then whatever PYTHONPATH held (packages installed with --target, say)
+CHILD_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
 SOURCES = {"en": ["hh-rlhf"], "zh": ["dpo-zh-demo", "oaast-rm-zh", "medical-dpo-zh"]}
 
 
@@ -49,22 +56,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_n", type=int, default=16)
     p.add_argument("--max_len", type=int, default=512, help="tokens per scored text (both servers)")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--device", default="cpu", help="both servers' device (cpu, cuda)")
+    p.add_argument("--skeleton", default=None,
+                   help="an export folder without its weights (see --make_skeleton): random weights of its config "
+                        "are written into a copy first; for a machine the weights cannot be carried to")
+    p.add_argument("--make_skeleton", nargs=2, metavar=("EXPORT", "OUT"), default=None,
+                   help="copy EXPORT (or, given 'new', an export made as without --model_path) without its weight "
+                        "files to OUT, then exit")
     p.add_argument("--servers", nargs="+", default=["coati", "baseline"], choices=("coati", "baseline"))
     p.add_argument("--json", default=None)
-    p.add_argument("--baseline_child", nargs=3, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--baseline_child", nargs=4, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ the baseline
 
-def baseline_app(model_path: str, dtype: str, max_len: int):
+def baseline_app(model_path: str, dtype: str, max_len: int, device: str = "cpu"):
     """The server a user would write: transformers' classifier, each request scored alone."""
     import torch
     from fastapi import FastAPI
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
     app = FastAPI()
 
     @app.get("/health")
@@ -78,7 +92,7 @@ def baseline_app(model_path: str, dtype: str, max_len: int):
         texts = [tok.apply_chat_template(messages + [{"role": "assistant", "content": r}], tokenize=False)
                  for r in body["responses"]]
         enc = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt",
-                  add_special_tokens=False)
+                  add_special_tokens=False).to(device)
         with torch.no_grad():
             scores = model(**enc).logits[:, 0].float().tolist()
         return {"scores": scores, "best": scores.index(max(scores))}
@@ -140,7 +154,7 @@ async def load(url: str, requests: list[dict], clients: int) -> dict:
 def start(cmd: list[str], port: int) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=CHILD_ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     for _ in range(600):
         if proc.poll() is not None:
@@ -162,51 +176,91 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gpu_name(device: str) -> str | None:
+    """The GPU's name when ``device`` is a CUDA device, else None."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
+
+
 def make_export(folder: str) -> str:
     out = os.path.join(folder, "rm")
     cmd = [sys.executable, os.path.join(REPO, "train_reward_model.py"), "--pretrain", "smollm2-135m", "--lora_rank",
            "16", "--dataset", "hh-rlhf", "--max_samples", "16", "--max_steps", "1", "--max_len", "256",
            "--save_path", out, "--disable_tqdm"]
-    subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env=CHILD_ENV, capture_output=True)
+    return out
+
+
+WEIGHTS = (".safetensors", ".bin", ".pt")
+
+
+def make_skeleton(export: str, out: str) -> None:
+    """Copy an export folder without its weight files (config, tokenizer, train_config.json...)."""
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(export):
+        src = os.path.join(export, name)
+        if os.path.isfile(src) and not name.endswith(WEIGHTS) and not name.endswith(".index.json"):
+            shutil.copy(src, os.path.join(out, name))
+
+
+def fill_skeleton(skeleton: str, folder: str) -> str:
+    """A copy of ``skeleton`` with random weights of its config (seeded; the scores' values do not matter here, only
+    the work per request)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    out = os.path.join(folder, "rm")
+    shutil.copytree(skeleton, out)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(out)).save_pretrained(out)
     return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.make_skeleton:
+        export, out = args.make_skeleton
+        make_skeleton(make_export(tempfile.mkdtemp(prefix="bench-serve-")) if export == "new" else export, out)
+        return 0
     if args.baseline_child:
         import uvicorn
 
-        model_path, port, dtype = args.baseline_child
-        uvicorn.run(baseline_app(model_path, dtype, args.max_len), host="127.0.0.1", port=int(port),
+        model_path, port, dtype, device = args.baseline_child
+        uvicorn.run(baseline_app(model_path, dtype, args.max_len, device), host="127.0.0.1", port=int(port),
                     log_level="warning")
         return 0
     folder = tempfile.mkdtemp(prefix="bench-serve-")
-    model = args.model_path or make_export(folder)
+    model = args.model_path or (fill_skeleton(args.skeleton, folder) if args.skeleton else make_export(folder))
     requests = make_requests(args.requests, args.min_n, args.max_n)
     results = {"settings": {k: v for k, v in vars(args).items() if k != "baseline_child"}, "model": model,
                "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                             if line.startswith("model name")), "?"),
                "responses_per_request": statistics.mean(len(b["responses"]) for b in requests)}
-    for name in args.servers:
-        port = free_port()
-        if name == "coati":
-            cmd = [sys.executable, "-m", "coati.serve", "--model_path", model, "--port", str(port), "--device", "cpu",
-                   "--dtype", args.dtype, "--max_len", str(args.max_len), "--log_level", "warning"]
-        else:
-            cmd = [sys.executable, os.path.abspath(__file__), "--max_len", str(args.max_len), "--baseline_child",
-                   model, str(port), args.dtype]
-        proc = start(cmd, port)
-        try:
-            asyncio.run(load(f"http://127.0.0.1:{port}", requests[:2], 1))  # warm-up
-            rows = []
-            for c in args.clients:
-                row = asyncio.run(load(f"http://127.0.0.1:{port}", requests, c))
-                rows.append(row)
+    results["gpu"] = gpu_name(args.device)
+    servers = {}  # both up at once, idle between turns; each concurrency level runs them back to back, so a
+    try:          # drift of the machine's speed moves both alike
+        for name in args.servers:
+            port = free_port()
+            if name == "coati":
+                cmd = [sys.executable, "-m", "coati.serve", "--model_path", model, "--port", str(port), "--device",
+                       args.device, "--dtype", args.dtype, "--max_len", str(args.max_len), "--log_level", "warning"]
+            else:
+                cmd = [sys.executable, os.path.abspath(__file__), "--max_len", str(args.max_len), "--baseline_child",
+                       model, str(port), args.dtype, args.device]
+            servers[name] = (start(cmd, port), f"http://127.0.0.1:{port}")
+            asyncio.run(load(servers[name][1], requests[:2], 1))  # warm-up
+        for c in args.clients:
+            for name, (_, url) in servers.items():
+                row = asyncio.run(load(url, requests, c))
+                results.setdefault(name, []).append(row)
                 print(f"{name}: {c:>2} clients: {row['requests_per_s']:.2f} req/s, {row['responses_per_s']:.1f} "
                       f"responses/s, p50 {row['p50_s']:.2f} s, p99 {row['p99_s']:.2f} s, errors {row['errors']}",
                       flush=True)
-            results[name] = rows
-        finally:
+    finally:
+        for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
     if args.json:
