@@ -26,7 +26,9 @@ Endpoints (JSON in, JSON out, UTF-8):
 Dynamic batching: requests that arrive within ``--max_wait_ms`` of the first waiting one are merged into one forward
 pass of at most ``--max_batch_tokens`` tokens; the responses of one prompt (a ``/score`` item, or ``/get_reward``
 texts that start with the same tokens, as GRPO's samples of one prompt do) are one packed group
-``[P | R1 | ... | RN]`` whose prompt is computed once (:mod:`coati.models.packed_attention`). Backbones without packed
+``[P | R1 | ... | RN]`` whose prompt is computed once (:mod:`coati.models.packed_attention`). Within a ``/score``
+item, responses whose prompt ``max_len`` cut (by as much as each response needs, training's rule, so they start at
+different tokens) are sequences of their own, and the others still share the prompt. Backbones without packed
 attention are scored in padded batches. Results go back to each caller in its order.
 
 Limits: ``--max_body_bytes`` (413), ``--max_texts`` per request and ``--max_chars`` per text (422). Malformed JSON,
@@ -109,7 +111,8 @@ class RewardEngine:
     Attributes:
         packed: the backbone has packed attention (:data:`~coati.models.backbones.BACKBONES`), so groups are packed
             rows with shared prompts; otherwise padded batches, one row per sequence.
-        forward_passes: forward passes run so far; sequences_scored: sequences scored so far.
+        forward_passes: forward passes run so far; sequences_scored: sequences scored so far; positions_computed:
+            token positions run through the model so far, packed backbones only (a shared prompt counts once).
     """
 
     def __init__(self, scorer, max_batch_tokens: int = 16384):
@@ -119,7 +122,7 @@ class RewardEngine:
         backbone = scorer.model.backbone
         self.packed = backbone.name in BACKBONES
         self.capacity = backbone.row_capacity(scorer.encoder.max_len, True) if self.packed else 0
-        self.forward_passes = self.sequences_scored = 0
+        self.forward_passes = self.sequences_scored = self.positions_computed = 0
 
     # ------------------------------------------------------------------ encoding (event-loop side, cheap)
 
@@ -154,7 +157,8 @@ class RewardEngine:
     @torch.no_grad()
     def rewards(self, groups: list[list[list[int]]]) -> list[list[float]]:
         """Raw rewards of ``groups`` (each a list of token-id sequences ending in the reward token), in the same
-        nesting and order. Called from one thread at a time (the server's worker thread).
+        nesting and order. Called from one thread at a time (the server's worker thread). Packed: the sequences of a
+        group that share a start (:func:`prefix_groups`) are one packed group, the prompt computed once.
 
         Raises:
             ValueError: a reward that is not finite (see :meth:`~coati.scoring.RewardScorer.score_ids`).
@@ -170,9 +174,13 @@ class RewardEngine:
             for chunk in self._chunks(groups):
                 packed, count = [], 0  # each sequence numbered in the order of ``values``
                 for seqs in chunk:
-                    packed += item_groups(seqs, list(range(count, count + len(seqs))), self.capacity)
+                    # one group per shared start: a response whose prompt was cut shares no start with the others
+                    for cluster in prefix_groups(seqs):
+                        packed += item_groups([seqs[i] for i in cluster], [count + i for i in cluster],
+                                              self.capacity)
                     count += len(seqs)
                 inputs = pack_groups(packed, count, self.scorer.tokenizer.pad_token_id, self.capacity)
+                self.positions_computed += inputs["input_ids"].numel()
                 out = self.scorer.model(**{k: v.to(self.scorer.device) for k, v in inputs.items()})
                 values += out.float().cpu().tolist()
                 self.forward_passes += 1
@@ -489,7 +497,7 @@ def create_app(engine: RewardEngine, settings: ServeSettings, info: dict | None 
                 "max_texts": settings.max_texts, "max_chars": settings.max_chars,
                 "requests": batcher.requests, "batches": batcher.batches, "dropped": batcher.dropped,
                 "forward_passes": engine.forward_passes, "sequences_scored": engine.sequences_scored,
-                "version": coati_version()}
+                "positions_computed": engine.positions_computed, "version": coati_version()}
 
     @app.post("/get_reward")
     async def get_reward(request: Request):

@@ -127,6 +127,23 @@ def test_get_reward_reads_policy_texts_as_training_lays_them_out(server, scorer)
     assert long["truncated"] == [True]
 
 
+def test_responses_whose_prompt_was_cut_do_not_stop_the_others_sharing_it(scorer):
+    """max_len (48 here) cuts the prompt of a long response by what that response needs, so it starts at other tokens
+    than the short responses; the short ones still share their prompt (one group each start), scores unchanged."""
+    from coati.data.collate import common_prefix_len
+
+    prompt, responses = "one two three four five six seven eight nine ten", ["Yes.", "word " * 30, "No.", "Maybe."]
+    enc = scorer.encode_texts([prompt] * len(responses), responses)
+    assert [e.prompt_truncated for e in enc] == [False, True, False, False]
+    seqs = [e.input_ids for e in enc]
+    assert common_prefix_len(seqs) == 0  # the whole item shares no start
+    engine = RewardEngine(scorer)
+    (got,) = engine.rewards([seqs])
+    assert _close(got, scorer.score_encoded(enc))
+    short = [seqs[i] for i in (0, 2, 3)]
+    assert engine.positions_computed == sum(map(len, seqs)) - 2 * common_prefix_len(short)  # prompt computed once
+
+
 def test_prefix_groups_cluster_samples_of_one_prompt():
     p = list(range(10, 30))
     seqs = [p + [1, 2], [5, 6, 7], p + [3], p[:4] + [9, 9, 9, 9, 9]]
