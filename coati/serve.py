@@ -58,12 +58,11 @@ from typing import Any
 import torch
 
 from coati.config import COUNT, POSITIVE, DefaultsOnceHelpFormatter, Range, checked
+from coati.data.collate import prefix_groups
 from coati.data.template import Encoded
 
 logger = logging.getLogger("coati.serve")
 
-#: /get_reward texts of one request that share at least this many leading tokens are packed as one group.
-MIN_SHARED_TOKENS = 8
 
 
 class RequestError(Exception):
@@ -83,22 +82,6 @@ def coati_version() -> str:
         return version("coati-rm")
     except PackageNotFoundError:
         return "unknown"
-
-
-def prefix_groups(sequences: list[list[int]], min_shared: int = MIN_SHARED_TOKENS) -> list[list[int]]:
-    """Cluster sequences that start with the same tokens (the samples of one prompt): indices of each cluster, whose
-    members share at least ``min_shared`` leading tokens with its first one (lexicographic order, so that is the
-    cluster's common prefix). Every index appears in exactly one cluster; a lone sequence is a cluster of one."""
-    from coati.models.packed_attention import shared_prefix_len
-
-    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
-    clusters: list[list[int]] = []
-    for i in order:
-        if clusters and shared_prefix_len(sequences[clusters[-1][0]], sequences[i]) >= min_shared:
-            clusters[-1].append(i)
-        else:
-            clusters.append([i])
-    return clusters
 
 
 class RewardEngine:
@@ -158,7 +141,8 @@ class RewardEngine:
     def rewards(self, groups: list[list[list[int]]]) -> list[list[float]]:
         """Raw rewards of ``groups`` (each a list of token-id sequences ending in the reward token), in the same
         nesting and order. Called from one thread at a time (the server's worker thread). Packed: the sequences of a
-        group that share a start (:func:`prefix_groups`) are one packed group, the prompt computed once.
+        group that share a start are one packed group, the prompt computed once
+        (:func:`~coati.data.collate.item_groups`).
 
         Raises:
             ValueError: a reward that is not finite (see :meth:`~coati.scoring.RewardScorer.score_ids`).
@@ -173,11 +157,8 @@ class RewardEngine:
             values = []
             for chunk in self._chunks(groups):
                 packed, count = [], 0  # each sequence numbered in the order of ``values``
-                for seqs in chunk:
-                    # one group per shared start: a response whose prompt was cut shares no start with the others
-                    for cluster in prefix_groups(seqs):
-                        packed += item_groups([seqs[i] for i in cluster], [count + i for i in cluster],
-                                              self.capacity)
+                for seqs in chunk:  # sequences sharing a start: one group each start (item_groups)
+                    packed += item_groups(seqs, list(range(count, count + len(seqs))), self.capacity)
                     count += len(seqs)
                 inputs = pack_groups(packed, count, self.scorer.tokenizer.pad_token_id, self.capacity)
                 self.positions_computed += inputs["input_ids"].numel()

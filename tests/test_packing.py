@@ -254,3 +254,36 @@ def test_varlen_kernel_on_cuda_equals_per_group_attention(tokenizer, monkeypatch
     for k in ref_g:
         scale = ref_g[k].abs().max().item() + 1e-6
         assert (var_g[k] - ref_g[k]).abs().max().item() / scale < 5e-2, k
+
+
+@pytest.mark.parametrize("capacity", [0, 128])
+def test_list_whose_prompt_was_cut_for_some_answers_still_shares_it_among_the_others(capacity, tokenizer):
+    """max_len cuts each answer's prompt by what that answer needs, so in a ranked list the long answers can start at
+    other tokens than the short ones: the short ones still share their prompt (rank order kept), the others are plain
+    sequences, and rewards and gradients equal the padded path's."""
+    from coati.data.collate import common_prefix_len
+
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(5, 400, (n,), generator=g).tolist()  # noqa: E731
+    p = rand(12)
+    seqs = [p + rand(6) + [2], rand(30) + [2], p + rand(4) + [2], rand(25) + [2], p + rand(9) + [2]]
+    pair = _pairs(n=1, prompt=True)[0]
+    items = [TokenizedPair(seqs[0], seqs[1], None, "en", "x", more_ids=seqs[2:]), pair]
+    assert common_prefix_len(seqs) == 0 and common_prefix_len([seqs[0], seqs[2], seqs[4]]) == 12
+    batch = collate_packed(items, tokenizer.pad_token_id, capacity)
+    shapes = [row[2:] for row in batch.inputs["groups"].tolist()]
+    assert [12, 7, 5, 10] in shapes  # [P | answers 0, 2, 4] in rank order
+    assert [31, 0, 0, 0] in shapes and [26, 0, 0, 0] in shapes  # the answers whose prompt was cut: plain
+    assert batch.computed_tokens == batch.real_tokens - 2 * 12 - shared_prefix_len(pair.chosen_ids, pair.rejected_ids)
+
+    def run(collate):
+        torch.manual_seed(0)
+        rm = RewardModel(tiny_model("llama", tokenizer), get_backbone("llama")).train()
+        rewards = rm(**collate(items).inputs)
+        (rewards * torch.linspace(-1.0, 1.0, rewards.shape[0])).sum().backward()
+        return rewards.detach(), {n: q.grad.clone() for n, q in rm.named_parameters() if q.grad is not None}
+
+    padded_r, padded_g = run(lambda it: collate_pairs(it, tokenizer.pad_token_id))
+    packed_r, packed_g = run(lambda it: collate_packed(it, tokenizer.pad_token_id, capacity))
+    assert torch.allclose(packed_r, padded_r, atol=1e-5), (packed_r - padded_r).abs().max()
+    assert max((packed_g[k] - padded_g[k]).abs().max().item() for k in padded_g) < 1e-5

@@ -23,7 +23,8 @@ from coati.checkpoint import export_hf
 from coati.client import AsyncRewardClient, RemoteRewardFunction, RewardClient, RewardServerError
 from coati.data.template import render_prompt
 from coati.scoring import RewardScorer, normalize_prompt
-from coati.serve import RewardEngine, ServeSettings, create_app, prefix_groups
+from coati.data.collate import prefix_groups
+from coati.serve import RewardEngine, ServeSettings, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is the capital of France?", "Name a prime number.", [

@@ -288,9 +288,31 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, s
     return _batch(items, layout, inputs, inputs["input_ids"].numel(), computed=sum(len(g[0]) for g in groups))
 
 
+#: Sequences of one item that share no start with all the others are grouped with those they share at least this many
+#: leading tokens with (:func:`item_groups`); the reward server clusters ``/get_reward`` texts by the same rule.
+MIN_SHARED_TOKENS = 8
+
+
+def prefix_groups(sequences: list[list[int]], min_shared: int = MIN_SHARED_TOKENS) -> list[list[int]]:
+    """Cluster sequences that start with the same tokens (the samples of one prompt): indices of each cluster, whose
+    members share at least ``min_shared`` leading tokens with its first one (lexicographic order, so that is the
+    cluster's common prefix). Every index appears in exactly one cluster; a lone sequence is a cluster of one."""
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    clusters: list[list[int]] = []
+    for i in order:
+        if clusters and shared_prefix_len(sequences[clusters[-1][0]], sequences[i]) >= min_shared:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    return clusters
+
+
 def item_groups(seqs: list[list[int]], numbers: list[int], capacity: int = 0, share_prefix: bool = True) -> list:
     """The packed groups of one item's K >= 1 sequences (numbered ``numbers`` in the batch): with ``share_prefix``
-    and a common start, ``[P | T1 | ... | Tj]`` groups (:func:`_share_groups`), else one plain group per sequence.
+    and a common start, ``[P | T1 | ... | Tj]`` groups (:func:`_share_groups`). Without one (``max_len`` cut the
+    prompt of some answers, each by what it needs, so those start at other tokens), the sequences that share a start
+    of at least :data:`MIN_SHARED_TOKENS` tokens with each other (:func:`prefix_groups`) are grouped so, in rank
+    order; the rest, or all without ``share_prefix``, are one plain group per sequence.
 
     Returns:
         ``(token ids, positions, shape, [(sequence number, column of its last token in the group)...])`` tuples, as
@@ -298,6 +320,10 @@ def item_groups(seqs: list[list[int]], numbers: list[int], capacity: int = 0, sh
     """
     if share_prefix and len(seqs) > 1 and common_prefix_len(seqs) > 0:
         return _share_groups(seqs, numbers, capacity)
+    if share_prefix and len(seqs) > 2:  # no start shared by all: those sharing one with each other, in rank order
+        clusters = sorted(sorted(c) for c in prefix_groups(seqs))
+        if len(clusters) < len(seqs):
+            return [g for c in clusters for g in item_groups([seqs[i] for i in c], [numbers[i] for i in c], capacity)]
     return [(list(s), list(range(len(s))), (len(s),), [(n, len(s) - 1)]) for s, n in zip(seqs, numbers)]
 
 
