@@ -259,8 +259,9 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, s
 
     With ``share_prefix`` the K sequences of an item that start with the same tokens (the prompt) become one group
     ``[shared | answer 1 rest | ... | answer K rest]`` computed as if they were separate sequences (see
-    :mod:`coati.models.packed_attention`), so the prompt is computed once for all K answers; otherwise, or when
-    the sequences share no token, each sequence is a group of its own. Positions are each token's position in its
+    :mod:`coati.models.packed_attention`), so the prompt is computed once for all K answers; when only some of
+    them share a start (``max_len`` cut the others' prompt), those are such a group (:func:`item_groups`); otherwise,
+    each sequence is a group of its own. Positions are each token's position in its
     own sequence, so every reward equals the padded path's.
 
     Args:
