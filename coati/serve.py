@@ -64,7 +64,6 @@ from coati.data.template import Encoded
 logger = logging.getLogger("coati.serve")
 
 
-
 class RequestError(Exception):
     """A request the server refuses: HTTP ``status``, the ``field`` at fault (``"body"``, ``"query[3]"``, ...) and
     a one-line ``message``."""

@@ -312,17 +312,12 @@ def _varlen_function():
 
 
 def _varlen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout,
-                   scaling: float) -> torch.Tensor | None:
+                   scaling: float) -> torch.Tensor:
     """PyTorch's ``varlen_attn`` over ``layout``: ``q`` ``[Tq, H, D]``, ``k``, ``v`` ``[Tk, H_kv, D]`` in, ``[Tq, H,
-    D]`` out; None when the installed version cannot be given this softmax scale (the caller then runs the
-    per-group calls)."""
+    D]`` out (called only where :func:`_use_varlen` said it can be)."""
     varlen_attn = _varlen_function()
     causal, takes_scale, takes_gqa = _VARLEN["kwargs"]
-    kwargs = dict(causal)
-    if takes_scale:
-        kwargs["scale"] = scaling
-    elif abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
-        return None
+    kwargs = dict(causal, **({"scale": scaling} if takes_scale else {}))
     if k.shape[1] != q.shape[1]:
         if takes_gqa:
             kwargs["enable_gqa"] = True
@@ -331,26 +326,33 @@ def _varlen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Va
     return varlen_attn(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, **kwargs)
 
 
-def _use_varlen(query: torch.Tensor, dropout: float) -> bool:
-    """Whether :func:`_varlen_rows_attention` is tried: CUDA, half precision (the flash kernels' only dtypes; the
-    autocast dtype under autocast), no dropout, head size a multiple of 8 up to 256, not switched off
-    (``COATI_VARLEN_ATTENTION=0``) and not failed before in this process."""
+def _compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: autocast's where it is on (RoPE leaves q, k in fp32 then), else the query's."""
     dev = query.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
-    return (query.is_cuda and dtype in (torch.float16, torch.bfloat16) and not dropout and query.shape[-1] % 8 == 0
-            and query.shape[-1] <= 256 and os.environ.get("COATI_VARLEN_ATTENTION", "1") != "0"
-            and not _VARLEN.get("failed") and _varlen_function() is not None)
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+
+
+def _use_varlen(query: torch.Tensor, dropout: float, scaling: float) -> bool:
+    """Whether :func:`_varlen_rows_attention` is tried: CUDA, half precision (the flash kernels' only dtypes), no
+    dropout, head size a multiple of 8 up to 256, a ``varlen_attn`` that takes this softmax scale (PyTorch 2.10's
+    takes only the default ``D ** -0.5``), not switched off (``COATI_VARLEN_ATTENTION=0``) and not failed before in
+    this process."""
+    dim = query.shape[-1]
+    if not (query.is_cuda and _compute_dtype(query) in (torch.float16, torch.bfloat16) and not dropout
+            and dim % 8 == 0 and dim <= 256 and os.environ.get("COATI_VARLEN_ATTENTION", "1") != "0"
+            and not _VARLEN.get("failed") and _varlen_function() is not None):
+        return False
+    return _VARLEN["kwargs"][1] or abs(scaling - dim ** -0.5) <= 1e-12
 
 
 def _varlen_rows_attention(plan: PackPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            scaling: float) -> torch.Tensor | None:
     """Per-group attention of whole packed rows as one variable-length call: ``query`` ``[R, H, L, D]``, ``key``,
     ``value`` ``[R, H_kv, L, D]`` in; ``[R, L, H, D]`` out (zeros where no group covers a token), or None when the
-    call cannot be made here (the caller then runs :func:`_rows_attention`). Same result as :func:`_rows_attention`
-    up to the kernels' rounding."""
+    kernel failed (logged once; the caller then runs :func:`_rows_attention`, as it will from then on). Same result
+    as :func:`_rows_attention` up to the kernels' rounding."""
     rows, heads, length, dim = query.shape
-    dev = query.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype  # RoPE's q, k: fp32
+    dtype = _compute_dtype(query)
     layout = plan.varlen(length)
     q, k, v = (t.transpose(1, 2).reshape(rows * length, t.shape[1], dim).to(dtype) for t in (query, key, value))
     if layout.q_index is not None:
@@ -361,8 +363,6 @@ def _varlen_rows_attention(plan: PackPlan, query: torch.Tensor, key: torch.Tenso
     except RuntimeError as e:  # an unsupported GPU or build: fall back for the rest of the process
         _VARLEN["failed"] = True
         logger.warning("variable-length attention failed (%s); using per-group attention calls", e)
-        return None
-    if out is None:
         return None
     if layout.q_index is not None:
         out = out.new_zeros(rows * length, heads, dim).index_copy(0, layout.q_index, out)
@@ -419,7 +419,8 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
             key = key.repeat_interleave(heads // key.shape[1], dim=1)
             value = value.repeat_interleave(heads // value.shape[1], dim=1)
         query, key, value = (sp.seq_to_heads(t) for t in (query, key, value))
-    out = _varlen_rows_attention(coati_pack, query, key, value, scaling) if _use_varlen(query, dropout) else None
+    use = _use_varlen(query, dropout, scaling)
+    out = _varlen_rows_attention(coati_pack, query, key, value, scaling) if use else None
     if out is not None:
         out = out.transpose(1, 2)  # [R, H, L, D], a view
     else:
