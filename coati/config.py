@@ -83,7 +83,8 @@ def _opt(default: Any, help: str, valid: Range | None = None, **argparse_kwargs)
 class ModelArgs:
     """The backbone, its weights and tokenizer, 4-/8-bit loading (QLoRA), the reward token, activation checkpointing."""
 
-    model: str = _opt("llama", "backbone family (registry coati.models.backbones.BACKBONES)")
+    model: str = _opt("llama", "backbone family (registry coati.models.backbones.BACKBONES), or auto: the family "
+                               "whose model_type the --pretrain checkpoint's config.json names (logged)")
     pretrain: str | None = _opt(None, "pretrained weights: local HF folder, Hub id (online), a .gguf file, or the "
                                       "alias 'smollm2-135m'; omitted = random init from --model_config")
     model_config: str = _opt("tiny", "random-init config when --pretrain is omitted: a preset name of the backbone "
@@ -313,10 +314,12 @@ class TrainConfig:
 def _registries() -> dict[str, dict]:
     """Option name -> the registry whose keys are its choices."""
     from coati.losses import LOSSES, PENALTIES
-    from coati.models.backbones import BACKBONES
+    from coati.models.backbones import AUTO, BACKBONES
     from coati.strategies import STRATEGIES
 
-    return {"model": BACKBONES, "loss_fn": LOSSES, "penalty": PENALTIES, "strategy": STRATEGIES}
+    # --model auto takes every option a backbone may take: which ones apply is known once the checkpoint is read
+    auto = Registered(build=None, takes=tuple(sorted({o for b in BACKBONES.values() for o in b.takes})))
+    return {"model": {**BACKBONES, AUTO: auto}, "loss_fn": LOSSES, "penalty": PENALTIES, "strategy": STRATEGIES}
 
 
 class DefaultsOnceHelpFormatter(argparse.HelpFormatter):
@@ -484,7 +487,7 @@ def sequence_parallel_problems(cfg: TrainConfig) -> list[str]:
     from coati.strategies.sequence_parallel import head_problem
 
     errors = []
-    if get_backbone(cfg.backbone.model).packed_forward is not None:
+    if cfg.backbone.model != "auto" and get_backbone(cfg.backbone.model).packed_forward is not None:
         errors.append(f"--sequence_parallel_size needs per-group attention (llama, internlm2): --model "
                       f"{cfg.backbone.model}'s ALiBi attention runs transformers' own attention over one dense mask "
                       f"of the whole row, which cannot be split by heads")
@@ -520,6 +523,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.log.export_adapter and cfg.lora.lora_rank <= 0:
         errors.append("--export_adapter writes the LoRA adapter: add --lora_rank, or drop it (full fine-tuning "
                       "exports the whole model)")
+    if cfg.backbone.model == "auto" and not (cfg.backbone.pretrain or cfg.optim.init_from):
+        errors.append("--model auto reads the backbone family from a checkpoint: give --pretrain (or --init_from an "
+                      "export), or name the family for a random init (e.g. --model llama)")
     if cfg.optim.resume and cfg.optim.init_from:
         errors.append("--resume continues a run and --init_from starts a new one from a checkpoint's weights: "
                       "give one of them")

@@ -15,12 +15,12 @@ from transformers import get_cosine_schedule_with_warmup
 from coati.checkpoint import (CheckpointError, ExportError, NonFiniteWeightsError, export_hf, init_from_kind,
                               load_checkpoint_weights, prepare_save_path, resume_run, run_fingerprint,
                               save_resume_checkpoint)
-from coati.config import OptimArgs, TrainConfig, parse_args
+from coati.config import OptimArgs, TrainConfig, parse_args, sequence_parallel_problems
 from coati.data.collate import RunData, make_loaders, prepare_data
 from coati.data.formats import DataFormatError
 from coati.losses import build_loss
 from coati.models.loading import (CacheError, attention_heads, build_reward_model, prepare_model_files,
-                                  resolve_pretrain)
+                                  resolve_model, resolve_pretrain)
 from coati.reporting import MetricsLog
 from coati.signals import Interrupted, signals_raise
 from coati.strategies import STRATEGIES, StrategyUnavailable
@@ -108,12 +108,19 @@ def run(cfg: TrainConfig) -> dict:
     if init_from == "export":
         cfg = cfg.replace(pretrain=cfg.optim.init_from)
     tokenizer, reward_token_id = prepare_model_files(cfg.backbone)
+    family, chosen = resolve_model(cfg.backbone)
+    if family != cfg.backbone.model:  # --model auto: the recipe written with the export names the family
+        cfg = cfg.replace(model=family)
+        if problems := sequence_parallel_problems(cfg):
+            raise ValueError("; ".join(problems))
     check_sequence_parallel_heads(cfg)
     strategy = STRATEGIES[cfg.strategy.strategy](cfg.strategy)
     strategy.setup()
     main = strategy.is_main
     if main:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+        if chosen:
+            logger.info(chosen)
     seed_everything(cfg.optim.seed)
     data = prepare_data(cfg.data, cfg.optim.seed, tokenizer, reward_token_id)
     if main:
@@ -144,7 +151,8 @@ def run(cfg: TrainConfig) -> dict:
     train, evaluation = make_loaders(data, cfg.data, optim.batch_size, optim.eval_batch_size or optim.batch_size,
                                      optim.seed, tokenizer.pad_token_id, capacity, strategy,
                                      cfg.loss.list_weighting, cfg.loss.margin_from_scores,
-                                     cache_prompt=not cfg.backbone.gradient_checkpointing and strategy.sp_size == 1)
+                                     cache_prompt=not cfg.backbone.gradient_checkpointing and strategy.sp_size == 1
+                                     and reward_model.can_cache_prompt)
     total = plan_steps(len(train), optim)[1]
     if total == 0:
         raise ValueError(f"{len(data.train)} training pairs make no optimizer step with batch_size "

@@ -47,9 +47,12 @@ def run_case(strategy, tokenizer, name: str, layout: str, lora: int, checkpointi
     model = model_for(name, tokenizer, lora, checkpointing)
     reference = model_for(name, tokenizer, lora)  # same seed, same weights
     model.sequence_parallel = strategy.sequence_parallel
-    # SGD: the weights move by the gradients themselves (Adam would blow rounding-level gradients up to +-lr)
-    wrapped, opt = strategy.prepare(model, lambda ps: torch.optim.SGD(ps, lr=0.5))
-    ref_opt = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
+    # SGD: the weights move by the gradients themselves (Adam would blow rounding-level gradients up to +-lr).
+    # Gemma 3 scales its embeddings by sqrt(hidden): 3-4x larger gradients, and at lr 0.5 each step multiplied the
+    # rounding-level gap 10-1000x (3e-7, 5e-6, 9e-3 over 3 LoRA steps, S = 2); a step of the same size needs 0.1
+    lr = 0.1 if name == "gemma3" else 0.5
+    wrapped, opt = strategy.prepare(model, lambda ps: torch.optim.SGD(ps, lr=lr))
+    ref_opt = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=lr)
     if layout == "padded":
         collate = lambda items: collate_pairs(items, tokenizer.pad_token_id)  # noqa: E731
     else:

@@ -4,10 +4,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import BloomConfig, BloomForSequenceClassification, GPT2Config, LlamaConfig, MistralConfig
+from transformers import (BloomConfig, BloomForSequenceClassification, Gemma3TextConfig, GPT2Config, LlamaConfig,
+                          MistralConfig, Qwen2Config, Qwen3Config)
 
 from coati.models import bloom
-from coati.models.backbones import BACKBONES, backbone_for, build_config, get_backbone
+from coati.models.backbones import BACKBONES, backbone_for, build_config, detect, get_backbone
 from coati.models.reward_model import RewardModel
 
 
@@ -22,7 +23,7 @@ def test_alibi_slopes_closed_form():
 
 
 def test_row_capacity():
-    for name in ("llama", "internlm2"):  # per-group attention: the whole batch in one row
+    for name in ("llama", "internlm2", "qwen2", "qwen3", "gemma3", "mistral"):  # per-group attention: the whole batch in one row
         assert get_backbone(name).row_capacity(256, True) == get_backbone(name).row_capacity(256, False) == 0
     assert get_backbone("bloom").row_capacity(256, True) == 512  # dense mask: the longest shared-prefix group
     assert get_backbone("bloom").row_capacity(256, False) == 256
@@ -30,11 +31,41 @@ def test_row_capacity():
 
 def test_backbone_for():
     assert backbone_for(LlamaConfig()) is BACKBONES["llama"]
-    assert backbone_for(MistralConfig()) is BACKBONES["llama"]
+    assert backbone_for(MistralConfig()) is BACKBONES["mistral"]
+    assert backbone_for(Qwen2Config()) is BACKBONES["qwen2"]
+    assert backbone_for(Qwen3Config()) is BACKBONES["qwen3"]
+    assert backbone_for(Gemma3TextConfig()) is BACKBONES["gemma3"]
     assert backbone_for(BloomConfig()) is BACKBONES["bloom"]
     assert backbone_for(SimpleNamespace(model_type="internlm2")) is BACKBONES["internlm2"]
     with pytest.raises(ValueError, match="model_type 'gpt2' is not a supported backbone.*llama"):
         backbone_for(GPT2Config())
+
+
+def test_detect_reads_model_type_from_the_folder(tmp_path):
+    Qwen3Config().save_pretrained(tmp_path)
+    assert detect(str(tmp_path)) is BACKBONES["qwen3"]
+    GPT2Config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"config.json: model_type 'gpt2' is not a supported backbone"):
+        detect(str(tmp_path))
+    with pytest.raises(ValueError, match="--model auto reads the model_type of .*nowhere"):
+        detect(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "gemma3", "mistral"])
+def test_new_families_build_their_own_classes_from_presets(name):
+    backbone = get_backbone(name)
+    config = build_config(backbone, "tiny", vocab_size=64, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    assert isinstance(config, backbone.config_class) and config.model_type in backbone.model_types
+    model = backbone.model_class(config)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    assert set(backbone.lora_targets) <= names  # every LoRA target exists in the model
+    assert backbone_for(config) is backbone
+
+
+def test_gemma3_tiny_preset_has_a_window_shorter_than_test_rows():
+    config = build_config(get_backbone("gemma3"), "tiny", vocab_size=64, pad_token_id=0, eos_token_id=1,
+                          bos_token_id=2)
+    assert config.layer_types == ["sliding_attention", "full_attention"] and config.sliding_window == 32
 
 
 def test_per_group_attention_is_switched_on_only_where_the_entry_says():

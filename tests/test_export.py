@@ -25,7 +25,7 @@ def _perturb(model, seed=1):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("name", ["llama", "bloom"])
+@pytest.mark.parametrize("name", ["llama", "bloom", "qwen2", "qwen3", "gemma3", "mistral"])
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_export_scores_equal_trainer_rewards(name, lora_rank, tokenizer, tmp_path):
     backbone = get_backbone(name)

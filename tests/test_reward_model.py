@@ -104,3 +104,27 @@ def test_margin_column_reaches_the_loss(tokenizer):
     zeros = torch.zeros(2)
     loss = build_loss(LossArgs())(zeros, zeros, batch.margin)
     assert loss.item() == pytest.approx((math.log1p(math.exp(2.0)) + math.log(2)) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "mistral"])
+def test_a_shared_prompt_padded_batch_is_refused_where_a_sliding_window_would_shift(name, tokenizer):
+    """transformers' sliding-window cache keeps keys by column: a right-padded prompt batch longer than the window
+    would read other rewards (measured: 0.1 off for gemma3 tiny, prompts of 10-70 tokens, window 32), so it is
+    refused, and one row per answer gives the packed rewards."""
+    from coati.data.collate import collate_packed
+
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for n_prompt in (50, 10, 70):
+        p = torch.randint(5, 400, (n_prompt,), generator=g).tolist()
+        pairs.append(TokenizedPair(p + torch.randint(5, 400, (20,), generator=g).tolist() + [2],
+                                   p + torch.randint(5, 400, (45,), generator=g).tolist() + [2], None, "en", "x"))
+    rm = RewardModel(tiny_model(name, tokenizer), get_backbone(name))
+    assert not rm.can_cache_prompt
+    with pytest.raises(ValueError, match="sliding window"):
+        rm(**collate_pairs(pairs, tokenizer.pad_token_id, share_prefix=True).inputs)
+    with torch.no_grad():
+        padded = rm(**collate_pairs(pairs, tokenizer.pad_token_id).inputs)
+        packed = rm(**collate_packed(pairs, tokenizer.pad_token_id, 0).inputs)
+    assert torch.allclose(padded, packed, atol=1e-5)
+    assert RewardModel(tiny_model("qwen2", tokenizer), get_backbone("qwen2")).can_cache_prompt

@@ -151,7 +151,7 @@ def test_cli_scores_equal_hf_logits(export, tokenizer, tmp_path):
     assert any(r["truncated"] for r in scored) and not all(r["truncated"] for r in scored)
 
 
-@pytest.mark.parametrize("name", ["llama", "bloom"])
+@pytest.mark.parametrize("name", ["llama", "bloom", "qwen2", "qwen3", "gemma3", "mistral"])
 def test_scores_do_not_depend_on_batching(name, tokenizer, tmp_path):
     _export(tokenizer, tmp_path, name, stats=False)
     a = RewardScorer.from_pretrained(str(tmp_path), device="cpu", batch_size=1)

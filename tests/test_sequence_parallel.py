@@ -18,7 +18,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # as tests/test_strategies.py: Adam's eps keeps round-off in near-zero gradients below the tolerance
 COMMON = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",
           "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "7", "--batch_size", "4",
-          "--eval_split", "0.25"]
+          "--eval_split", "0.25", "--mixed_precision", "fp32"]
 
 
 def _worker(nproc: int, sp: int, cases: list[str], strategy: str = "ddp") -> dict:
@@ -44,6 +44,15 @@ def test_two_ranks_train_like_one_for_every_layout_and_backbone():
     _assert_parity(_worker(2, 2, [f"{m}:{layout}:0" for m in ("llama", "internlm2")
                                   for layout in ("shared", "unshared", "padded")]
                            + ["llama:shared:8", "llama:shared:8:gc", "internlm2:padded:0:gc", "llama3kv:shared:0"]))
+
+
+@pytest.mark.slow
+def test_two_ranks_train_like_one_for_todays_families():
+    """Qwen2, Qwen3 (head_dim apart from hidden / heads), Gemma 3 (one key/value head, replicated for S = 2; a local
+    layer whose 32-token window the pairs of up to 71 tokens exceed) and Mistral (a window on every layer): S = 2 ==
+    one process, packed and padded, full and LoRA."""
+    _assert_parity(_worker(2, 2, ["qwen2:shared:0", "qwen2:padded:0", "qwen3:padded:4", "gemma3:shared:0",
+                                  "gemma3:padded:4", "mistral:unshared:4"]))
 
 
 @pytest.mark.slow

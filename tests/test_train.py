@@ -112,3 +112,28 @@ def test_cli_internlm2_focal_log_barrier_on_chinese_pairs(tmp_path, data_dir):
     assert config["pad_token_id"] != 92527
     train_config = json.loads((out / "train_config.json").read_text())
     assert train_config["loss_fn"] == "focal" and train_config["penalty"] == "log_barrier"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_model_auto_picks_the_family_of_the_checkpoint_and_records_it(family, tmp_path, tokenizer):
+    """A checkpoint folder of a family (random weights of its tiny preset, SmolLM2's tokenizer): ``--model auto``
+    trains it as that family, says so in the log, records it in train_config.json, and the export loads as the
+    family's own ``*ForSequenceClassification``."""
+    from coati.models.backbones import get_backbone
+    from coati.models.loading import build_model
+
+    ckpt = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    build_model(get_backbone(family), tokenizer, None, "tiny").save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    out = tmp_path / "rm"
+    proc = _run(["--model", "auto", "--pretrain", str(ckpt), "--strategy", "naive", "--batch_size", "4",
+                 "--max_steps", "2", "--save_path", str(out)] + COMMON)
+    assert f"--model auto: {family} (model_type" in proc.stderr + proc.stdout
+    assert json.loads((out / "train_config.json").read_text())["model"] == family
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert type(model) is get_backbone(family).model_class
+    # no checkpoint to read: refused at parse time, one line
+    bad = _run(["--model", "auto", "--save_path", str(tmp_path / "x")] + COMMON, expect_ok=False)
+    assert bad.returncode == 2 and "--model auto reads the backbone family from a checkpoint" in bad.stderr

@@ -19,10 +19,18 @@ from typing import Any, Callable
 from transformers import (
     BloomConfig,
     BloomForSequenceClassification,
+    Gemma3TextConfig,
+    Gemma3TextForSequenceClassification,
     LlamaConfig,
     LlamaForSequenceClassification,
+    MistralConfig,
+    MistralForSequenceClassification,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForSequenceClassification,
+    Qwen3Config,
+    Qwen3ForSequenceClassification,
 )
 
 from coati.models import bloom
@@ -81,19 +89,64 @@ _LLAMA_PRESETS = {
                num_key_value_heads=4, max_position_embeddings=4096),
 }
 
+#: the linear layers LoRA adapts in every LLaMA-style block (attention and gated MLP), the same names in Qwen2, Qwen3,
+#: Gemma 3 and Mistral
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SMALL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+              max_position_embeddings=4096)
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=2048)
+_QWEN2_PRESETS = {"tiny": _TINY, "small": _SMALL,
+                  # Qwen2.5-0.5B shape (random weights)
+                  "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                               num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+                               tie_word_embeddings=True)}
+# Qwen3 sets head_dim apart from hidden_size / heads (128 in every released size)
+_QWEN3_PRESETS = {"tiny": dict(_TINY, head_dim=16), "small": dict(_SMALL, head_dim=32),
+                  # Qwen3-0.6B shape (random weights)
+                  "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                               num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                               tie_word_embeddings=True)}
+# Gemma 3: local (sliding-window) and global layers alternate, five local to one global in the released models;
+# the small presets keep one of each, with a window shorter than their rows so that packing meets it
+_GEMMA3_PRESETS = {
+    "tiny": dict(_TINY, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=32,
+                 layer_types=["sliding_attention", "full_attention"]),
+    "small": dict(_SMALL, head_dim=32, query_pre_attn_scalar=32, sliding_window=128,
+                  layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+    # Gemma 3 270M shape (random weights)
+    "270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                 num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+                 max_position_embeddings=32768, rope_theta=1000000.0,
+                 layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3)}
+# Mistral 7B v0.1 attends 4096 tokens back on every layer; later releases set no window (null)
+_MISTRAL_PRESETS = {"tiny": dict(_TINY, sliding_window=32), "small": dict(_SMALL, sliding_window=None)}
+
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone(name="bloom", config_class=BloomConfig, model_class=BloomForSequenceClassification,
              model_types=("bloom",), lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
              presets=bloom.BLOOM_PRESETS, packed_forward=bloom.packed_forward),
     Backbone(name="llama", config_class=LlamaConfig, model_class=LlamaForSequenceClassification,
-             model_types=("llama", "mistral"),
-             lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-             presets=_LLAMA_PRESETS),
+             model_types=("llama",), lora_targets=_PROJECTIONS, presets=_LLAMA_PRESETS),
     # InternLM2 checkpoints are converted at load time into native LLaMA modules (no remote code)
     Backbone(name="internlm2", config_class=LlamaConfig, model_class=LlamaForSequenceClassification,
              model_types=("internlm2",), lora_targets=INTERNLM2_LORA_TARGETS, presets=INTERNLM2_PRESETS,
              load_pretrained=load_internlm2, config_from_dict=internlm2_to_llama_config),
+    # Qwen2 and Qwen2.5 (bias on q, k, v); Qwen3 (RMS norm of q and k per head); Gemma 3's text model (local layers
+    # with a sliding window, scaling from query_pre_attn_scalar); Mistral (a sliding window on every layer when its
+    # config sets one). Packed batches run the same per-group attention, which applies each layer's window.
+    Backbone(name="qwen2", config_class=Qwen2Config, model_class=Qwen2ForSequenceClassification,
+             model_types=("qwen2",), lora_targets=_PROJECTIONS, presets=_QWEN2_PRESETS),
+    Backbone(name="qwen3", config_class=Qwen3Config, model_class=Qwen3ForSequenceClassification,
+             model_types=("qwen3",), lora_targets=_PROJECTIONS, presets=_QWEN3_PRESETS),
+    Backbone(name="gemma3", config_class=Gemma3TextConfig, model_class=Gemma3TextForSequenceClassification,
+             model_types=("gemma3_text",), lora_targets=_PROJECTIONS, presets=_GEMMA3_PRESETS),
+    Backbone(name="mistral", config_class=MistralConfig, model_class=MistralForSequenceClassification,
+             model_types=("mistral",), lora_targets=_PROJECTIONS, presets=_MISTRAL_PRESETS),
 )}
+
+#: ``--model auto``: the entry is read from the checkpoint's ``config.json`` (``model_type``), see :func:`detect`
+AUTO = "auto"
 
 
 def get_backbone(name: str) -> Backbone:
@@ -107,17 +160,42 @@ def get_backbone(name: str) -> Backbone:
     return BACKBONES[name]
 
 
+def detect(folder: str) -> Backbone:
+    """The entry for ``--model auto``: the one accepting the ``model_type`` of ``folder/config.json``.
+
+    Raises:
+        ValueError: no config.json in ``folder`` (one line naming it), or a model_type no entry accepts.
+    """
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"--model auto reads the model_type of {path}: {e}") from None
+    return backbone_for_type(model_type, where=path)
+
+
+def backbone_for_type(model_type: str | None, where: str = "") -> Backbone:
+    """The entry whose ``model_types`` contain ``model_type``.
+
+    Raises:
+        ValueError: no entry accepts it; the message names ``where`` (a file) and lists those accepted.
+    """
+    for backbone in BACKBONES.values():
+        if model_type in backbone.model_types:
+            return backbone
+    accepted = ", ".join(t for b in BACKBONES.values() for t in b.model_types)
+    raise ValueError(f"{where + ': ' if where else ''}model_type {model_type!r} is not a supported backbone "
+                     f"(accepted: {accepted})")
+
+
 def backbone_for(config: PretrainedConfig) -> Backbone:
     """The entry whose ``model_types`` contain ``config.model_type`` (an InternLM2 export is a ``llama`` model).
 
     Raises:
         ValueError: no entry accepts that model_type; the message lists those accepted.
     """
-    for backbone in BACKBONES.values():
-        if config.model_type in backbone.model_types:
-            return backbone
-    accepted = ", ".join(t for b in BACKBONES.values() for t in b.model_types)
-    raise ValueError(f"model_type {config.model_type!r} is not a supported backbone (accepted: {accepted})")
+    return backbone_for_type(config.model_type)
 
 
 def build_config(backbone: Backbone, model_config: str, vocab_size: int, pad_token_id: int,

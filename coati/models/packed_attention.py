@@ -63,9 +63,16 @@ def tails(shape) -> list[int]:
     return [int(t) for t in shape[1:] if t]
 
 
-def _group_mask(shape, device: torch.device) -> torch.Tensor:
+def longest_sequence(shape) -> int:
+    """The longest sequence of a group shape ``(prefix_len, len_T1, ...)``: ``prefix_len + max(len_Ti)``."""
+    return int(shape[0]) + max(tails(shape), default=0)
+
+
+def _group_mask(shape, device: torch.device, window: int | None = None) -> torch.Tensor:
     """``[n, n]`` bool (True = attend) for one group ``[P | T1 | ... | TK]`` of shape ``(p, len_T1, ...)`` (plain
-    sequence: no tails): causal, and no answer sees another."""
+    sequence: no tails): causal, and no answer sees another. With a sliding ``window`` W, a token at position i of
+    its own sequence also sees only the keys at positions ``> i - W`` (W keys, itself included: transformers'
+    ``sliding_window`` rule), positions counted in each sequence as it is alone."""
     p, rest = int(shape[0]), tails(shape)
     n = p + sum(rest)
     allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
@@ -73,6 +80,9 @@ def _group_mask(shape, device: torch.device) -> torch.Tensor:
     for t in rest:
         allowed[end + t:, end:end + t] = False
         end += t
+    if window is not None:
+        pos = torch.cat([torch.arange(p, device=device)] + [torch.arange(p, p + t, device=device) for t in rest])
+        allowed &= pos[:, None] - pos[None, :] < window
     return allowed
 
 
@@ -107,6 +117,8 @@ class PackPlan:
 
     rows: list[list[tuple[int, int, tuple[int, ...]]]]
     device: torch.device
+    #: the longest sequence of any group (:func:`longest_sequence`), compared with a layer's sliding window
+    longest: int = 0
     #: the sequence-parallel group whose ranks each hold 1/S of the rows' tokens, or None (travels with the plan, so
     #: activation recomputation during backward splits the same way)
     sequence_parallel: object = None
@@ -115,25 +127,28 @@ class PackPlan:
     @classmethod
     def from_groups(cls, groups: torch.Tensor, num_rows: int, sequence_parallel=None) -> "PackPlan":
         """Build the plan; raises ValueError when groups overlap or are out of order within a row."""
-        rows = [[] for _ in range(num_rows)]
+        rows, longest = [[] for _ in range(num_rows)], 0
         for r, s, p, *rest in groups.tolist():
             if rows[r] and rows[r][-1][0] + rows[r][-1][1] > s:
                 raise ValueError(f"packed groups overlap or are out of order in row {r} at column {s}")
             shape = (p, *tails((p, *rest)))
             rows[r].append((s, sum(shape), shape))
-        return cls(rows, groups.device, sequence_parallel)
+            longest = max(longest, longest_sequence(shape))
+        return cls(rows, groups.device, longest, sequence_parallel)
 
-    def mask(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    def mask(self, shape: tuple[int, ...], dtype: torch.dtype | None = None,
+             window: int | None = None) -> torch.Tensor | None:
         """``[n, n]`` mask of a group, built once: bool (True = attend; None for a plain sequence, which is causal)
-        or, given ``dtype``, additive of that dtype (0 allowed, -inf not) for any group."""
+        or, given ``dtype``, additive of that dtype (0 allowed, -inf not) for any group; ``window``: a sliding
+        window applied too (see :func:`_group_mask`)."""
         shape = (shape[0], *tails(shape))
-        if dtype is None and len(shape) == 1:
+        if dtype is None and len(shape) == 1 and window is None:
             return None
-        if (shape, dtype) not in self._cache:
-            allowed = _group_mask(shape, self.device)
-            self._cache[shape, dtype] = allowed if dtype is None else torch.zeros(
+        if (shape, dtype, window) not in self._cache:
+            allowed = _group_mask(shape, self.device, window)
+            self._cache[shape, dtype, window] = allowed if dtype is None else torch.zeros(
                 allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, float("-inf"))
-        return self._cache[shape, dtype]
+        return self._cache[shape, dtype, window]
 
     def lower_right(self, q_len: int, kv_len: int) -> torch.Tensor:
         """``[q_len, kv_len]`` bool causal mask aligned to the lower right (query j sees keys ``0 .. kv_len - q_len
@@ -205,7 +220,8 @@ SPLIT_ATTENTION_MIN_LEN = 640
 
 
 def group_attention(plan: PackPlan, shape: tuple[int, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    dropout: float, scaling: float, fused: bool | None = None) -> torch.Tensor:
+                    dropout: float, scaling: float, fused: bool | None = None, window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """Attention of one group, ``[H, n, D]`` in and out.
 
     Two paths with the same result. :func:`causal_split_attention` (``scaled_dot_product_attention`` with no mask:
@@ -213,13 +229,25 @@ def group_attention(plan: PackPlan, shape: tuple[int, ...], q: torch.Tensor, k: 
     shorter groups on CPU, scores, softmax (fp32) and the weighted sum are written out (faster in half precision,
     steadier across layouts in fp32): one ``baddbmm`` adds the mask (``n x n`` scores kept for backward).
     ``fused`` forces one path (True: split SDPA).
+
+    A layer's sliding ``window`` (Gemma 3's local layers, Mistral, Qwen with ``use_sliding_window``) that is shorter
+    than the group's longest sequence, and a logit ``softcap`` (``softcap * tanh(scores / softcap)`` before the
+    mask, Gemma 2's soft-capping), take the written-out path on every device, with the window in the mask: the
+    group is attended exactly as each sequence alone would be, never as full attention.
     """
-    if fused is None:
+    limited = window is not None and longest_sequence(shape) > window
+    if limited or softcap is not None:
+        fused = False
+    elif fused is None:
         fused = q.device.type != "cpu" or q.shape[1] >= SPLIT_ATTENTION_MIN_LEN
     if fused:
         return causal_split_attention(shape, q, k, v, dropout, scaling, plan)
     n = q.shape[1]
-    scores = torch.baddbmm(plan.mask(shape, q.dtype).expand(q.shape[0], n, n), q, k.transpose(-1, -2), alpha=scaling)
+    mask = plan.mask(shape, q.dtype, window if limited else None).expand(q.shape[0], n, n)
+    if softcap is None:
+        scores = torch.baddbmm(mask, q, k.transpose(-1, -2), alpha=scaling)
+    else:
+        scores = torch.tanh((q @ k.transpose(-1, -2)) * (scaling / softcap)) * softcap + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     if dropout:
         probs = F.dropout(probs, p=dropout, training=True)
@@ -332,12 +360,16 @@ def _compute_dtype(query: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
 
 
-def _use_varlen(query: torch.Tensor, dropout: float, scaling: float) -> bool:
+def _use_varlen(query: torch.Tensor, dropout: float, scaling: float, window: int | None = None,
+                softcap: float | None = None, longest: int = 0) -> bool:
     """Whether :func:`_varlen_rows_attention` is tried: CUDA, half precision (the flash kernels' only dtypes), no
     dropout, head size a multiple of 8 up to 256, a ``varlen_attn`` that takes this softmax scale (PyTorch 2.10's
     takes only the default ``D ** -0.5``), not switched off (``COATI_VARLEN_ATTENTION=0``) and not failed before in
-    this process."""
+    this process; and no soft-capping, nor a sliding window shorter than the batch's ``longest`` sequence (those
+    take the per-group calls)."""
     dim = query.shape[-1]
+    if softcap is not None or (window is not None and longest > window):
+        return False
     if not (query.is_cuda and _compute_dtype(query) in (torch.float16, torch.bfloat16) and not dropout
             and dim % 8 == 0 and dim <= 256 and os.environ.get("COATI_VARLEN_ATTENTION", "1") != "0"
             and not _VARLEN.get("failed") and _varlen_function() is not None):
@@ -370,8 +402,9 @@ def _varlen_rows_attention(plan: PackPlan, query: torch.Tensor, key: torch.Tenso
 
 
 def _rows_attention(plan: PackPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
-                    scaling: float) -> torch.Tensor:
-    """Per-group attention of whole packed rows: ``[R, H, L, D]`` in (key/value repeated to H heads) and out."""
+                    scaling: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Per-group attention of whole packed rows: ``[R, H, L, D]`` in (key/value repeated to H heads) and out;
+    ``window`` and ``softcap`` as :func:`group_attention` takes them."""
     length = query.shape[2]
     out_rows = []
     for r, groups in enumerate(plan.rows):
@@ -382,7 +415,8 @@ def _rows_attention(plan: PackPlan, query: torch.Tensor, key: torch.Tensor, valu
             spans += [(start - pos, None)] * (start > pos) + [(n, shape)] * (n > 0)
             pos = start + n
         parts = zip(*(t[r].split([size for size, _ in spans], dim=1) for t in (query, key, value)))
-        pieces = [group_attention(plan, shape, q, k, v, dropout, scaling) if shape else torch.zeros_like(q)
+        pieces = [group_attention(plan, shape, q, k, v, dropout, scaling, window=window, softcap=softcap)
+                  if shape else torch.zeros_like(q)
                   for (_, shape), (q, k, v) in zip(spans, parts)]
         out_rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     return torch.stack(out_rows)
@@ -390,7 +424,8 @@ def _rows_attention(plan: PackPlan, query: torch.Tensor, key: torch.Tensor, valu
 
 def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          coati_pack: PackPlan | None = None, **kwargs):
+                          coati_pack: PackPlan | None = None, sliding_window: int | None = None,
+                          softcap: float | None = None, **kwargs):
     """Attention function registered with transformers as ``coati_packed``.
 
     Without ``coati_pack`` it is transformers' SDPA attention unchanged (padded batches, generation). With it, each
@@ -402,15 +437,29 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     Args:
         query: ``[R, H, L, D]``; key, value: ``[R, H_kv, L, D]`` (grouped-query heads are repeated).
         attention_mask: ignored in packed mode (transformers builds none there).
-        scaling: softmax scale (default ``D ** -0.5``).
+        scaling: softmax scale (default ``D ** -0.5``; Gemma 3 passes ``query_pre_attn_scalar ** -0.5``).
+        sliding_window: the layer's window W (each token sees the W latest positions of its own sequence, itself
+            included), applied to every group longer than W; None = full causal attention.
+        softcap: attention logit soft-capping (``softcap * tanh(scores / softcap)``), or None.
     Returns:
         ``([R, L, H, D]`` attention output, None) as transformers' attention functions do.
+    Raises:
+        ValueError: a packed batch on a layer whose attention is not causal (``module.is_causal`` False, e.g. a
+            bidirectional Gemma 3 embedding model).
     """
     if coati_pack is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if softcap is not None:  # SDPA cannot cap logits: transformers' written-out attention can
+            from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
+
+            return eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                           scaling=scaling, sliding_window=sliding_window, softcap=softcap, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+                                      sliding_window=sliding_window, **kwargs)
+    if getattr(module, "is_causal", True) is False:
+        raise ValueError(f"packed batches need causal attention; {type(module).__name__} is bidirectional: use "
+                         "padded batches (--packing false)")
     heads, dim = query.shape[1], query.shape[3]
     scaling = dim ** -0.5 if scaling is None else scaling
     sp = coati_pack.sequence_parallel
@@ -419,7 +468,7 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
             key = key.repeat_interleave(heads // key.shape[1], dim=1)
             value = value.repeat_interleave(heads // value.shape[1], dim=1)
         query, key, value = (sp.seq_to_heads(t) for t in (query, key, value))
-    use = _use_varlen(query, dropout, scaling)
+    use = _use_varlen(query, dropout, scaling, sliding_window, softcap, coati_pack.longest)
     out = _varlen_rows_attention(coati_pack, query, key, value, scaling) if use else None
     if out is not None:
         out = out.transpose(1, 2)  # [R, H, L, D], a view
@@ -427,7 +476,7 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
         if key.shape[1] != query.shape[1]:
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
             value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-        out = _rows_attention(coati_pack, query, key, value, dropout, scaling)
+        out = _rows_attention(coati_pack, query, key, value, dropout, scaling, sliding_window, softcap)
     if sp is not None:
         out = sp.heads_to_seq(out)
     return out.transpose(1, 2).contiguous(), None

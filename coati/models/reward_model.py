@@ -25,6 +25,14 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (mask.shape[-1] - 1) - mask.flip(-1).to(torch.int64).argmax(dim=-1)
 
 
+def sliding_window(config) -> int | None:
+    """The sliding window W of a backbone config when any of its layers attends only W positions back (Gemma 3's
+    local layers, Mistral with a ``sliding_window``, Qwen with ``use_sliding_window``), else None."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    return window if window and (types is None or "sliding_attention" in types) else None
+
+
 class RewardModel(nn.Module):
     """Backbone + value head giving one scalar reward per sequence.
 
@@ -48,6 +56,13 @@ class RewardModel(nn.Module):
         self.model, self.backbone = model, backbone
         if backbone.packed_forward is None:
             packed_attention.enable(self.hf_model)
+
+    @property
+    def can_cache_prompt(self) -> bool:
+        """Whether padded batches may compute a shared prompt once and continue it through the key/value cache:
+        not on a backbone with a sliding window, whose cache drops keys by column (a right-padded prompt's padding
+        counted as positions) and so would read other rewards than one row per sequence."""
+        return sliding_window(self.hf_model.config) is None
 
     @property
     def hf_model(self) -> nn.Module:
@@ -84,6 +99,10 @@ class RewardModel(nn.Module):
         if prompt_ids is not None:
             if self.sequence_parallel is not None:
                 raise ValueError("sequence parallelism takes packed batches or padded ones without a shared prompt")
+            if not self.can_cache_prompt:
+                raise ValueError(f"a padded batch with a shared prompt cannot run on a backbone with a sliding window "
+                                 f"({sliding_window(seq_cls.config)} tokens): use packed batches or one row per "
+                                 "answer (collate_pairs without share_prefix)")
             last_hidden = self._cached_prompt_forward(body, input_ids, attention_mask, prompt_ids, prompt_mask,
                                                       prompt_index)
         elif self.sequence_parallel is not None:
