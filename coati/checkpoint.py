@@ -252,8 +252,8 @@ FINGERPRINT_FIELDS = ("model", "pretrain", "model_config", "tokenizer", "lora_ra
                       "lora_train_bias", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
                       "bnb_4bit_double_quant", "loss_fn", "focal_gamma", "penalty", "penalty_weight", "reward_bound",
                       "center_rewards_coefficient", "reward_token", "max_len", "chat_template", "group_by_length",
-                      "max_epochs", "max_steps", "lr", "weight_decay", "adam_eps", "warmup_ratio", "max_grad_norm",
-                      "mixed_precision", "seed", "init_from")
+                      "max_epochs", "max_steps", "lr", "weight_decay", "adam_eps", "warmup_ratio", "warmup_steps",
+                      "max_grad_norm", "mixed_precision", "seed", "init_from")
 
 
 def run_fingerprint(options: dict, train_tok: list, global_batch: int, total_steps: int) -> dict:

@@ -25,7 +25,7 @@ from coati.reporting import MetricsLog
 from coati.signals import Interrupted, signals_raise
 from coati.strategies import STRATEGIES, StrategyUnavailable
 from coati.strategies.sequence_parallel import head_problem
-from coati.trainer import NonFiniteError, Trainer, plan_steps
+from coati.trainer import NonFiniteError, Trainer, plan_steps, plan_warmup
 
 logger = logging.getLogger("coati")
 
@@ -158,7 +158,7 @@ def run(cfg: TrainConfig) -> dict:
         raise ValueError(f"{len(data.train)} training pairs make no optimizer step with batch_size "
                          f"{optim.batch_size} x {strategy.data_world_size} data-parallel processes x accumulation "
                          f"{optim.accumulation_steps}")
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(optim.warmup_ratio * total), total)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, plan_warmup(total, optim), total)
     global_batch = optim.batch_size * optim.accumulation_steps * strategy.data_world_size
     run_state = {"fingerprint": run_fingerprint(cfg.to_dict(), data.train, global_batch, total)}
     start = resume_run(save_path, optim.resume, run_state["fingerprint"], strategy, model, optimizer,

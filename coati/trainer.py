@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from coati.checkpoint import NonFiniteWeightsError
-from coati.config import LogArgs, OptimArgs
+from coati.config import WARMUP_MAX_STEPS, LogArgs, OptimArgs
 from coati.data.collate import Batch, PairLoader
 from coati.metrics import PairMetrics, top1_correct
 from coati.signals import Interrupted, StopFlag, signal_name
@@ -32,6 +32,36 @@ def plan_steps(batches_per_epoch: int, optim: OptimArgs) -> tuple[int, int]:
     per_epoch = batches_per_epoch // optim.accumulation_steps
     total = per_epoch * optim.max_epochs
     return per_epoch, min(total, optim.max_steps) if optim.max_steps else total
+
+
+def plan_warmup(total_steps: int, optim: OptimArgs) -> int:
+    """Optimizer steps of linear warm-up before the cosine decay (``num_warmup_steps`` of the scheduler, which spans
+    ``total_steps``; during warm-up step s, counted from 0, runs at s / warm-up x the peak rate).
+
+    * ``--warmup_steps N``: N, as given (it may exceed ``total_steps``: the rate then never reaches its peak);
+    * ``--warmup_steps auto`` (None): floor(``--warmup_ratio`` x ``total_steps``), at most
+      :data:`~coati.config.WARMUP_MAX_STEPS`. Rounding down keeps the warm-up within its share of a short run
+      (4 planned steps at 3%: none); the cap keeps it from eating a long plan that ends early: with
+      ``--max_train_minutes`` ``total_steps`` is only the plan (the 15-minute run of benchmarks/README.md made 60 of
+      918 planned steps, of which 3% = 27 went to warm-up before this cap), so the warm-up is bounded by the cap, not
+      by the plan. The time limit itself does not enter, so a resumed run rebuilds the same schedule (its
+      fingerprint leaves ``--max_train_minutes`` out).
+
+    Args:
+        total_steps: the planned optimizer steps (:func:`plan_steps`' total), >= 0.
+
+    Returns:
+        the warm-up length in optimizer steps (>= 0).
+
+    Raises:
+        ValueError: ``total_steps`` < 0.
+    """
+    if total_steps < 0:
+        raise ValueError(f"total_steps must be >= 0, got {total_steps}")
+    if optim.warmup_steps is not None:
+        return optim.warmup_steps
+    share = math.floor(optim.warmup_ratio * total_steps + 1e-9)  # 0.29 x 100 is 28.999999999999996 in floats
+    return min(share, WARMUP_MAX_STEPS)
 
 
 class Trainer:

@@ -74,7 +74,7 @@ def tiny_trainer(tokenizer, folder, loss_fn, **options):
     from coati.trainer import Trainer
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    defaults = dict(batch_size=4, max_grad_norm=1.0, seed=0, log_every=1, packing=False)
+    defaults = dict(batch_size=4, max_grad_norm=1.0, seed=0, log_every=1, packing=False, mixed_precision="fp32")
     cfg = TrainConfig.from_dict(dict(defaults, **options))
     strategy = NaiveStrategy(cfg.strategy)
     strategy.setup()

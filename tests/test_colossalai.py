@@ -62,8 +62,9 @@ def environment(monkeypatch):
     ({"strategy": "colossalai_zero2", "resume": "auto"}, True,
      ["--strategy colossalai_zero2 cannot write or read resume checkpoints"]),
     ({"strategy": "gemini", "mixed_precision": "bf16", "placement_policy": "auto", "accumulation_steps": 4}, True, []),
-    ({"strategy": "colossalai_gemini"}, True, ["--strategy colossalai_gemini trains in bf16 or fp16, not "
-                                               "--mixed_precision fp32"]),
+    ({"strategy": "colossalai_gemini", "mixed_precision": "fp32"}, True,
+     ["--strategy colossalai_gemini trains in bf16 or fp16, not --mixed_precision fp32"]),
+    ({"strategy": "colossalai_gemini"}, True, []),  # auto: bf16, or fp16 on a GPU without bf16 (test_defaults.py)
     ({"strategy": "colossalai_gemini", "mixed_precision": "fp16", "lora_rank": 4}, True,
      ["--strategy colossalai_gemini does not support LoRA", "use --strategy colossalai_zero2, fsdp or ddp"]),
     ({"strategy": "colossalai_gemini", "mixed_precision": "bf16", "cpu_offload": True}, True,
@@ -252,7 +253,7 @@ def test_value_head_takes_fp32_input_when_weights_are_cast(tokenizer):
 
 COMMON = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",
           "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "7", "--max_steps", "5",
-          "--batch_size", "2", "--accumulation_steps", "2", "--max_grad_norm", "0.5"]
+          "--batch_size", "2", "--accumulation_steps", "2", "--max_grad_norm", "0.5", "--mixed_precision", "fp32"]
 
 
 def _train(args, nproc=1, save_path=None):

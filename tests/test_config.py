@@ -14,6 +14,7 @@ BAD = [
     ("--log_every", "0"), ("--eval_every", "-1"), ("--save_every", "-2"), ("--keep_last", "-1"),
     ("--max_grad_norm", "nan"), ("--max_grad_norm", "-1"), ("--max_grad_norm", "inf"),
     ("--warmup_ratio", "-1"), ("--warmup_ratio", "1.5"), ("--warmup_ratio", "nan"),
+    ("--warmup_steps", "-1"), ("--warmup_steps", "2.5"), ("--warmup_steps", "inf"), ("--lr", "automatic"),
     ("--weight_decay", "-0.1"), ("--weight_decay", "inf"), ("--adam_eps", "0"), ("--adam_eps", "nan"),
     ("--batch_size", "0"), ("--batch_size", "2.5"), ("--accumulation_steps", "0"), ("--eval_batch_size", "0"),
     ("--max_bad_steps", "0"), ("--max_len", "4"), ("--max_tokens_per_batch", "-1"),
@@ -92,12 +93,14 @@ def test_the_chosen_components_take_their_options():
         (3.0, 2.0, 2, True)
 
 
-def test_merged_flags_keep_their_old_spelling():
+@pytest.mark.parametrize("native", [False, True])
+def test_merged_flags_keep_their_old_spelling(native, monkeypatch):
+    monkeypatch.setattr("coati.config.native_bf16", lambda device_type: native)  # the old spelling wins either way
     assert parse_args(["--bf16"]).strategy.mixed_precision == "bf16"
     assert parse_args(["--bf16", "false"]).strategy.mixed_precision == "fp32"
     assert parse_args(["--mixed_precision", "bf16", "--bf16", "false"]).strategy.mixed_precision == "fp32"
     assert parse_args(["--strategy", "fsdp", "--zero_cpu_offload"]).strategy.cpu_offload is True
-    assert parse_args([]).strategy.mixed_precision == "fp32"
+    assert parse_args([]).strategy.mixed_precision == ("bf16" if native else "fp32")  # auto (tests/test_defaults.py)
 
 
 def test_a_recipe_sets_options_and_the_command_line_overrides_it(tmp_path):
@@ -121,7 +124,7 @@ def test_a_recipe_sets_options_and_the_command_line_overrides_it(tmp_path):
     ("packing: 3\n", "--packing: must be true or false, got 3"),
     ("packing: maybe\n", "argument --packing: Truthy value expected: got maybe"),
     ("padding_side: middle\n", "--padding_side: must be one of right, left, got 'middle'"),
-    ("model: gpt9\n", "--model: must be one of bloom, llama, internlm2, got 'gpt9'"),
+    ("model: gpt9\n", "--model: must be one of bloom, llama, internlm2, qwen2, qwen3, gemma3, mistral, auto, got 'gpt9'"),
 ])
 def test_a_bad_recipe_is_one_line(text, message, tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"

@@ -61,7 +61,8 @@ def test_qlora_trains_on_real_english_and_chinese_pairs_and_exports_a_plain_mode
     ``*ForSequenceClassification`` (no quantisation config) with the reward token and the adapter beside it."""
     out = tmp_path / "rm"
     rows = _run_cli(["--model", "llama", "--dataset", "hh-rlhf", "oaast-rm-zh", "--max_samples", "8", "--max_len", "96",
-                     "--batch_size", "16", "--max_epochs", "6", "--lr", "2e-3", "--warmup_ratio", "0", "--log_every",
+                     "--batch_size", "16", "--max_epochs", "6", "--lr", "2e-3", "--warmup_ratio", "0",
+                     "--mixed_precision", "fp32", "--log_every",
                      "1", "--disable_tqdm", "--strategy", "naive", "--reward_token", "5", "--export_adapter"] + QLORA,
                     out)
     losses = [r["loss"] for r in rows if r["split"] == "train"]
@@ -314,7 +315,7 @@ def test_4bit_run_resumes_after_sigkill_like_an_uninterrupted_run(tmp_path):
     weights); a SIGKILL after step 4 and --resume auto end with the uninterrupted run's losses and export."""
     args = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "48", "--max_len", "96", "--batch_size", "4",
             "--max_steps", "8", "--lr", "1e-3", "--log_every", "1", "--disable_tqdm", "--strategy", "naive",
-            "--save_every", "2", "--seed", "3"] + QLORA
+            "--save_every", "2", "--seed", "3", "--mixed_precision", "fp32"] + QLORA
     straight = tmp_path / "straight"
     _run_cli(args, straight)
     killed = tmp_path / "killed"
@@ -344,7 +345,8 @@ def test_4bit_run_resumes_after_sigkill_like_an_uninterrupted_run(tmp_path):
 def test_4bit_ddp_on_two_processes_trains_like_naive(tmp_path):
     """ddp (2 gloo processes x 2 pairs) == naive (4 pairs) on a 4-bit backbone: the same losses and export."""
     args = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "32", "--max_len", "96", "--max_steps", "4",
-            "--lr", "1e-3", "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "7"] + QLORA
+            "--lr", "1e-3", "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "7",
+            "--mixed_precision", "fp32"] + QLORA
     naive = _run_cli(args + ["--strategy", "naive", "--batch_size", "4"], tmp_path / "naive")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(REPO / "train_reward_model.py")] + args +

@@ -21,7 +21,8 @@ from conftest import run_env, tiny_trainer
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 COMMON = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",
-          "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "3", "--max_steps", "8"]
+          "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "3", "--max_steps", "8",
+          "--mixed_precision", "fp32"]
 
 
 def test_corrupt_or_incomplete_checkpoints_are_skipped(tmp_path):

@@ -19,7 +19,8 @@ from coati.train import main
 from conftest import tiny_model, tiny_trainer
 
 RUN = ["--strategy", "naive", "--dataset", "hh-rlhf", "--max_samples", "24", "--max_len", "64", "--batch_size", "4",
-       "--max_steps", "4", "--save_every", "2", "--log_every", "1", "--disable_tqdm", "--lr", "1e-3"]
+       "--max_steps", "4", "--save_every", "2", "--log_every", "1", "--disable_tqdm", "--lr", "1e-3",
+       "--mixed_precision", "fp32"]
 
 
 def _error(capsys) -> str:
@@ -138,7 +139,7 @@ def test_the_cli_exports_nothing_when_weights_go_non_finite(tmp_path, capsys):
     out = tmp_path / "rm"
     code = main(["--strategy", "naive", "--dataset", "hh-rlhf", "--max_samples", "16", "--max_len", "48",
                  "--batch_size", "4", "--max_steps", "4", "--disable_tqdm", "--lr", "1e38", "--warmup_ratio", "0",
-                 "--max_bad_steps", "2", "--save_every", "1", "--save_path", str(out)])
+                 "--mixed_precision", "fp32", "--max_bad_steps", "2", "--save_every", "1", "--save_path", str(out)])
     assert code == 2
     err = _error(capsys)
     assert "the update of step 1 made parameters NaN or infinite" in err and "nothing was exported" in err, err

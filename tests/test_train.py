@@ -15,7 +15,7 @@ from conftest import run_env
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--dataset", "hh-rlhf", "--max_samples", "48", "--max_len", "96", "--lr", "1e-3", "--log_every", "1",
-          "--disable_tqdm", "--seed", "7"]
+          "--disable_tqdm", "--seed", "7", "--mixed_precision", "fp32"]
 
 
 def _run(args, launcher=None, expect_ok=True):
@@ -101,7 +101,7 @@ def test_cli_internlm2_focal_log_barrier_on_chinese_pairs(tmp_path, data_dir):
     _run(["--model", "internlm2", "--tokenizer", str(tok_dir), "--strategy", "naive", "--loss_fn", "focal",
           "--penalty", "log_barrier", "--reward_token", "92527", "--dataset", str(data_dir / "zh/medicalgpt_dpo_zh_500.jsonl"),
           "oaast-rm-zh", "--max_samples", "24", "--max_len", "128", "--batch_size", "4", "--max_steps", "3",
-          "--lr", "1e-3", "--log_every", "1", "--disable_tqdm", "--save_path", str(out)])
+          "--lr", "1e-3", "--mixed_precision", "fp32", "--log_every", "1", "--disable_tqdm", "--save_path", str(out)])
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(set(r["languages"]) == {"zh"} for r in rows)
