@@ -58,7 +58,7 @@ def _is_weight_file(name: str) -> bool:
 
 def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, train_config: dict | None = None,
               extra_config: dict | None = None, extra_json: dict[str, dict] | None = None,
-              adapter: bool = False) -> str:
+              adapter: bool = False, extra_text: dict[str, str] | None = None) -> str:
     """Write ``model`` to ``path`` as a Hugging Face folder, atomically.
 
     The folder holds ``config.json`` (``num_labels == 1``, ``pad_token_id`` distinct from EOS), ``model.safetensors``,
@@ -74,14 +74,20 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
         train_config: written as ``train_config.json``.
         extra_config: keys added to ``config.json`` (e.g. reward statistics).
         extra_json: more JSON files written with the export, ``{file name: content}`` (e.g. ``summary.json``).
+        extra_text: text files written with the export (UTF-8), ``{file name: text}`` (e.g. the ``README.md``
+            model card of :func:`coati.model_card.render_model_card`); plain file names only.
         adapter: also write the peft adapter (LoRA weights and the trained value head, peft's own layout) to
             ``path/adapter``, for users who load it over their own (e.g. 4-bit) copy of the base model.
     Returns:
         ``path``.
     Raises:
+        ValueError: a name in ``extra_json`` or ``extra_text`` is not a plain file name (nothing is written).
         NonFiniteWeightsError: a weight is NaN or infinite (nothing is written).
         ExportError: writing failed; the message names the cause (e.g. ``No space left on device``).
     """
+    for name in [*(extra_json or {}), *(extra_text or {})]:
+        if not name or name in (".", "..") or os.path.basename(name) != name or "\\" in name:
+            raise ValueError(f"export file name {name!r} is not a plain file name")
     plain = merged_copy(model)
     if not parameters_finite(plain.parameters()):
         bad = non_finite_names(plain)
@@ -99,6 +105,9 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
         tokenizer.save_pretrained(tmp)
         for name, content in files.items():
             write_json(os.path.join(tmp, name), content)
+        for name, text in (extra_text or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
         if adapter and hasattr(model, "peft_config"):
             model.save_pretrained(os.path.join(tmp, "adapter"))
             shutil.rmtree(os.path.join(path, "adapter"), ignore_errors=True)

@@ -67,16 +67,21 @@ def export(cfg: TrainConfig, model, tokenizer, reward_token_id: int, data: RunDa
            final_eval: dict, epoch_metrics: dict) -> None:
     """Write the export (main rank): the model, tokenizer, ``train_config.json`` (a recipe that reproduces the run,
     with the data folder actually used, so ``coati.evaluate --heldout`` finds the same pairs in a new shell), the
-    reward statistics for normalised scoring (as OpenRLHF stores them: eval set, else the last train epoch) and
-    ``summary.json``."""
+    reward statistics for normalised scoring (as OpenRLHF stores them: eval set, else the last train epoch),
+    ``summary.json`` and the ``README.md`` model card (:func:`coati.model_card.render_model_card`: base model and
+    license, recipe, data counts, final held-out figures)."""
+    from coati.model_card import render_model_card
+    from coati.models.loading import base_model_info
+
     stats = final_eval or epoch_metrics
     extra = {"reward_token_id": reward_token_id}
     if stats.get("pairs"):
         extra.update(reward_mean=stats["reward_mean"], reward_std=stats["reward_std"],
                      reward_stats_source="eval" if final_eval else "train_last_epoch")
     recipe = dict(cfg.to_dict(), data_dir=os.path.abspath(data.data_dir) if data.data_dir else None)
+    card = render_model_card(cfg.to_dict(), summary, *base_model_info(cfg.backbone.pretrain))
     export_hf(model.model, tokenizer, cfg.log.save_path, recipe, extra_config=extra,
-              extra_json={"summary.json": summary}, adapter=cfg.log.export_adapter)
+              extra_json={"summary.json": summary}, adapter=cfg.log.export_adapter, extra_text={"README.md": card})
     if final_eval:
         langs = {k: {"acc": round(v["acc"], 4), "dist": round(v["dist"], 4), "pairs": v["pairs"]}
                  for k, v in final_eval["languages"].items()}
