@@ -90,44 +90,60 @@ def _summary(s: torch.Tensor, loss: bool = False) -> dict:
 
 
 class PairMetrics:
-    """Sums over pairs (overall and per language in :data:`LANGS`) that are all-reduced before dividing.
+    """Sums over pairs (overall, per language in :data:`LANGS` and per subset) that are all-reduced before dividing.
 
     The metrics are those of the module docstring, ``loss`` and ``top1`` included, without ``ece`` (it needs every
-    score). The sums are a ``[1 + len(LANGS), 10]`` float64 CPU tensor ``sums`` (row 0 overall, row j the language
-    ``LANGS[j-1]``).
+    score). The sums are a ``[1 + len(LANGS) + len(subsets), 10]`` float64 CPU tensor ``sums`` (row 0 overall, row
+    j the language ``LANGS[j-1]``, then one row per subset in the order given).
+
+    Args:
+        subsets: the subset names (the ``source`` of each pair: its dataset) to report apart; every rank must give
+            the same list, since the rows are all-reduced by position. Empty: languages only.
     """
 
-    def __init__(self):
-        self.sums = torch.zeros(1 + len(LANGS), _COLUMNS, dtype=torch.float64)
+    def __init__(self, subsets: Sequence[str] = ()):
+        self.subsets = tuple(subsets)
+        self.sums = torch.zeros(1 + len(LANGS) + len(self.subsets), _COLUMNS, dtype=torch.float64)
 
-    def add(self, loss: float, chosen: torch.Tensor, rejected: torch.Tensor, langs: Sequence[str]) -> None:
+    def _groups(self, langs: Sequence[str], sources: Sequence[str] | None):
+        """``(row, [n] bool)`` for every language and (with ``sources``) subset row."""
+        for j, lang in enumerate(LANGS, start=1):
+            yield j, torch.tensor([lg == lang for lg in langs], dtype=torch.bool)
+        if sources is not None:
+            for k, name in enumerate(self.subsets, start=1 + len(LANGS)):
+                yield k, torch.tensor([s == name for s in sources], dtype=torch.bool)
+
+    def add(self, loss: float, chosen: torch.Tensor, rejected: torch.Tensor, langs: Sequence[str],
+            sources: Sequence[str] | None = None) -> None:
         """Accumulate one batch: its mean ``loss`` (weighted by its pair count), ``[B]`` rewards (any float dtype and
-        device; summed in float64 on CPU) and ``B`` language codes (one outside :data:`LANGS` counts only overall).
+        device; summed in float64 on CPU), ``B`` language codes (one outside :data:`LANGS` counts only overall) and
+        optionally ``B`` subset names (one not in ``subsets`` counts only overall and per language).
 
         Raises:
-            ValueError: ``chosen`` and ``rejected`` differ in size, or ``langs`` has another length.
+            ValueError: ``chosen`` and ``rejected`` differ in size, or ``langs`` or ``sources`` has another length.
         """
         c, r = _as_pairs(chosen, rejected)
-        if len(langs) != c.numel():
-            raise ValueError(f"{c.numel()} pairs but {len(langs)} language codes")
+        if len(langs) != c.numel() or (sources is not None and len(sources) != c.numel()):
+            raise ValueError(f"{c.numel()} pairs but {len(langs)} language codes"
+                             + ("" if sources is None else f" and {len(sources)} subset names"))
         rows = _pair_columns(c, r, float(loss))
         self.sums[0] += rows.sum(0)
-        for j, lang in enumerate(LANGS, start=1):
-            self.sums[j] += rows[torch.tensor([lg == lang for lg in langs], dtype=torch.bool)].sum(0)
+        for j, mine in self._groups(langs, sources):
+            self.sums[j] += rows[mine].sum(0)
 
-    def add_top1(self, correct: torch.Tensor, langs: Sequence[str]) -> None:
-        """Accumulate one batch's prompts: ``[B]`` bool :func:`top1_correct` and their ``B`` language codes.
+    def add_top1(self, correct: torch.Tensor, langs: Sequence[str], sources: Sequence[str] | None = None) -> None:
+        """Accumulate one batch's prompts: ``[B]`` bool :func:`top1_correct`, their ``B`` language codes and
+        optionally their ``B`` subset names.
 
         Raises:
-            ValueError: ``langs`` has another length.
+            ValueError: ``langs`` or ``sources`` has another length.
         """
-        if len(langs) != correct.numel():
+        if len(langs) != correct.numel() or (sources is not None and len(sources) != correct.numel()):
             raise ValueError(f"{correct.numel()} prompts but {len(langs)} language codes")
         right = correct.cpu().double().flatten()
         self.sums[0, _PROMPTS] += right.numel()
         self.sums[0, _TOP1] += right.sum()
-        for j, lang in enumerate(LANGS, start=1):
-            mine = torch.tensor([lg == lang for lg in langs], dtype=torch.bool)
+        for j, mine in self._groups(langs, sources):
             self.sums[j, _PROMPTS] += mine.sum()
             self.sums[j, _TOP1] += right[mine].sum()
 
@@ -138,10 +154,15 @@ class PairMetrics:
         return self
 
     def result(self) -> dict:
-        """Overall metrics (``{"pairs": 0}`` before any pair) plus ``languages: {lang: {...}}`` for languages seen."""
+        """Overall metrics (``{"pairs": 0}`` before any pair) plus ``languages: {lang: {...}}`` for languages seen and,
+        when subsets were named, ``subsets: {name: {...}}`` for those seen."""
         out = _summary(self.sums[0], loss=True)
         out["languages"] = {lang: _summary(self.sums[j], loss=True) for j, lang in enumerate(LANGS, start=1)
                             if self.sums[j, _PAIRS] > 0}
+        if self.subsets:
+            out["subsets"] = {name: _summary(self.sums[k], loss=True)
+                              for k, name in enumerate(self.subsets, start=1 + len(LANGS))
+                              if self.sums[k, _PAIRS] > 0}
         return out
 
 

@@ -114,8 +114,9 @@ class Trainer:
 
     @staticmethod
     def _add(metrics: PairMetrics, value: float, batch: Batch, chosen, rejected, rewards) -> None:
-        metrics.add(value, chosen, rejected, batch.langs)
-        metrics.add_top1(top1_correct(rewards, batch.item, batch.best, len(batch.item_langs)), batch.item_langs)
+        metrics.add(value, chosen, rejected, batch.langs, batch.sources)
+        metrics.add_top1(top1_correct(rewards, batch.item, batch.best, len(batch.item_langs)), batch.item_langs,
+                         batch.item_sources)
 
     def _log(self, row: dict) -> None:
         self.history.append(row)
@@ -292,12 +293,13 @@ class Trainer:
 
         Returns:
             the all-reduced metrics row (``step``, ``split``, ``loss``, ``acc``, ``dist``, ``chosen_reward``,
-            ``rejected_reward``, ``pairs``, ``languages``), also logged; {} when there is nothing to evaluate.
+            ``rejected_reward``, ``pairs``, ``languages``, ``subsets``: per dataset), also logged; {} when there is
+            nothing to evaluate.
         """
         if self.evaluation is None:
             return {}
         self.model.eval()
-        metrics = PairMetrics()
+        metrics = PairMetrics(getattr(self.evaluation, "subsets", ()))
         bar = tqdm(total=len(self.evaluation), desc=split, leave=False, dynamic_ncols=True,
                    disable=self.log.disable_tqdm or not self.strategy.is_main)
         for batch, counted in self.evaluation.batches():

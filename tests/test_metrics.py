@@ -211,3 +211,19 @@ def test_reduce_over_ranks_equals_one_process_seeing_all_pairs():
         assert reduced[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-12), key
     for lang in expected["languages"]:
         assert reduced["languages"][lang] == pytest.approx(expected["languages"][lang], rel=1e-12, abs=1e-12)
+
+
+def test_pair_metrics_per_subset_closed_form():
+    m = PairMetrics(subsets=["hh-rlhf", "oaast-rm-zh"])
+    chosen, rejected = torch.tensor([1.0, 0.0, 2.0, -1.0]), torch.tensor([0.0, 1.0, 1.5, 0.0])
+    m.add(0.5, chosen, rejected, ["en", "en", "zh", "zh"], ["hh-rlhf", "hh-rlhf", "oaast-rm-zh", "other"])
+    m.add_top1(torch.tensor([True, False]), ["en", "zh"], ["hh-rlhf", "oaast-rm-zh"])
+    out = m.result()
+    hh, oaast = out["subsets"]["hh-rlhf"], out["subsets"]["oaast-rm-zh"]
+    assert (hh["pairs"], hh["acc"], hh["dist"]) == (2, 0.5, 0.0)  # margins +1 and -1
+    assert (oaast["pairs"], oaast["acc"], oaast["dist"]) == (1, 1.0, 0.5)  # "other" counts only overall
+    assert out["pairs"] == 4 and out["languages"]["zh"]["pairs"] == 2
+    assert hh["top1"] == 1.0 and oaast["top1"] == 0.0
+    assert "subsets" not in PairMetrics().result()
+    with pytest.raises(ValueError, match="subset names"):
+        m.add(0.5, chosen, rejected, ["en"] * 4, ["hh-rlhf"])

@@ -167,6 +167,10 @@ def test_training_writes_the_card_with_the_summary_figures(tmp_path):
     assert final["pairs"] > 0 and tables[""][0][1:] == [str(final["pairs"]), f"{final['acc']:.4f}",
                                                         f"{final['dist']:.4f}"]
     assert {r[0]: r[2] for r in tables["language"]} == {k: f"{m['acc']:.4f}" for k, m in final["languages"].items()}
+    # training's evaluation reports each dataset apart, and the card shows it
+    assert set(final["subsets"]) <= {"hh-rlhf", "dpo-zh-demo"} and sum(m["pairs"] for m in final["subsets"].values()) \
+        == final["pairs"]
+    assert {r[0]: r[1] for r in tables["subset"]} == {k: str(m["pairs"]) for k, m in final["subsets"].items()}
     assert [r[2] for r in tables["dataset"][:-1]] == [str(s["pairs_kept"]) for s in summary["data"]["sources"].values()]
     mode = stat.S_IMODE(os.stat(out / "README.md").st_mode)
     assert mode & 0o044 == 0o044 and not [n for n in os.listdir(out) if n.startswith(".export")]

@@ -37,6 +37,7 @@ class Batch:
             prompt``), or None for equal weights (all pairs, or ``--list_weighting pair``).
         item: ``[N]`` int64 index (0..B-1) of the prompt each sequence answers; best: ``[N]`` bool, the sequence
             is one of its prompt's top-ranked answers (for ``top1``); item_langs: the B prompts' languages.
+        sources, item_sources: the M comparisons' and the B prompts' subsets (their pair's ``source``: the dataset).
         loss_weight: the denominator of the loss's weighted mean over this batch (:func:`item_loss_weight` summed),
             which the trainer sets against the same total over all ranks' batches of an optimizer step.
     """
@@ -53,6 +54,8 @@ class Batch:
     best: torch.Tensor | None = None
     item_langs: list[str] | None = None
     loss_weight: float = 0.0
+    sources: list[str] | None = None
+    item_sources: list[str] | None = None
 
 
 @dataclass
@@ -195,7 +198,9 @@ def _batch(items: list[TokenizedPair], layout: ListLayout, inputs: dict, total_t
     return Batch(inputs, margin, langs, real, real if computed is None else computed, total_tokens,
                  pairs=torch.tensor(layout.pairs, dtype=torch.int64).reshape(-1, 2), weight=weight,
                  item=torch.tensor(layout.item, dtype=torch.int64), best=torch.tensor(layout.best, dtype=torch.bool),
-                 item_langs=[it.lang for it in items], loss_weight=layout.total)
+                 item_langs=[it.lang for it in items], loss_weight=layout.total,
+                 sources=[items[layout.item[w]].source for w, _ in layout.pairs],
+                 item_sources=[it.source for it in items])
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -447,6 +452,8 @@ class PairLoader:
                  sampler: GlobalBatchSampler, fill_empty: bool = False, list_weighting: str = "prompt"):
         self.pairs, self.collate, self.sampler, self.fill_empty = pairs, collate, sampler, fill_empty
         self.list_weighting = list_weighting
+        #: the pairs' subsets (``source``: their dataset), sorted: the same on every rank
+        self.subsets = sorted({p.source for p in pairs})
         self._item_weights: list[float] | None = None  # item_loss_weight of each pair, computed once
         self._totals: tuple[int, list[float]] | None = None
 
