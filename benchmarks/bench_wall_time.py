@@ -10,7 +10,9 @@ messages. Each tool runs in its own process with its defaults, except the epoch 
 so that neither runs out of data before the budget) and the budget itself:
 
 - coati: ``train_reward_model.py --pretrain smollm2-135m --dataset train.jsonl --max_epochs 3 --max_train_minutes
-  M`` (defaults: fp32, batch 4, lr 5e-6, cosine schedule, max_len 512 with truncation, packing with prefix sharing);
+  M`` with coati's defaults (see README "Defaults and why": precision and learning rate resolved for the run, batch 4,
+  cosine schedule with a capped warm-up, max_len 512 with truncation, packing with prefix sharing);
+- coati-gemma3: the same with ``--pretrain gemma3-270m --model auto`` (Gemma 3 270M, multilingual tokenizer);
 - TRL 1.16: ``RewardTrainer`` with ``RewardConfig`` defaults (bf16, batch 8, lr 1e-4, linear schedule, gradient
   checkpointing, max_length 1024: longer pairs are dropped) and a callback that ends training once ``M`` minutes of
   training have passed; then ``save_model``.
@@ -34,6 +36,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 DATASETS = ["hh-rlhf", "dpo-en-demo", "oaast-rm-zh", "dpo-zh-demo", "medical-dpo-zh"]
+#: coati runs: tool name -> the backbone flags (everything else coati's defaults)
+COATI_TOOLS = {"coati": ["--pretrain", "smollm2-135m"],
+               "coati-gemma3": ["--pretrain", "gemma3-270m", "--model", "auto"]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_samples", type=int, default=700, help="pairs per dataset (the main job's)")
     p.add_argument("--eval_split", type=float, default=0.18, help="share held out (the main job's)")
     p.add_argument("--epochs", type=int, default=3, help="epochs planned by both (TRL's default)")
-    p.add_argument("--tools", nargs="+", default=["coati", "trl"], choices=("coati", "trl"))
+    p.add_argument("--tools", nargs="+", default=["coati", "trl"], choices=tuple(COATI_TOOLS) + ("trl",))
     p.add_argument("--workdir", default=None, help="where data and exports go (default: a temporary folder)")
     p.add_argument("--json", default=None)
     p.add_argument("--trl_child", nargs=3, default=None, help=argparse.SUPPRESS)
@@ -118,8 +123,8 @@ def _with_pad(tokenizer):
     return tokenizer
 
 
-def run_coati(train: str, out: str, minutes: float, epochs: int) -> dict:
-    cmd = [sys.executable, os.path.join(REPO, "train_reward_model.py"), "--pretrain", "smollm2-135m", "--dataset",
+def run_coati(train: str, out: str, minutes: float, epochs: int, backbone: list[str]) -> dict:
+    cmd = [sys.executable, os.path.join(REPO, "train_reward_model.py"), *backbone, "--dataset",
            train, "--max_epochs", str(epochs), "--max_train_minutes", str(minutes), "--save_path", out,
            "--disable_tqdm", "--log_every", "50"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
@@ -130,6 +135,7 @@ def run_coati(train: str, out: str, minutes: float, epochs: int) -> dict:
     return {"steps": s["steps"], "pairs_trained": s["steps"] * cfg["batch_size"], "train_seconds": s["train_seconds"],
             "planned_steps": s["total_steps"], "stopped_by_time": s["stopped_by_time"],
             "mixed_precision": cfg["mixed_precision"], "lr": cfg["lr"], "batch_size": cfg["batch_size"],
+            "warmup_steps": cfg.get("warmup_steps"), "model": cfg["model"], "pretrain": cfg["pretrain"],
             "truncation": s["truncation"]}
 
 
@@ -160,8 +166,8 @@ def main(argv=None) -> int:
     print(json.dumps(counts), flush=True)
     for tool in args.tools:
         out = os.path.join(folder, tool)
-        if tool == "coati":
-            r = run_coati(train, out, args.minutes, args.epochs)
+        if tool in COATI_TOOLS:
+            r = run_coati(train, out, args.minutes, args.epochs, COATI_TOOLS[tool])
         else:
             cmd = [sys.executable, os.path.abspath(__file__), "--epochs", str(args.epochs), "--trl_child", train, out,
                    str(args.minutes)]
