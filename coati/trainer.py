@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from coati.checkpoint import NonFiniteWeightsError
 from coati.config import WARMUP_MAX_STEPS, LogArgs, OptimArgs
 from coati.data.collate import Batch, PairLoader
+from coati.memory import heap_trim_enabled, trim_between_blocks
 from coati.metrics import PairMetrics, top1_correct
 from coati.signals import Interrupted, StopFlag, signal_name
 from coati.strategies.base import Strategy, all_finite
@@ -94,6 +95,9 @@ class Trainer:
         self.last_checkpoint: tuple[int, str] | None = None  # (step, folder) of the newest checkpoint written
         self.stop = StopFlag()  # SIGINT / SIGTERM during fit: finish the step, checkpoint, stop
         self._trainable = [p for p in model.parameters() if p.requires_grad]
+        # on CPU the heap's free pages go back to the system every few blocks, forward and backward (glibc keeps a
+        # step's freed activations resident otherwise: coati.memory); COATI_HEAP_TRIM=0 turns it off
+        self._heap_trim = trim_between_blocks(model) if strategy.device.type == "cpu" and heap_trim_enabled() else []
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (whole run)
         self.train_seconds = 0.0  # training time of this process's run, evaluation and checkpoints excluded
         self.train_tokens = 0  # real tokens trained on by all ranks in this run

@@ -227,7 +227,8 @@ def group_attention(plan: PackPlan, shape: tuple[int, ...], q: torch.Tensor, k: 
     Two paths with the same result. :func:`causal_split_attention` (``scaled_dot_product_attention`` with no mask:
     memory linear in ``n``) on CUDA and, on CPU, for groups of at least :data:`SPLIT_ATTENTION_MIN_LEN` tokens. For
     shorter groups on CPU, scores, softmax (fp32) and the weighted sum are written out (faster in half precision,
-    steadier across layouts in fp32): one ``baddbmm`` adds the mask (``n x n`` scores kept for backward).
+    steadier across layouts in fp32): one ``baddbmm`` adds the mask. In training the ``n x n`` scores are not kept
+    for backward but recomputed there (:data:`RECOMPUTE_SCORES`), so both paths keep memory linear in ``n``.
     ``fused`` forces one path (True: split SDPA).
 
     A layer's sliding ``window`` (Gemma 3's local layers, Mistral, Qwen with ``use_sliding_window``) that is shorter
@@ -244,6 +245,31 @@ def group_attention(plan: PackPlan, shape: tuple[int, ...], q: torch.Tensor, k: 
         return causal_split_attention(shape, q, k, v, dropout, scaling, plan)
     n = q.shape[1]
     mask = plan.mask(shape, q.dtype, window if limited else None).expand(q.shape[0], n, n)
+    if RECOMPUTE_SCORES and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # keep only q, k and v for backward, which recomputes the scores and probabilities from them (the same
+        # kernels on the same inputs: the same values and gradients as keeping them); q and k are cast to
+        # autocast's dtype first, as its matrix product would cast them, so that the half-precision copies are kept
+        # rather than RoPE's fp32 ones
+        from torch.utils.checkpoint import checkpoint
+
+        dtype = _compute_dtype(q)
+        return checkpoint(_written_out_attention, mask, q.to(dtype), k.to(dtype), v, dropout, scaling, softcap,
+                          use_reentrant=False, preserve_rng_state=bool(dropout))
+    return _written_out_attention(mask, q, k, v, dropout, scaling, softcap)
+
+
+#: Training (autograd on) recomputes the written-out path's ``n x n`` scores and probabilities of each group in
+#: backward instead of keeping them (:func:`group_attention`): bit-identical gradients, one more ``baddbmm`` and
+#: softmax per group. Kept, they were the largest share of a bf16 step's saved activations in the main job
+#: (SmolLM2-135M, 30 layers x 9 heads, groups of up to 2 x ``--max_len`` tokens: fp32 probabilities plus their bf16
+#: copy, 37%; 20% in fp32; benchmarks/README.md, "Main job memory").
+RECOMPUTE_SCORES = True
+
+
+def _written_out_attention(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+                           scaling: float, softcap: float | None) -> torch.Tensor:
+    """Scores (one ``baddbmm`` adding the additive ``mask``, or soft-capped then masked), fp32 softmax and the
+    weighted sum of one group: ``[H, n, D]`` in and out, ``mask`` ``[H, n, n]``."""
     if softcap is None:
         scores = torch.baddbmm(mask, q, k.transpose(-1, -2), alpha=scaling)
     else:
