@@ -17,6 +17,7 @@ of benchmarks/README.md ("Main job memory"):
     --keep_scores        keep the written-out attention's scores for backward (coati before the change)
     --split              every group through the split SDPA path (``SPLIT_ATTENTION_MIN_LEN`` 0)
     --heap_trim N        malloc_trim every N blocks, forward and backward (what the trainer does on CPU: 3)
+    --heap_trim_forward_only   the same in forward only
     --mmap_threshold B   glibc's mmap threshold fixed at B bytes (``mallopt``, as ``MALLOC_MMAP_THRESHOLD_``)
     --layers L           keep only the first L blocks (to read a bf16 step's make-up where bf16 is slow)
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep_scores", action="store_true")
     p.add_argument("--split", action="store_true")
     p.add_argument("--heap_trim", type=int, default=0)
+    p.add_argument("--heap_trim_forward_only", action="store_true")
     p.add_argument("--mmap_threshold", type=int, default=0)
     p.add_argument("--layers", type=int, default=0)
     p.add_argument("--sample_ms", type=float, default=3.0,
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         body = getattr(model.hf_model, model.hf_model.base_model_prefix)
         body.layers = body.layers[:args.layers]
     if args.heap_trim:
-        trim_between_blocks(model, args.heap_trim)
+        trim_between_blocks(model, args.heap_trim, backward=not args.heap_trim_forward_only)
     if args.mmap_threshold:
         LIBC.mallopt(M_MMAP_THRESHOLD, args.mmap_threshold)
     capacity = cfg.data.max_tokens_per_batch or model.backbone.row_capacity(cfg.data.max_len, cfg.data.share_prefix)

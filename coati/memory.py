@@ -2,12 +2,13 @@
 
 glibc keeps the memory that freed tensors occupied inside its heap, and a step's many short-lived activations of
 different sizes leave it full of holes that later tensors do not fill: in the main job (SmolLM2-135M + LoRA, 4 pairs
-per process, fp32) a training step's resident memory (RSS) reached 5.3-6.5 GB with 2.3-2.9 GB of tensors alive, and
-with gradient checkpointing 2.7-3.5 GB with under 0.5 GB alive (benchmarks/README.md, "Main job memory"). A fixed
-mmap threshold (``MALLOC_MMAP_THRESHOLD_``) removes the holes but maps and zeroes every large tensor anew (30-80%
-slower steps there); :func:`trim_between_blocks` instead has glibc release the free pages of its heap
-(``malloc_trim``) after every few transformer blocks, forward and backward, so the holes are released as they
-form. The trainer installs it on CPU; ``COATI_HEAP_TRIM=0`` leaves it out.
+per process, fp32) a training step's resident memory (RSS) reached 5.1-6.0 GB with 2.3-2.9 GB of tensors alive, and
+with gradient checkpointing 2.7-3.5 GB with under 0.5 GB alive (benchmarks/README.md, "Main job memory per rank"). A
+fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_``) removes the holes but maps and zeroes every large tensor anew
+(17-80% more CPU time per step there); :func:`trim_between_blocks` instead has glibc release the free pages of its
+heap (``malloc_trim``) after every few transformer blocks, forward and backward, so the holes are released as they
+form: 3.3-4.0 GB there, at 13-33% more CPU time per step (released pages are faulted in again by the next step).
+The trainer installs it on CPU; ``COATI_HEAP_TRIM=0`` leaves it out.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def heap_trim_enabled() -> bool:
     return os.environ.get("COATI_HEAP_TRIM", "1") != "0"
 
 
-def trim_between_blocks(model: nn.Module, every: int = 3) -> list:
-    """Release glibc's free heap pages after the forward of every ``every``-th transformer block and, in backward,
-    when the gradient reaches that block's output (a gradient hook that leaves the gradient unchanged).
+def trim_between_blocks(model: nn.Module, every: int = 3, backward: bool = True) -> list:
+    """Release glibc's free heap pages after the forward of every ``every``-th transformer block and, with
+    ``backward``, also when the gradient reaches that block's output (a gradient hook that leaves the gradient
+    unchanged).
 
     The blocks are transformers' ``GradientCheckpointingLayer`` s (the decoder layers of every backbone coati
     loads through transformers); a model without them is left alone. Rewards and gradients are unchanged: only
@@ -69,7 +71,7 @@ def trim_between_blocks(model: nn.Module, every: int = 3) -> list:
     def after_block(module, args, output):
         release_free_heap()
         out = output[0] if isinstance(output, (tuple, list)) else output
-        if isinstance(out, torch.Tensor) and out.requires_grad:
+        if backward and isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(_release_in_backward)
 
     return [block.register_forward_hook(after_block) for block in blocks[every - 1::every]]
