@@ -19,8 +19,9 @@ from coati.config import OptimArgs, TrainConfig, parse_args, sequence_parallel_p
 from coati.data.collate import RunData, make_loaders, prepare_data
 from coati.data.formats import DataFormatError
 from coati.losses import build_loss
-from coati.models.loading import (CacheError, attention_heads, build_reward_model, prepare_model_files,
-                                  resolve_model, resolve_pretrain)
+from coati.model_card import render_model_card
+from coati.models.loading import (CacheError, attention_heads, base_model_info, build_reward_model,
+                                  prepare_model_files, resolve_model, resolve_pretrain)
 from coati.reporting import MetricsLog
 from coati.signals import Interrupted, signals_raise
 from coati.strategies import STRATEGIES, StrategyUnavailable
@@ -70,9 +71,6 @@ def export(cfg: TrainConfig, model, tokenizer, reward_token_id: int, data: RunDa
     reward statistics for normalised scoring (as OpenRLHF stores them: eval set, else the last train epoch),
     ``summary.json`` and the ``README.md`` model card (:func:`coati.model_card.render_model_card`: base model and
     license, recipe, data counts, final held-out figures)."""
-    from coati.model_card import render_model_card
-    from coati.models.loading import base_model_info
-
     stats = final_eval or epoch_metrics
     extra = {"reward_token_id": reward_token_id}
     if stats.get("pairs"):

@@ -70,5 +70,9 @@ def test_trim_between_blocks_releases_in_forward_and_backward_and_changes_nothin
     assert all(torch.equal(g0[k], g1[k]) for k in g0)
 
 
-def test_release_free_heap_runs_here():
-    assert memory.release_free_heap() in (True, False)  # False only without glibc
+def test_release_free_heap_runs_where_glibc_is_the_c_library():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert memory.release_free_heap() is True

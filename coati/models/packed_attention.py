@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils.checkpoint import checkpoint
 
 #: Name of the attention implementation registered with transformers.
 PACKED_ATTENTION = "coati_packed"
@@ -250,8 +251,6 @@ def group_attention(plan: PackPlan, shape: tuple[int, ...], q: torch.Tensor, k: 
         # kernels on the same inputs: the same values and gradients as keeping them); q and k are cast to
         # autocast's dtype first, as its matrix product would cast them, so that the half-precision copies are kept
         # rather than RoPE's fp32 ones
-        from torch.utils.checkpoint import checkpoint
-
         dtype = _compute_dtype(q)
         return checkpoint(_written_out_attention, mask, q.to(dtype), k.to(dtype), v, dropout, scaling, softcap,
                           use_reentrant=False, preserve_rng_state=bool(dropout))
