@@ -450,26 +450,90 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_recipe(path: str) -> dict[str, Any]:
-    """The options of a recipe file (``.yaml``/``.yml`` or ``.json``: a mapping of flag names to values).
+#: the largest recipe file read (bytes); a recipe is a page of options
+MAX_RECIPE_BYTES = 1 << 20
+#: the most values (mappings, lists and scalars, YAML aliases counted each time they are used) a recipe may expand
+#: to: a "billion laughs" alias bomb is refused before anything expands it
+MAX_RECIPE_VALUES = 100_000
 
-    A string given for a list option (``dataset: hh-rlhf``) becomes a one-element list; old spellings
-    (``bf16: true``) are translated.
+
+def _expanded_size(node, path: str, memo: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values a composed YAML node stands for once its aliases are expanded (aliases share node objects,
+    so each node is sized once)."""
+    import yaml
+
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in open_nodes:
+        raise ValueError(f"--config {path}: a YAML alias refers to a value that contains it (a cycle)")
+    open_nodes.add(key)
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, path, memo, open_nodes) + _expanded_size(v, path, memo, open_nodes)
+                       for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, path, memo, open_nodes) for v in node.value)
+    else:
+        size = 1
+    open_nodes.discard(key)
+    memo[key] = min(size, MAX_RECIPE_VALUES + 1)
+    return memo[key]
+
+
+def _load_recipe_file(path: str) -> Any:
+    """The parsed content of a recipe file, bounded: at most :data:`MAX_RECIPE_BYTES` bytes and, for YAML, at most
+    :data:`MAX_RECIPE_VALUES` values with aliases expanded (checked on the composed node graph, before anything is
+    built), no alias cycle. Only plain YAML types are built (``yaml.SafeLoader``: no Python tags).
 
     Raises:
-        ValueError: the file cannot be read or parsed, is not a mapping, or names an unknown option (one line
-            with the file and the name).
+        ValueError: one line naming the file, for an unreadable, unparsable, too large, too deep or self-referring
+            file.
     """
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-    except (OSError, ValueError, yaml.YAMLError) as e:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise ValueError(f"--config {path}: larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a mapping of "
+                             "options")
+        text = raw.decode("utf-8")
+        if path.endswith(".json"):
+            return json.loads(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_size(node, path, {}, set()) > MAX_RECIPE_VALUES:
+            raise ValueError(f"--config {path}: expands to more than {MAX_RECIPE_VALUES:,} values (YAML aliases "
+                             "reused over and over); refused")
+        return yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 (SafeLoader)
+    except RecursionError:
+        raise ValueError(f"--config {path}: nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
+    except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"--config {path}: cannot read it ({' '.join(str(e).split())})") from None
+    except ValueError as e:
+        if str(e).startswith(f"--config {path}:"):
+            raise
+        raise ValueError(f"--config {path}: cannot read it ({' '.join(str(e).split())})") from None
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    """The options of a recipe file (``.yaml``/``.yml`` or ``.json``: a mapping of flag names to values).
+
+    A string given for a list option (``dataset: hh-rlhf``) becomes a one-element list; old spellings
+    (``bf16: true``) are translated. A value that is not a string must have the option's type (strings are parsed
+    by the flag's own parser, as on the command line).
+
+    Raises:
+        ValueError: the file cannot be read or parsed, is too large or expands too far
+            (:func:`_load_recipe_file`), is not a mapping, names an unknown option, or gives an option a value of
+            the wrong type (one line with the file and the name).
+    """
+    values = _load_recipe_file(path)
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of option names to values")
     fields, out = option_fields(), {}
+    hints = _option_hints()
     for name, value in values.items():
         if name in ALIASES:
             target, convert = ALIASES[name]
@@ -479,20 +543,65 @@ def read_recipe(path: str) -> dict[str, Any]:
             raise ValueError(f"--config {path}: unknown option {name!r}"
                              + (f" (did you mean {close[0]!r}?)" if close else ""))
         else:
-            out[name] = [value] if isinstance(value, str) and fields[name][1].metadata.get("nargs") else value
+            value = [value] if isinstance(value, str) and fields[name][1].metadata.get("nargs") else value
+            if not isinstance(value, str) and not _has_type(hints[name], value):
+                raise ValueError(f"--config {path}: --{name}: must be {_type_text(hints[name])}, got "
+                                 f"{_short_repr(value)}")
+            out[name] = value
     return out
+
+
+def _option_hints() -> dict[str, Any]:
+    """Flag name -> its field's type hint (``int``, ``str | None``, ``list[str]``...)."""
+    return {name: hint for cls in GROUPS.values() for name, hint in typing.get_type_hints(cls).items()}
+
+
+def _has_type(hint: Any, value: Any) -> bool:
+    """Whether ``value`` is of the type ``hint`` names (``bool`` is not an ``int``; an ``int`` is a ``float``)."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        return any(_has_type(h, value) for h in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(args[0], v) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_text(hint: Any) -> str:
+    """``list[str] | None`` -> ``a list of strings or null``."""
+    if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType":
+        return " or ".join(_type_text(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_text(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(hint, str(hint))
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _value_error(name: str, f: dataclasses.Field, hint: Any, value: Any, choices) -> str | None:
     rule = f.metadata.get("valid")
     if value is None and type(None) in typing.get_args(hint):
         return None
-    if hint is bool:
-        return None if isinstance(value, bool) else f"--{name}: must be true or false, got {value!r}"
     if rule is not None:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or (rule.integer and not isinstance(value, int)) or not rule.ok(value):
-            return f"--{name}: must be {rule.text}, got {value!r}"
+            return f"--{name}: must be {rule.text}, got {_short_repr(value)}"
+    elif not _has_type(hint, value):
+        return f"--{name}: must be {_type_text(hint)}, got {_short_repr(value)}"
     if choices and value not in choices:
         return f"--{name}: must be one of {', '.join(map(str, choices))}, got {value!r}"
     return None
@@ -651,7 +760,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     """
     cfg = resolve_auto(cfg)
     errors, registries, flat = [], _registries(), cfg.to_dict()
-    hints = {name: hint for cls in GROUPS.values() for name, hint in typing.get_type_hints(cls).items()}
+    hints = _option_hints()
     for name, (group, f) in option_fields().items():
         hint = hints[name]
         problem = _value_error(name, f, hint, flat[name], tuple(registries.get(name, ())) or f.metadata.get("choices"))

@@ -125,9 +125,31 @@ def test_a_recipe_sets_options_and_the_command_line_overrides_it(tmp_path):
     ("packing: maybe\n", "argument --packing: Truthy value expected: got maybe"),
     ("padding_side: middle\n", "--padding_side: must be one of right, left, got 'middle'"),
     ("model: gpt9\n", "--model: must be one of bloom, llama, internlm2, qwen2, qwen3, gemma3, mistral, auto, got 'gpt9'"),
+    # a value of the wrong type is one line, not a traceback from deep inside the run
+    ("dataset: 5\n", "bad.yaml: --dataset: must be a list of strings, got 5"),
+    ("dataset: [hh-rlhf, {a: 1}]\n", "bad.yaml: --dataset: must be a list of strings, got ['hh-rlhf', {'a': 1}]"),
+    ("model: 7\n", "bad.yaml: --model: must be a string, got 7"),
+    ("pretrain: [a, b]\n", "bad.yaml: --pretrain: must be a string or null, got ['a', 'b']"),
+    ("max_len: 512.5\n", "bad.yaml: --max_len: must be an integer, got 512.5"),
+    # bounded: an alias bomb under a valid key, an alias cycle, deep nesting, binary
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\ndataset: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n",
+     "bad.yaml: expands to more than 100,000 values (YAML aliases reused over and over); refused"),
+    ("dataset: &x [hh-rlhf, *x]\n", "bad.yaml: a YAML alias refers to a value that contains it (a cycle)"),
+    ("dataset: " + "[" * 3000 + "]" * 3000 + "\n", "bad.yaml: nested too deeply"),
+    ("lr: \udcff\n", "bad.yaml: not UTF-8 text"),
 ])
 def test_a_bad_recipe_is_one_line(text, message, tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(text)
+    recipe.write_bytes(text.encode("utf-8", "surrogateescape"))
     last = _refused(["--config", str(recipe)], capsys)
     assert message in last, last
+
+
+def test_a_recipe_larger_than_the_bound_is_refused_unread(tmp_path, capsys):
+    from coati.config import MAX_RECIPE_BYTES
+
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text("lr: 0.1\n" + "#" * MAX_RECIPE_BYTES + "\n")
+    assert "big.yaml: larger than 1 MiB" in _refused(["--config", str(recipe)], capsys)
