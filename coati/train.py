@@ -102,6 +102,26 @@ def check_sequence_parallel_heads(cfg: TrainConfig) -> None:
             raise ValueError(problem)
 
 
+def check_updates_applied(trainer: Trainer, data: RunData, start_step: int) -> None:
+    """Refuse to call a run good when none of its optimizer steps updated the weights (each one skipped for a
+    non-finite loss or gradient, fewer in a row than ``--max_bad_steps``): the export would be the initial model.
+
+    Raises:
+        NonFiniteError: one line with the steps skipped, whether for the loss or the gradient, and the training
+            data's largest ``|margin|`` when it has margins (a margin column the loss cannot use shows up here).
+    """
+    done = trainer.step - start_step
+    if done == 0 or trainer.applied_steps:
+        return
+    margins = [abs(p.margin) for p in data.train if p.margin is not None]
+    hint = f"; the training data's largest |margin| is {max(margins):.3g}" if margins else ""
+    loss = trainer.skipped_for_loss
+    raise NonFiniteError(f"none of the {done} optimizer steps of this run updated the weights: {loss} had a "
+                         f"non-finite loss and {done - loss} a non-finite gradient norm (fewer in a row than "
+                         f"--max_bad_steps {trainer.optim.max_bad_steps}){hint}; nothing was exported. Check the "
+                         "data, lower --lr, or train in fp32")
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and export a validated config (:func:`coati.config.parse_args`); returns the summary written
     to ``<save_path>/summary.json``."""
@@ -177,6 +197,7 @@ def run(cfg: TrainConfig) -> dict:
         t_fit = time.perf_counter()
         trainer.fit()
         fit_s = time.perf_counter() - t_fit
+        check_updates_applied(trainer, data, start)
         final_eval = trainer.evaluate()
     finally:
         if metrics_log:

@@ -99,6 +99,8 @@ class Trainer:
         # step's freed activations resident otherwise: coati.memory); COATI_HEAP_TRIM=0 turns it off
         self._heap_trim = trim_between_blocks(model) if strategy.device.type == "cpu" and heap_trim_enabled() else []
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (whole run)
+        self.applied_steps = 0  # optimizer steps of this process's fit that updated the weights
+        self.skipped_for_loss = 0  # of the skipped steps, those whose loss was not finite (else the gradient norm)
         self.train_seconds = 0.0  # training time of this process's run, evaluation and checkpoints excluded
         self.train_tokens = 0  # real tokens trained on by all ranks in this run
         self._bad_streak = 0
@@ -245,6 +247,7 @@ class Trainer:
             bad = norm is not None and not bool(torch.isfinite(norm))
         if not bad:
             self._bad_streak = 0
+            self.applied_steps += 1
             if not all_finite(strategy, self._trainable):
                 saved = f"; the newest checkpoint ({self.last_checkpoint[1]}) holds finite weights" \
                     if self.last_checkpoint else ""
@@ -253,6 +256,7 @@ class Trainer:
                                             f"was exported{saved}")
             return stop, over_time
         self.skipped_steps += 1
+        self.skipped_for_loss += int(flag[0].item() > 0)
         self._bad_streak += 1
         if self._bad_streak >= opts.max_bad_steps:
             saved = ""

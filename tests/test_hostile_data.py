@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from coati.data.formats import DataFormatError, PreferencePair, parse_row
+from coati.data.formats import MAX_DATA_NUMBER, DataFormatError, PreferencePair, parse_row
 from coati.data.sources import _MAX_SKIP_MESSAGES, load_pairs, split_eval
 
 TRIED = {"rows": 0, "files": 0}
@@ -181,7 +181,7 @@ def check_pair(pair: PreferencePair) -> None:
     for m in pair.prompt:
         assert isinstance(m, dict) and set(m) == {"role", "content"}
         assert m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str)
-    assert pair.margin is None or (type(pair.margin) is float and math.isfinite(pair.margin))
+    assert pair.margin is None or (type(pair.margin) is float and abs(pair.margin) <= MAX_DATA_NUMBER)
     for text in [pair.chosen, pair.rejected] + [m["content"] for m in pair.prompt]:
         text.encode("utf-8")  # tokenizable: no lone surrogates
     assert pair.lang in ("en", "zh")
@@ -480,6 +480,11 @@ def test_regressions_found_by_the_properties():
         b'{"prompt": "\\udfff", "chosen": "a", "rejected": "b"}': "prompt message 0 is not valid Unicode",
         b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": ' + b"[" * 900 + b"]" * 900 + b"}":
             "'margin' must be a finite number, got [[[[...]]]]",
+        # finite in Python, infinite in the float32 loss: every step would be skipped
+        b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1e300}':
+            "'margin' is 1e+300, outside the float32 range the loss computes in (|x| <= 3.4e+38)",
+        b'{"prompt": "p", "responses": ["a", "b"], "scores": [-1e39, 0]}':
+            "scores[0] is -1e+39, outside the float32 range",
         b'{"context": [{"role": "' + b"x" * 100000 + b'", "text": "q"}], "chosen": "a", "rejected": "b"}':
             "context[0] has role 'xxxxxxxx",
     }

@@ -148,6 +148,23 @@ def test_the_cli_exports_nothing_when_weights_go_non_finite(tmp_path, capsys):
         assert _checkpoint_weights_finite(ckpt), ckpt
 
 
+def test_a_run_whose_every_update_was_skipped_exports_nothing(tmp_path, capsys):
+    # margins finite in float32 but so large that every step's mean loss overflows: each update is skipped, fewer in
+    # a row than --max_bad_steps; the untrained model must not be exported as if it were trained
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}?", "chosen": f"a good answer {i}",
+                                        "rejected": f"bad {i}", "margin": 3e38}) + "\n" for i in range(16)))
+    out = tmp_path / "rm"
+    code = main(["--strategy", "naive", "--dataset", str(data), "--max_len", "48", "--batch_size", "4",
+                 "--max_steps", "2", "--max_bad_steps", "5", "--disable_tqdm", "--mixed_precision", "fp32",
+                 "--save_path", str(out)])
+    assert code == 2
+    err = _error(capsys)
+    assert "none of the 2 optimizer steps of this run updated the weights: 2 had a non-finite loss" in err, err
+    assert "largest |margin| is 3e+38" in err and "nothing was exported" in err, err
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+
+
 def _checkpoint_weights_finite(path):
     """True when every tensor stored in a DCP checkpoint is finite (read with the safe reader)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata

@@ -167,14 +167,23 @@ def _answer(row: Mapping, key: str, conversation: bool = False) -> tuple[list[Me
     return msgs[:-1], msgs[-1]["content"]
 
 
+#: the largest magnitude a margin or score may have: float32's largest finite value (the loss computes in float32
+#: or narrower; a margin of 1e300, finite in Python, is infinite there and makes every step's loss non-finite)
+MAX_DATA_NUMBER = 3.4028234663852886e38
+
+
 def _number(value: object, what: str) -> float:
-    """A finite float from a JSON number (not a bool); DataFormatError naming ``what`` otherwise."""
+    """A float from a JSON number (not a bool) that is finite in float32, the precision the loss uses;
+    DataFormatError naming ``what`` otherwise."""
     try:  # a JSON integer too large for a float (e.g. 400 digits) overflows
         number = math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
     except OverflowError:
         number = math.nan
     if not math.isfinite(number):
         raise DataFormatError(f"{what} must be a finite number, got {_brief(value)}")
+    if abs(number) > MAX_DATA_NUMBER:
+        raise DataFormatError(f"{what} is {number:g}, outside the float32 range the loss computes in "
+                              f"(|x| <= {MAX_DATA_NUMBER:.3g})")
     return number
 
 
