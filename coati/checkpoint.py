@@ -213,27 +213,102 @@ def find_resume_checkpoint(save_path: str, resume: str) -> str | None:
     return None
 
 
-def prepare_save_path(save_path: str, resuming: bool) -> None:
-    """Fail fast when the export folder cannot be written, or (a new run) already holds resume checkpoints.
+#: the lock file a run holds in its ``--save_path`` (kept afterwards: it also marks the folder as a coati run's)
+LOCK_NAME = ".coati-run.lock"
+#: entries that mark a folder as written by coati (an export, a run's metrics, its checkpoints, its lock)
+COATI_ENTRIES = ("train_config.json", "metrics.jsonl", CHECKPOINT_DIR, LOCK_NAME)
 
-    A new run's checkpoints would be mixed with the old ones (``--keep_last`` would delete the new, lower-numbered
-    ones first, and a later ``--resume auto`` would pick up the old run).
 
+class SavePathError(ValueError):
+    """``--save_path`` cannot be used by this run: not writable, someone else's folder, or in use by another run."""
+
+
+class SavePathLock:
+    """An exclusive ``flock`` on ``<save_path>/.coati-run.lock`` for the life of a run, holding the owner's pid and
+    host; the operating system releases it when the process ends, however it ends. ``release()`` releases it
+    earlier (idempotent). A lock that is not held (another rank's) does nothing."""
+
+    def __init__(self, fd: int | None = None):
+        self.fd = fd
+
+    def release(self) -> None:
+        """Give the lock up (the file stays)."""
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def _lock_save_path(save_path: str) -> SavePathLock:
+    import fcntl
+    import socket
+
+    path = os.path.join(save_path, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            owner = os.read(fd, 256).decode("utf-8", "replace").split()
+        finally:
+            os.close(fd)
+        who = f"pid {owner[0]} on host {owner[1]}" if len(owner) >= 2 else "another process"
+        raise SavePathError(f"--save_path {save_path} is in use by another run ({who}); wait for it to finish or "
+                            "choose another --save_path") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    return SavePathLock(fd)
+
+
+def prepare_save_path(save_path: str, resuming: bool, overwrite: bool = False,
+                      lock: bool | None = None) -> SavePathLock:
+    """Check the export folder before anything is trained, and lock it for this run.
+
+    Refused: the filesystem root; an existing file; a non-empty folder that coati did not write (none of
+    :data:`COATI_ENTRIES`: someone's model folder would have its ``config.json`` replaced) unless ``overwrite``
+    (``--overwrite_output_dir``); a folder that cannot be written; a folder another run holds (the lock names its
+    pid and host); for a new run, a folder that already holds resume checkpoints (a new run's checkpoints would be
+    mixed with the old ones: ``--keep_last`` would delete the new, lower-numbered ones first, and a later
+    ``--resume auto`` would pick up the old run).
+
+    Args:
+        lock: take the run's lock (default: on the process of global rank 0, the one that exports; ``RANK`` as set
+            by torchrun).
+    Returns:
+        the lock (release it at the end of the run; the process's end releases it too).
     Raises:
-        PermissionError: the folder cannot be created or written.
-        CheckpointError: a new run, and ``<save_path>/checkpoints`` holds a finished checkpoint (says what to do).
+        SavePathError: one of the refusals above, one line saying what to do.
+        CheckpointError: a new run, and ``<save_path>/checkpoints`` holds a finished checkpoint.
     """
+    real = os.path.realpath(save_path)
+    if real == os.path.realpath(os.sep):
+        raise SavePathError(f"--save_path {save_path} is the filesystem root; name a folder for this run's export")
+    if os.path.exists(save_path) and not os.path.isdir(save_path):
+        raise SavePathError(f"--save_path {save_path} is a file, not a folder")
+    if os.path.isdir(save_path) and not overwrite:
+        try:
+            entries = os.listdir(save_path)
+        except OSError as e:
+            raise SavePathError(f"--save_path {save_path} cannot be read: {describe_os_error(e)}") from None
+        if entries and not any(name in entries for name in COATI_ENTRIES):
+            shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise SavePathError(f"--save_path {save_path} holds files that are not a coati run's ({shown}); the "
+                                "export would replace them: choose an empty or new folder, or add "
+                                "--overwrite_output_dir")
     try:
         os.makedirs(save_path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=save_path, prefix=".write_test"):
             pass
     except OSError as e:
-        raise PermissionError(f"--save_path {save_path} is not writable: {e}") from None
+        raise SavePathError(f"--save_path {save_path} is not writable: {describe_os_error(e)}") from None
+    held = _lock_save_path(save_path) if (os.environ.get("RANK", "0") == "0" if lock is None else lock) \
+        else SavePathLock()
     if not resuming and (found := list_checkpoints(save_path)):
+        held.release()
         raise CheckpointError(f"--save_path {save_path} already holds resume checkpoints (newest "
                               f"{os.path.basename(found[-1])}); continue that run with --resume auto, or start this "
                               f"one in another --save_path (or delete {os.path.join(save_path, CHECKPOINT_DIR)}); "
                               "--init_from CHECKPOINT starts a new run from a checkpoint's weights")
+    return held
 
 
 def init_from_kind(path: str) -> str:

@@ -281,7 +281,10 @@ class LogArgs:
     """Logging and output."""
 
     log_every: int = _opt(10, "log train metrics every N optimizer steps", valid=COUNT)
-    save_path: str = _opt("out/rm", "export folder: HF model, tokenizer, train_config.json, metrics.jsonl")
+    save_path: str = _opt("out/rm", "export folder: HF model, tokenizer, train_config.json, metrics.jsonl; a "
+                                    "run locks it, and a non-empty folder coati did not write is refused")
+    overwrite_output_dir: bool = _opt(False, "export into a non-empty --save_path that coati did not write (its "
+                                             "config.json, tokenizer and weights files are replaced)")
     export_adapter: bool = _opt(False, "with LoRA: also write the peft adapter and the value head to "
                                        "<save_path>/adapter (for users who keep the 4-bit or original base)")
     disable_tqdm: bool = _opt(False, "no progress bar")

@@ -123,10 +123,19 @@ def check_updates_applied(trainer: Trainer, data: RunData, start_step: int) -> N
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train, evaluate and export a validated config (:func:`coati.config.parse_args`); returns the summary written
-    to ``<save_path>/summary.json``."""
-    t_start, save_path = time.perf_counter(), cfg.log.save_path
-    prepare_save_path(save_path, resuming=bool(cfg.optim.resume))
+    """Train, evaluate and export a validated config (:func:`coati.config.parse_args`) into its ``--save_path``,
+    checked and locked for the run (:func:`coati.checkpoint.prepare_save_path`); returns the summary written to
+    ``<save_path>/summary.json``."""
+    t_start = time.perf_counter()
+    lock = prepare_save_path(cfg.log.save_path, resuming=bool(cfg.optim.resume), overwrite=cfg.log.overwrite_output_dir)
+    try:
+        return _run(cfg, t_start)
+    finally:
+        lock.release()
+
+
+def _run(cfg: TrainConfig, t_start: float) -> dict:
+    save_path = cfg.log.save_path
     init_from = cfg.optim.init_from and init_from_kind(cfg.optim.init_from)
     if init_from == "export":
         cfg = cfg.replace(pretrain=cfg.optim.init_from)

@@ -180,3 +180,62 @@ def test_an_export_on_a_full_tmpfs_keeps_the_previous_one(tokenizer, tmp_path):
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
         shutil.rmtree(mnt, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ the save path: whose, and in use
+
+def test_the_save_path_refuses_the_root_a_file_and_someone_elses_folder(tmp_path):
+    from coati.checkpoint import SavePathError, prepare_save_path
+
+    with pytest.raises(SavePathError, match="is the filesystem root"):
+        prepare_save_path("/", resuming=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SavePathError, match="afile is a file, not a folder"):
+        prepare_save_path(str(tmp_path / "afile"), resuming=False)
+    theirs = tmp_path / "my_model"  # a user's own Hugging Face folder
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"mine": true}')
+    with pytest.raises(SavePathError, match=r"my_model holds files that are not a coati run's \(config.json\); .*"
+                                            "--overwrite_output_dir"):
+        prepare_save_path(str(theirs), resuming=False)
+    assert os.listdir(theirs) == ["config.json"]  # untouched: no lock, no probe file
+    prepare_save_path(str(theirs), resuming=False, overwrite=True).release()
+    for marker in ("train_config.json", "metrics.jsonl"):  # a coati export, a run that stopped before exporting
+        ours = tmp_path / f"ours_{marker}"
+        ours.mkdir()
+        (ours / marker).write_text("{}")
+        prepare_save_path(str(ours), resuming=False).release()
+    prepare_save_path(str(tmp_path / "new" / "folder"), resuming=False).release()
+
+
+def test_a_second_run_into_a_locked_save_path_is_refused_with_the_owner(tmp_path):
+    from coati.checkpoint import LOCK_NAME, SavePathError, prepare_save_path
+
+    first = prepare_save_path(str(tmp_path / "rm"), resuming=False)
+    with pytest.raises(SavePathError, match=rf"in use by another run \(pid {os.getpid()} on host "):
+        prepare_save_path(str(tmp_path / "rm"), resuming=True)
+    first.release()
+    prepare_save_path(str(tmp_path / "rm"), resuming=False).release()  # free again
+    assert (tmp_path / "rm" / LOCK_NAME).exists()  # kept: it marks the folder as a coati run's
+    assert prepare_save_path(str(tmp_path / "rm"), resuming=False, lock=False).fd is None  # other ranks hold none
+
+
+def test_the_cli_refuses_a_save_path_another_process_is_training_into(tmp_path, capsys):
+    import sys
+
+    from coati.train import main
+
+    out = tmp_path / "rm"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from coati.checkpoint import "
+                               "prepare_save_path; lock = prepare_save_path(sys.argv[1], False); print('held', "
+                               "flush=True); time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = main(["--model", "llama", "--model_config", "tiny", "--dataset", "hh-rlhf", "--max_samples", "8",
+                     "--max_steps", "1", "--disable_tqdm", "--save_path", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: --save_path {out} is in use by another run (pid {holder.pid} "), err
+    assert sorted(os.listdir(out)) == [".coati-run.lock"]  # the first run's folder is untouched
