@@ -109,3 +109,20 @@ def test_ranked_lists_weigh_every_comparison_of_the_step_alike_on_any_layout(wei
     acc = _train(args + ["--strategy", "naive", "--batch_size", "2", "--accumulation_steps", "2"],
                  save_path=tmp_path / "acc")
     assert _max_weight_diff(ref, ddp) < 1e-5 and _max_weight_diff(ref, acc) < 1e-5
+
+
+@pytest.mark.parametrize("strategy, pairs", [("ddp", 1), ("ddp", 3), ("fsdp", 1)])
+def test_a_held_out_set_smaller_than_or_uneven_over_the_ranks_is_evaluated_once(strategy, pairs, tmp_path):
+    """1 held-out pair on 2 ranks (rank 1 has none) and 3 with eval batch 1 (rank 1 runs out first): every pair is
+    scored once and the run finishes; before, the rank without a pair skipped a forward whose collective (DDP's
+    buffer broadcast) the other waited on until --dist_timeout."""
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"Is {i} even?", "chosen": f"{i} is {'even' if i % 2 else 'odd'}",
+                                        "rejected": "no idea"}) + "\n" for i in range(pairs)))
+    out = _train(["--model", "llama", "--max_steps", "2", "--eval_every", "1", "--eval_dataset", str(held),
+                  "--eval_batch_size", "1", "--batch_size", "2", "--dist_timeout", "60", "--strategy", strategy]
+                 + COMMON, nproc=2, save_path=tmp_path / "rm")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["pairs"] for r in evals] == [pairs, pairs], evals  # at step 1, and the final evaluation
+    assert json.loads((out / "summary.json").read_text())["eval"]["pairs"] == pairs

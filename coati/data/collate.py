@@ -542,8 +542,13 @@ def make_loaders(data: RunData, args: DataArgs, batch_size: int, eval_batch_size
         cache_prompt: padded batches with ``--share_prefix`` may compute each prompt once and continue it through
             the key/value cache; False (gradient checkpointing, which drops the cache, or sequence parallelism) keeps
             one row per sequence.
-        strategy: gives ``data_world_size``, ``data_rank`` (the ranks of a sequence-parallel group read the same
-            batches) and ``lockstep_forward``.
+        strategy: gives ``data_world_size`` and ``data_rank`` (the ranks of a sequence-parallel group read the same
+            batches).
+
+    With several data-parallel ranks, a rank with no evaluation pair in a batch (a held-out set smaller than the
+    ranks, or its uneven tail) runs a stand-in batch that is not counted: every strategy's forward may be a
+    collective (DDP broadcasts buffers in each forward, FSDP and ZeRO-3 gather parameters), so a rank that skipped
+    one would leave the others waiting until ``--dist_timeout``.
     """
     share = args.share_prefix and (args.packing or cache_prompt)
     collate = make_collate(pad_id, args.packing, capacity, share, args.padding_side, list_weighting,
@@ -555,4 +560,4 @@ def make_loaders(data: RunData, args: DataArgs, batch_size: int, eval_batch_size
     if not data.eval:
         return train, None
     sampler = GlobalBatchSampler(len(data.eval), eval_batch_size, world, rank, shuffle=False, drop_last=False)
-    return train, PairLoader(data.eval, collate, sampler, fill_empty=strategy.lockstep_forward)
+    return train, PairLoader(data.eval, collate, sampler, fill_empty=world > 1)

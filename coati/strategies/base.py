@@ -40,8 +40,6 @@ class Strategy(ABC):
     takes: tuple[str, ...] = ("mixed_precision",)
     precisions: tuple[str, ...] = ("fp32", "bf16")
     refuses: dict[str, str] = {}
-    #: True when the forward pass is a collective (sharded parameters): every rank must run every forward.
-    lockstep_forward: bool = False
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")

@@ -286,7 +286,6 @@ class ColossalAIGeminiStrategy(_ZeroStrategy):
                        "weights unsharded): use --strategy colossalai_zero2, fsdp or ddp with --lora_rank, or drop "
                        "--lora_rank for full fine-tuning with Gemini",
                "resume": _NO_RESUME, "quantized": _NO_QUANTIZED}
-    lockstep_forward = True
     hybrid_adam = True
     _norm_attr = "max_norm"  # GeminiOptimizer
     _accumulates = False

@@ -38,7 +38,6 @@ class FSDPStrategy(ProcessGroupMixin, Strategy):
     refuses = {"quantized": "cannot train a 4-/8-bit backbone: FSDP2 shards each parameter as a DTensor, and "
                             "bitsandbytes' packed weights keep their quantisation state (absmax, code) outside the "
                             "tensor, so a shard cannot be de-quantised; use --strategy ddp (or naive)"}
-    lockstep_forward = True
     _export_template: nn.Module | None = None
 
     def prepare(self, model: nn.Module, make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
