@@ -44,8 +44,8 @@ from coati.checkpoint import non_finite_names
 from coati.config import BITSANDBYTES_INSTALL, LAYOUTS, DataArgs, ModelArgs
 from coati.data.collate import pad_sequences
 from coati.data.formats import check_answer, check_text, ordered_pairs, parse_message
-from coati.data.template import (Encoded, SequenceEncoder, TruncationStats, render_prompt, tokenize_pairs,
-                                 use_chat_template)
+from coati.data.template import (Encoded, SequenceEncoder, TruncationStats, apply_template, render_prompt,
+                                 tokenize_pairs, use_chat_template)
 from coati.models.backbones import Backbone, backbone_for
 from coati.models.internlm2 import internlm2_to_llama_config, load_internlm2
 from coati.models.loading import load_tokenizer, quantization_config
@@ -416,7 +416,7 @@ class RewardScorer:
         """The ``chat`` / ``text`` layouts (:meth:`from_pretrained`): each conversation tokenized as one text."""
         tok, reward = self.tokenizer, self.encoder.reward_token_id
         if self.layout == "chat":
-            texts = [tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+            texts = [apply_template(tok, p + [{"role": "assistant", "content": r}], add_generation_prompt=False)
                      for p, r in zip(prompts, responses)]
             ids = tok(texts, add_special_tokens=False).input_ids if texts else []
             extra = [reward] if self.append_reward_token else []

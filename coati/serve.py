@@ -39,7 +39,10 @@ Ctrl-C) stops accepting connections, answers the requests already accepted, then
 any other option) fails with one ``error: ...`` line and exit code 2 before the port is bound.
 
 FastAPI on uvicorn: a standard ASGI stack with graceful shutdown, whose request handling is plain ``async`` code; the
-forward passes run in one worker thread, so the event loop keeps accepting requests while the model computes.
+forward passes run in one worker thread and the encoding (tokenizer, chat template) in others, so the event loop keeps
+answering ``/health``, accepting requests and handling SIGTERM whatever a forward or a render does. A chat template
+(it comes with the model folder) that renders for longer than
+:data:`~coati.data.template.TEMPLATE_SECONDS` is stopped in its thread and the request answered 422.
 """
 
 
@@ -53,7 +56,7 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -479,15 +482,42 @@ def create_app(engine: RewardEngine, settings: ServeSettings, info: dict | None 
                 "forward_passes": engine.forward_passes, "sequences_scored": engine.sequences_scored,
                 "positions_computed": engine.positions_computed, "version": coati_version()}
 
-    @app.post("/get_reward")
-    async def get_reward(request: Request):
-        queries = parse_queries(await read_json(request), settings)
+    async def off_loop(encode: Callable[[], Any]) -> Any:
+        """Run ``encode`` (tokenizer, chat template) in a worker thread, so that a slow one never holds the event
+        loop (health, other requests, shutdown); past ``request_timeout`` the request gets a 504 (a chat template
+        stops itself after :data:`coati.data.template.TEMPLATE_SECONDS`)."""
+        future = asyncio.get_running_loop().run_in_executor(None, encode)
+        try:
+            return await asyncio.wait_for(future, settings.request_timeout)
+        except TimeoutError:
+            raise RequestError(504, "server", f"encoding took longer than --request_timeout "
+                                              f"{settings.request_timeout} s; the request was dropped") from None
+
+    def encode_queries(queries: list[str]) -> list[Encoded]:
         encoded = []
         for i, q in enumerate(queries):
             try:
                 encoded.append(engine.encode_query(q))
             except ValueError as e:
                 raise RequestError(422, f"query[{i}]", f"query[{i}] {e}") from None
+        return encoded
+
+    def encode_items(items: list, many: bool) -> list[list[Encoded]]:
+        encoded = []
+        for k, (prompt, responses) in enumerate(items):
+            at = f"[{k}]." if many else ""
+            try:
+                encoded.append(scorer.encode_texts([prompt] * len(responses), responses))
+            except ValueError as e:
+                msg = str(e)
+                where = f"{at}responses" if msg.startswith("responses") else f"{at}prompt"
+                raise RequestError(422, where, f"{at}{msg}") from None
+        return encoded
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request):
+        queries = parse_queries(await read_json(request), settings)
+        encoded = await off_loop(lambda: encode_queries(queries))
         seqs = [e.input_ids for e in encoded]
         clusters = prefix_groups(seqs)
         results = await run([[seqs[i] for i in c] for c in clusters])
@@ -501,18 +531,8 @@ def create_app(engine: RewardEngine, settings: ServeSettings, info: dict | None 
     @app.post("/score")
     async def score(request: Request):
         items, many = parse_score_items(await read_json(request), settings)
-        groups, encoded = [], []
-        for k, (prompt, responses) in enumerate(items):
-            at = f"[{k}]." if many else ""
-            try:
-                enc = scorer.encode_texts([prompt] * len(responses), responses)
-            except ValueError as e:
-                msg = str(e)
-                where = f"{at}responses" if msg.startswith("responses") else f"{at}prompt"
-                raise RequestError(422, where, f"{at}{msg}") from None
-            encoded.append(enc)
-            groups.append([e.input_ids for e in enc])
-        results = await run(groups)
+        encoded = await off_loop(lambda: encode_items(items, many))
+        results = await run([[e.input_ids for e in enc] for enc in encoded])
         out = []
         for enc, raw in zip(encoded, results):
             scores = served(raw)

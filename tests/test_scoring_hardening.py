@@ -387,3 +387,23 @@ def test_module_entry_points_print_one_error_line(tmp_path):
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(expected), \
             proc.stderr
+
+
+@pytest.mark.parametrize("layout", ["coati", "chat"])
+def test_a_slow_chat_template_in_the_model_folder_is_one_error_line(tokenizer, tmp_path, layout, monkeypatch, capsys):
+    """Two nested range(99999) loops (each within jinja's range limit) used to hang coati.score."""
+    import copy
+
+    import coati.data.template as template
+
+    tok = copy.copy(tokenizer)
+    tok.chat_template = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x"
+    model = _export(tok, tmp_path / "rm", {"model": "llama", "max_len": MAX_LEN, "chat_template": "auto"})
+    monkeypatch.setattr(template, "TEMPLATE_SECONDS", 0.5)
+    src = _write(tmp_path / "in.jsonl", '{"prompt": [{"role": "user", "content": "hi"}], "response": "hello"}\n')
+    out = tmp_path / "out.jsonl"
+    assert score_main(["--model_path", str(model), "--input", str(src), "--output", str(out), "--layout", layout,
+                       "--disable_tqdm"]) == 2
+    assert _one_error(capsys) == (f"error: the chat template of {model} took longer than 0.5 s to render a "
+                                  f"conversation of {1 if layout == 'coati' else 2} messages; refused")
+    assert not out.exists()

@@ -323,3 +323,59 @@ def test_clients_and_grpo_reward_function(server, scorer):
     got = reward(prompts=prompts, completions=completions, completion_ids=None)
     assert reward.__name__ == "coati_reward"
     assert _close(got, _expected(scorer, PROMPTS[0], RESPONSES[0]) + _expected(scorer, PROMPTS[2], RESPONSES[2]))
+
+
+SLOW_TEMPLATE = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x"
+
+
+@pytest.fixture(scope="module")
+def slow_template_export(tokenizer, tmp_path_factory):
+    """A model folder whose chat template renders for hours (two nested loops of range(99999))."""
+    import copy
+
+    tok = copy.copy(tokenizer)
+    tok.chat_template = SLOW_TEMPLATE
+    path = tmp_path_factory.mktemp("slow_template")
+    export_hf(tiny_model("llama", tok, seed=5), tok, str(path), {"model": "llama", "max_len": 48,
+                                                                 "chat_template": "auto"})
+    return str(path)
+
+
+def test_a_slow_chat_template_keeps_health_timeouts_and_sigterm_alive(slow_template_export):
+    proc, url = _start(slow_template_export, "--request_timeout", "2")
+    body = {"prompt": [{"role": "user", "content": "hi"}], "responses": ["hello"]}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            t0 = time.monotonic()
+            slow = pool.submit(httpx.post, url + "/score", json=body, timeout=60)
+            time.sleep(0.5)
+            health = httpx.get(url + "/health", timeout=2)  # answered while the template renders
+            assert health.status_code == 200 and not slow.done()
+            answer = slow.result()
+            assert answer.status_code == 504 and "--request_timeout 2" in answer.json()["error"], answer.text
+            assert time.monotonic() - t0 < 10
+            assert httpx.post(url + "/get_reward", json={"query": ["hi there"]}, timeout=30).status_code == 200
+            pool.submit(httpx.post, url + "/score", json=body, timeout=60)
+            time.sleep(0.5)  # a render is running when SIGTERM arrives
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+
+
+def test_a_chat_template_past_its_time_is_a_422_naming_it(slow_template_export, monkeypatch):
+    import coati.data.template as template
+
+    monkeypatch.setattr(template, "TEMPLATE_SECONDS", 0.5)
+    engine = RewardEngine(RewardScorer.from_pretrained(slow_template_export, device="cpu"))
+    server, thread, url = _thread_server(engine, ServeSettings())
+    try:
+        r = httpx.post(url + "/score", json={"prompt": [{"role": "user", "content": "hi"}], "responses": ["a"]},
+                       timeout=30)
+        assert r.status_code == 422 and r.json() == {
+            "error": f"the chat template of {slow_template_export} took longer than 0.5 s to render a conversation "
+                     "of 1 messages; refused", "field": "prompt"}
+        assert httpx.get(url + "/health", timeout=2).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)

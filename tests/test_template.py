@@ -91,3 +91,43 @@ def test_tokenizer_without_eos_needs_an_explicit_reward_token(tokenizer):
     prepare_tokenizer(tok, rid)
     assert tok.pad_token_id is not None and tok.pad_token_id != 5
     assert SequenceEncoder(tok, 16, rid).encode("Hi", "there").input_ids[-1] == 5
+
+
+# -------------------------------------------------------------------- chat templates a model folder brings along
+
+#: two nested loops of range(99999): each range is inside jinja's own limit (MAX_RANGE 100,000), 1e10 iterations
+SLOW_TEMPLATE = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x"
+
+
+@pytest.mark.parametrize("template, message", [
+    (SLOW_TEMPLATE, "took longer than 0.5 s to render a conversation of 1 messages; refused"),
+    ("{{ ''.__class__.__mro__ }}", "failed: SecurityError: access to attribute '__class__' of 'str' object is unsafe"),
+    ("{{ raise_exception('no system messages') }}", "failed: TemplateError: no system messages"),
+    ("{% for m in messages %}{{ m.content / 2 }}{% endfor %}", "failed: TypeError: unsupported operand"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed too deeply"),
+])
+def test_a_hostile_or_broken_chat_template_fails_in_one_line_in_bounded_time(tokenizer, template, message):
+    import copy
+    import time
+
+    from coati.data.template import ChatTemplateError, apply_template
+
+    tok = copy.copy(tokenizer)
+    tok.chat_template = template
+    t0 = time.monotonic()
+    with pytest.raises(ChatTemplateError) as info:
+        apply_template(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True, seconds=0.5)
+    assert time.monotonic() - t0 < 10
+    text = str(info.value)
+    assert text.startswith(f"the chat template of {tokenizer.name_or_path} ") and message in text, text
+    assert "\n" not in text
+
+
+def test_the_bounded_render_equals_transformers_render(tokenizer):
+    from coati.data.template import apply_template
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]
+    for generation in (True, False):
+        assert apply_template(tokenizer, msgs, generation) == \
+            tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+    assert render_prompt(msgs, tokenizer, True) == apply_template(tokenizer, msgs, True)

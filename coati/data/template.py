@@ -7,6 +7,8 @@ only when it alone does not fit, and the reward token is always kept.
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -14,6 +16,63 @@ from transformers import PreTrainedTokenizerBase
 from coati.data.formats import ordered_pairs
 
 _PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+#: the longest a chat template may take to render one conversation (seconds); real templates take milliseconds.
+#: A template comes with a model folder a user was handed, and jinja's sandbox bounds each range() but not the
+#: loops nested around them.
+TEMPLATE_SECONDS = 5.0
+_JINJA_FILENAME = "<template>"  # the file name jinja gives the Python code it compiles a template to
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that failed to render, tripped jinja's sandbox, or ran past :data:`TEMPLATE_SECONDS`."""
+
+
+def apply_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+                   add_generation_prompt: bool, seconds: float | None = None) -> str:
+    """``tokenizer.apply_chat_template(messages, tokenize=False, ...)``, bounded in time and failing in one line.
+
+    The bound is checked in the rendering thread itself (a trace function on the template's compiled code and on
+    every call it makes, installed for this call only), so it holds in a server's worker threads too, where no
+    signal can interrupt a render.
+
+    Raises:
+        ChatTemplateError: the template raised (jinja's ``TemplateError``, its sandbox's ``SecurityError``, or any
+            other error) or took longer than ``seconds`` (default :data:`TEMPLATE_SECONDS`).
+    """
+    limit = TEMPLATE_SECONDS if seconds is None else seconds
+    deadline = time.monotonic() + limit
+
+    def in_template(frame, event, arg):  # 'line' events of the template's own code (its loops)
+        if event == "line" and time.monotonic() > deadline:
+            raise _TemplateTimeout
+        return in_template
+
+    def on_call(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _TemplateTimeout
+        return in_template if frame.f_code.co_filename == _JINJA_FILENAME else None
+
+    whose = f"the chat template of {tokenizer.name_or_path}" if getattr(tokenizer, "name_or_path", "") \
+        else "the chat template"
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except _TemplateTimeout:
+        raise ChatTemplateError(f"{whose} took longer than {limit:g} s to render a conversation of "
+                                f"{len(messages)} messages; refused") from None
+    except RecursionError:
+        raise ChatTemplateError(f"{whose} recursed too deeply") from None
+    except Exception as e:  # jinja2.TemplateError, SecurityError, or what the template's own code raised
+        text = " ".join(str(e).split())[:300]
+        raise ChatTemplateError(f"{whose} failed: {type(e).__name__}: {text}") from None
+    finally:
+        sys.settrace(previous)
+
+
+class _TemplateTimeout(Exception):
+    pass
 
 
 def use_chat_template(tokenizer: PreTrainedTokenizerBase, mode: str) -> bool:
@@ -41,7 +100,7 @@ def render_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizer
         messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``, possibly empty.
     """
     if chat_template and tokenizer is not None:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if messages else ""
+        return apply_template(tokenizer, messages, add_generation_prompt=True) if messages else ""
     parts = [f"\n\n{_PLAIN_ROLES.get(m['role'], m['role'])}: {m['content']}" for m in messages]
     return "".join(parts) + "\n\nAssistant: "
 
