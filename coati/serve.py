@@ -320,6 +320,8 @@ def parse_body(body: bytes) -> Any:
                                         f"{e.colno}") from None
     except ValueError as e:
         raise RequestError(400, "body", f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "body", "the body is nested too deeply") from None
 
 
 def _text(value: Any, where: str, limit: int) -> str:
@@ -327,6 +329,11 @@ def _text(value: Any, where: str, limit: int) -> str:
         raise RequestError(422, where, f"{where} must be a string, got {_type(value)}")
     if len(value) > limit:
         raise RequestError(422, where, f"{where} has {len(value)} characters, more than --max_chars {limit}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escape: a lone surrogate no tokenizer can take
+        raise RequestError(422, where, f"{where} is not valid Unicode (a lone surrogate at character {e.start})") \
+            from None
     return value
 
 
@@ -436,6 +443,12 @@ def create_app(engine: RewardEngine, settings: ServeSettings, info: dict | None 
         return JSONResponse({"error": f"internal error: {exc}", "field": None}, 500)
 
     async def read_json(request: Request) -> Any:
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind != "application/json":
+            # a browser page may post a form or text/plain to a loopback server without asking first (a CORS
+            # "simple request"); JSON bodies must say they are JSON, which such a page cannot send unasked
+            raise RequestError(415, "content-type", f"send the body as JSON with Content-Type: application/json "
+                                                    f"(got {kind or 'none'!r})")
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_body_bytes:
             raise RequestError(413, "body", f"the body has {length} bytes, more than --max_body_bytes "
@@ -543,6 +556,56 @@ def create_app(engine: RewardEngine, settings: ServeSettings, info: dict | None 
     return app
 
 
+# ---------------------------------------------------------------------------------------------- connections
+
+def bounded_h11_protocol(header_timeout: float) -> type:
+    """uvicorn's h11 protocol with a deadline on each request's headers: a connection that has not sent a whole
+    request head within ``header_timeout`` seconds of opening (or of its previous response) is closed. uvicorn
+    bounds idle keep-alive connections but not one that trickles its headers a byte at a time, so a few hundred
+    such clients would otherwise hold their connections open for as long as they like."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _in_request(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(header_timeout, self._head_too_slow)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if not self._in_request() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # noqa: D102
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:  # noqa: D102
+            super().handle_events()
+            if self._in_request():
+                self._disarm()
+
+        def on_response_complete(self) -> None:  # noqa: D102
+            super().on_response_complete()
+            if not self.transport.is_closing() and not self._in_request():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:  # noqa: D102
+            self._disarm()
+            super().connection_lost(exc)
+
+    return BoundedH11Protocol
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 #: the flags' defaults
@@ -577,6 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="texts per request at most")
     p.add_argument("--max_chars", type=checked(int, COUNT), default=DEFAULTS.max_chars,
                    help="characters per text at most")
+    p.add_argument("--max_connections", type=checked(int, COUNT), default=1024,
+                   help="open connections at most; a request on one more is answered 503")
+    p.add_argument("--header_timeout", type=checked(float, POSITIVE), default=10.0,
+                   help="seconds a connection may take to send a request's headers before it is closed")
+    p.add_argument("--keep_alive_timeout", type=checked(int, COUNT), default=5,
+                   help="seconds an idle keep-alive connection stays open")
     p.add_argument("--shutdown_timeout", type=checked(float, POSITIVE), default=120.0,
                    help="seconds SIGTERM waits for the accepted requests before closing their connections")
     p.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info")
@@ -629,7 +698,9 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(engine, settings, info)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=math.ceil(args.shutdown_timeout))
+                            timeout_graceful_shutdown=math.ceil(args.shutdown_timeout),
+                            http=bounded_h11_protocol(args.header_timeout), limit_concurrency=args.max_connections,
+                            timeout_keep_alive=args.keep_alive_timeout)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; these handlers (which it
     # restores first) make that a no-op, so a SIGTERM that was served cleanly ends with exit code 0.

@@ -190,6 +190,8 @@ def test_32_concurrent_clients_get_their_own_scores_and_are_batched(server, scor
     (b'{"query": []}', 422, "query", "is empty"),
     (b'{"query": ["ok", 3]}', 422, "query[1]", "must be a string, got a number"),
     (b'{"query": ["ok", "   "]}', 422, "query[1]", "is empty"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "body", "nested too deeply"),
+    (b'{"query": ["ok", "a\\ud800b"]}', 422, "query[1]", "not valid Unicode (a lone surrogate at character 1)"),
 ])
 def test_bad_get_reward_input_is_4xx_naming_the_field(server, body, status, field, message):
     r = httpx.post(server + "/get_reward", content=body, headers={"content-type": "application/json"})
@@ -205,7 +207,7 @@ def test_bad_get_reward_input_is_4xx_naming_the_field(server, body, status, fiel
     ({"prompt": 5, "responses": ["a"]}, "prompt", "must be a string, a list of messages or null"),
     ({"prompt": [{"role": "robot", "content": "hi"}], "responses": ["a"]}, "prompt", "role"),
     ([{"prompt": "q", "responses": ["a"]}, "nope"], "[1]", "must be an object"),
-    ([{"prompt": "q", "responses": ["a"]}, {"prompt": "q", "responses": ["\ud800"]}], "[1].responses",
+    ([{"prompt": "q", "responses": ["a"]}, {"prompt": "q", "responses": ["\ud800"]}], "[1].responses[0]",
      "not valid Unicode"),
     ({"prompt": "q", "responses": ["a" * 200_001]}, "responses[0]", "--max_chars"),
     ({"prompt": "q", "responses": ["a"] * 600}, "responses", "--max_texts"),
@@ -215,6 +217,54 @@ def test_bad_score_input_is_422_naming_the_field(server, payload, field, message
                    headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["field"] == field and message in r.json()["error"], r.text
     assert httpx.post(server + "/score", json={"prompt": "q", "responses": ["a", "b"]}).status_code == 200
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_a_body_not_sent_as_json_is_415(server, content_type):
+    """What a web page can post to a loopback server without a CORS preflight is never scored."""
+    headers = {"content-type": content_type} if content_type else {}
+    for path, body in (("/score", b'{"prompt": "q", "responses": ["a"]}'), ("/get_reward", b'{"query": ["a"]}')):
+        r = httpx.post(server + path, content=body, headers=headers)
+        assert r.status_code == 415 and r.json()["field"] == "content-type", r.text
+    r = httpx.post(server + "/get_reward", content=b'{"query": ["a"]}',
+                   headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200
+
+
+def test_connections_that_trickle_their_headers_are_closed(export):
+    import socket
+
+    proc, url = _start(export, "--header_timeout", "1", "--max_connections", "8")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        slow = []
+        for _ in range(6):  # a request head sent a byte at a time, never finished
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")
+            slow.append(sock)
+        time.sleep(0.5)
+        for sock in slow:
+            sock.sendall(b"X")
+        time.sleep(2.0)
+        for sock in slow:  # closed by the server: reading gives end of file (or a reset)
+            sock.settimeout(5)
+            try:
+                assert sock.recv(1024) == b""
+            except ConnectionResetError:
+                pass
+            sock.close()
+        assert httpx.post(url + "/get_reward", json={"query": ["fine"]}, timeout=30).status_code == 200
+        # more open connections than --max_connections: the next request is answered 503
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        try:
+            assert httpx.get(url + "/health", timeout=5).status_code == 503
+        finally:
+            for sock in idle:
+                sock.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
 
 
 def test_body_limit_unknown_path_and_info(server):
