@@ -85,6 +85,13 @@ LR_LORA = 2e-4
 LR_FULL = 1e-5
 #: the most optimizer steps that ``--warmup_steps auto`` spends in linear warm-up
 WARMUP_MAX_STEPS = 10
+#: ``--max_text_chars``: the longest prompt message or answer a training row may hold (characters); as the server's
+#: ``--max_chars``. Training cuts every sequence at ``--max_len`` tokens, so a longer text is only tokenized, never
+#: trained on (two 10 MB answers once took 5.3 GB and 76 s)
+MAX_TEXT_CHARS = 100_000
+#: ``--max_line_bytes``: the longest line a JSON-lines data file may have; a longer one is skipped while it is read,
+#: never held whole (a 13.7 MB .jsonl.gz expanding to one 3 GB line once ended in a MemoryError)
+MAX_LINE_BYTES = 16 * 2**20
 
 
 def _sci(x: float) -> str:
@@ -161,6 +168,10 @@ class DataArgs:
                                    valid=COUNT)
     max_eval_samples: int | None = _opt(None, "at most N evaluation pairs per eval dataset", valid=COUNT)
     strict_data: bool = _opt(False, "stop at the first bad row (file:line) instead of skipping and counting it")
+    max_text_chars: int = _opt(MAX_TEXT_CHARS, "rows with a prompt message or answer longer than this many "
+                                               "characters are skipped and counted", valid=COUNT)
+    max_line_bytes: int = _opt(MAX_LINE_BYTES, "JSON-lines rows longer than this many bytes are skipped and "
+                                               "counted without being read whole", valid=COUNT)
     max_responses: int | None = _opt(None, "ranked lists: keep the K best-ranked answers of each prompt (the "
                                            "answers dropped are counted in the data report; default: all)",
                                      valid=Range(2, integer=True))

@@ -342,6 +342,7 @@ def heldout_pairs(model_path: str, settings: dict, data_dir: str | None = None, 
         ValueError: the stored ``data_dir`` is gone and no ``data_dir`` is given, or the data changed since training
             (another held-out count than ``summary.json``'s); as :func:`~coati.data.sources.select_pairs`.
     """
+    from coati.config import MAX_LINE_BYTES, MAX_TEXT_CHARS
     from coati.data.sources import default_data_dir, select_pairs
 
     stored_dir = settings.get("data_dir")
@@ -352,7 +353,8 @@ def heldout_pairs(model_path: str, settings: dict, data_dir: str | None = None, 
     selection = select_pairs(settings["dataset"], stored_dir or data_dir or default_data_dir(),
                              settings["max_samples"], bool(strict or settings["strict_data"]), settings["seed"],
                              settings["eval_dataset"], settings["max_eval_samples"], settings["eval_split"] or 0.0,
-                             settings.get("max_responses"))
+                             settings.get("max_responses"), settings.get("max_text_chars", MAX_TEXT_CHARS),
+                             settings.get("max_line_bytes", MAX_LINE_BYTES))
     pairs = selection.eval
     summary_path = os.path.join(model_path, "summary.json")
     if os.path.isfile(summary_path):

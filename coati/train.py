@@ -102,6 +102,25 @@ def check_sequence_parallel_heads(cfg: TrainConfig) -> None:
             raise ValueError(problem)
 
 
+def check_model_fits(cfg: TrainConfig, model_config, say: bool = True) -> None:
+    """Settings that cannot be what the user meant for this backbone: a LoRA rank above the hidden size is refused
+    (an adapter's rank cannot exceed the matrix's), a ``--max_len`` past the positions the backbone was trained on
+    is one warning (rotary backbones run past them, with what quality nobody measured here).
+
+    Raises:
+        ValueError: ``--lora_rank`` > the hidden size.
+    """
+    hidden = getattr(model_config, "hidden_size", None)
+    if cfg.lora.lora_rank and isinstance(hidden, int) and cfg.lora.lora_rank > hidden:
+        raise ValueError(f"--lora_rank {cfg.lora.lora_rank} is above the backbone's hidden size {hidden}: a LoRA "
+                         f"adapter's rank cannot exceed its matrix's (use at most {hidden}; 8-64 is usual)")
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if say and isinstance(positions, int) and cfg.data.max_len > positions:
+        logger.warning("warning: --max_len %d is past the %d positions the backbone was trained on "
+                       "(max_position_embeddings); sequences longer than that are scored beyond them",
+                       cfg.data.max_len, positions)
+
+
 def check_updates_applied(trainer: Trainer, data: RunData, start_step: int) -> None:
     """Refuse to call a run good when none of its optimizer steps updated the weights (each one skipped for a
     non-finite loss or gradient, fewer in a row than ``--max_bad_steps``): the export would be the initial model.
@@ -163,6 +182,7 @@ def _run(cfg: TrainConfig, t_start: float) -> dict:
     seed_everything(cfg.optim.seed)
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.strategy.mixed_precision, torch.float32)
     reward_model = build_reward_model(cfg.backbone, cfg.lora, tokenizer, compute_dtype, strategy.device)
+    check_model_fits(cfg, reward_model.model.config, main)
     reward_model.sequence_parallel = strategy.sequence_parallel
     if main:
         n_train = sum(p.numel() for p in reward_model.parameters() if p.requires_grad)

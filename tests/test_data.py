@@ -399,3 +399,49 @@ def test_an_answer_of_only_invisible_characters_is_empty(blank):
         parse_row({"prompt": "Hi", "chosen": blank, "rejected": "Hello."})
     with pytest.raises(DataFormatError, match="empty rejected answer"):
         parse_row({"prompt": "Hi", "chosen": "Hello.", "rejected": blank})
+
+
+# ------------------------------------------------------------------------------------------- bounded input
+
+def test_a_line_past_max_line_bytes_is_skipped_without_being_held(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "huge.jsonl.gz"
+    good = json.dumps({"prompt": "q", "chosen": "yes", "rejected": "no"}).encode()
+    with gzip.open(path, "wb", compresslevel=1) as f:  # one 24 MB line between two good rows
+        f.write(good + b"\n" + b'{"prompt": "q", "chosen": "' + b"a" * (24 << 20) + b'", "rejected": "b"}\n'
+                + good + b"\n")
+    tracemalloc.start()
+    try:
+        pairs, report = load_pairs([str(path)], max_line_bytes=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(pairs) == 2 and peak < 8 << 20, peak
+    src = report.sources[str(path)]
+    assert (src.rows_read, src.rows_skipped) == (3, 1)
+    assert src.skipped == [f"{path}:2: line longer than --max_line_bytes 1048576"]
+
+
+def test_a_text_past_max_text_chars_is_skipped_and_counted(tmp_path):
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "q", "chosen": "x" * 101, "rejected": "no"},
+            {"prompt": [{"role": "user", "content": "y" * 101}], "chosen": "a", "rejected": "b"},
+            {"prompt": "q", "chosen": "fine", "rejected": "x" * 100}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, report = load_pairs([str(path)], max_text_chars=100)
+    assert len(pairs) == 1 and pairs[0].chosen == "fine"
+    assert report.sources[str(path)].skipped == [
+        f"{path}:1: answer 0 has 101 characters, more than --max_text_chars 100",
+        f"{path}:2: prompt message 0 has 101 characters, more than --max_text_chars 100"]
+
+
+def test_an_eval_split_that_holds_out_nothing_is_refused(tmp_path):
+    from coati.data.sources import select_pairs
+
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n"
+                            for i in range(5)))
+    with pytest.raises(ValueError, match=r"--eval_split 0.001 held out none of the 5 pairs: raise it, or set 0"):
+        select_pairs([str(path)], None, eval_split=0.001)
+    assert len(select_pairs([str(path)], None, eval_split=0.0).train) == 5

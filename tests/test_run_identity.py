@@ -223,3 +223,31 @@ def test_init_from_an_export_starts_from_its_weights_and_value_head(finished, tm
 def test_init_from_something_else_is_refused(tmp_path, capsys):
     assert main(RUN + ["--save_path", str(tmp_path / "o"), "--init_from", str(tmp_path)]) == 2
     assert "neither a resume checkpoint" in _error(capsys)
+
+
+def test_settings_that_cannot_be_meant_for_the_backbone(tmp_path, capsys, caplog, tokenizer):
+    """A LoRA rank above the hidden size is refused in one line; a --max_len past the backbone's positions and an
+    ordinary word as the reward token are one warning each."""
+    import logging
+
+    from coati.models.loading import resolve_reward_token
+
+    out = tmp_path / "rm"
+    assert main(["--strategy", "naive", "--dataset", "hh-rlhf", "--max_samples", "8", "--max_steps", "1",
+                 "--disable_tqdm", "--lora_rank", "65", "--save_path", str(out)]) == 2
+    assert _error(capsys) == ("error: --lora_rank 65 is above the backbone's hidden size 64: a LoRA adapter's rank "
+                              "cannot exceed its matrix's (use at most 64; 8-64 is usual)")
+    with caplog.at_level(logging.WARNING, logger="coati"):
+        assert main(["--strategy", "naive", "--dataset", "hh-rlhf", "--max_samples", "8", "--max_steps", "1",
+                     "--disable_tqdm", "--max_len", "2304", "--model_config", "tiny", "--mixed_precision", "fp32",
+                     "--save_path", str(out)]) == 0
+        assert any("--max_len 2304 is past the 2048 positions" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        word = tokenizer.convert_tokens_to_ids("the")
+        assert resolve_reward_token(tokenizer, str(word)) == word
+        assert [r.getMessage() for r in caplog.records] == [
+            f"warning: --reward_token {word} ('the') is an ordinary vocabulary token, not a special, added or unused "
+            "one: the same token inside a text is read like the one appended"]
+        caplog.clear()
+        resolve_reward_token(tokenizer, str(tokenizer.eos_token_id))
+        assert not caplog.records

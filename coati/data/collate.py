@@ -522,7 +522,8 @@ def prepare_data(args: DataArgs, seed: int, tokenizer, reward_token_id: int) -> 
     """
     data_dir = args.data_dir or default_data_dir()
     selection = select_pairs(args.dataset, data_dir, args.max_samples, args.strict_data, seed, args.eval_dataset,
-                             args.max_eval_samples, args.eval_split, args.max_responses)
+                             args.max_eval_samples, args.eval_split, args.max_responses, args.max_text_chars,
+                             args.max_line_bytes)
     chat = use_chat_template(tokenizer, args.chat_template)
     encoder = SequenceEncoder(tokenizer, args.max_len, reward_token_id)
     (train, train_cut), (evals, eval_cut) = (tokenize_pairs(p, encoder, chat)

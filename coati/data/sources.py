@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
+from coati.config import MAX_LINE_BYTES, MAX_TEXT_CHARS
 from coati.data.formats import DataFormatError, PreferencePair, detect_format, ordered_pairs, parse_row
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -153,14 +154,32 @@ class _Hub:
     not_found: str  # what was looked for locally, for the error message
 
 
-def _read_lines(path: str) -> Iterator[tuple[str, object, str | None]]:
+def _bounded_lines(fh, max_bytes: int) -> Iterator[bytes | None]:
+    """The lines of a binary file, each read with at most ``max_bytes + 1`` bytes in memory; a longer line is read
+    to its end in chunks and dropped, and None stands in for it."""
+    while True:
+        raw = fh.readline(max_bytes + 1)
+        if not raw:
+            return
+        if len(raw) <= max_bytes or raw.endswith(b"\n"):
+            yield raw
+            continue
+        while raw and not raw.endswith(b"\n"):  # the rest of the long line
+            raw = fh.readline(1 << 20)
+        yield None
+
+
+def _read_lines(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, object, str | None]]:
     line = 0
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as fh:
         try:
-            for line, raw in enumerate(fh, 1):
+            for line, raw in enumerate(_bounded_lines(fh, max_line_bytes), 1):
+                where = f"{path}:{line}"
+                if raw is None:
+                    yield where, None, f"line longer than --max_line_bytes {max_line_bytes}"
+                    continue
                 if not raw.strip():
                     continue
-                where = f"{path}:{line}"
                 try:
                     text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
                 except UnicodeDecodeError as e:
@@ -204,7 +223,7 @@ def json_object_lines(lines: Iterable[str], name: str, error=ValueError) -> Iter
             yield f"{name}:{line_no}", row
 
 
-def _read_json(path: str) -> Iterator[tuple[str, object, str | None]]:
+def _read_json(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, object, str | None]]:
     """A ``.json`` file: a JSON list of rows (each reported at the line where it starts) or JSON lines."""
     with open(path, "rb") as fh:
         data = fh.read()
@@ -218,7 +237,7 @@ def _read_json(path: str) -> Iterator[tuple[str, object, str | None]]:
         if not isinstance(loads(data.lstrip().split(b"\n", 1)[0]), dict) and loads(data) is not None:
             raise DataFormatError(f"{path}: expected a JSON list of rows or JSON lines, got one JSON object "
                                   f"spanning several lines")
-        yield from _read_lines(path)
+        yield from _read_lines(path, max_line_bytes)
         return
     if head != b"[":
         raise DataFormatError(f"{path}: expected a JSON list of rows or JSON lines (file starts with {head!r})")
@@ -271,12 +290,14 @@ def _read_hub(hub: _Hub) -> Iterator[tuple[str, object, str | None]]:
         yield f"{hub.hub_id}:row {index}", row, None
 
 
-def _read(source: str | _Hub) -> Iterator[tuple[str, object, str | None]]:
+def _read(source: str | _Hub, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, object, str | None]]:
     if isinstance(source, _Hub):
         return _read_hub(source)
-    for ends, reader in ((".parquet", _read_parquet), (".json", _read_json), ((".jsonl", ".gz"), _read_lines)):
+    if source.endswith(".parquet"):
+        return _read_parquet(source)
+    for ends, reader in ((".json", _read_json), ((".jsonl", ".gz"), _read_lines)):
         if source.endswith(ends):
-            return reader(source)
+            return reader(source, max_line_bytes)
     raise DataFormatError(f"{source}: unsupported file type (expected one of {', '.join(_FILE_TYPES)})")
 
 
@@ -312,8 +333,9 @@ def _resolve(spec: str, data_dir: str | None) -> tuple[str, list[str | _Hub]]:
 # ---------------------------------------------------------------- public API
 
 def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: int | None = None,
-               strict: bool = False, seed: int | None = 0,
-               max_responses: int | None = None) -> tuple[list[PreferencePair], DataReport]:
+               strict: bool = False, seed: int | None = 0, max_responses: int | None = None,
+               max_text_chars: int = MAX_TEXT_CHARS,
+               max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[PreferencePair], DataReport]:
     """Load preference pairs from named datasets, local files or Hub ids (see the module docstring).
 
     Args:
@@ -326,6 +348,8 @@ def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: i
             The choice of pairs never depends on it.
         max_responses: ranked lists keep their K best-ranked answers (:meth:`PreferencePair.cap`; counted in the
             report); a list whose kept answers all tie is skipped. None keeps all.
+        max_text_chars: a row with a prompt message or answer longer than this (characters) is skipped.
+        max_line_bytes: a JSON-lines row longer than this (bytes) is skipped while it is read, never held whole.
     Returns:
         (pairs, report); each pair's ``source`` is the dataset name (or file path / Hub id), ``subset`` the row's
         string ``subset`` field (else ``""``) and ``origin`` its
@@ -347,7 +371,8 @@ def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: i
     for spec in specs:
         source, inputs = _resolve(spec, data_dir)
         stats = report.sources.setdefault(source, SourceReport())
-        kept = _load_source(source, inputs, stats, max_samples, strict, max_responses)
+        kept = _load_source(source, inputs, stats, max_samples, strict, max_responses, max_text_chars,
+                            max_line_bytes)
         if not kept:
             raise ValueError(f"{spec}: no usable preference pairs\n{report.summary()}")
         pairs += kept
@@ -356,13 +381,25 @@ def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: i
     return pairs, report
 
 
+def _check_lengths(pair: PreferencePair, max_chars: int) -> None:
+    """DataFormatError naming the first prompt message or answer longer than ``max_chars`` characters."""
+    for i, m in enumerate(pair.prompt):
+        if len(m["content"]) > max_chars:
+            raise DataFormatError(f"prompt message {i} has {len(m['content'])} characters, more than "
+                                  f"--max_text_chars {max_chars}")
+    for i, answer in enumerate(pair.responses):
+        if len(answer) > max_chars:
+            raise DataFormatError(f"answer {i} has {len(answer)} characters, more than --max_text_chars {max_chars}")
+
+
 def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max_samples: int | None,
-                 strict: bool, max_responses: int | None = None) -> list[PreferencePair]:
+                 strict: bool, max_responses: int | None = None, max_text_chars: int = MAX_TEXT_CHARS,
+                 max_line_bytes: int = MAX_LINE_BYTES) -> list[PreferencePair]:
     kept: list[PreferencePair] = []
     for item in inputs:
         stats.files.append(item.hub_id if isinstance(item, _Hub) else item)
         try:
-            for where, row, problem in _read(item):
+            for where, row, problem in _read(item, max_line_bytes):
                 stats.rows_read += 1
                 try:
                     if problem:
@@ -370,6 +407,7 @@ def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max
                     fmt = detect_format(row)
                     stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
                     pair = parse_row(row, fmt)
+                    _check_lengths(pair, max_text_chars)
                     capped = pair.cap(max_responses) if max_responses else 0
                     if pair.scores is not None and pair.scores[0] == pair.scores[-1]:
                         raise DataFormatError(f"the {len(pair.responses)} answers kept by --max_responses all tie")
@@ -437,7 +475,8 @@ class PairSelection:
 def select_pairs(dataset: Sequence[str], data_dir: str | None, max_samples: int | None = None, strict: bool = False,
                  seed: int | None = 0, eval_dataset: Sequence[str] | None = None,
                  max_eval_samples: int | None = None, eval_split: float = 0.0,
-                 max_responses: int | None = None) -> PairSelection:
+                 max_responses: int | None = None, max_text_chars: int = MAX_TEXT_CHARS,
+                 max_line_bytes: int = MAX_LINE_BYTES) -> PairSelection:
     """The trainer's deterministic choice of training and evaluation pairs (``train_reward_model.py`` settings).
 
     With ``eval_dataset`` the evaluation pairs are loaded from it (at most ``max_eval_samples`` per dataset);
@@ -446,14 +485,20 @@ def select_pairs(dataset: Sequence[str], data_dir: str | None, max_samples: int 
     ``python -m coati.evaluate --heldout`` re-creates a run's held-out pairs from its ``train_config.json``.
 
     Raises:
-        as :func:`load_pairs`; ValueError: no training pairs are left after the split.
+        as :func:`load_pairs`; ValueError: no training pairs are left after the split, or ``eval_split`` > 0 held
+        none out.
     """
-    train, report = load_pairs(dataset, data_dir, max_samples, strict, seed, max_responses)
+    limits = {"max_text_chars": max_text_chars, "max_line_bytes": max_line_bytes}
+    train, report = load_pairs(dataset, data_dir, max_samples, strict, seed, max_responses, **limits)
     eval_report = None
     if eval_dataset:
-        held, eval_report = load_pairs(eval_dataset, data_dir, max_eval_samples, strict, seed, max_responses)
+        held, eval_report = load_pairs(eval_dataset, data_dir, max_eval_samples, strict, seed, max_responses,
+                                       **limits)
     else:
         train, held = split_eval(train, eval_split) if eval_split > 0 else (train, [])
+        if eval_split > 0 and not held:
+            raise ValueError(f"--eval_split {eval_split:g} held out none of the {len(train)} pairs: raise it, or "
+                             "set 0 to train without a held-out evaluation")
         held = held[:max_eval_samples]  # None keeps all
     if not train:
         raise ValueError("no training pairs left after the evaluation split")

@@ -437,7 +437,21 @@ def resolve_reward_token(tokenizer: PreTrainedTokenizerBase, spec: str) -> int:
     token_id = int(spec)
     if not 0 <= token_id < len(tokenizer):
         raise ValueError(f"--reward_token {token_id} is outside the tokenizer's vocabulary (size {len(tokenizer)})")
+    if not is_reserved_token(tokenizer, token_id) and os.environ.get("RANK", "0") == "0":
+        logging.getLogger("coati").warning(
+            "warning: --reward_token %d (%r) is an ordinary vocabulary token, not a special, added or unused one: "
+            "the same token inside a text is read like the one appended", token_id,
+            tokenizer.convert_ids_to_tokens(token_id))
     return token_id
+
+
+def is_reserved_token(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
+    """Whether ``token_id`` is a special or added token, or a reserved one spelled like ``<unused0>`` or
+    ``[UNUSED_TOKEN_130]`` (what reward tokens are chosen from), rather than a piece of ordinary text."""
+    if token_id in tokenizer.all_special_ids or token_id in getattr(tokenizer, "added_tokens_decoder", {}):
+        return True
+    text = tokenizer.convert_ids_to_tokens(token_id) or ""
+    return (text.startswith("<") and text.endswith(">")) or (text.startswith("[") and text.endswith("]"))
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel, ratio: float = 1.0) -> int:
