@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import tempfile
 
@@ -518,10 +519,24 @@ def _write_error(e: BaseException, final: str) -> BaseException:
     inner = _failures(e)
     stop = next((f for f in inner if not isinstance(f, Exception) or isinstance(f, Interrupted)), None)
     cause = next((f for f in inner if isinstance(f, OSError)), None)
-    if stop is not None or (cause is None and inner == [e]):  # an interrupt, or an error not from DCP
-        return stop or e
+    if stop is not None:
+        return stop
+    torn = next((f for f in inner if _torn_write(f)), None)
+    if torn is not None:  # torch's zip writer reports a full disk as "unexpected pos 704 vs 598"
+        return CheckpointError(f"writing checkpoint {final} failed: No space left on device (torch's file writer "
+                               f"stopped mid-file); no partial checkpoint was left, the previous ones are kept")
+    if cause is None and inner == [e]:  # an error not from DCP
+        return e
     reason = describe_os_error(cause) if cause is not None else f"{type(inner[0]).__name__}: {inner[0]}"[:300]
     return CheckpointError(f"writing checkpoint {final} failed: {reason}; no partial checkpoint was left")
+
+
+def _torn_write(e: BaseException) -> bool:
+    """Whether ``e`` is torch's file writer failing mid-file (``unexpected pos``, ``PytorchStreamWriter failed``,
+    ``file write failed``): what a full disk looks like from ``torch.save``."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in ("unexpected pos", "PytorchStreamWriter failed",
+                                                                   "file write failed"))
 
 
 def read_trainer_state(path: str) -> dict:
@@ -546,9 +561,16 @@ def load_resume_checkpoint(path: str, strategy, model, optimizer, scheduler) -> 
             checkpoint holds anything but data (see :func:`dcp_load`).
     """
     state = read_trainer_state(path)
+    named = re.fullmatch(r"step-(\d+)", os.path.basename(os.path.normpath(path)))
+    if named and state.get("step") != int(named.group(1)):
+        raise CheckpointError(f"{path}: trainer_state.json records step {state.get('step')!r} but the folder is "
+                              f"step {int(named.group(1))}: the checkpoint was edited or renamed; resume from another")
     target = dcp_state(model, optimizer)
     dcp_load(target, os.path.join(path, "model_optim"))
     load_dcp_state(model, optimizer, target)
+    if not all_finite(strategy, model.parameters()):
+        raise CheckpointError(f"{path}: its weights are NaN or infinite; resume from an earlier checkpoint "
+                              "(--resume PATH)")
     scheduler.load_state_dict(state["scheduler"])
     rng_path = os.path.join(path, "rng", f"rank{strategy.rank}.pt")
     if not os.path.exists(rng_path):
@@ -592,3 +614,5 @@ def load_checkpoint_weights(path: str, strategy, model) -> None:
         raise CheckpointError(f"--init_from {path}: its weights do not fit this model ({str(e).splitlines()[0][:300]})"
                               ) from None
     load_dcp_state(model, None, target)
+    if not all_finite(strategy, model.parameters()):
+        raise CheckpointError(f"--init_from {path}: its weights are NaN or infinite")

@@ -319,7 +319,7 @@ def heldout_settings(model_path: str) -> dict:
     defaults = TrainConfig().to_dict()
     settings = {k: stored.get(k, defaults[k]) for k in ("dataset", "data_dir", "max_samples", "strict_data", "seed",
                                                           "eval_dataset", "max_eval_samples", "eval_split",
-                                                          "max_responses")}
+                                                          "max_responses", "max_text_chars", "max_line_bytes")}
     for key in ("dataset", "eval_dataset"):  # one spec may be stored as a plain string
         if isinstance(settings[key], str):
             settings[key] = [settings[key]]
@@ -342,8 +342,7 @@ def heldout_pairs(model_path: str, settings: dict, data_dir: str | None = None, 
         ValueError: the stored ``data_dir`` is gone and no ``data_dir`` is given, or the data changed since training
             (another held-out count than ``summary.json``'s); as :func:`~coati.data.sources.select_pairs`.
     """
-    from coati.config import MAX_LINE_BYTES, MAX_TEXT_CHARS
-    from coati.data.sources import default_data_dir, select_pairs
+    from coati.data.sources import default_data_dir, pairs_digest, select_pairs
 
     stored_dir = settings.get("data_dir")
     if stored_dir and not os.path.isdir(stored_dir):
@@ -353,19 +352,24 @@ def heldout_pairs(model_path: str, settings: dict, data_dir: str | None = None, 
     selection = select_pairs(settings["dataset"], stored_dir or data_dir or default_data_dir(),
                              settings["max_samples"], bool(strict or settings["strict_data"]), settings["seed"],
                              settings["eval_dataset"], settings["max_eval_samples"], settings["eval_split"] or 0.0,
-                             settings.get("max_responses"), settings.get("max_text_chars", MAX_TEXT_CHARS),
-                             settings.get("max_line_bytes", MAX_LINE_BYTES))
+                             settings.get("max_responses"), settings["max_text_chars"], settings["max_line_bytes"])
     pairs = selection.eval
     summary_path = os.path.join(model_path, "summary.json")
     if os.path.isfile(summary_path):
         try:
             with open(summary_path, encoding="utf-8") as f:
-                expected = json.load(f).get("eval_pairs")
-        except (json.JSONDecodeError, AttributeError):
-            expected = None
+                summary = json.load(f)
+        except (OSError, ValueError):
+            summary = None
+        summary = summary if isinstance(summary, dict) else {}
+        expected, digest = summary.get("eval_pairs"), summary.get("eval_pairs_sha256")
         if isinstance(expected, int) and expected != len(pairs):
             raise ValueError(f"--heldout: {summary_path} counts {expected} held-out pairs but the training settings "
                              f"now select {len(pairs)}: the data changed since training; evaluate with --dataset")
+        if isinstance(digest, str) and digest != pairs_digest(pairs):
+            raise ValueError(f"--heldout: the {len(pairs)} pairs the training settings now select are not those the "
+                             f"run held out (their content differs from the digest in {summary_path}): the data "
+                             "changed since training; evaluate with --dataset")
     if not pairs:
         raise ValueError("--heldout: the training settings select no held-out pairs from the data")
     return pairs, list(settings["eval_dataset"] or settings["dataset"]), selection.eval_report or selection.report

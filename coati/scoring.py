@@ -48,7 +48,7 @@ from coati.data.template import (Encoded, SequenceEncoder, TruncationStats, appl
                                  tokenize_pairs, use_chat_template)
 from coati.models.backbones import Backbone, backbone_for
 from coati.models.internlm2 import internlm2_to_llama_config, load_internlm2
-from coati.models.loading import load_tokenizer, quantization_config
+from coati.models.loading import check_weight_files, load_explained, load_tokenizer, quantization_config
 from coati.models.lora import keep_standard_4bit_layout
 from coati.models.reward_model import RewardModel
 
@@ -152,6 +152,29 @@ class _Answers:
 
     def comparisons(self, margin_from_scores: bool = False) -> list[tuple[int, int, None]]:
         return [(i, j, None) for i, j in ordered_pairs(self.count, self.scores)]
+
+
+def check_recipe_unchanged(path: str, train_config: dict) -> None:
+    """Refuse an export whose ``train_config.json`` differs from the one it was exported with (the digest that
+    ``summary.json`` records, exports from this version on): the scorer lays texts out by it (``max_len``, chat
+    template), so an edited one would silently score another layout than the one trained.
+
+    Raises:
+        ValueError: one line naming the file.
+    """
+    from coati.data.sources import content_digest
+
+    summary_path = os.path.join(path, "summary.json")
+    if not train_config or not os.path.isfile(summary_path):
+        return
+    try:
+        recorded = json.loads(Path(summary_path).read_text(encoding="utf-8")).get("train_config_sha256")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(recorded, str) and recorded != content_digest(train_config):
+        raise ValueError(f"{path}/train_config.json was changed after the export (summary.json records another "
+                         "digest of it); the layout it gives (max_len, chat template) may not be the one trained: "
+                         "restore it, or score with --layout chat / text")
 
 
 class RewardScorer:
@@ -260,7 +283,8 @@ class RewardScorer:
         if internlm2 and load_in_4bit:
             raise ValueError(f"{path}: --load_in_4bit is not supported for InternLM2 reward models (they are "
                              "converted in fp32)")
-        config = internlm2_to_llama_config(raw) if internlm2 else AutoConfig.from_pretrained(path)
+        config = internlm2_to_llama_config(raw) if internlm2 else \
+            load_explained(lambda: AutoConfig.from_pretrained(path, trust_remote_code=False), path)
         if getattr(config, "num_labels", None) != 1:
             raise ValueError(f"{path}: config.json has num_labels={getattr(config, 'num_labels', None)}, a reward "
                              "model export has num_labels=1 (one scalar per sequence)")
@@ -271,6 +295,8 @@ class RewardScorer:
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if layout == "auto":
             layout = "coati" if train_config else "chat" if has_template else "text"
+        if layout == "coati":
+            check_recipe_unchanged(path, train_config)
         if layout == "chat" and not has_template:
             raise ValueError(f"{path}: layout chat, but its tokenizer has no chat template (use layout text)")
         if layout == "coati" and not train_config:
@@ -285,12 +311,14 @@ class RewardScorer:
             if layout == "coati" else layout == "chat"
         encoder = SequenceEncoder(tokenizer, max_len, stored)
         quantization = quantization_config(ModelArgs(load_in_4bit=True), dtype) if load_in_4bit else None
+        check_weight_files(path)
         if internlm2:
-            hf_model = load_internlm2(path, pad_token_id=tokenizer.pad_token_id, reward_head=True).to(dtype)
+            hf_model = load_explained(lambda: load_internlm2(path, pad_token_id=tokenizer.pad_token_id,
+                                                             reward_head=True).to(dtype), path)
         else:
-            hf_model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=dtype, **({} if quantization is None else {"quantization_config": quantization,
-                                                                       "device_map": {"": str(dev)}}))
+            hf_model = load_explained(lambda: AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, trust_remote_code=False, **({} if quantization is None else {
+                    "quantization_config": quantization, "device_map": {"": str(dev)}})), path)
         if not isinstance(getattr(hf_model, "score", None), torch.nn.Linear):
             raise ValueError(f"{path}: {type(hf_model).__name__} has no 'score' head (Linear(hidden, 1)); coati "
                              "reads decoder reward models whose value head is 'score', as transformers' "

@@ -18,6 +18,7 @@ from coati.checkpoint import (CheckpointError, ExportError, NonFiniteWeightsErro
 from coati.config import OptimArgs, TrainConfig, parse_args, sequence_parallel_problems
 from coati.data.collate import RunData, make_loaders, prepare_data
 from coati.data.formats import DataFormatError
+from coati.data.sources import content_digest, pairs_digest
 from coati.losses import build_loss
 from coati.model_card import render_model_card
 from coati.models.loading import (CacheError, attention_heads, base_model_info, build_reward_model,
@@ -56,6 +57,7 @@ def summarize(trainer: Trainer, data: RunData, final_eval: dict, global_batch: i
     seconds = max(trainer.train_seconds, 1e-9)
     return {"steps": trainer.step, "total_steps": trainer.total_steps, "stopped_by_time": trainer.stopped_by_time,
             "train_pairs": len(data.train), "eval_pairs": len(data.eval),
+            "eval_pairs_sha256": pairs_digest(data.selection.eval),
             "world_size": trainer.strategy.world_size, "sequence_parallel_size": trainer.strategy.sp_size,
             "fit_seconds": fit_s, "train_seconds": trainer.train_seconds,
             "train_pairs_per_s": (trainer.step - start_step) * global_batch / seconds,
@@ -77,6 +79,7 @@ def export(cfg: TrainConfig, model, tokenizer, reward_token_id: int, data: RunDa
         extra.update(reward_mean=stats["reward_mean"], reward_std=stats["reward_std"],
                      reward_stats_source="eval" if final_eval else "train_last_epoch")
     recipe = dict(cfg.to_dict(), data_dir=os.path.abspath(data.data_dir) if data.data_dir else None)
+    summary["train_config_sha256"] = content_digest(recipe)  # checked by the scorer: an edited recipe is refused
     card = render_model_card(cfg.to_dict(), summary, *base_model_info(cfg.backbone.pretrain))
     export_hf(model.model, tokenizer, cfg.log.save_path, recipe, extra_config=extra,
               extra_json={"summary.json": summary}, adapter=cfg.log.export_adapter, extra_text={"README.md": card})

@@ -239,3 +239,56 @@ def test_the_cli_refuses_a_save_path_another_process_is_training_into(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"error: --save_path {out} is in use by another run (pid {holder.pid} "), err
     assert sorted(os.listdir(out)) == [".coati-run.lock"]  # the first run's folder is untouched
+
+
+def test_a_checkpoint_renamed_to_another_step_is_refused(tmp_path):
+    strategy, model, optimizer, scheduler, path = _checkpoint(tmp_path)
+    moved = os.path.join(os.path.dirname(path), "step-000005")
+    os.rename(path, moved)
+    with pytest.raises(CheckpointError, match="trainer_state.json records step 1 but the folder is step 5"):
+        load_resume_checkpoint(moved, strategy, model, optimizer, scheduler)
+
+
+def test_a_checkpoint_of_nan_weights_is_refused_when_loaded(tmp_path, monkeypatch):
+    import coati.checkpoint as checkpoint
+
+    strategy, model, optimizer, scheduler, _ = _checkpoint(tmp_path)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    monkeypatch.setattr(checkpoint, "all_finite", lambda strategy, params: True)  # as if written by another tool
+    path = save_resume_checkpoint(str(tmp_path), 2, strategy, model, optimizer, scheduler, {}, 2)
+    monkeypatch.undo()
+    with torch.no_grad():
+        model[0].weight.zero_()
+    with pytest.raises(CheckpointError, match="step-000002: its weights are NaN or infinite"):
+        load_resume_checkpoint(path, strategy, model, optimizer, scheduler)
+    with pytest.raises(CheckpointError, match="--init_from .*step-000002: its weights are NaN or infinite"):
+        checkpoint.load_checkpoint_weights(path, strategy, model)
+
+
+def test_a_checkpoint_on_a_full_tmpfs_says_no_space_and_keeps_the_last_good_one(tmp_path):
+    """torch.save's zip writer on a full disk says 'unexpected pos 704 vs 598'; the user must read 'No space left'."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        strategy = NaiveStrategy()
+        strategy.setup()
+        small = torch.nn.Linear(4, 4)
+        optimizer = torch.optim.AdamW(small.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        save_resume_checkpoint(str(mnt), 1, strategy, small, optimizer, scheduler, {}, 0)
+        big = torch.nn.Linear(512, 1024)  # 2 MB of weights: does not fit
+        optimizer = torch.optim.AdamW(big.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        with pytest.raises(CheckpointError, match="No space left on device") as info:
+            save_resume_checkpoint(str(mnt), 2, strategy, big, optimizer, scheduler, {}, 0)
+        assert "unexpected pos" not in str(info.value)
+        assert [os.path.basename(p) for p in list_checkpoints(str(mnt))] == ["step-000001"]
+        verify_checkpoint = __import__("coati.checkpoint", fromlist=["verify_checkpoint"]).verify_checkpoint
+        verify_checkpoint(list_checkpoints(str(mnt))[0])
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        shutil.rmtree(mnt, ignore_errors=True)

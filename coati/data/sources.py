@@ -444,6 +444,20 @@ def _bucket(pair: PreferencePair) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
 
 
+def content_digest(obj) -> str:
+    """SHA-256 (hex) of ``obj`` as canonical JSON (sorted keys, no spaces, UTF-8): equal for equal content, whatever
+    the key order or formatting of the file it was read from."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
+    """:func:`content_digest` of the pairs' content in order (prompt, answers in rank order, scores, margin): what
+    ``summary.json`` records of the held-out pairs, so that ``coati.evaluate --heldout`` can tell it re-created
+    exactly them."""
+    return content_digest([[p.prompt, p.responses, p.scores, p.margin] for p in pairs])
+
+
 def split_eval(pairs: Sequence[PreferencePair], fraction: float) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Split into (train, eval): a pair goes to eval when the SHA-256 of its content falls below ``fraction``.
 

@@ -13,10 +13,11 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -309,7 +310,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, reward_token: str
     from coati.models.internlm2 import sentencepiece_tokenizer_folder
 
     native = sentencepiece_tokenizer_folder(path, cache_dir())
-    tokenizer = AutoTokenizer.from_pretrained(native or path, trust_remote_code=trust_remote_code and native is None)
+    if native is None and os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, n))
+                                                          for n in TOKENIZER_FILES):
+        raise ValueError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); an incomplete or "
+                         "half-written model folder, or pass --tokenizer")
+    tokenizer = load_explained(lambda: AutoTokenizer.from_pretrained(
+        native or path, trust_remote_code=trust_remote_code and native is None), path, "tokenizer of ")
     return prepare_tokenizer(tokenizer, resolve_reward_token(tokenizer, reward_token))
 
 
@@ -380,20 +386,93 @@ def build_model(backbone: Backbone, tokenizer: PreTrainedTokenizerBase, pretrain
                               eos_token_id=eos_id, bos_token_id=tokenizer.bos_token_id)
         return backbone.model_class(config)
     path = resolve_pretrain(pretrain)
+    check_weight_files(path, "--pretrain ")
     if backbone.load_pretrained is not None:
-        model = backbone.load_pretrained(path, num_labels=1, pad_token_id=pad_id)
+        model = load_explained(lambda: backbone.load_pretrained(path, num_labels=1, pad_token_id=pad_id), path,
+                               "--pretrain ")
     else:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = load_explained(lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), path,
+                                "--pretrain ")
         if config.model_type not in backbone.model_types:
             raise ValueError(f"--pretrain {pretrain} is a {config.model_type!r} checkpoint but --model is "
                              f"{backbone.name!r} (accepts model_type {', '.join(backbone.model_types)})")
         config.num_labels, config.pad_token_id = 1, pad_id
-        model = _from_pretrained(backbone, path, quantization, device, config)
+        model = load_explained(lambda: _from_pretrained(backbone, path, quantization, device, config), path,
+                               "--pretrain ")
         head = "loaded with it" if _has_value_head(path) else "freshly initialised"
         logger.info("loaded %s from %s; value head (score) %s", backbone.name, pretrain, head)
+    if quantization is None:
+        check_finite_weights(model, path, "--pretrain ")
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+#: the files one of which a tokenizer folder holds (fast, sentencepiece, BPE or WordPiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer_config.json")
+
+
+def check_weight_files(path: str, what: str = "") -> None:
+    """Before a model folder is loaded: it holds weights (``*.safetensors`` or ``*.bin``), every shard an index
+    names exists, and every ``*.safetensors`` file has a header that fits the file (a truncated or absurd header is
+    named here, not by a traceback from deep in the loader). A path that is not a folder (a Hub id) is left alone.
+
+    Raises:
+        ValueError: one line, ``what`` (e.g. ``"--pretrain "``) and the file first.
+    """
+    from safetensors import safe_open
+
+    if not os.path.isdir(path):
+        return
+    names = set(os.listdir(path))
+    if not any(n.endswith((".safetensors", ".bin")) for n in names):
+        raise ValueError(f"{what}{path}: no model weights (*.safetensors); an incomplete or half-written model folder")
+    for index in sorted(n for n in names if n.endswith(".index.json")):
+        try:
+            with open(os.path.join(path, index), encoding="utf-8") as f:
+                shards = set(json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{what}{path}/{index}: unreadable shard index ({type(e).__name__})") from None
+        if missing := sorted(str(x) for x in shards if x not in names):
+            raise ValueError(f"{what}{path}/{index}: names shard {missing[0]}, which is missing")
+    for name in sorted(n for n in names if n.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(path, name), "pt") as f:
+                f.keys()
+        except Exception as e:  # SafetensorError, OSError: a header that does not fit the file
+            cause = " ".join(str(e).split())[:200]
+            raise ValueError(f"{what}{path}/{name}: not a readable safetensors file ({cause}); the file is damaged "
+                             "or incomplete") from None
+
+
+def load_explained(load: Callable[[], Any], path: str, what: str = "") -> Any:
+    """``load()``, with what a broken model folder raises from inside transformers or torch (shapes that do not fit
+    its config, a vocabulary of another size, a ``.bin`` that ``weights_only`` refuses...) turned into one line.
+
+    Raises:
+        ValueError: ``"<what><path>: cannot load the model (<error type>: <its first line>)"``.
+    """
+    try:
+        return load()
+    except Exception as e:  # noqa: BLE001 - any failure of a foreign loader becomes one line naming the folder
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+            raise ValueError(f"{what}{path}: its .bin weights hold pickled objects other than tensors; refused, "
+                             "never unpickled (convert the checkpoint to safetensors)") from None
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{what}{path}: cannot load the model ({type(e).__name__}: {first})") from None
+
+
+def check_finite_weights(model: torch.nn.Module, path: str, what: str = "") -> None:
+    """Refuse weights loaded with NaN or infinite values (they would be trained on, and the run would blame --lr).
+
+    Raises:
+        ValueError: one line naming the folder and the first such tensor.
+    """
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise ValueError(f"{what}{path}: {len(bad)} weight tensors are NaN or infinite (e.g. {bad[0]}); the "
+                         "checkpoint is broken")
 
 
 def _from_pretrained(backbone: Backbone, path: str, quantization, device, config=None) -> PreTrainedModel:
