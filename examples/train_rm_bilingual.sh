@@ -10,5 +10,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export COATI_DATA_DIR="${COATI_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 export HF_HUB_OFFLINE=1
-python3 -m coati.launch --standalone --nproc_per_node 2 train_reward_model.py \
+scripts/python -m coati.launch --standalone --nproc_per_node 2 train_reward_model.py \
     --config examples/rm_bilingual.yaml --save_path "${SAVE_PATH:-out/rm-bilingual}" "$@"

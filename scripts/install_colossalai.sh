@@ -17,7 +17,7 @@
 # Usage: pip install -e .[colossalai] && bash scripts/install_colossalai.sh   (PYTHON=... to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-$(scripts/python -c "import sys; print(sys.executable)")}
 # --no-warn-conflicts: pip would otherwise list colossalai's declared pins (torch<=2.5.1, transformers==4.51.3,
 # peft<=0.13.2, ray, fastapi, ...) as conflicts; none of them is needed to import and use the booster and plugins.
 PIP=("$PY" -m pip install -q --disable-pip-version-check --no-warn-conflicts)

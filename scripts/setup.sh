@@ -3,9 +3,26 @@
 # Gemma 3 270M and bitsandbytes (QLoRA).
 # Every install runs under constraints.txt, the versions the test suite last passed with; nothing here may pull
 # another torch: every later requirement is satisfied by the torch installed first.
+# Where: $PYTHON when set, else the active virtual environment, else python3 -- unless that Python is externally
+# managed (PEP 668: Debian's and Ubuntu's system Python refuse pip installs), then a new .venv in the repository.
+# scripts/python finds the same interpreter afterwards (the main job, CI and the README's test command use it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+externally_managed() {
+    "$1" -c 'import os, sys, sysconfig
+sys.exit(0 if sys.prefix == sys.base_prefix and os.path.isfile(os.path.join(sysconfig.get_path("stdlib"),
+                                                                         "EXTERNALLY-MANAGED")) else 1)'
+}
+if [ -z "${PYTHON:-}" ] && [ -z "${VIRTUAL_ENV:-}" ] && externally_managed "$PY"; then
+    if [ ! -x .venv/bin/python ]; then
+        "$PY" -m venv .venv || { echo "error: $PY is externally managed (PEP 668) and cannot create a virtual" \
+            "environment: install python3-venv (apt install python3-venv), or activate one and rerun" >&2; exit 2; }
+    fi
+    PY=.venv/bin/python
+    echo "setup: $(command -v python3) is externally managed (PEP 668): installing into $(pwd)/.venv;" \
+        "enter it with: source .venv/bin/activate (scripts/python and the examples use it already)"
+fi
 PIP=("$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[test,smollm2,serve]"
