@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from coati.config import MAX_LINE_BYTES, MAX_TEXT_CHARS
 from coati.data.formats import MAX_DATA_NUMBER, DataFormatError, PreferencePair, parse_row
 from coati.data.sources import _MAX_SKIP_MESSAGES, load_pairs, split_eval
 
@@ -154,12 +155,17 @@ lines = st.one_of(
 # ---------------------------------------------------------------- the oracle and the checks
 
 def classify(data: bytes) -> list[tuple[int, PreferencePair | None]]:
-    """(line number, pair or None when the row is bad) for each non-blank line, judged by ``parse_row`` directly.
+    """(line number, pair or None when the row is bad) for each non-blank line, judged by ``parse_row`` directly,
+    plus the loader's two bounds: a line longer than ``MAX_LINE_BYTES`` and a prompt message or answer longer than
+    ``MAX_TEXT_CHARS`` make a row bad.
 
     Only documented failures are caught, so an unexplained exception from ``parse_row`` fails the test too.
     """
     out = []
     for number, raw in enumerate(data.split(b"\n"), 1):
+        if len(raw) > MAX_LINE_BYTES:
+            out.append((number, None))
+            continue
         if not raw.strip():
             continue
         try:
@@ -168,9 +174,12 @@ def classify(data: bytes) -> list[tuple[int, PreferencePair | None]]:
             out.append((number, None))
             continue
         try:
-            out.append((number, parse_row(row)))
+            pair = parse_row(row)
         except DataFormatError:
             out.append((number, None))
+            continue
+        texts = [m["content"] for m in pair.prompt] + pair.responses
+        out.append((number, None if any(len(t) > MAX_TEXT_CHARS for t in texts) else pair))
     return out
 
 
