@@ -41,7 +41,7 @@ def cuda(monkeypatch):
 
 def test_lr_auto_is_one_rate_per_fine_tuning_mode(cpu):
     cpu({"avx2"})
-    assert (LR_LORA, LR_FULL) == (2e-4, 1e-5)
+    assert (LR_LORA, LR_FULL) == (2e-4, 1e-4)
     assert parse_args([]).optim.lr == LR_FULL
     assert parse_args(["--lora_rank", "16"]).optim.lr == LR_LORA
     assert parse_args(["--lr", "auto", "--lora_rank", "4"]).optim.lr == LR_LORA
