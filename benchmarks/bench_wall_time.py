@@ -13,9 +13,11 @@ so that neither runs out of data before the budget) and the budget itself:
   M`` with coati's defaults (see README "Defaults and why": precision and learning rate resolved for the run, batch 4,
   cosine schedule with a capped warm-up, max_len 512 with truncation, packing with prefix sharing);
 - coati-gemma3: the same with ``--pretrain gemma3-270m --model auto`` (Gemma 3 270M, multilingual tokenizer);
+- ``--variant NAME="flags"``: another coati run, its defaults plus those flags (e.g. another ``--lr``);
 - TRL 1.16: ``RewardTrainer`` with ``RewardConfig`` defaults (bf16, batch 8, lr 1e-4, linear schedule, gradient
   checkpointing, max_length 1024: longer pairs are dropped) and a callback that ends training once ``M`` minutes of
-  training have passed; then ``save_model``.
+  training have passed; then ``save_model``. ``--trl_fp32`` turns its bf16 off, for a CPU that emulates bf16 (AVX2
+  only: a bf16 matrix product runs about 100x slower than fp32 there, so TRL's default would hardly train).
 
 Reported per tool: optimizer steps, pairs trained, training seconds, and ``coati.evaluate``'s held-out acc overall
 and per language (the TRL export is read with ``--layout auto``, i.e. its chat template, as TRL trained it).
@@ -48,11 +50,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_samples", type=int, default=700, help="pairs per dataset (the main job's)")
     p.add_argument("--eval_split", type=float, default=0.18, help="share held out (the main job's)")
     p.add_argument("--epochs", type=int, default=3, help="epochs planned by both (TRL's default)")
-    p.add_argument("--tools", nargs="+", default=["coati", "trl"], choices=tuple(COATI_TOOLS) + ("trl",))
+    p.add_argument("--tools", nargs="+", default=["coati", "trl"],
+                   help=f"tools run in this order: {', '.join(COATI_TOOLS)}, trl, or a --variant's name")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="another coati run: NAME=\"flags\" (e.g. coati-lr1e-4=\"--pretrain smollm2-135m --lr 1e-4\")")
+    p.add_argument("--trl_fp32", action="store_true",
+                   help="TRL in fp32 instead of its bf16 default (for CPUs that emulate bf16; reported as such)")
     p.add_argument("--workdir", default=None, help="where data and exports go (default: a temporary folder)")
     p.add_argument("--json", default=None)
     p.add_argument("--trl_child", nargs=3, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.coati_tools = dict(COATI_TOOLS)
+    for v in args.variant:
+        name, sep, flags = v.partition("=")
+        if not sep or not name or name == "trl" or name in COATI_TOOLS:
+            p.error(f"--variant {v!r}: expected NAME=FLAGS with a new NAME")
+        args.coati_tools[name] = flags.split()
+    unknown = [t for t in args.tools if t != "trl" and t not in args.coati_tools]
+    if unknown:
+        p.error(f"--tools: unknown {', '.join(unknown)} (known: {', '.join(args.coati_tools)}, trl)")
+    return args
 
 
 def write_data(args, folder: str) -> tuple[str, str, dict]:
@@ -74,8 +91,9 @@ def write_data(args, folder: str) -> tuple[str, str, dict]:
                                               "heldout_languages": langs}
 
 
-def run_trl(train: str, out: str, minutes: float, epochs: int) -> dict:
-    """TRL's RewardTrainer with its defaults on the rows of ``train``, stopped after ``minutes`` of training."""
+def run_trl(train: str, out: str, minutes: float, epochs: int, fp32: bool = False) -> dict:
+    """TRL's RewardTrainer with its defaults on the rows of ``train``, stopped after ``minutes`` of training
+    (``fp32``: bf16 off, the only change)."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -105,7 +123,8 @@ def run_trl(train: str, out: str, minutes: float, epochs: int) -> dict:
                 control.should_training_stop = True
 
     config = RewardConfig(output_dir=out, num_train_epochs=epochs, report_to=[], save_strategy="no",
-                          use_cpu=True, logging_steps=50, dataloader_num_workers=0, seed=0)
+                          use_cpu=True, logging_steps=50, dataloader_num_workers=0, seed=0,
+                          **({"bf16": False} if fp32 else {}))
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                             processing_class=tokenizer, callbacks=[Budget()])
     trainer.train()
@@ -155,22 +174,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.trl_child:
         train, out, minutes = args.trl_child
-        print("RESULT " + json.dumps(run_trl(train, out, float(minutes), args.epochs)), flush=True)
+        print("RESULT " + json.dumps(run_trl(train, out, float(minutes), args.epochs, args.trl_fp32)), flush=True)
         return 0
     folder = args.workdir or tempfile.mkdtemp(prefix="bench-wall-")
     os.makedirs(folder, exist_ok=True)
     train, heldout, counts = write_data(args, folder)
-    results = {"settings": {k: v for k, v in vars(args).items() if k != "trl_child"}, "data": counts,
+    settings = {k: v for k, v in vars(args).items() if k not in ("trl_child", "coati_tools")}
+    results = {"settings": settings, "data": counts,
                "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                             if line.startswith("model name")), "?")}
     print(json.dumps(counts), flush=True)
     for tool in args.tools:
         out = os.path.join(folder, tool)
-        if tool in COATI_TOOLS:
-            r = run_coati(train, out, args.minutes, args.epochs, COATI_TOOLS[tool])
+        if tool != "trl":
+            r = run_coati(train, out, args.minutes, args.epochs, args.coati_tools[tool])
         else:
             cmd = [sys.executable, os.path.abspath(__file__), "--epochs", str(args.epochs), "--trl_child", train, out,
-                   str(args.minutes)]
+                   str(args.minutes), *(["--trl_fp32"] if args.trl_fp32 else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:
