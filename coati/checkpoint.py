@@ -301,8 +301,9 @@ def prepare_save_path(save_path: str, resuming: bool, overwrite: bool = False,
             pass
     except OSError as e:
         raise SavePathError(f"--save_path {save_path} is not writable: {describe_os_error(e)}") from None
-    held = _lock_save_path(save_path) if (os.environ.get("RANK", "0") == "0" if lock is None else lock) \
-        else SavePathLock()
+    if lock is None:
+        lock = os.environ.get("RANK", "0") == "0"
+    held = _lock_save_path(save_path) if lock else SavePathLock()
     if not resuming and (found := list_checkpoints(save_path)):
         held.release()
         raise CheckpointError(f"--save_path {save_path} already holds resume checkpoints (newest "

@@ -474,6 +474,10 @@ MAX_RECIPE_BYTES = 1 << 20
 MAX_RECIPE_VALUES = 100_000
 
 
+class _RecipeRefused(ValueError):
+    """A recipe refused by its bounds (size, expansion, cycle): already one line naming the file."""
+
+
 def _expanded_size(node, path: str, memo: dict[int, int], open_nodes: set[int]) -> int:
     """How many values a composed YAML node stands for once its aliases are expanded (aliases share node objects,
     so each node is sized once)."""
@@ -483,7 +487,7 @@ def _expanded_size(node, path: str, memo: dict[int, int], open_nodes: set[int]) 
     if key in memo:
         return memo[key]
     if key in open_nodes:
-        raise ValueError(f"--config {path}: a YAML alias refers to a value that contains it (a cycle)")
+        raise _RecipeRefused(f"--config {path}: a YAML alias refers to a value that contains it (a cycle)")
     open_nodes.add(key)
     if isinstance(node, yaml.MappingNode):
         size = 1 + sum(_expanded_size(k, path, memo, open_nodes) + _expanded_size(v, path, memo, open_nodes)
@@ -512,25 +516,23 @@ def _load_recipe_file(path: str) -> Any:
         with open(path, "rb") as f:
             raw = f.read(MAX_RECIPE_BYTES + 1)
         if len(raw) > MAX_RECIPE_BYTES:
-            raise ValueError(f"--config {path}: larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a mapping of "
-                             "options")
+            raise _RecipeRefused(f"--config {path}: larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a mapping "
+                                 "of options")
         text = raw.decode("utf-8")
         if path.endswith(".json"):
             return json.loads(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is not None and _expanded_size(node, path, {}, set()) > MAX_RECIPE_VALUES:
-            raise ValueError(f"--config {path}: expands to more than {MAX_RECIPE_VALUES:,} values (YAML aliases "
-                             "reused over and over); refused")
+            raise _RecipeRefused(f"--config {path}: expands to more than {MAX_RECIPE_VALUES:,} values (YAML "
+                                 "aliases reused over and over); refused")
         return yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 (SafeLoader)
+    except _RecipeRefused:
+        raise
     except RecursionError:
         raise ValueError(f"--config {path}: nested too deeply") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"--config {path}: cannot read it ({' '.join(str(e).split())})") from None
-    except ValueError as e:
-        if str(e).startswith(f"--config {path}:"):
-            raise
+    except (OSError, ValueError, yaml.YAMLError) as e:  # JSON's ValueErrors too (syntax, 4,300-digit integers)
         raise ValueError(f"--config {path}: cannot read it ({' '.join(str(e).split())})") from None
 
 

@@ -1,5 +1,6 @@
 """Checkpoints and exports are data, never code; complete or absent; finite; readable by others."""
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from coati.checkpoint import (CheckpointError, ExportError, NonFiniteWeightsError, dcp_load, export_hf,
-                              list_checkpoints, load_resume_checkpoint, save_resume_checkpoint)
+                              list_checkpoints, load_resume_checkpoint, save_resume_checkpoint, verify_checkpoint)
 from coati.strategies.naive import NaiveStrategy
 from conftest import tiny_model
 
@@ -162,14 +163,25 @@ def test_an_export_that_fails_midway_keeps_the_previous_one(tokenizer, tmp_path,
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 
-def test_an_export_on_a_full_tmpfs_keeps_the_previous_one(tokenizer, tmp_path):
-    """The failure as reported: a 20 MB tmpfs holds one export but not a second one beside it."""
+@contextlib.contextmanager
+def _small_tmpfs(tmp_path, size: str):
+    """A tmpfs of ``size`` (e.g. ``20m``) mounted under ``tmp_path`` for the block, then unmounted; skips the test
+    where mounting is not allowed (not root)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a tmpfs needs root")
     try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_an_export_on_a_full_tmpfs_keeps_the_previous_one(tokenizer, tmp_path):
+    """The failure as reported: a 20 MB tmpfs holds one export but not a second one beside it."""
+    with _small_tmpfs(tmp_path, "20m") as mnt:
         out = mnt / "rm"
         _export(tokenizer, out, 0)
         before = {n: (out / n).read_bytes() for n in os.listdir(out)}
@@ -177,9 +189,6 @@ def test_an_export_on_a_full_tmpfs_keeps_the_previous_one(tokenizer, tmp_path):
             _export(tokenizer, out, 1)
         assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
         assert json.loads((out / "config.json").read_text())["reward_mean"] == 0.0
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-        shutil.rmtree(mnt, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ the save path: whose, and in use
@@ -268,12 +277,7 @@ def test_a_checkpoint_of_nan_weights_is_refused_when_loaded(tmp_path, monkeypatc
 
 def test_a_checkpoint_on_a_full_tmpfs_says_no_space_and_keeps_the_last_good_one(tmp_path):
     """torch.save's zip writer on a full disk says 'unexpected pos 704 vs 598'; the user must read 'No space left'."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
+    with _small_tmpfs(tmp_path, "1m") as mnt:
         strategy = NaiveStrategy()
         strategy.setup()
         small = torch.nn.Linear(4, 4)
@@ -287,8 +291,4 @@ def test_a_checkpoint_on_a_full_tmpfs_says_no_space_and_keeps_the_last_good_one(
             save_resume_checkpoint(str(mnt), 2, strategy, big, optimizer, scheduler, {}, 0)
         assert "unexpected pos" not in str(info.value)
         assert [os.path.basename(p) for p in list_checkpoints(str(mnt))] == ["step-000001"]
-        verify_checkpoint = __import__("coati.checkpoint", fromlist=["verify_checkpoint"]).verify_checkpoint
         verify_checkpoint(list_checkpoints(str(mnt))[0])
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-        shutil.rmtree(mnt, ignore_errors=True)
