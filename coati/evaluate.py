@@ -24,12 +24,17 @@ Outputs in ``--output_dir`` (default ``<model_path>/eval``):
   ``heldout`` (whether the pairs are the training run's held-out pairs), ``pairs``, ``acc`` (share of pairs with
   r_chosen > r_rejected), ``dist`` (mean r_chosen - r_rejected), ``dist_std``, ``chosen_reward``, ``rejected_reward``,
   ``reward_mean``, ``reward_std``, ``ece``, ``bins``, ``calibration`` (per bin: ``lo``, ``hi``, ``count``, ``acc``,
-  ``confidence``), ``subsets`` ``{name: {same metric keys}}``, ``languages`` ``{lang: {...}}``, ``truncation``,
+  ``confidence``), ``length_bias`` (:func:`coati.metrics.length_bias`: Pearson and Spearman correlation of the reward
+  with the answer's length in tokens, acc on the pairs whose chosen answer is longer / shorter, and the acc of the
+  length-only rule "the longer answer wins"), ``subsets`` ``{name: {same metric keys}}``, ``languages``
+  ``{lang: {...}}``, ``truncation``,
   ``data`` (rows read / skipped per source), ``max_len``, ``chat_template``, ``seconds``, ``pairs_per_s``;
 * ``report.md``: the same as a table (``acc`` labelled "accuracy", ``dist`` "margin");
 * ``pair_scores.jsonl``: one row per pair (``origin``, ``source``, ``lang``, ``chosen_reward``, ``rejected_reward``,
-  ``margin`` = r_chosen - r_rejected of that pair), e.g. for data filtering;
-* PNG plots: ``margin_hist.png``, ``accuracy_by_subset.png``, ``reward_distributions.png``, ``calibration.png``, and
+  ``margin`` = r_chosen - r_rejected of that pair, ``chosen_tokens``, ``rejected_tokens``: the answers' lengths),
+  e.g. for data filtering;
+* PNG plots: ``margin_hist.png``, ``accuracy_by_subset.png``, ``reward_distributions.png``, ``calibration.png``,
+  ``reward_vs_length.png`` (every answer's reward against its length in tokens, chosen and rejected apart), and
   ``training_curves.png`` when ``--metrics`` (a training ``metrics.jsonl``) is given.
 
 User errors (missing model folder or dataset, bad flags or metrics file, an ``--output_dir`` that cannot be created
@@ -57,7 +62,8 @@ from coati.metrics import grouped_metrics, pair_metrics
 from coati.rewardbench import NO_SUBSET, VERSIONS, benchmark_scores, check_rows, leaderboard_table
 from coati.score import add_model_options, check_output_target
 
-PLOTS = ("margin_hist.png", "accuracy_by_subset.png", "reward_distributions.png", "calibration.png")
+PLOTS = ("margin_hist.png", "accuracy_by_subset.png", "reward_distributions.png", "calibration.png",
+         "reward_vs_length.png")
 TRAINING_CURVES = "training_curves.png"
 _CURVE_KEYS = ("loss", "acc", "dist")
 
@@ -102,10 +108,12 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def write_plots(chosen: torch.Tensor, rejected: torch.Tensor, report: dict, output_dir: str) -> None:
-    """The :data:`PLOTS` of ``[N]`` rewards and their ``report`` (:func:`evaluate`) in ``output_dir``: histogram of
-    the margins r_c - r_r (line at 0: right of it is correct), bars of ``acc`` per subset and language (chance at
-    0.5), chosen vs rejected reward histograms on shared bins, and the reliability diagram of the calibration table.
+def write_plots(chosen: torch.Tensor, rejected: torch.Tensor, report: dict, output_dir: str,
+                lengths: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The :data:`PLOTS` of ``[N]`` rewards, their answers' ``[N]`` lengths in tokens (chosen, rejected) and their
+    ``report`` (:func:`evaluate`) in ``output_dir``: histogram of the margins r_c - r_r (line at 0: right of it is
+    correct), bars of ``acc`` per subset and language (chance at 0.5), chosen vs rejected reward histograms on shared
+    bins, the reliability diagram of the calibration table, and reward against length (log-scaled length axis).
     """
     c, r = chosen.double().cpu().numpy(), rejected.double().cpu().numpy()
     fig, ax = _subplots(figsize=(6, 4))
@@ -147,6 +155,16 @@ def write_plots(chosen: torch.Tensor, rejected: torch.Tensor, report: dict, outp
            ylabel="acc (share of pairs with r_c > r_r)", title=f"reliability diagram (ECE {report['ece']:.4f})")
     ax.legend(loc="upper left", fontsize=8)
     _save(fig, os.path.join(output_dir, "calibration.png"))
+
+    bias = report["length_bias"]
+    fig, ax = _subplots(figsize=(6, 4))
+    for x, n, name, color in ((c, lengths[0], "chosen", "tab:green"), (r, lengths[1], "rejected", "tab:red")):
+        ax.scatter(n.double().clamp(min=1).numpy(), x, s=8, alpha=0.5, label=name, color=color)
+    ax.set_xscale("log")
+    ax.set(xlabel="answer length (tokens)", ylabel="reward",
+           title=f"reward vs length: Pearson {_fmt(bias['pearson'], 3)}, Spearman {_fmt(bias['spearman'], 3)}")
+    ax.legend()
+    _save(fig, os.path.join(output_dir, "reward_vs_length.png"))
 
 
 def plot_training_curves(rows: list[dict], path: str) -> str:
@@ -208,7 +226,23 @@ def markdown_report(report: dict) -> str:
            "mean r_chosen - r_rejected; reward_mean/std over all chosen and rejected rewards; ECE (Guo et al. "
            "2017) of p = sigmoid(margin).",
            "", f"Truncation: {trunc.get('prompt_truncated', 0)} pairs had the prompt cut, "
-           f"{trunc.get('answer_truncated', 0)} an answer cut (max_len {report['max_len']}).", ""])
+           f"{trunc.get('answer_truncated', 0)} an answer cut (max_len {report['max_len']}).", "",
+         "## Length bias", "", _length_table(groups), ""])
+
+
+def _length_table(groups: list[tuple[str, dict]]) -> str:
+    """The length-bias rows of report.md, one per group that has them."""
+    keys = ("pearson", "spearman", "acc_chosen_longer", "pairs_chosen_longer", "acc_chosen_shorter",
+            "pairs_chosen_shorter", "longer_wins_acc")
+    cols = ("Pearson r", "Spearman rho", "acc, chosen longer", "pairs", "acc, chosen shorter", "pairs",
+            "acc of 'longer wins'")
+    rows = [f"| {name} | " + " | ".join(_fmt(m["length_bias"].get(k)) for k in keys) + " |"
+            for name, m in groups if m.get("length_bias")]
+    return "\n".join(["| group | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols), *rows, "",
+                      "Correlation of the reward with the answer's length in tokens over every chosen and rejected "
+                      "answer; acc on the pairs whose chosen answer is longer / shorter than the rejected one; the "
+                      "acc of the rule 'the longer answer wins' on all pairs (equal lengths count as wrong). A reward "
+                      "that follows length has a high acc on the first and a low one on the second."])
 
 
 def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins: int = 10,
@@ -234,6 +268,7 @@ def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins
     t0 = time.perf_counter()
     chosen, rejected = scorer.score_pairs(pairs, progress=progress)
     seconds = time.perf_counter() - t0
+    lengths = scorer.last_lengths
     owners = [pairs[i] for i in getattr(scorer, "last_owner", range(len(pairs)))]  # the row of each comparison
     top1 = {}
     if any(p.more for p in pairs):  # ranked lists: the share of prompts whose best answer scores highest
@@ -241,9 +276,10 @@ def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins
     bench = None if benchmark is None else benchmark_scores(benchmark, pairs, scorer.last_answer_rewards)
     report = {"model_path": scorer.path, "datasets": list(datasets), "heldout": heldout,
               **({} if bench is None else {"benchmark": bench}),
-              **pair_metrics(chosen, rejected, bins), **top1, "bins": bins,
-              "subsets": grouped_metrics(chosen, rejected, [subset_name(p, subset_by) for p in owners], bins),
-              "languages": grouped_metrics(chosen, rejected, [p.lang for p in owners], bins),
+              **pair_metrics(chosen, rejected, bins, lengths), **top1, "bins": bins,
+              "subsets": grouped_metrics(chosen, rejected, [subset_name(p, subset_by) for p in owners], bins,
+                                         lengths),
+              "languages": grouped_metrics(chosen, rejected, [p.lang for p in owners], bins, lengths),
               "truncation": vars(scorer.last_truncation), "data": data_report or {}, "max_len": scorer.encoder.max_len,
               "chat_template": scorer.chat_template, "seconds": seconds,
               "pairs_per_s": len(pairs) / seconds if seconds > 0 else None}
@@ -253,10 +289,10 @@ def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins
     with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(markdown_report(report))
     with open(os.path.join(output_dir, "pair_scores.jsonl"), "w", encoding="utf-8") as f:
-        for p, c, r in zip(owners, chosen.tolist(), rejected.tolist()):
+        for p, c, r, lc, lr in zip(owners, chosen.tolist(), rejected.tolist(), *(x.tolist() for x in lengths)):
             f.write(dumps({"origin": p.origin, "source": p.source, "lang": p.lang, "chosen_reward": c,
-                           "rejected_reward": r, "margin": c - r}) + "\n")
-    write_plots(chosen, rejected, report, output_dir)
+                           "rejected_reward": r, "margin": c - r, "chosen_tokens": lc, "rejected_tokens": lr}) + "\n")
+    write_plots(chosen, rejected, report, output_dir, lengths)
     if training_rows is not None:
         plot_training_curves(training_rows, os.path.join(output_dir, TRAINING_CURVES))
     return report
@@ -431,6 +467,11 @@ def run(args) -> dict:
         for name, m in groups.items():
             print(f"  {title} {name}: {m['pairs']} pairs, acc {m['acc']:.4f}, dist {m['dist']:.4f}, "
                   f"ECE {m['ece']:.4f}")
+    bias = report["length_bias"]
+    print(f"  length bias: reward-length Pearson {_fmt(bias['pearson'], 3)}, Spearman {_fmt(bias['spearman'], 3)}; "
+          f"acc {_fmt(bias['acc_chosen_longer'], 3)} when the chosen answer is longer "
+          f"({bias['pairs_chosen_longer']} pairs), {_fmt(bias['acc_chosen_shorter'], 3)} when it is shorter "
+          f"({bias['pairs_chosen_shorter']}); 'the longer wins' alone: {_fmt(bias['longer_wins_acc'], 3)}")
     print(f"report and plots in {output_dir}")
     return report
 

@@ -16,8 +16,23 @@ For N pairs with rewards ``r_c,i`` (chosen) and ``r_r,i`` (rejected), unitless l
 
 For ranked lists the pairs are all the ordered pairs of each prompt's answers (C(K, 2) of a strictly ranked list).
 
-Every quantity but the ECE is a ratio of sums over pairs, so :class:`PairMetrics` can add batches and all-reduce
-over ranks before dividing, and :func:`pair_metrics` over one tensor gives the same numbers.
+Given each answer's length in tokens (``l_c``, ``l_r``: the answer alone, before any cut to ``max_len``), a
+``length_bias`` block (:func:`length_bias`) says how much the rewards follow length:
+
+* ``pearson`` / ``spearman``: correlation of reward with length over the 2N (reward, length) points of the pairs'
+  chosen and rejected answers (an answer of a ranked list counts once per comparison it is in); Spearman's is
+  Pearson's of the ranks, ties given their mean rank (Spearman 1904); None when either side is constant;
+* ``pairs_chosen_longer`` / ``acc_chosen_longer``: the pairs with ``l_c > l_r`` and their ``acc``; likewise
+  ``..._chosen_shorter`` for ``l_c < l_r`` (None without such pairs), and ``pairs_equal_length``;
+* ``longer_wins_acc``: the acc of the length-only rule "the longer answer wins" on the same pairs, i.e. the share
+  with ``l_c > l_r`` (equal lengths count as wrong, as a tie in ``acc``).
+
+A reward that ranks by length scores high on ``acc_chosen_longer`` and low on ``acc_chosen_shorter``; ODIN (Chen et
+al. 2024, arXiv 2402.07319, section 5) reports the Pearson correlation as the length bias of a reward model.
+
+Every quantity but the ECE and Spearman's correlation is a ratio of sums over pairs, so :class:`PairMetrics` can add
+batches and all-reduce over ranks before dividing, and :func:`pair_metrics` over one tensor gives the same numbers
+(the training rows carry ``length_bias`` without ``spearman``).
 """
 
 from __future__ import annotations
@@ -28,9 +43,12 @@ import torch
 
 LANGS = ("en", "zh")
 # columns of a pair's row (and of a sum of rows): loss, pair count, correct, dist, chosen, rejected,
-# squared rewards r_c^2 + r_r^2, squared dist; then per prompt (PairMetrics.add_top1): prompts, top-1 right
-_LOSS, _PAIRS, _CORRECT, _DIST, _CHOSEN, _REJECTED, _REWARD_SQ, _DIST_SQ, _PROMPTS, _TOP1 = range(10)
-_COLUMNS = 10
+# squared rewards r_c^2 + r_r^2, squared dist; then per prompt (PairMetrics.add_top1): prompts, top-1 right; then
+# with answer lengths: pairs with lengths, l_c + l_r, l_c^2 + l_r^2, r_c l_c + r_r l_r, pairs with l_c > l_r and
+# those of them right, pairs with l_c < l_r and those of them right
+(_LOSS, _PAIRS, _CORRECT, _DIST, _CHOSEN, _REJECTED, _REWARD_SQ, _DIST_SQ, _PROMPTS, _TOP1, _LEN_PAIRS, _LEN, _LEN_SQ,
+ _REWARD_LEN, _LONGER, _LONGER_RIGHT, _SHORTER, _SHORTER_RIGHT) = range(18)
+_COLUMNS = 18
 
 
 def top1_correct(rewards: torch.Tensor, item: torch.Tensor, best: torch.Tensor, num_items: int) -> torch.Tensor:
@@ -58,12 +76,32 @@ def _as_pairs(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tenso
     return c, r
 
 
-def _pair_columns(c: torch.Tensor, r: torch.Tensor, loss: float = 0.0) -> torch.Tensor:
-    """``[N, 10]`` float64 rows, one per pair, whose column sums :func:`_summary` turns into metrics."""
+def _as_lengths(lengths: tuple | None, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(l_c, l_r)`` as flat float64 CPU tensors of ``n`` values, or None; ValueError for another size."""
+    if lengths is None:
+        return None
+    lc, lr = (torch.as_tensor(x).detach().double().cpu().flatten() for x in lengths)
+    if lc.numel() != n or lr.numel() != n:
+        raise ValueError(f"{n} pairs but {lc.numel()} chosen and {lr.numel()} rejected answer lengths")
+    return lc, lr
+
+
+def _pair_columns(c: torch.Tensor, r: torch.Tensor, loss: float = 0.0,
+                  lengths: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``[N, 18]`` float64 rows, one per pair, whose column sums :func:`_summary` turns into metrics (the length
+    columns zero without ``lengths``)."""
     d = c - r
     zero = torch.zeros_like(c)
-    return torch.stack([torch.full_like(c, loss), torch.ones_like(c), (c > r).double(), d, c, r, c * c + r * r,
-                        d * d, zero, zero], dim=1)
+    right = (c > r).double()
+    if lengths is None:
+        length_cols = [zero] * 8
+    else:
+        lc, lr = lengths
+        longer, shorter = (lc > lr).double(), (lc < lr).double()
+        length_cols = [torch.ones_like(c), lc + lr, lc * lc + lr * lr, c * lc + r * lr, longer, longer * right,
+                       shorter, shorter * right]
+    return torch.stack([torch.full_like(c, loss), torch.ones_like(c), right, d, c, r, c * c + r * r, d * d, zero,
+                        zero, *length_cols], dim=1)
 
 
 def _std(sum_x: float, sum_sq: float, n: float) -> float:
@@ -71,9 +109,32 @@ def _std(sum_x: float, sum_sq: float, n: float) -> float:
     return max(sum_sq / n - (sum_x / n) ** 2, 0.0) ** 0.5
 
 
+def _correlation(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float | None:
+    """Pearson's r from sums over n points; None when either variable is constant (or n < 2)."""
+    if n < 2:
+        return None
+    cov, vx, vy = sxy - sx * sy / n, sxx - sx * sx / n, syy - sy * sy / n
+    if vx <= 1e-12 * max(sxx, 1e-300) or vy <= 1e-12 * max(syy, 1e-300):
+        return None
+    return max(-1.0, min(1.0, cov / (vx * vy) ** 0.5))
+
+
+def _length_summary(v: list[float]) -> dict:
+    """The ``length_bias`` block (module docstring) of a column sum, ``spearman`` left out."""
+    n = v[_LEN_PAIRS]
+    return {"pearson": _correlation(2 * n, v[_CHOSEN] + v[_REJECTED], v[_LEN], v[_REWARD_SQ], v[_LEN_SQ],
+                                    v[_REWARD_LEN]),
+            "pairs_chosen_longer": int(v[_LONGER]),
+            "acc_chosen_longer": v[_LONGER_RIGHT] / v[_LONGER] if v[_LONGER] else None,
+            "pairs_chosen_shorter": int(v[_SHORTER]),
+            "acc_chosen_shorter": v[_SHORTER_RIGHT] / v[_SHORTER] if v[_SHORTER] else None,
+            "pairs_equal_length": int(n - v[_LONGER] - v[_SHORTER]), "longer_wins_acc": v[_LONGER] / n}
+
+
 def _summary(s: torch.Tensor, loss: bool = False) -> dict:
-    """The metrics (module docstring; ``loss`` too if asked, never ``ece``) of a column sum ``s`` ``[10]``;
-    ``{"pairs": 0}`` when it holds no pair."""
+    """The metrics (module docstring; ``loss`` too if asked, never ``ece``; ``length_bias`` without ``spearman``
+    when every pair came with answer lengths) of a column sum ``s`` ``[18]``; ``{"pairs": 0}`` when it holds no
+    pair."""
     v = s.tolist()
     n = v[_PAIRS]
     if n == 0:
@@ -86,6 +147,8 @@ def _summary(s: torch.Tensor, loss: bool = False) -> dict:
         out["loss"] = v[_LOSS] / n
     if v[_PROMPTS]:
         out.update(prompts=int(v[_PROMPTS]), top1=v[_TOP1] / v[_PROMPTS])
+    if v[_LEN_PAIRS] == n:
+        out["length_bias"] = _length_summary(v)
     return out
 
 
@@ -114,19 +177,21 @@ class PairMetrics:
                 yield k, torch.tensor([s == name for s in sources], dtype=torch.bool)
 
     def add(self, loss: float, chosen: torch.Tensor, rejected: torch.Tensor, langs: Sequence[str],
-            sources: Sequence[str] | None = None) -> None:
+            sources: Sequence[str] | None = None, lengths: tuple | None = None) -> None:
         """Accumulate one batch: its mean ``loss`` (weighted by its pair count), ``[B]`` rewards (any float dtype and
-        device; summed in float64 on CPU), ``B`` language codes (one outside :data:`LANGS` counts only overall) and
-        optionally ``B`` subset names (one not in ``subsets`` counts only overall and per language).
+        device; summed in float64 on CPU), ``B`` language codes (one outside :data:`LANGS` counts only overall),
+        optionally ``B`` subset names (one not in ``subsets`` counts only overall and per language) and the answers'
+        lengths in tokens ``(l_c [B], l_r [B])`` (the rows then carry ``length_bias`` when every batch had them).
 
         Raises:
-            ValueError: ``chosen`` and ``rejected`` differ in size, or ``langs`` or ``sources`` has another length.
+            ValueError: ``chosen`` and ``rejected`` differ in size, or ``langs``, ``sources`` or ``lengths`` has
+                another length.
         """
         c, r = _as_pairs(chosen, rejected)
         if len(langs) != c.numel() or (sources is not None and len(sources) != c.numel()):
             raise ValueError(f"{c.numel()} pairs but {len(langs)} language codes"
                              + ("" if sources is None else f" and {len(sources)} subset names"))
-        rows = _pair_columns(c, r, float(loss))
+        rows = _pair_columns(c, r, float(loss), _as_lengths(lengths, c.numel()))
         self.sums[0] += rows.sum(0)
         for j, mine in self._groups(langs, sources):
             self.sums[j] += rows[mine].sum(0)
@@ -218,26 +283,76 @@ def expected_calibration_error(chosen: torch.Tensor, rejected: torch.Tensor, bin
     return ece_from_bins(calibration_bins(chosen, rejected, bins))
 
 
-def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, bins: int = 10) -> dict:
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of ``[n]`` float64 values, tied values given their mean rank."""
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(1, x.numel() + 1, dtype=torch.float64)
+    values, inverse = torch.unique(x, return_inverse=True)
+    mean = torch.zeros(values.numel(), dtype=torch.float64).index_add_(0, inverse, ranks)
+    count = torch.zeros(values.numel(), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(x))
+    return (mean / count)[inverse]
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Pearson's correlation of two ``[n]`` tensors (computed in float64); None when either is constant or n < 2."""
+    a, b = x.detach().double().cpu().flatten(), y.detach().double().cpu().flatten()
+    return _correlation(a.numel(), a.sum().item(), b.sum().item(), (a * a).sum().item(), (b * b).sum().item(),
+                        (a * b).sum().item())
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Spearman's rank correlation of two ``[n]`` tensors: :func:`pearson` of their ranks, ties at their mean rank
+    (Spearman 1904); None when either is constant or n < 2."""
+    a, b = x.detach().double().cpu().flatten(), y.detach().double().cpu().flatten()
+    return pearson(_ranks(a), _ranks(b)) if a.numel() else None
+
+
+def length_bias(chosen: torch.Tensor, rejected: torch.Tensor, chosen_len, rejected_len) -> dict:
+    """The ``length_bias`` block (module docstring) of ``[N]`` rewards and their answers' ``[N]`` lengths in tokens.
+
+    Returns:
+        ``pearson``, ``spearman``, ``pairs_chosen_longer``, ``acc_chosen_longer``, ``pairs_chosen_shorter``,
+        ``acc_chosen_shorter``, ``pairs_equal_length``, ``longer_wins_acc``; None for a figure without pairs to
+        compute it on (``{}`` for N = 0).
+    Raises:
+        ValueError: the four sizes differ.
+    """
+    c, r = _as_pairs(chosen, rejected)
+    lengths = _as_lengths((chosen_len, rejected_len), c.numel())
+    if not c.numel():
+        return {}
+    block = _length_summary(_pair_columns(c, r, lengths=lengths).sum(0).tolist())
+    return {"pearson": block.pop("pearson"), "spearman": spearman(torch.cat([c, r]), torch.cat(lengths)), **block}
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, bins: int = 10, lengths: tuple | None = None) -> dict:
     """Metrics (module docstring) of ``[N]`` chosen and rejected rewards (any float dtype, computed in float64).
 
+    Args:
+        lengths: ``(l_c [N], l_r [N])``, the answers' lengths in tokens: adds the :func:`length_bias` block.
     Returns:
         ``pairs``, ``acc``, ``dist``, ``dist_std``, ``chosen_reward``, ``rejected_reward``, ``reward_mean``,
         ``reward_std`` (as :class:`PairMetrics` fed the same pairs, up to summation order), ``ece`` over ``bins``
-        bins and ``calibration`` (the :func:`calibration_bins` table); ``{"pairs": 0}`` for N = 0.
+        bins and ``calibration`` (the :func:`calibration_bins` table), and ``length_bias`` with ``lengths``;
+        ``{"pairs": 0}`` for N = 0.
     Raises:
-        ValueError: the sizes of ``chosen`` and ``rejected`` differ, or ``bins`` < 1.
+        ValueError: the sizes of ``chosen``, ``rejected`` and ``lengths`` differ, or ``bins`` < 1.
     """
     c, r = _as_pairs(chosen, rejected)
     table = calibration_bins(c, r, bins)
     out = _summary(_pair_columns(c, r).sum(0))
     if out["pairs"]:
         out.update(ece=ece_from_bins(table), calibration=table)
+        if lengths is not None:
+            out["length_bias"] = length_bias(c, r, *lengths)
     return out
 
 
-def grouped_metrics(chosen: torch.Tensor, rejected: torch.Tensor, groups: Sequence[str], bins: int = 10) -> dict:
-    """``{group: pair_metrics(...)}`` for each distinct label in ``groups`` (``N`` strings), sorted by name.
+def grouped_metrics(chosen: torch.Tensor, rejected: torch.Tensor, groups: Sequence[str], bins: int = 10,
+                    lengths: tuple | None = None) -> dict:
+    """``{group: pair_metrics(...)}`` for each distinct label in ``groups`` (``N`` strings), sorted by name
+    (``lengths`` ``(l_c [N], l_r [N])`` as :func:`pair_metrics`).
 
     Raises:
         ValueError: ``groups`` has another length than the ``[N]`` rewards; as :func:`pair_metrics`.
@@ -245,4 +360,6 @@ def grouped_metrics(chosen: torch.Tensor, rejected: torch.Tensor, groups: Sequen
     if len(groups) != chosen.numel():
         raise ValueError(f"{chosen.numel()} pairs but {len(groups)} group labels")
     masks = {name: torch.tensor([g == name for g in groups], dtype=torch.bool) for name in sorted(set(groups))}
-    return {name: pair_metrics(chosen.flatten()[m], rejected.flatten()[m], bins) for name, m in masks.items()}
+    split = (lambda m: None) if lengths is None else \
+        (lambda m: tuple(torch.as_tensor(x).flatten()[m] for x in lengths))
+    return {name: pair_metrics(chosen.flatten()[m], rejected.flatten()[m], bins, split(m)) for name, m in masks.items()}

@@ -494,7 +494,9 @@ class RewardScorer:
             :attr:`last_truncation`, the input index of each comparison in :attr:`last_owner` (``list[int]``, M) and
             the per-prompt top-1 result in :attr:`last_top1` (``[N]`` bool, :func:`coati.metrics.top1_correct`) and
             every answer's reward in :attr:`last_answer_rewards` (N lists of floats, in each input's
-            :attr:`~coati.data.formats.PreferencePair.responses` order: chosen, rejected, then the rest).
+            :attr:`~coati.data.formats.PreferencePair.responses` order: chosen, rejected, then the rest), and the
+            answers' lengths in tokens (each answer alone, before any cut to ``max_len``) of the comparisons in
+            :attr:`last_lengths` (two ``[M]`` int64 tensors, winner and loser).
         """
         from coati.data.collate import list_layout
         from coati.metrics import top1_correct
@@ -503,6 +505,7 @@ class RewardScorer:
             items, self.last_truncation = tokenize_pairs(list(pairs), self.encoder, self.chat_template)
             layout = list_layout(items)
             sequences = layout.sequences
+            answer_lengths = [it.answer_lengths for it in items]
         else:  # every answer encoded whole, in answer-major order as list_layout numbers them
             layout = list_layout([_Answers(len(p.responses), p.scores) for p in pairs])
             owners: list[tuple[int, int]] = [(0, 0)] * len(layout.sequences)  # sequence -> (item, answer)
@@ -514,11 +517,17 @@ class RewardScorer:
             sequences = [e.input_ids for e in encoded]
             cut = {b for (b, _), e in zip(owners, encoded) if e.prompt_truncated}
             self.last_truncation = TruncationStats(len(pairs), len(cut), 0)
+            counts = iter(self.tokenizer([a for p in pairs for a in p.responses], add_special_tokens=False).input_ids)
+            answer_lengths = [[len(next(counts)) for _ in p.responses] for p in pairs]
         rewards = self.score_ids(sequences, progress)
         index = torch.tensor(layout.pairs, dtype=torch.int64).reshape(-1, 2)
         self.last_owner = [layout.item[w] for w, _ in layout.pairs]
         self.last_top1 = top1_correct(rewards, torch.tensor(layout.item), torch.tensor(layout.best), len(layout.index))
         self.last_answer_rewards = [rewards[torch.tensor(idx)].tolist() for idx in layout.index]
+        lengths = torch.zeros(len(sequences), dtype=torch.int64)
+        for idx, answer_len in zip(layout.index, answer_lengths):
+            lengths[idx] = torch.tensor(answer_len, dtype=torch.int64)
+        self.last_lengths = (lengths[index[:, 0]], lengths[index[:, 1]])
         return rewards[index[:, 0]].clone(), rewards[index[:, 1]].clone()
 
     def best_of_n(self, prompt: Prompt, responses: Sequence[str], normalize: bool = False) -> tuple[list[float], int]:

@@ -120,7 +120,7 @@ class Trainer:
 
     @staticmethod
     def _add(metrics: PairMetrics, value: float, batch: Batch, chosen, rejected, rewards) -> None:
-        metrics.add(value, chosen, rejected, batch.langs, batch.sources)
+        metrics.add(value, chosen, rejected, batch.langs, batch.sources, batch.pair_lengths())
         metrics.add_top1(top1_correct(rewards, batch.item, batch.best, len(batch.item_langs)), batch.item_langs,
                          batch.item_sources)
 

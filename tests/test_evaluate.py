@@ -16,7 +16,8 @@ from coati.checkpoint import export_hf
 from coati.data.sources import load_pairs
 from coati.data.template import tokenize_pairs
 from coati.evaluate import PLOTS, TRAINING_CURVES, main
-from coati.metrics import pair_metrics
+from coati.metrics import length_bias, pair_metrics
+from coati.models.loading import load_tokenizer
 from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
 from coati.scoring import RewardScorer
@@ -150,14 +151,28 @@ def test_report_languages_subsets_and_plots(export, data_files, tmp_path, capsys
         assert report[key] == pytest.approx(expected[key], abs=1e-12), key
     zh = torch.tensor([s["lang"] == "zh" for s in scores])
     assert langs["zh"]["dist"] == pytest.approx(pair_metrics(chosen[zh], rejected[zh])["dist"], abs=1e-12)
+    # the length-bias block: the answers' own token counts (the tokenizer's, no special tokens), overall and per group
+    pairs, _ = load_pairs([str(a), str(b)], seed=None)
+    tok = load_tokenizer(str(path))
+    count = [[len(tok(t, add_special_tokens=False).input_ids) for t in (p.chosen, p.rejected)]
+             for p in pairs]
+    assert [[s["chosen_tokens"], s["rejected_tokens"]] for s in scores] == count
+    lc, lr = (torch.tensor([c[k] for c in count]) for k in (0, 1))
+    assert report["length_bias"] == pytest.approx(length_bias(chosen, rejected, lc, lr), abs=1e-12)
+    assert langs["zh"]["length_bias"] == pytest.approx(length_bias(chosen[zh], rejected[zh], lc[zh], lr[zh]),
+                                                       abs=1e-12)
+    assert report["length_bias"]["longer_wins_acc"] == sum(x > y for x, y in count) / 7
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "lang `zh`" in md and "lang `en`" in md and "**all**" in md
     assert "| group | pairs | accuracy | margin | chosen_reward |" in md  # human labels of acc / dist
     assert f"| **all** | 7 | {report['acc']:.4f} | {report['dist']:.4f} |" in md
+    bias = report["length_bias"]
+    assert "## Length bias" in md and f"| **all** | {bias['pearson']:.4f} | {bias['spearman']:.4f} |" in md
     for name in PLOTS + (TRAINING_CURVES,):
         _check_png(out / name)
     summary = capsys.readouterr().out
     assert "7 pairs: acc" in summary and "lang zh: 3 pairs" in summary
+    assert f"'the longer wins' alone: {bias['longer_wins_acc']:.3f}" in summary
 
     # --subset_by file names subsets after the files; no --metrics -> no training curves
     out2 = tmp_path / "by_file"

@@ -227,3 +227,68 @@ def test_pair_metrics_per_subset_closed_form():
     assert "subsets" not in PairMetrics().result()
     with pytest.raises(ValueError, match="subset names"):
         m.add(0.5, chosen, rejected, ["en"] * 4, ["hh-rlhf"])
+
+
+# --------------------------------------------------------------------------- length bias
+
+# four pairs: (chosen reward, rejected reward) and their answers' lengths in tokens
+LB_CHOSEN, LB_REJECTED = [1.0, 2.0, 0.5, 3.0], [0.0, 2.5, 1.0, 1.0]
+LB_CHOSEN_LEN, LB_REJECTED_LEN = [10, 5, 3, 8], [4, 9, 3, 2]
+
+
+def _pearson_by_hand(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+
+def test_length_bias_matches_hand_computed_values():
+    from coati.metrics import length_bias
+
+    rewards = LB_CHOSEN + LB_REJECTED
+    lengths = LB_CHOSEN_LEN + LB_REJECTED_LEN
+    # ranks by hand, ties at their mean rank: rewards 1.0 x3 share ranks 3-5, lengths 3 x2 share ranks 2-3
+    reward_ranks = [4, 6, 2, 8, 1, 7, 4, 4]
+    length_ranks = [8, 5, 2.5, 6, 4, 7, 2.5, 1]
+    m = length_bias(torch.tensor(LB_CHOSEN), torch.tensor(LB_REJECTED), torch.tensor(LB_CHOSEN_LEN),
+                    torch.tensor(LB_REJECTED_LEN))
+    assert m["pearson"] == pytest.approx(_pearson_by_hand(rewards, lengths), abs=1e-12)
+    assert m["pearson"] == pytest.approx(0.5665745113741707, abs=1e-12)
+    assert m["spearman"] == pytest.approx(_pearson_by_hand(reward_ranks, length_ranks), abs=1e-12)
+    # pair 0: longer and right; pair 1: shorter and wrong; pair 2: equal lengths; pair 3: longer and right
+    assert (m["pairs_chosen_longer"], m["acc_chosen_longer"]) == (2, 1.0)
+    assert (m["pairs_chosen_shorter"], m["acc_chosen_shorter"]) == (1, 0.0)
+    assert m["pairs_equal_length"] == 1
+    assert m["longer_wins_acc"] == 0.5  # the rule is right on pairs 0 and 3; an equal length counts as wrong
+
+
+def test_length_bias_edge_cases():
+    from coati.metrics import length_bias, spearman
+
+    # equal lengths everywhere: no correlation (None), no longer/shorter pairs, the rule never right
+    m = length_bias(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0]), torch.tensor([4, 4]), torch.tensor([4, 4]))
+    assert m["pearson"] is None and m["spearman"] is None
+    assert m["acc_chosen_longer"] is None and m["acc_chosen_shorter"] is None and m["longer_wins_acc"] == 0.0
+    # a reward that is its length: r = 1, a monotone transform: rho = 1
+    lengths = torch.tensor([3.0, 50.0, 7.0, 2.0])
+    assert spearman(lengths.log(), lengths) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="answer lengths"):
+        length_bias(torch.zeros(2), torch.zeros(2), torch.zeros(3), torch.zeros(2))
+
+
+def test_length_bias_of_batched_sums_equals_the_whole():
+    from coati.metrics import length_bias
+
+    lengths = (torch.tensor(LB_CHOSEN_LEN), torch.tensor(LB_REJECTED_LEN))
+    m = PairMetrics()
+    for part in (slice(0, 1), slice(1, 4)):
+        m.add(0.5, torch.tensor(LB_CHOSEN)[part], torch.tensor(LB_REJECTED)[part], ["en"] * (part.stop - part.start),
+              lengths=(lengths[0][part], lengths[1][part]))
+    whole = length_bias(torch.tensor(LB_CHOSEN), torch.tensor(LB_REJECTED), *lengths)
+    whole.pop("spearman")  # ranks need every score: the training rows leave it out
+    res = m.result()
+    assert res["length_bias"] == pytest.approx(whole, abs=1e-12)
+    assert res["languages"]["en"]["length_bias"] == pytest.approx(whole, abs=1e-12)
+    # a batch without lengths: no length block (it would describe only part of the pairs)
+    m.add(0.5, torch.tensor([1.0]), torch.tensor([0.0]), ["en"])
+    assert "length_bias" not in m.result()

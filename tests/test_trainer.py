@@ -111,3 +111,25 @@ def test_max_train_minutes_ends_training_after_the_step_that_crosses_it(tokenize
     unlimited = _trainer(tokenizer, tmp_path / "b", slow_loss)
     unlimited.fit()
     assert unlimited.step == 8 and not unlimited.stopped_by_time
+
+
+def test_evaluation_rows_carry_the_reward_length_correlation(tokenizer, tmp_path):
+    from coati.metrics import length_bias
+
+    trainer = _trainer(tokenizer, tmp_path, log_sig_loss)
+    g = torch.Generator().manual_seed(3)
+    lens = [(3, 9), (8, 2), (5, 5), (12, 4), (2, 7)]
+    pairs = [TokenizedPair(torch.randint(5, 300, (a,), generator=g).tolist() + [2],
+                           torch.randint(5, 300, (b,), generator=g).tolist() + [2], None, "en", "x",
+                           answer_lengths=[a, b]) for a, b in lens]
+    collate = make_collate(tokenizer.pad_token_id, False, 0, True, "right")
+    trainer.evaluation = PairLoader(pairs, collate, GlobalBatchSampler(5, 2, shuffle=False, drop_last=False))
+    row = trainer.evaluate()
+    whole = collate(pairs)
+    with torch.no_grad():
+        rewards = trainer.model.eval()(**whole.inputs)
+    expected = length_bias(rewards[:5], rewards[5:], *whole.pair_lengths())
+    assert whole.pair_lengths()[0].tolist() == [a for a, _ in lens]
+    expected.pop("spearman")  # needs every score at once: not in training rows
+    assert row["length_bias"] == pytest.approx(expected, abs=1e-6)
+    assert row["length_bias"]["pairs_chosen_longer"] == 2 and row["length_bias"]["pairs_equal_length"] == 1

@@ -40,6 +40,8 @@ class Batch:
         sources, item_sources: the M comparisons' and the B prompts' subsets (their pair's ``source``: the dataset).
         loss_weight: the denominator of the loss's weighted mean over this batch (:func:`item_loss_weight` summed),
             which the trainer sets against the same total over all ranks' batches of an optimizer step.
+        lengths: ``[N]`` int64 answer lengths in tokens (:attr:`~coati.data.template.TokenizedPair.answer_lengths`),
+            or None when an item has none.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -56,6 +58,13 @@ class Batch:
     loss_weight: float = 0.0
     sources: list[str] | None = None
     item_sources: list[str] | None = None
+    lengths: torch.Tensor | None = None
+
+    def pair_lengths(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(winner [M], loser [M])`` int64 answer lengths of the comparisons, or None without :attr:`lengths`."""
+        if self.lengths is None:
+            return None
+        return self.lengths[self.pairs[:, 0]], self.lengths[self.pairs[:, 1]]
 
 
 @dataclass
@@ -195,12 +204,17 @@ def _batch(items: list[TokenizedPair], layout: ListLayout, inputs: dict, total_t
     weight = None if layout.weights is None else torch.tensor(layout.weights, dtype=torch.float32)
     real = sum(map(len, layout.sequences))
     langs = [items[layout.item[w]].lang for w, _ in layout.pairs]
+    lengths = None
+    if all(it.answer_lengths is not None for it in items):
+        lengths = torch.zeros(len(layout.sequences), dtype=torch.int64)
+        for it, idx in zip(items, layout.index):
+            lengths[idx] = torch.tensor(it.answer_lengths, dtype=torch.int64)
     return Batch(inputs, margin, langs, real, real if computed is None else computed, total_tokens,
                  pairs=torch.tensor(layout.pairs, dtype=torch.int64).reshape(-1, 2), weight=weight,
                  item=torch.tensor(layout.item, dtype=torch.int64), best=torch.tensor(layout.best, dtype=torch.bool),
                  item_langs=[it.lang for it in items], loss_weight=layout.total,
                  sources=[items[layout.item[w]].source for w, _ in layout.pairs],
-                 item_sources=[it.source for it in items])
+                 item_sources=[it.source for it in items], lengths=lengths)
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -169,6 +169,8 @@ class TokenizedPair:
         more_ids: the sequences of answers 3..K of a ranked list, in rank order (empty for a pair).
         scores: for a scored list, the K answers' scores (higher is better, non-increasing; equal scores are ties and
             give no comparison); None: strictly ranked in order (a pair: chosen beats rejected).
+        answer_lengths: the K answers' lengths in tokens (the answer alone, before any cut to ``max_len``), in rank
+            order, for the length-bias figures (:func:`coati.metrics.length_bias`); None when unknown.
     """
 
     chosen_ids: list[int]
@@ -178,6 +180,7 @@ class TokenizedPair:
     source: str
     more_ids: list[list[int]] = field(default_factory=list)
     scores: list[float] | None = None
+    answer_lengths: list[int] | None = None
 
     @property
     def sequences(self) -> list[list[int]]:
@@ -237,5 +240,6 @@ def tokenize_pairs(pairs: list, encoder: SequenceEncoder, chat_template: bool,
             stats.answer_truncated += int(any(e.answer_truncated for e in encoded))
             seqs = [e.input_ids for e in encoded]
             out.append(TokenizedPair(seqs[0], seqs[1], pair.margin, pair.lang, pair.source, seqs[2:],
-                                     None if pair.scores is None else list(pair.scores)))
+                                     None if pair.scores is None else list(pair.scores),
+                                     [len(a) for a in ids[at - k:at]]))
     return out, stats
