@@ -23,6 +23,7 @@ import tempfile
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
@@ -57,9 +58,16 @@ def _is_weight_file(name: str) -> bool:
         name.startswith("model-") and name.endswith(".safetensors"))
 
 
+#: Weight files an export may carry beside the model's own (``export_hf``'s ``extra_tensors``): an export without one
+#: removes an earlier export's copy, so a folder never mixes two runs' files.
+LENGTH_HEAD_FILE = "length_head.safetensors"
+EXTRA_WEIGHT_FILES = (LENGTH_HEAD_FILE,)
+
+
 def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, train_config: dict | None = None,
               extra_config: dict | None = None, extra_json: dict[str, dict] | None = None,
-              adapter: bool = False, extra_text: dict[str, str] | None = None) -> str:
+              adapter: bool = False, extra_text: dict[str, str] | None = None,
+              extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
     """Write ``model`` to ``path`` as a Hugging Face folder, atomically.
 
     The folder holds ``config.json`` (``num_labels == 1``, ``pad_token_id`` distinct from EOS), ``model.safetensors``,
@@ -79,18 +87,25 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
             model card of :func:`coati.model_card.render_model_card`); plain file names only.
         adapter: also write the peft adapter (LoRA weights and the trained value head, peft's own layout) to
             ``path/adapter``, for users who load it over their own (e.g. 4-bit) copy of the base model.
+        extra_tensors: safetensors files written with the export, ``{file name: {tensor name: tensor}}``; names
+            from :data:`EXTRA_WEIGHT_FILES` only (e.g. the length head of ``--length_head``).
     Returns:
         ``path``.
     Raises:
-        ValueError: a name in ``extra_json`` or ``extra_text`` is not a plain file name (nothing is written).
+        ValueError: a name in ``extra_json`` or ``extra_text`` is not a plain file name, or one in ``extra_tensors``
+            is not in :data:`EXTRA_WEIGHT_FILES` (nothing is written).
         NonFiniteWeightsError: a weight is NaN or infinite (nothing is written).
         ExportError: writing failed; the message names the cause (e.g. ``No space left on device``).
     """
     for name in [*(extra_json or {}), *(extra_text or {})]:
         if not name or name in (".", "..") or os.path.basename(name) != name or "\\" in name:
             raise ValueError(f"export file name {name!r} is not a plain file name")
+    for name in extra_tensors or {}:
+        if name not in EXTRA_WEIGHT_FILES:
+            raise ValueError(f"export weight file {name!r} is not one of {', '.join(EXTRA_WEIGHT_FILES)}")
     plain = merged_copy(model)
-    if not parameters_finite(plain.parameters()):
+    extra_params = [t for tensors in (extra_tensors or {}).values() for t in tensors.values()]
+    if not parameters_finite(list(plain.parameters()) + extra_params):
         bad = non_finite_names(plain)
         raise NonFiniteWeightsError(f"{len(bad)} weight tensors are NaN or infinite (e.g. {bad[0]}); nothing was "
                                     f"exported to {path}. Lower --lr or check the data")
@@ -109,6 +124,8 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
         for name, text in (extra_text or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
+        for name, tensors in (extra_tensors or {}).items():
+            save_file(tensors, os.path.join(tmp, name))
         if adapter and hasattr(model, "peft_config"):
             model.save_pretrained(os.path.join(tmp, "adapter"))
             shutil.rmtree(os.path.join(path, "adapter"), ignore_errors=True)
@@ -116,8 +133,8 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
         new = set(os.listdir(tmp))
         if not any(_is_weight_file(n) for n in new):
             raise ExportError(f"export to {path} failed: save_pretrained wrote no weights")
-        for name in os.listdir(path):  # weight shards of an earlier export that this one does not replace
-            if _is_weight_file(name) and name not in new:
+        for name in os.listdir(path):  # weight files of an earlier export that this one does not replace
+            if (_is_weight_file(name) or name in EXTRA_WEIGHT_FILES) and name not in new:
                 os.remove(os.path.join(path, name))
         for name in sorted(new, key=lambda n: n == "config.json"):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
@@ -339,7 +356,8 @@ FINGERPRINT_FIELDS = ("model", "pretrain", "model_config", "tokenizer", "lora_ra
                       "bnb_4bit_double_quant", "loss_fn", "focal_gamma", "penalty", "penalty_weight", "reward_bound",
                       "center_rewards_coefficient", "reward_token", "max_len", "chat_template", "group_by_length",
                       "max_epochs", "max_steps", "lr", "weight_decay", "adam_eps", "warmup_ratio", "warmup_steps",
-                      "max_grad_norm", "mixed_precision", "seed", "init_from")
+                      "max_grad_norm", "mixed_precision", "seed", "init_from", "ties", "tie_param", "length_head",
+                      "length_loss_weight", "orthogonal_loss_weight")
 
 
 def run_fingerprint(options: dict, train_tok: list, global_batch: int, total_steps: int) -> dict:

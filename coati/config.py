@@ -177,6 +177,11 @@ class DataArgs:
     max_responses: int | None = _opt(None, "ranked lists: keep the K best-ranked answers of each prompt (the "
                                            "answers dropped are counted in the data report; default: all)",
                                      valid=Range(2, integer=True))
+    ties: str = _opt("drop", "answers judged equally good (equal scores or ranks, \"tie\": true, UltraFeedback's "
+                             "score_chosen == score_rejected): drop (counted; a row with nothing but ties is "
+                             "skipped), or keep them with a Bradley-Terry model with ties: rao_kupper (Rao and "
+                             "Kupper 1967) or davidson (Davidson 1970), whose tie parameter is --tie_param",
+                     choices=("drop", "rao_kupper", "davidson"))
     max_len: int = _opt(512, "max tokens per sequence (prompt truncated from the left; the EOS is always kept)",
                          valid=Range(8, integer=True))
     packing: bool = _opt(True, "pack the chosen and rejected sequences of each batch into rows without padding "
@@ -214,6 +219,21 @@ class LossArgs:
                                          "prompt counts once (prompt, InstructGPT), or every comparison the same "
                                          "(pair); pairs are unaffected", choices=("prompt", "pair"))
     margin_from_scores: bool = _opt(False, "scored lists: each comparison's margin is its score difference")
+    length_head: bool = _opt(False, "ODIN (Chen et al. 2024, arXiv 2402.07319): a second linear head on the same "
+                                    "hidden state carries answer length; the pairwise loss is taken on the sum of "
+                                    "both heads, the quality head (the exported value head, the reward) is pushed "
+                                    "to be uncorrelated with length and the length head to carry it; the length "
+                                    "head is written beside the export as length_head.safetensors")
+    length_loss_weight: float = _opt(1.0, "--length_head: weight of abs(corr(quality, length)) - corr(length "
+                                          "head, length), Pearson correlations over each micro-batch on all ranks",
+                                     valid=Range(0, 100))
+    orthogonal_loss_weight: float = _opt(1.0, "--length_head: weight of abs(w_quality . w_length), keeping the "
+                                              "two heads' weights orthogonal", valid=Range(0, 100))
+    tie_param: float | None = _opt(None, "--ties rao_kupper / davidson: the tie parameter nu (log theta of Rao-"
+                                         "Kupper, nu of Davidson), fixed during training; default auto = the value "
+                                         "at which two answers with equal rewards tie with the probability of a "
+                                         "tie in the training comparisons (0, plain Bradley-Terry, without ties); "
+                                         "train_config.json records the value used", valid=NON_NEGATIVE, auto=True)
 
 
 @dataclass
@@ -799,6 +819,14 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.optim.resume and cfg.optim.init_from:
         errors.append("--resume continues a run and --init_from starts a new one from a checkpoint's weights: "
                       "give one of them")
+    if cfg.data.ties != "drop" and cfg.loss.loss_fn not in ("log_sig", "log_exp"):
+        errors.append(f"--ties {cfg.data.ties} is a Bradley-Terry model with ties, so it replaces log_sig / log_exp: "
+                      f"not with --loss_fn {cfg.loss.loss_fn}")
+    for name in ("length_loss_weight", "orthogonal_loss_weight"):
+        if not cfg.loss.length_head and getattr(cfg.loss, name) != getattr(LossArgs(), name):
+            errors.append(f"--{name} weighs a term of --length_head: add --length_head, or drop it")
+    if cfg.loss.tie_param is not None and cfg.data.ties == "drop":
+        errors.append("--tie_param is the tie parameter of --ties rao_kupper / davidson: drop it, or keep the ties")
     defaults = TrainConfig().to_dict()
     for selector, registry in registries.items():
         chosen = registry[flat[selector]]

@@ -355,7 +355,8 @@ def heldout_settings(model_path: str) -> dict:
     defaults = TrainConfig().to_dict()
     settings = {k: stored.get(k, defaults[k]) for k in ("dataset", "data_dir", "max_samples", "strict_data", "seed",
                                                           "eval_dataset", "max_eval_samples", "eval_split",
-                                                          "max_responses", "max_text_chars", "max_line_bytes")}
+                                                          "max_responses", "max_text_chars", "max_line_bytes",
+                                                          "ties")}
     for key in ("dataset", "eval_dataset"):  # one spec may be stored as a plain string
         if isinstance(settings[key], str):
             settings[key] = [settings[key]]
@@ -388,7 +389,8 @@ def heldout_pairs(model_path: str, settings: dict, data_dir: str | None = None, 
     selection = select_pairs(settings["dataset"], stored_dir or data_dir or default_data_dir(),
                              settings["max_samples"], bool(strict or settings["strict_data"]), settings["seed"],
                              settings["eval_dataset"], settings["max_eval_samples"], settings["eval_split"] or 0.0,
-                             settings.get("max_responses"), settings["max_text_chars"], settings["max_line_bytes"])
+                             settings.get("max_responses"), settings["max_text_chars"], settings["max_line_bytes"],
+                             settings["ties"])
     pairs = selection.eval
     summary_path = os.path.join(model_path, "summary.json")
     if os.path.isfile(summary_path):

@@ -14,6 +14,10 @@ keyword-only arguments with defaults (e.g. focal's ``gamma``). A penalty maps ``
 chosen and rejected rewards) and their weights to one scalar. :func:`build_loss` binds a loss, a penalty and the
 centering term into one callable of the common signature.
 
+Ties (``--ties rao_kupper`` / ``davidson``): :class:`TieLoss` extends the signature with the T tied comparisons,
+``loss(chosen, rejected, margin, weight, tie_a [T], tie_b [T], tie_weight [T] | None)``, and takes the weighted mean
+over the M strict and T tied comparisons together.
+
 Add a loss = one function + one entry in ``LOSSES``: a :class:`~coati.config.Registered` whose ``build`` takes the
 :class:`~coati.config.LossArgs` group and returns the loss, and whose ``takes`` names the options it reads (a new
 option is one field of ``LossArgs``). A penalty likewise in ``PENALTIES``.
@@ -21,6 +25,7 @@ option is one field of ``LossArgs``). A penalty likewise in ``PENALTIES``.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, Optional
 
@@ -95,6 +100,127 @@ LOSSES: dict[str, Registered] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------- ties
+
+#: ``--ties`` values that keep tied comparisons, each a Bradley-Terry model with ties.
+TIE_MODELS = ("rao_kupper", "davidson")
+
+
+def tie_log_probs(model: str, diff: torch.Tensor, nu: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log P(a beats b), log P(a ties b))`` of reward differences ``d = r_a - r_b`` under a model with ties.
+
+    * ``rao_kupper`` (Rao and Kupper, JASA 1967, eq. 2.1, with ``theta = e^nu``, ``pi = e^r``):
+      ``P(win) = sigmoid(d - nu)``, ``P(tie) = (e^{2 nu} - 1) e^d / ((e^d + e^nu)(1 + e^{d + nu}))``;
+      at ``d = 0`` the tie has probability ``tanh(nu / 2)``.
+    * ``davidson`` (Davidson, JASA 1970, eq. 2.1, ``pi = e^r``): ``P(win) = 1 / (1 + e^{-d} + nu e^{-d/2})``,
+      ``P(tie) = nu e^{-d/2} / (1 + e^{-d} + nu e^{-d/2})``; at ``d = 0`` the tie has probability ``nu / (2 + nu)``.
+
+    With ``nu = 0`` both give Bradley-Terry's ``log P(win) = logsigmoid(d)`` (and a tie probability of 0: log is
+    -inf). Computed in fp32 with log-sum-exp forms, finite for any finite ``d`` when ``nu > 0``.
+
+    Args:
+        model: ``"rao_kupper"`` or ``"davidson"``; diff: ``[T]`` reward differences (any float dtype); nu: >= 0.
+    Raises:
+        ValueError: another model, or ``nu`` < 0.
+    """
+    if nu < 0:
+        raise ValueError(f"the tie parameter must be >= 0, got {nu}")
+    d = diff.float()
+    if model == "rao_kupper":
+        win = F.logsigmoid(d - nu)
+        tie = (math.log(math.expm1(2 * nu)) if nu > 0 else float("-inf")) + d - torch.logaddexp(d, torch.full_like(
+            d, nu)) - F.softplus(d + nu)
+        return win, tie
+    if model == "davidson":
+        log_nu = math.log(nu) if nu > 0 else float("-inf")
+        terms = torch.stack([torch.zeros_like(d), -d, log_nu - d / 2])
+        norm = torch.logsumexp(terms, dim=0)
+        return -norm, log_nu - d / 2 - norm
+    raise ValueError(f"unknown tie model {model!r}; choose one of: {', '.join(TIE_MODELS)}")
+
+
+def auto_tie_param(model: str, tie_share: float) -> float:
+    """The tie parameter at which two answers with equal rewards tie with probability ``tie_share`` (the share of
+    ties among the training comparisons): ``2 artanh(p)`` for Rao-Kupper, ``2p / (1 - p)`` for Davidson
+    (:func:`tie_log_probs` at ``d = 0``); 0 (Bradley-Terry) without ties.
+
+    Raises:
+        ValueError: ``tie_share`` outside [0, 1) (data of ties only has no preference to learn), or another model.
+    """
+    if not 0.0 <= tie_share < 1.0:
+        raise ValueError(f"the share of tied comparisons must be in [0, 1), got {tie_share}")
+    if model == "rao_kupper":
+        return 2.0 * math.atanh(tie_share)
+    if model == "davidson":
+        return 2.0 * tie_share / (1.0 - tie_share)
+    raise ValueError(f"unknown tie model {model!r}; choose one of: {', '.join(TIE_MODELS)}")
+
+
+class TieLoss:
+    """Negative log-likelihood of a Bradley-Terry model with ties over strict and tied comparisons.
+
+    ``loss(chosen [M], rejected [M], margin [M] | None, weight [M] | None, tie_a [T], tie_b [T], tie_weight)``:
+    the weighted mean, over the M strict comparisons and the T ties together, of ``-log P(chosen beats rejected)``
+    (its difference less the margin, as in :func:`log_sig_loss`) and ``-log P(a ties b)``
+    (:func:`tie_log_probs`). Weights are those of :func:`weighted_mean` (None: 1 each). Without ties and with
+    ``nu = 0`` it equals :func:`log_sig_loss`. Returns a 0-dim float32 tensor.
+
+    Args:
+        model: ``"rao_kupper"`` or ``"davidson"``; nu: the tie parameter (>= 0), fixed.
+    """
+
+    def __init__(self, model: str, nu: float):
+        tie_log_probs(model, torch.zeros(1), nu)  # checks both
+        self.model, self.nu = model, float(nu)
+
+    def tie_log_prob(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``[T]`` log-probabilities that answers with rewards ``a`` and ``b`` tie."""
+        return tie_log_probs(self.model, a.float() - b.float(), self.nu)[1]
+
+    def __call__(self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None, tie_a: torch.Tensor | None = None,
+                 tie_b: torch.Tensor | None = None, tie_weight: torch.Tensor | None = None) -> torch.Tensor:
+        win = -tie_log_probs(self.model, _diff(chosen, rejected, margin), self.nu)[0]
+        if tie_a is None or not tie_a.numel():
+            return weighted_mean(win, weight)
+        tie = -self.tie_log_prob(tie_a, tie_b)
+        if (weight is None) != (tie_weight is None):
+            raise ValueError("give weights for both the strict and the tied comparisons, or for neither")
+        values = torch.cat([win, tie])
+        return weighted_mean(values, None if weight is None else torch.cat([weight, tie_weight]))
+
+
+# ---------------------------------------------------------------------------------------------- ODIN length head
+
+def pearson_corr(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson's correlation of two ``[n]`` tensors in fp32, differentiable: ``cov(x, y) / (std x std y + eps)``
+    (0 for n < 2 or a constant side, through the ``eps``)."""
+    a, b = x.float() - x.float().mean(), y.float() - y.float().mean()
+    return (a * b).mean() / ((a.pow(2).mean() * b.pow(2).mean()).sqrt() + eps)
+
+
+def length_head_loss(quality: torch.Tensor, length_out: torch.Tensor, lengths: torch.Tensor, overlap: torch.Tensor,
+                     length_weight: float = 1.0, orthogonal_weight: float = 1.0) -> torch.Tensor:
+    """ODIN's disentangling terms (Chen et al., "ODIN: Disentangled Reward Mitigates Hacking in RLHF", ICML 2024,
+    arXiv 2402.07319, section 4): ``length_weight * (|rho(r_Q, L)| - rho(r_L, L)) + orthogonal_weight * overlap``.
+
+    ``rho`` is Pearson's correlation over the sequences of a batch (all ranks' sequences, gathered by the caller):
+    the quality head's output ``r_Q`` is pushed to be uncorrelated with the answer length ``L`` and the length
+    head's ``r_L`` to carry it; ``overlap`` is ``|w_Q . w_L|`` of the two heads' weights
+    (:meth:`coati.models.reward_model.RewardModel.add_length_head`). The pairwise loss, added by the caller, is taken
+    on ``r_Q + r_L``.
+
+    Args:
+        quality, length_out: ``[n]`` the two heads' outputs; lengths: ``[n]`` answer lengths in tokens (any dtype);
+        overlap: 0-dim float.
+    Returns:
+        0-dim float32.
+    """
+    lengths = lengths.to(device=quality.device, dtype=torch.float32)
+    decorrelate = pearson_corr(quality, lengths).abs() - pearson_corr(length_out, lengths)
+    return length_weight * decorrelate + orthogonal_weight * overlap.float()
+
+
 def log_barrier_penalty(scores: torch.Tensor, weight: torch.Tensor | None = None, *,
                         bound: float = 5.0) -> torch.Tensor:
     """Log barrier keeping scores inside ``(-bound, bound)``: mean of ``-(log(bound + r) + log(bound - r))``.
@@ -123,8 +249,13 @@ PENALTIES: dict[str, Registered] = {
 }
 
 
-def build_loss(args: LossArgs) -> LossFn:
+def build_loss(args: LossArgs, ties: str = "drop") -> LossFn:
     """One callable of the common signature: ``loss + penalty_weight * penalty + c * mean((r_c + r_r)^2)``.
+
+    With ``ties`` a tie model (``--ties rao_kupper`` / ``davidson``) the loss is :class:`TieLoss` with
+    ``args.tie_param`` (resolved by then: ``auto`` needs the data, :func:`auto_tie_param`), in place of
+    ``--loss_fn`` (log_sig or log_exp, the model it extends); the penalty and the centering term apply to the strict
+    comparisons.
 
     The penalty is averaged over all chosen and rejected scores of the comparisons, and the centering term over the
     comparisons, both with the comparisons' weights (so a ranked list gives exactly what its pairs, expanded and
@@ -135,14 +266,18 @@ def build_loss(args: LossArgs) -> LossFn:
         ValueError: unknown loss or penalty name (the message lists the choices).
     """
     loss_fn = _entry(LOSSES, args.loss_fn, "loss").build(args)
+    if ties != "drop":
+        if args.tie_param is None:
+            raise ValueError("--tie_param auto is resolved from the training data before the loss is built")
+        loss_fn = TieLoss(ties, args.tie_param)
     pen = _entry(PENALTIES, args.penalty, "penalty").build(args)
     weight, center = args.penalty_weight, args.center_rewards_coefficient
     if pen is None and center == 0.0:
         return loss_fn
 
     def combined(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                 pair_weight: torch.Tensor | None = None) -> torch.Tensor:
-        total = loss_fn(chosen, rejected, margin, pair_weight)
+                 pair_weight: torch.Tensor | None = None, *tied: torch.Tensor | None) -> torch.Tensor:
+        total = loss_fn(chosen, rejected, margin, pair_weight, *tied)
         if pen is not None:
             both = None if pair_weight is None else torch.cat([pair_weight, pair_weight])
             total = total + weight * pen(torch.cat([chosen, rejected]), both)
@@ -150,6 +285,8 @@ def build_loss(args: LossArgs) -> LossFn:
             total = total + center * weighted_mean((chosen.float() + rejected.float()).pow(2), pair_weight)
         return total
 
+    if isinstance(loss_fn, TieLoss):
+        combined.tie_log_prob = loss_fn.tie_log_prob
     return combined
 
 

@@ -45,10 +45,11 @@ LANGS = ("en", "zh")
 # columns of a pair's row (and of a sum of rows): loss, pair count, correct, dist, chosen, rejected,
 # squared rewards r_c^2 + r_r^2, squared dist; then per prompt (PairMetrics.add_top1): prompts, top-1 right; then
 # with answer lengths: pairs with lengths, l_c + l_r, l_c^2 + l_r^2, r_c l_c + r_r l_r, pairs with l_c > l_r and
-# those of them right, pairs with l_c < l_r and those of them right
+# those of them right, pairs with l_c < l_r and those of them right; then per tie (PairMetrics.add_ties): ties,
+# -log P(tie), |r_a - r_b|
 (_LOSS, _PAIRS, _CORRECT, _DIST, _CHOSEN, _REJECTED, _REWARD_SQ, _DIST_SQ, _PROMPTS, _TOP1, _LEN_PAIRS, _LEN, _LEN_SQ,
- _REWARD_LEN, _LONGER, _LONGER_RIGHT, _SHORTER, _SHORTER_RIGHT) = range(18)
-_COLUMNS = 18
+ _REWARD_LEN, _LONGER, _LONGER_RIGHT, _SHORTER, _SHORTER_RIGHT, _TIES, _TIE_NLL, _TIE_ABS) = range(21)
+_COLUMNS = 21
 
 
 def top1_correct(rewards: torch.Tensor, item: torch.Tensor, best: torch.Tensor, num_items: int) -> torch.Tensor:
@@ -88,7 +89,7 @@ def _as_lengths(lengths: tuple | None, n: int) -> tuple[torch.Tensor, torch.Tens
 
 def _pair_columns(c: torch.Tensor, r: torch.Tensor, loss: float = 0.0,
                   lengths: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``[N, 18]`` float64 rows, one per pair, whose column sums :func:`_summary` turns into metrics (the length
+    """``[N, 21]`` float64 rows, one per pair, whose column sums :func:`_summary` turns into metrics (the length
     columns zero without ``lengths``)."""
     d = c - r
     zero = torch.zeros_like(c)
@@ -101,7 +102,7 @@ def _pair_columns(c: torch.Tensor, r: torch.Tensor, loss: float = 0.0,
         length_cols = [torch.ones_like(c), lc + lr, lc * lc + lr * lr, c * lc + r * lr, longer, longer * right,
                        shorter, shorter * right]
     return torch.stack([torch.full_like(c, loss), torch.ones_like(c), right, d, c, r, c * c + r * r, d * d, zero,
-                        zero, *length_cols], dim=1)
+                        zero, *length_cols, zero, zero, zero], dim=1)
 
 
 def _std(sum_x: float, sum_sq: float, n: float) -> float:
@@ -133,12 +134,14 @@ def _length_summary(v: list[float]) -> dict:
 
 def _summary(s: torch.Tensor, loss: bool = False) -> dict:
     """The metrics (module docstring; ``loss`` too if asked, never ``ece``; ``length_bias`` without ``spearman``
-    when every pair came with answer lengths) of a column sum ``s`` ``[18]``; ``{"pairs": 0}`` when it holds no
-    pair."""
+    when every pair came with answer lengths; ``ties``, ``tie_nll``, ``tie_abs_dist`` when ties were added) of a
+    column sum ``s`` ``[21]``; ``{"pairs": 0}`` (with the tie figures, if any) when it holds no pair."""
     v = s.tolist()
     n = v[_PAIRS]
+    ties = {} if not v[_TIES] else {"ties": int(v[_TIES]), "tie_nll": v[_TIE_NLL] / v[_TIES],
+                                    "tie_abs_dist": v[_TIE_ABS] / v[_TIES]}
     if n == 0:
-        return {"pairs": 0}
+        return {"pairs": 0, **ties}
     out = {"pairs": int(n), "acc": v[_CORRECT] / n, "dist": v[_DIST] / n, "dist_std": _std(v[_DIST], v[_DIST_SQ], n),
            "chosen_reward": v[_CHOSEN] / n, "rejected_reward": v[_REJECTED] / n,
            "reward_mean": (v[_CHOSEN] + v[_REJECTED]) / (2 * n),
@@ -149,7 +152,7 @@ def _summary(s: torch.Tensor, loss: bool = False) -> dict:
         out.update(prompts=int(v[_PROMPTS]), top1=v[_TOP1] / v[_PROMPTS])
     if v[_LEN_PAIRS] == n:
         out["length_bias"] = _length_summary(v)
-    return out
+    return {**out, **ties}
 
 
 class PairMetrics:
@@ -212,6 +215,27 @@ class PairMetrics:
             self.sums[j, _PROMPTS] += mine.sum()
             self.sums[j, _TOP1] += right[mine].sum()
 
+    def add_ties(self, log_prob: torch.Tensor, a: torch.Tensor, b: torch.Tensor, langs: Sequence[str],
+                 sources: Sequence[str] | None = None) -> None:
+        """Accumulate one batch's T tied comparisons (``--ties``): ``[T]`` log-probabilities of the ties under the
+        tie model (:func:`coati.losses.tie_log_probs`), the ``[T]`` rewards of both answers, their languages and
+        subsets. The rows then carry ``ties`` (count), ``tie_nll`` (mean -log P(tie): lower is better) and
+        ``tie_abs_dist`` (mean |r_a - r_b|, 0 for a perfect tie).
+
+        Raises:
+            ValueError: the sizes differ.
+        """
+        nll = -log_prob.detach().double().cpu().flatten()
+        gap = (a.detach().double().cpu() - b.detach().double().cpu()).abs().flatten()
+        if not (nll.numel() == gap.numel() == len(langs)) or (sources is not None and len(sources) != len(langs)):
+            raise ValueError(f"{nll.numel()} tie log-probabilities, {gap.numel()} reward gaps, {len(langs)} language "
+                             "codes")
+        rows = torch.zeros(nll.numel(), _COLUMNS, dtype=torch.float64)
+        rows[:, _TIES], rows[:, _TIE_NLL], rows[:, _TIE_ABS] = 1.0, nll, gap
+        self.sums[0] += rows.sum(0)
+        for j, mine in self._groups(langs, sources):
+            self.sums[j] += rows[mine].sum(0)
+
     def reduce(self, strategy) -> PairMetrics:
         """Sum ``sums`` over the data-parallel ranks with ``strategy.reduce_data(tensor)`` (the ranks of a
         sequence-parallel group hold the same pairs and count once), in place; returns ``self``."""
@@ -223,11 +247,11 @@ class PairMetrics:
         when subsets were named, ``subsets: {name: {...}}`` for those seen."""
         out = _summary(self.sums[0], loss=True)
         out["languages"] = {lang: _summary(self.sums[j], loss=True) for j, lang in enumerate(LANGS, start=1)
-                            if self.sums[j, _PAIRS] > 0}
+                            if self.sums[j, _PAIRS] > 0 or self.sums[j, _TIES] > 0}
         if self.subsets:
             out["subsets"] = {name: _summary(self.sums[k], loss=True)
                               for k, name in enumerate(self.subsets, start=1 + len(LANGS))
-                              if self.sums[k, _PAIRS] > 0}
+                              if self.sums[k, _PAIRS] > 0 or self.sums[k, _TIES] > 0}
         return out
 
 

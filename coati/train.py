@@ -12,14 +12,14 @@ import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from coati.checkpoint import (CheckpointError, ExportError, NonFiniteWeightsError, export_hf, init_from_kind,
+from coati.checkpoint import (LENGTH_HEAD_FILE, CheckpointError, ExportError, NonFiniteWeightsError, export_hf, init_from_kind,
                               load_checkpoint_weights, prepare_save_path, resume_run, run_fingerprint,
                               save_resume_checkpoint)
 from coati.config import OptimArgs, TrainConfig, parse_args, sequence_parallel_problems
 from coati.data.collate import RunData, make_loaders, prepare_data
 from coati.data.formats import DataFormatError
 from coati.data.sources import content_digest, pairs_digest
-from coati.losses import build_loss
+from coati.losses import auto_tie_param, build_loss
 from coati.model_card import render_model_card
 from coati.models.loading import (CacheError, attention_heads, base_model_info, build_reward_model,
                                   prepare_model_files, resolve_model, resolve_pretrain)
@@ -71,7 +71,8 @@ def export(cfg: TrainConfig, model, tokenizer, reward_token_id: int, data: RunDa
     """Write the export (main rank): the model, tokenizer, ``train_config.json`` (a recipe that reproduces the run,
     with the data folder actually used, so ``coati.evaluate --heldout`` finds the same pairs in a new shell), the
     reward statistics for normalised scoring (as OpenRLHF stores them: eval set, else the last train epoch),
-    ``summary.json`` and the ``README.md`` model card (:func:`coati.model_card.render_model_card`: base model and
+    ``summary.json``, with ``--length_head`` the length head's ``[1, hidden]`` weight as ``length_head.safetensors``
+    (the export's own value head ``score`` is the quality head: a plain reward model), and the ``README.md`` model card (:func:`coati.model_card.render_model_card`: base model and
     license, recipe, data counts, final held-out figures)."""
     stats = final_eval or epoch_metrics
     extra = {"reward_token_id": reward_token_id}
@@ -81,8 +82,11 @@ def export(cfg: TrainConfig, model, tokenizer, reward_token_id: int, data: RunDa
     recipe = dict(cfg.to_dict(), data_dir=os.path.abspath(data.data_dir) if data.data_dir else None)
     summary["train_config_sha256"] = content_digest(recipe)  # checked by the scorer: an edited recipe is refused
     card = render_model_card(cfg.to_dict(), summary, *base_model_info(cfg.backbone.pretrain))
+    heads = {} if model.length_head is None else {
+        LENGTH_HEAD_FILE: {"weight": model.length_head.weight.detach().float().cpu().contiguous()}}
     export_hf(model.model, tokenizer, cfg.log.save_path, recipe, extra_config=extra,
-              extra_json={"summary.json": summary}, adapter=cfg.log.export_adapter, extra_text={"README.md": card})
+              extra_json={"summary.json": summary}, adapter=cfg.log.export_adapter, extra_text={"README.md": card},
+              extra_tensors=heads)
     if final_eval:
         langs = {k: {"acc": round(v["acc"], 4), "dist": round(v["dist"], 4), "pairs": v["pairs"]}
                  for k, v in final_eval["languages"].items()}
@@ -144,6 +148,27 @@ def check_updates_applied(trainer: Trainer, data: RunData, start_step: int) -> N
                          "data, lower --lr, or train in fp32")
 
 
+def resolve_tie_param(cfg, pairs: list, log: bool = False):
+    """``cfg`` with ``--tie_param auto`` resolved from the training pairs (:func:`coati.losses.auto_tie_param` of the
+    share of tied comparisons among all of theirs), so that train_config.json and the resume fingerprint record the
+    value used; ``cfg`` itself under ``--ties drop`` or with a value given.
+
+    Raises:
+        ValueError: the training comparisons are all ties (nothing to rank).
+    """
+    if cfg.data.ties == "drop" or cfg.loss.tie_param is not None:
+        return cfg
+    ties = sum(len(p.ties()) for p in pairs)
+    strict = sum(len(p.comparisons()) for p in pairs)
+    if not strict:
+        raise ValueError(f"--ties {cfg.data.ties}: the {ties} training comparisons are all ties, so there is no "
+                         "preference to learn")
+    nu = auto_tie_param(cfg.data.ties, ties / (ties + strict))
+    if log:
+        logger.info("--ties %s: %d of %d training comparisons are ties; --tie_param auto = %.4f", cfg.data.ties, ties,
+                    ties + strict, nu)
+    return cfg.replace(tie_param=nu)
+
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and export a validated config (:func:`coati.config.parse_args`) into its ``--save_path``,
     checked and locked for the run (:func:`coati.checkpoint.prepare_save_path`); returns the summary written to
@@ -177,6 +202,7 @@ def _run(cfg: TrainConfig, t_start: float) -> dict:
             logger.info(chosen)
     seed_everything(cfg.optim.seed)
     data = prepare_data(cfg.data, cfg.optim.seed, tokenizer, reward_token_id)
+    cfg = resolve_tie_param(cfg, data.train, main)
     if main:
         layout = f" ({strategy.data_world_size} data-parallel x {strategy.sp_size} sequence-parallel)" \
             if strategy.sp_size > 1 else ""
@@ -187,6 +213,8 @@ def _run(cfg: TrainConfig, t_start: float) -> dict:
     reward_model = build_reward_model(cfg.backbone, cfg.lora, tokenizer, compute_dtype, strategy.device)
     check_model_fits(cfg, reward_model.model.config, main)
     reward_model.sequence_parallel = strategy.sequence_parallel
+    if cfg.loss.length_head:
+        reward_model.add_length_head()
     if main:
         n_train = sum(p.numel() for p in reward_model.parameters() if p.requires_grad)
         stored = sum(p.numel() * p.element_size() for p in reward_model.parameters())
@@ -220,12 +248,14 @@ def _run(cfg: TrainConfig, t_start: float) -> dict:
                        scheduler) if optim.resume else 0
     metrics_log = MetricsLog(save_path, cfg.log.report_to, cfg.to_dict(), start) if main else None
     try:
-        trainer = Trainer(strategy, model, optimizer, scheduler, build_loss(cfg.loss), train, evaluation, optim,
+        trainer = Trainer(strategy, model, optimizer, scheduler, build_loss(cfg.loss, cfg.data.ties), train,
+                          evaluation, optim,
                           cfg.log,
                           write_row=metrics_log.write if metrics_log else None,
                           on_save=lambda step: save_resume_checkpoint(save_path, step, strategy, model, optimizer,
                                                                       scheduler, run_state, optim.keep_last),
-                          start_step=start)
+                          start_step=start, length_head=(cfg.loss.length_loss_weight, cfg.loss.orthogonal_loss_weight)
+                          if cfg.loss.length_head else None)
         t_fit = time.perf_counter()
         trainer.fit()
         fit_s = time.perf_counter() - t_fit

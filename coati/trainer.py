@@ -17,6 +17,7 @@ from coati.checkpoint import NonFiniteWeightsError
 from coati.config import WARMUP_MAX_STEPS, LogArgs, OptimArgs
 from coati.data.collate import Batch, PairLoader
 from coati.memory import heap_trim_enabled, trim_between_blocks
+from coati.losses import length_head_loss
 from coati.metrics import PairMetrics, top1_correct
 from coati.signals import Interrupted, StopFlag, signal_name
 from coati.strategies.base import Strategy, all_finite
@@ -79,17 +80,21 @@ class Trainer:
         write_row: called with every metrics row on the main rank (metrics.jsonl and the ``--report_to`` backend).
         on_save: ``step -> checkpoint folder``, called every ``--save_every`` steps (and before stopping).
         start_step: the step a resumed run continues from (the data order continues exactly there).
+        length_head: ``(length_loss_weight, orthogonal_loss_weight)`` of ``--length_head``, used when the model
+            returns both heads' outputs (:meth:`~coati.models.reward_model.RewardModel.add_length_head`).
     """
 
     def __init__(self, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                  loss_fn: Callable, train: PairLoader, evaluation: PairLoader | None, optim: OptimArgs,
                  log: LogArgs, write_row: Callable[[dict], None] | None = None,
-                 on_save: Callable[[int], str] | None = None, start_step: int = 0):
+                 on_save: Callable[[int], str] | None = None, start_step: int = 0,
+                 length_head: tuple[float, float] | None = None):
         self.strategy, self.model, self.optimizer, self.scheduler = strategy, model, optimizer, scheduler
         self.loss_fn, self.train, self.evaluation = loss_fn, train, evaluation
         self.optim, self.log, self.write_row, self.on_save = optim, log, write_row, on_save
         self.steps_per_epoch, self.total_steps = plan_steps(len(train), optim)
         self.step = start_step
+        self.length_head = length_head
         self.history: list[dict] = []
         self.epoch_metrics: dict = {}  # online train metrics of the last epoch (all ranks, all its batches)
         self.last_checkpoint: tuple[int, str] | None = None  # (step, folder) of the newest checkpoint written
@@ -111,16 +116,47 @@ class Trainer:
         dev = self.strategy.device
         with self.strategy.autocast():
             rewards = self.model(**{k: v.to(dev) for k, v in batch.inputs.items()})
+        if isinstance(rewards, tuple):  # --length_head (ODIN): ([N, 2] quality and length outputs, |w_Q . w_L|)
+            return self._length_head_forward(batch, *rewards)
         pairs = batch.pairs.to(dev)
-        chosen, rejected = rewards[pairs[:, 0]], rewards[pairs[:, 1]]
-        margin = batch.margin.to(dev) if batch.margin is not None else None
-        if batch.weight is None:
-            return self.loss_fn(chosen, rejected, margin), chosen, rejected, rewards
-        return self.loss_fn(chosen, rejected, margin, batch.weight.to(dev)), chosen, rejected, rewards
+        return self._pairwise(batch, rewards), rewards[pairs[:, 0]], rewards[pairs[:, 1]], rewards
 
-    @staticmethod
-    def _add(metrics: PairMetrics, value: float, batch: Batch, chosen, rejected, rewards) -> None:
+    def _pairwise(self, batch: Batch, rewards: torch.Tensor) -> torch.Tensor:
+        """The pairwise loss (and ties) of one batch's ``[N]`` rewards."""
+        dev = rewards.device
+        pairs = batch.pairs.to(dev)
+        margin = batch.margin.to(dev) if batch.margin is not None else None
+        weight = None if batch.weight is None else batch.weight.to(dev)
+        if batch.ties is not None:
+            ties = batch.ties.to(dev)
+            tie_weight = None if batch.tie_weight is None else batch.tie_weight.to(dev)
+            return self.loss_fn(rewards[pairs[:, 0]], rewards[pairs[:, 1]], margin, weight, rewards[ties[:, 0]],
+                                rewards[ties[:, 1]], tie_weight)
+        if weight is None:
+            return self.loss_fn(rewards[pairs[:, 0]], rewards[pairs[:, 1]], margin)
+        return self.loss_fn(rewards[pairs[:, 0]], rewards[pairs[:, 1]], margin, weight)
+
+    def _length_head_forward(self, batch: Batch, both: torch.Tensor, overlap: torch.Tensor):
+        """ODIN's loss (:func:`coati.losses.length_head_loss`): the pairwise loss on quality + length outputs plus
+        the disentangling terms over every data-parallel rank's sequences of this micro-batch. The quality outputs
+        (the exported reward) are what the metrics see."""
+        if batch.lengths is None:
+            raise ValueError("--length_head needs each answer's length in tokens (TokenizedPair.answer_lengths)")
+        quality, length_out = both[:, 0], both[:, 1]
+        gathered = self.strategy.gather_data(torch.stack([quality, length_out], dim=1))
+        lengths = self.strategy.gather_data(batch.lengths.to(both.device, torch.float32)[:, None])[:, 0]
+        weights = self.length_head or (1.0, 1.0)
+        loss = self._pairwise(batch, quality + length_out) + length_head_loss(
+            gathered[:, 0], gathered[:, 1], lengths, overlap, *weights)
+        pairs = batch.pairs.to(quality.device)
+        return loss, quality[pairs[:, 0]], quality[pairs[:, 1]], quality
+
+    def _add(self, metrics: PairMetrics, value: float, batch: Batch, chosen, rejected, rewards) -> None:
         metrics.add(value, chosen, rejected, batch.langs, batch.sources, batch.pair_lengths())
+        tie_log_prob = getattr(self.loss_fn, "tie_log_prob", None)
+        if batch.ties is not None and tie_log_prob is not None:
+            a, b = rewards[batch.ties[:, 0].to(rewards.device)], rewards[batch.ties[:, 1].to(rewards.device)]
+            metrics.add_ties(tie_log_prob(a, b), a, b, batch.tie_langs, batch.tie_sources)
         metrics.add_top1(top1_correct(rewards, batch.item, batch.best, len(batch.item_langs)), batch.item_langs,
                          batch.item_sources)
 

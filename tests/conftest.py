@@ -80,6 +80,8 @@ def tiny_trainer(tokenizer, folder, loss_fn, **options):
     strategy.setup()
     torch.manual_seed(0)
     model = RewardModel(tiny_model("llama", tokenizer), get_backbone("llama")).train()
+    if cfg.loss.length_head:
+        model.add_length_head()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     pairs = [TokenizedPair(torch.randint(5, 300, (8,), generator=g).tolist() + [2],
@@ -88,4 +90,6 @@ def tiny_trainer(tokenizer, folder, loss_fn, **options):
     loader = PairLoader(pairs, collate, GlobalBatchSampler(len(pairs), cfg.optim.batch_size, seed=cfg.optim.seed))
     log = MetricsLog(str(folder))
     return Trainer(strategy, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), loss_fn,
-                   loader, None, cfg.optim, cfg.log, write_row=log.write)
+                   loader, None, cfg.optim, cfg.log, write_row=log.write,
+                   length_head=(cfg.loss.length_loss_weight, cfg.loss.orthogonal_loss_weight)
+                   if cfg.loss.length_head else None)

@@ -44,7 +44,6 @@ def test_blank_and_repeated_answers_are_dropped_and_counted():
 
 
 @pytest.mark.parametrize("row, why", [
-    ({"prompt": "q", "responses": ["a", "b"], "scores": [1, 1]}, "same score"),
     ({"prompt": "q", "responses": ["a", "b"], "scores": [1]}, "1 values for 2"),
     ({"prompt": "q", "responses": ["a", "b"], "scores": [1, "x"]}, r"scores\[1\] must be a finite"),
     ({"prompt": "q", "responses": ["a", "a"], "ranking": [1, 2]}, "at least 2 distinct"),

@@ -3,7 +3,7 @@ joins them: what the trainer iterates."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator
 
@@ -42,6 +42,10 @@ class Batch:
             which the trainer sets against the same total over all ranks' batches of an optimizer step.
         lengths: ``[N]`` int64 answer lengths in tokens (:attr:`~coati.data.template.TokenizedPair.answer_lengths`),
             or None when an item has none.
+        ties: ``[T, 2]`` int64 sequence indices of the T tied comparisons (kept with a tie loss, ``--ties``), or
+            None; tie_weight: ``[T]`` float32 loss weights of the ties (as ``weight``), or None when ``weight``
+            is None.
+        tie_langs, tie_sources: the ties' languages and subsets.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -59,6 +63,10 @@ class Batch:
     sources: list[str] | None = None
     item_sources: list[str] | None = None
     lengths: torch.Tensor | None = None
+    ties: torch.Tensor | None = None
+    tie_weight: torch.Tensor | None = None
+    tie_langs: list[str] | None = None
+    tie_sources: list[str] | None = None
 
     def pair_lengths(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(winner [M], loser [M])`` int64 answer lengths of the comparisons, or None without :attr:`lengths`."""
@@ -76,6 +84,8 @@ class ListLayout:
         pairs: ``[(winner, loser)]`` sequence numbers; margins: one per pair (None when none of the items has one).
         weights: one per pair, or None (all equal); item, best: per sequence (see :class:`Batch`).
         total: the items' :func:`item_loss_weight` summed.
+        ties, tie_weights: the tied comparisons ``(i, j)`` (sequence numbers) and their weights (None when all
+            weights are equal), with ``keep_ties``.
     """
 
     sequences: list[list[int]]
@@ -86,6 +96,8 @@ class ListLayout:
     item: list[int]
     best: list[bool]
     total: float = 0.0
+    ties: list[tuple[int, int]] = field(default_factory=list)
+    tie_weights: list[float] | None = None
 
 
 def item_loss_weight(comparisons: int, list_weighting: str = "prompt") -> float:
@@ -102,7 +114,7 @@ def common_prefix_len(seqs: list[list[int]]) -> int:
 
 
 def list_layout(items: list[TokenizedPair], list_weighting: str = "prompt",
-                margin_from_scores: bool = False) -> ListLayout:
+                margin_from_scores: bool = False, keep_ties: bool = False) -> ListLayout:
     """Number the answers of B pairs or ranked lists answer-major and list their comparisons
     (:meth:`~coati.data.template.TokenizedPair.comparisons`).
 
@@ -111,6 +123,8 @@ def list_layout(items: list[TokenizedPair], list_weighting: str = "prompt",
             InstructGPT, arXiv 2203.02155, section 3.5); ``pair``: every comparison weighs the same. A batch of
             pairs has equal weights either way (``weights`` None).
         margin_from_scores: per-pair margins from score differences (scored lists).
+        keep_ties: also list the tied comparisons (equal scores); a prompt's ``C_b`` then counts them too, so
+            ``--list_weighting prompt`` weighs its strict and tied comparisons ``1 / C_b`` alike.
     Raises:
         ValueError: an unknown ``list_weighting``.
     """
@@ -127,23 +141,28 @@ def list_layout(items: list[TokenizedPair], list_weighting: str = "prompt",
                 item.append(b)
                 scores = items[b].scores
                 best.append(k == 0 if scores is None else scores[k] == scores[0])
-    pairs, margins, weights, total = [], [], [], 0.0
+    pairs, margins, weights, total, ties, tie_weights = [], [], [], 0.0, [], []
     for b, it in enumerate(items):
         comps = it.comparisons(margin_from_scores)
+        tied = it.ties() if keep_ties else []
+        count = len(comps) + len(tied)
         for i, j, m in comps:
             pairs.append((index[b][i], index[b][j]))
             margins.append(m)
-            weights.append(1.0 / len(comps))
-        total += item_loss_weight(len(comps), list_weighting)
-    equal = list_weighting == "pair" or len(set(weights)) <= 1
+            weights.append(1.0 / count)
+        for i, j in tied:
+            ties.append((index[b][i], index[b][j]))
+            tie_weights.append(1.0 / count)
+        total += item_loss_weight(count, list_weighting)
+    equal = list_weighting == "pair" or len(set(weights + tie_weights)) <= 1
     return ListLayout(sequences, index, pairs, None if all(m is None for m in margins) else
                       [0.0 if m is None else float(m) for m in margins], None if equal else weights, item, best,
-                      total)
+                      total, ties, None if equal else tie_weights)
 
 
 def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "right",
                   list_weighting: str = "prompt", margin_from_scores: bool = False,
-                  share_prefix: bool = False) -> Batch:
+                  share_prefix: bool = False, keep_ties: bool = False) -> Batch:
     """Stack B pairs (or ranked lists) into one padded :class:`Batch` of N sequences.
 
     Without ``share_prefix`` every sequence is a row of its own (``computed_tokens == real_tokens``: each answer's
@@ -163,7 +182,7 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
-    layout = list_layout(items, list_weighting, margin_from_scores)
+    layout = list_layout(items, list_weighting, margin_from_scores, keep_ties)
     prefix = [common_prefix_len(it.sequences) for it in items] if share_prefix else []
     if not prefix or min(prefix) == 0:
         input_ids, attention_mask = pad_sequences(layout.sequences, pad_id, padding_side)
@@ -209,7 +228,12 @@ def _batch(items: list[TokenizedPair], layout: ListLayout, inputs: dict, total_t
         lengths = torch.zeros(len(layout.sequences), dtype=torch.int64)
         for it, idx in zip(items, layout.index):
             lengths[idx] = torch.tensor(it.answer_lengths, dtype=torch.int64)
-    return Batch(inputs, margin, langs, real, real if computed is None else computed, total_tokens,
+    tie_owner = [items[layout.item[a]] for a, _ in layout.ties]
+    ties = dict(ties=torch.tensor(layout.ties, dtype=torch.int64).reshape(-1, 2),
+                tie_weight=None if layout.tie_weights is None else torch.tensor(layout.tie_weights, dtype=torch.float32),
+                tie_langs=[it.lang for it in tie_owner], tie_sources=[it.source for it in tie_owner]) \
+        if layout.ties else {}
+    return Batch(inputs, margin, langs, real, real if computed is None else computed, total_tokens, **ties,
                  pairs=torch.tensor(layout.pairs, dtype=torch.int64).reshape(-1, 2), weight=weight,
                  item=torch.tensor(layout.item, dtype=torch.int64), best=torch.tensor(layout.best, dtype=torch.bool),
                  item_langs=[it.lang for it in items], loss_weight=layout.total,
@@ -273,7 +297,8 @@ def _share_groups(seqs: list[list[int]], numbers: list[int], capacity: int) -> l
 
 
 def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, share_prefix: bool = True,
-                   list_weighting: str = "prompt", margin_from_scores: bool = False) -> Batch:
+                   list_weighting: str = "prompt", margin_from_scores: bool = False,
+                   keep_ties: bool = False) -> Batch:
     """Pack the N sequences of B pairs (or ranked lists) into rows without padding between them.
 
     With ``share_prefix`` the K sequences of an item that start with the same tokens (the prompt) become one group
@@ -300,7 +325,7 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, s
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
-    layout = list_layout(items, list_weighting, margin_from_scores)
+    layout = list_layout(items, list_weighting, margin_from_scores, keep_ties)
     groups = []
     for b, it in enumerate(items):
         groups += item_groups(it.sequences, layout.index[b], capacity, share_prefix)
@@ -496,12 +521,12 @@ class PairLoader:
 
 
 def make_collate(pad_id: int, packing: bool, capacity: int, share_prefix: bool, padding_side: str,
-                 list_weighting: str = "prompt", margin_from_scores: bool = False
+                 list_weighting: str = "prompt", margin_from_scores: bool = False, keep_ties: bool = False
                  ) -> Callable[[list[TokenizedPair]], Batch]:
     """``items -> Batch``: :func:`collate_packed` (rows of ``capacity`` tokens, 0 = one row), or
     :func:`collate_pairs` (with ``share_prefix``: each prompt computed once and continued through the key/value
-    cache); ``list_weighting`` and ``margin_from_scores`` as :func:`list_layout`."""
-    lists = dict(list_weighting=list_weighting, margin_from_scores=margin_from_scores)
+    cache); ``list_weighting``, ``margin_from_scores`` and ``keep_ties`` as :func:`list_layout`."""
+    lists = dict(list_weighting=list_weighting, margin_from_scores=margin_from_scores, keep_ties=keep_ties)
     if packing:
         return partial(collate_packed, pad_id=pad_id, capacity=capacity, share_prefix=share_prefix, **lists)
     return partial(collate_pairs, pad_id=pad_id, padding_side=padding_side, share_prefix=share_prefix, **lists)
@@ -537,7 +562,7 @@ def prepare_data(args: DataArgs, seed: int, tokenizer, reward_token_id: int) -> 
     data_dir = args.data_dir or default_data_dir()
     selection = select_pairs(args.dataset, data_dir, args.max_samples, args.strict_data, seed, args.eval_dataset,
                              args.max_eval_samples, args.eval_split, args.max_responses, args.max_text_chars,
-                             args.max_line_bytes)
+                             args.max_line_bytes, args.ties)
     chat = use_chat_template(tokenizer, args.chat_template)
     encoder = SequenceEncoder(tokenizer, args.max_len, reward_token_id)
     (train, train_cut), (evals, eval_cut) = (tokenize_pairs(p, encoder, chat)
@@ -567,7 +592,7 @@ def make_loaders(data: RunData, args: DataArgs, batch_size: int, eval_batch_size
     """
     share = args.share_prefix and (args.packing or cache_prompt)
     collate = make_collate(pad_id, args.packing, capacity, share, args.padding_side, list_weighting,
-                           margin_from_scores)
+                           margin_from_scores, args.ties != "drop")
     lengths = [sum(map(len, p.sequences)) for p in data.train] if args.group_by_length else None
     world, rank = strategy.data_world_size, strategy.data_rank
     train = PairLoader(data.train, collate, GlobalBatchSampler(len(data.train), batch_size, world, rank, seed=seed,

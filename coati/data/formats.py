@@ -198,6 +198,42 @@ def ordered_pairs(k: int, scores: list[float] | None) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(i + 1, k) if scores is None or scores[i] > scores[j]]
 
 
+def tied_pairs(k: int, scores: list[float] | None) -> list[tuple[int, int]]:
+    """The ties ``(i, j)``, ``i < j``, of K answers in rank order: those with ``scores[i] == scores[j]`` (none when
+    strictly ranked, ``scores`` None)."""
+    return [] if scores is None else [(i, j) for i in range(k) for j in range(i + 1, k) if scores[i] == scores[j]]
+
+
+def _pair_scores(row: Mapping) -> list[float] | None:
+    """A pair row's ``[chosen, rejected]`` scores: ``[0, 0]`` for ``"tie": true``; else its ``score_chosen`` and
+    ``score_rejected`` (top level, or both in a ``metadata`` object, as UltraFeedback binarized has them); else None.
+
+    Raises:
+        DataFormatError: ``tie`` is not a boolean, only one score is given at the top level, a score is not a finite number, or the
+            chosen answer scores below the rejected one.
+    """
+    tie = row.get("tie")
+    if tie is not None and not isinstance(tie, bool):
+        raise DataFormatError(f"'tie' must be true or false, got {_brief(tie)}")
+    if tie:
+        return [0.0, 0.0]
+    keys = ("score_chosen", "score_rejected")
+    meta = row.get("metadata")
+    if any(k in row for k in keys):
+        holder = row
+        if not all(k in row for k in keys):
+            raise DataFormatError("a pair row needs both 'score_chosen' and 'score_rejected', or neither")
+    elif isinstance(meta, Mapping) and all(k in meta for k in keys):  # free-form metadata: only a full pair counts
+        holder = meta
+    else:
+        return None
+    chosen, rejected = _number(holder["score_chosen"], "'score_chosen'"), _number(holder["score_rejected"],
+                                                                                  "'score_rejected'")
+    if chosen < rejected:
+        raise DataFormatError(f"'score_chosen' {chosen:g} is below 'score_rejected' {rejected:g}")
+    return [chosen, rejected]
+
+
 def is_blank(text: str) -> bool:
     """True for text with nothing visible: empty, whitespace, or only invisible format characters.
 
@@ -241,7 +277,8 @@ def _pair(row: Mapping, prompt: list[Message], chosen: str, rejected: str) -> Pr
     check_text("rejected answer", rejected)
     for i, message in enumerate(prompt):
         check_text(f"prompt message {i}", message["content"])
-    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=_margin(row))
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=_margin(row),
+                          scores=_pair_scores(row))
 
 
 def _ranked_list(row: Mapping, prompt: list[Message], answers: list[str | None],
@@ -251,8 +288,8 @@ def _ranked_list(row: Mapping, prompt: list[Message], answers: list[str | None],
     dropped and counted in ``dropped``; a scored list is sorted by score, best first (stable: ties keep row order).
 
     Raises:
-        DataFormatError: fewer than 2 answers left, all scores equal (no comparison), or text that is not valid
-            Unicode.
+        DataFormatError: fewer than 2 answers left, or text that is not valid Unicode. (A list whose answers all
+            tie gives no strict comparison; whether it is kept is ``--ties``'s choice, in the loader.)
     """
     for i, message in enumerate(prompt):
         check_text(f"prompt message {i}", message["content"])
@@ -269,8 +306,6 @@ def _ranked_list(row: Mapping, prompt: list[Message], answers: list[str | None],
         raise DataFormatError(f"a ranked list needs at least 2 distinct non-empty answers, got {len(keep)} of "
                               f"{len(answers)}")
     kept_scores = None if scores is None else [scores[i] for i, _ in keep]
-    if kept_scores is not None and kept_scores[0] == kept_scores[-1]:
-        raise DataFormatError("all answers have the same score: no preference to learn")
     texts = [t for _, t in keep]
     return PreferencePair(prompt, texts[0], texts[1], _margin(row), more=texts[2:], scores=kept_scores,
                           dropped=len(answers) - len(keep))

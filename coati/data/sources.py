@@ -25,7 +25,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 from coati.config import MAX_LINE_BYTES, MAX_TEXT_CHARS
-from coati.data.formats import DataFormatError, PreferencePair, detect_format, ordered_pairs, parse_row
+from coati.data.formats import (DataFormatError, PreferencePair, detect_format, ordered_pairs, parse_row,
+                                tied_pairs)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_TYPES = (".jsonl", ".jsonl.gz", ".gz", ".json", ".parquet")
@@ -80,7 +81,9 @@ class SourceReport:
     messages, and ``errors``: file-level problems (e.g. a truncated gzip) that ended a file early. For ranked
     lists also: ``lists`` (kept rows with more than 2 answers), ``comparisons`` (ordered pairs the kept rows give),
     ``responses_dropped`` (blank or repeated answers left out of kept rows) and ``responses_capped`` (answers beyond
-    ``--max_responses``)."""
+    ``--max_responses``). Ties (answers with equal scores, ``"tie": true``): ``ties_kept`` (tied comparisons kept
+    for a tie loss, ``--ties rao_kupper`` / ``davidson``) and ``ties_dropped`` (tied comparisons left out under
+    ``--ties drop``, those of skipped all-tie rows included)."""
 
     files: list[str] = field(default_factory=list)
     rows_read: int = 0
@@ -93,6 +96,8 @@ class SourceReport:
     comparisons: int = 0
     responses_dropped: int = 0
     responses_capped: int = 0
+    ties_kept: int = 0
+    ties_dropped: int = 0
 
     def skip(self, message: str) -> None:
         """Count one skipped row, keeping its message if fewer than :data:`_MAX_SKIP_MESSAGES` are kept."""
@@ -114,6 +119,8 @@ class DataReport:
     pairs_kept = _total("pairs_kept", "Total usable pairs over all sources.")
     rows_skipped = _total("rows_skipped", "Total skipped rows over all sources.")
     comparisons = _total("comparisons", "Total comparisons (ordered pairs) of the kept rows over all sources.")
+    ties_kept = _total("ties_kept", "Total tied comparisons kept (``--ties`` with a tie loss) over all sources.")
+    ties_dropped = _total("ties_dropped", "Total tied comparisons dropped (``--ties drop``) over all sources.")
     del _total
 
     def summary(self) -> str:
@@ -127,6 +134,8 @@ class DataReport:
                 lines.append(f"    ranked lists: {s.lists} with more than 2 answers, {s.comparisons} comparisons; "
                              f"answers dropped: {s.responses_dropped} blank or repeated, {s.responses_capped} beyond "
                              "--max_responses")
+            if s.ties_kept or s.ties_dropped:
+                lines.append(f"    ties: {s.ties_kept} tied comparisons kept, {s.ties_dropped} dropped")
             lines += [f"    skipped {m}" for m in s.skipped]
             if s.rows_skipped > len(s.skipped):
                 lines.append(f"    ... and {s.rows_skipped - len(s.skipped)} more skipped")
@@ -136,7 +145,7 @@ class DataReport:
     def to_dict(self) -> dict:
         """Plain-dict form (JSON-serialisable) with totals and per-source counts."""
         return {"rows_read": self.rows_read, "pairs_kept": self.pairs_kept, "rows_skipped": self.rows_skipped,
-                "sources": {name: asdict(s) for name, s in self.sources.items()}}
+                "ties_kept": self.ties_kept, "ties_dropped": self.ties_dropped, "sources": {name: asdict(s) for name, s in self.sources.items()}}
 
 
 # ---------------------------------------------------------------- readers
@@ -334,8 +343,8 @@ def _resolve(spec: str, data_dir: str | None) -> tuple[str, list[str | _Hub]]:
 
 def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: int | None = None,
                strict: bool = False, seed: int | None = 0, max_responses: int | None = None,
-               max_text_chars: int = MAX_TEXT_CHARS,
-               max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[PreferencePair], DataReport]:
+               max_text_chars: int = MAX_TEXT_CHARS, max_line_bytes: int = MAX_LINE_BYTES,
+               ties: str = "drop") -> tuple[list[PreferencePair], DataReport]:
     """Load preference pairs from named datasets, local files or Hub ids (see the module docstring).
 
     Args:
@@ -350,6 +359,8 @@ def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: i
             report); a list whose kept answers all tie is skipped. None keeps all.
         max_text_chars: a row with a prompt message or answer longer than this (characters) is skipped.
         max_line_bytes: a JSON-lines row longer than this (bytes) is skipped while it is read, never held whole.
+        ties: ``"drop"``: tied comparisons are left out and a row with no other comparison is skipped (both
+            counted); any other value (a tie loss, ``--ties``) keeps them.
     Returns:
         (pairs, report); each pair's ``source`` is the dataset name (or file path / Hub id), ``subset`` the row's
         string ``subset`` field (else ``""``) and ``origin`` its
@@ -372,7 +383,7 @@ def load_pairs(specs: Sequence[str], data_dir: str | None = None, max_samples: i
         source, inputs = _resolve(spec, data_dir)
         stats = report.sources.setdefault(source, SourceReport())
         kept = _load_source(source, inputs, stats, max_samples, strict, max_responses, max_text_chars,
-                            max_line_bytes)
+                            max_line_bytes, ties != "drop")
         if not kept:
             raise ValueError(f"{spec}: no usable preference pairs\n{report.summary()}")
         pairs += kept
@@ -394,7 +405,7 @@ def _check_lengths(pair: PreferencePair, max_chars: int) -> None:
 
 def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max_samples: int | None,
                  strict: bool, max_responses: int | None = None, max_text_chars: int = MAX_TEXT_CHARS,
-                 max_line_bytes: int = MAX_LINE_BYTES) -> list[PreferencePair]:
+                 max_line_bytes: int = MAX_LINE_BYTES, keep_ties: bool = False) -> list[PreferencePair]:
     kept: list[PreferencePair] = []
     for item in inputs:
         stats.files.append(item.hub_id if isinstance(item, _Hub) else item)
@@ -409,12 +420,18 @@ def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max
                     pair = parse_row(row, fmt)
                     _check_lengths(pair, max_text_chars)
                     capped = pair.cap(max_responses) if max_responses else 0
-                    if pair.scores is not None and pair.scores[0] == pair.scores[-1]:
-                        raise DataFormatError(f"the {len(pair.responses)} answers kept by --max_responses all tie")
                 except DataFormatError as e:
                     if strict:
                         raise DataFormatError(f"{where}: {e}") from e
                     stats.skip(f"{where}: {e}")
+                    continue
+                ties = len(tied_pairs(len(pair.responses), pair.scores))
+                if not keep_ties and pair.scores is not None and pair.scores[0] == pair.scores[-1]:
+                    # not a bad row (--strict_data goes on): a tie, which --ties drop leaves out, counted
+                    stats.ties_dropped += ties
+                    kept_by = " kept by --max_responses" if capped else ""
+                    stats.skip(f"{where}: the {len(pair.responses)} answers{kept_by} all tie: no preference to learn "
+                               "(--ties drop; a tie loss keeps them)")
                     continue
                 pair.source, pair.origin = source, where
                 if isinstance(subset := row.get("subset"), str):
@@ -425,6 +442,11 @@ def _load_source(source: str, inputs: list[str | _Hub], stats: SourceReport, max
                 stats.pairs_kept += 1
                 stats.lists += int(bool(pair.more))
                 stats.comparisons += len(ordered_pairs(len(pair.responses), pair.scores))
+                if keep_ties:
+                    stats.ties_kept += ties
+                    stats.comparisons += ties
+                else:
+                    stats.ties_dropped += ties
                 stats.responses_dropped += pair.dropped
                 stats.responses_capped += capped
                 if max_samples is not None and len(kept) >= max_samples:
@@ -490,7 +512,7 @@ def select_pairs(dataset: Sequence[str], data_dir: str | None, max_samples: int 
                  seed: int | None = 0, eval_dataset: Sequence[str] | None = None,
                  max_eval_samples: int | None = None, eval_split: float = 0.0,
                  max_responses: int | None = None, max_text_chars: int = MAX_TEXT_CHARS,
-                 max_line_bytes: int = MAX_LINE_BYTES) -> PairSelection:
+                 max_line_bytes: int = MAX_LINE_BYTES, ties: str = "drop") -> PairSelection:
     """The trainer's deterministic choice of training and evaluation pairs (``train_reward_model.py`` settings).
 
     With ``eval_dataset`` the evaluation pairs are loaded from it (at most ``max_eval_samples`` per dataset);
@@ -502,7 +524,7 @@ def select_pairs(dataset: Sequence[str], data_dir: str | None, max_samples: int 
         as :func:`load_pairs`; ValueError: no training pairs are left after the split, or ``eval_split`` > 0 held
         none out.
     """
-    limits = {"max_text_chars": max_text_chars, "max_line_bytes": max_line_bytes}
+    limits = {"max_text_chars": max_text_chars, "max_line_bytes": max_line_bytes, "ties": ties}
     train, report = load_pairs(dataset, data_dir, max_samples, strict, seed, max_responses, **limits)
     eval_report = None
     if eval_dataset:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from coati.data.formats import ordered_pairs
+from coati.data.formats import ordered_pairs, tied_pairs
 
 _PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
@@ -198,6 +198,10 @@ class TokenizedPair:
         if self.scores is None or not margin_from_scores:
             return [(i, j, self.margin) for i, j in pairs]
         return [(i, j, self.scores[i] - self.scores[j]) for i, j in pairs]
+
+    def ties(self) -> list[tuple[int, int]]:
+        """The tied answers ``(i, j)``, ``i < j`` (equal scores; :func:`~coati.data.formats.tied_pairs`)."""
+        return tied_pairs(2 + len(self.more_ids), self.scores)
 
 
 @dataclass

@@ -50,12 +50,35 @@ class RewardModel(nn.Module):
     #: The sequence-parallel group the forward splits its tokens over (set by ``train.run`` under
     #: ``--sequence_parallel_size`` > 1), or None.
     sequence_parallel = None
-
     def __init__(self, model: nn.Module, backbone: Backbone):
         super().__init__()
         self.model, self.backbone = model, backbone
+        self.length_head: nn.Linear | None = None  # ODIN's length head (add_length_head)
         if backbone.packed_forward is None:
             packed_attention.enable(self.hf_model)
+
+    def add_length_head(self) -> nn.Linear:
+        """Give the model a second linear head on the same hidden state, ODIN's length head (Chen et al. 2024, arXiv
+        2402.07319, section 4): ``[hidden] -> [1]``, fp32, no bias (as the value head of the LLaMA-style families),
+        initialised as transformers initialises ``score`` (normal, std ``initializer_range``). The forward then
+        returns both heads' outputs (see :meth:`forward`); the value head ``score`` stays the quality head that the
+        export keeps."""
+        score = self.hf_model.score
+        head = nn.Linear(score.in_features, 1, bias=False, device=score.weight.device, dtype=torch.float32)
+        nn.init.normal_(head.weight, std=getattr(self.hf_model.config, "initializer_range", 0.02))
+        self.length_head = head
+        return head
+
+    def _heads(self, hidden: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The value head on ``[..., hidden]`` states in fp32: ``[...]`` rewards, or with a length head
+        ``([..., 2] (quality, length), |w_Q . w_L|)``."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            quality = self.hf_model.score(hidden.float()).squeeze(-1).float()
+            if self.length_head is None:
+                return quality
+            both = torch.stack([quality, self.length_head(hidden.float()).squeeze(-1)], dim=-1)
+            overlap = (self.hf_model.score.weight.float().flatten() * self.length_head.weight.flatten()).sum().abs()
+            return both, overlap
 
     @property
     def can_cache_prompt(self) -> bool:
@@ -87,7 +110,10 @@ class RewardModel(nn.Module):
         sequence's last token.
 
         Returns:
-            ``[N]`` float32 rewards, one scalar per sequence (the value head runs in fp32 even under autocast).
+            ``[N]`` float32 rewards, one scalar per sequence (the value head runs in fp32 even under autocast). With a
+            length head (:meth:`add_length_head`): ``(rewards [N, 2], overlap)``, each sequence's quality (the value
+            head) and length-head outputs, and the 0-dim ``|w_Q . w_L|`` of the two heads' weights (ODIN's
+            orthogonality term, computed here, where every strategy has the weights gathered).
         Raises:
             ValueError: a packed batch without ``groups``, or with per-group attention on a model whose attention
             implementation (for example flash-attention) could not be switched to ``coati_packed``; a shared-prompt
@@ -126,8 +152,7 @@ class RewardModel(nn.Module):
                     hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                   coati_pack=plan).last_hidden_state
             last_hidden = hidden[reward_index[:, 0], reward_index[:, 1]]
-        with torch.autocast(device_type=last_hidden.device.type, enabled=False):
-            return seq_cls.score(last_hidden.float()).squeeze(-1).float()
+        return self._heads(last_hidden)
 
     @staticmethod
     def _cached_prompt_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -184,7 +209,9 @@ class RewardModel(nn.Module):
         with packed_attention.packed_forward():
             hidden = body(input_ids=sp.shard(input_ids), position_ids=sp.shard(position_ids), use_cache=False,
                           coati_pack=plan).last_hidden_state
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            values = self.hf_model.score(hidden.float()).squeeze(-1).float()  # [R, L/S]: per local token
-        values = sp.gather_tokens(values)  # [R, L]
-        return values[reward_index[:, 0], reward_index[:, 1]]
+        out = self._heads(hidden)  # [R, L/S] per local token, or [R, L/S, 2] and the heads' overlap
+        values = out if self.length_head is None else out[0]
+        if self.length_head is None:
+            return sp.gather_tokens(values)[reward_index[:, 0], reward_index[:, 1]]  # gathered: [R, L]
+        both = torch.stack([sp.gather_tokens(values[..., k]) for k in (0, 1)], dim=-1)
+        return both[reward_index[:, 0], reward_index[:, 1]], out[1]

@@ -144,6 +144,13 @@ class Strategy(ABC):
         """Sum ``tensor`` over ranks (in place and returned); identity on one process."""
         return tensor
 
+    def gather_data(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[n, ...]`` on each data-parallel rank -> ``[sum n, ...]``, every rank's rows in rank order, with
+        gradients: a loss of the gathered rows that every rank computes the same (a batch statistic over all ranks,
+        such as a correlation) gets, after the strategy averages gradients over the ranks, the gradient of that one
+        loss. Identity on one process."""
+        return tensor
+
     def barrier(self) -> None:
         """Wait for every rank."""
 

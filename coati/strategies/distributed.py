@@ -36,6 +36,40 @@ def init_process_group(timeout_s: float) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+class _GatherData(torch.autograd.Function):
+    """All-gather of ``[n_r, ...]`` rows of different sizes over the default group, keeping the ranks ``r`` with
+    ``r % S == rank % S``; backward sums every rank's gradient of the gathered rows (one all-reduce, which gloo has,
+    unlike reduce-scatter) and returns this rank's rows of it.
+
+    Every rank computing the same loss ``L`` of the gathered rows gets ``D dL/dx`` for its own rows x (D ranks keep
+    them), so the strategy's average over the D data-parallel ranks gives ``dL/dtheta``."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, sp_size: int) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        sizes = [torch.zeros(1, dtype=torch.int64, device=tensor.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device))
+        sizes = [int(s.item()) for s in sizes]
+        longest = max(sizes)
+        padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        padded[:tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        keep = [r for r in range(world) if r % sp_size == rank % sp_size]
+        ctx.sizes, ctx.keep, ctx.rank, ctx.longest = sizes, keep, rank, longest
+        return torch.cat([parts[r][:sizes[r]] for r in keep])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        full = torch.zeros((len(ctx.sizes), ctx.longest, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+        start = 0
+        for r in ctx.keep:
+            full[r, :ctx.sizes[r]] = grad[start:start + ctx.sizes[r]]
+            start += ctx.sizes[r]
+        dist.all_reduce(full)
+        return full[ctx.rank, :ctx.sizes[ctx.rank]], None
+
+
 class ProcessGroupMixin:
     """``setup``/``all_reduce``/``barrier``/``teardown`` over torch.distributed's default group.
 
@@ -60,6 +94,13 @@ class ProcessGroupMixin:
         dist.all_reduce(t)
         tensor.copy_(t.to(tensor.device))
         return tensor
+
+    def gather_data(self, tensor: torch.Tensor) -> torch.Tensor:
+        """:meth:`coati.strategies.base.Strategy.gather_data` over the default group: the rows of the ranks that
+        hold the same sequence-parallel index as this one (one copy of each data-parallel group's batch)."""
+        if self.world_size == 1:
+            return tensor
+        return _GatherData.apply(tensor, self.sequence_parallel.size if self.sequence_parallel else 1)
 
     def barrier(self) -> None:
         """Wait for all ranks."""

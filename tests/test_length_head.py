@@ -1,0 +1,130 @@
+"""--length_head (ODIN): the loss terms in closed form, a synthetic length-only preference that the quality head
+learns to ignore, the export (one score head, the length head beside it), and 2-process DDP == one process."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from coati.config import TrainConfig, validate
+from coati.data.template import TokenizedPair
+from coati.losses import length_head_loss, log_sig_loss, pearson_corr
+from coati.metrics import pearson
+from conftest import run_env, tiny_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _corr(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+
+def test_length_head_loss_in_closed_form():
+    quality, length_out = [0.5, -1.0, 2.0, 0.0, 1.5], [1.0, 3.0, -2.0, 0.5, 4.0]
+    lengths = [10, 40, 5, 20, 80]
+    loss = length_head_loss(torch.tensor(quality), torch.tensor(length_out), torch.tensor(lengths),
+                            torch.tensor(0.3), length_weight=2.0, orthogonal_weight=0.5)
+    expected = 2.0 * (abs(_corr(quality, lengths)) - _corr(length_out, lengths)) + 0.5 * 0.3
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    # a constant side has no correlation (0, not NaN)
+    assert pearson_corr(torch.ones(4), torch.tensor([1.0, 2.0, 3.0, 4.0])).item() == 0.0
+    # gradients flow to both heads' outputs
+    q, lo = torch.tensor(quality, requires_grad=True), torch.tensor(length_out, requires_grad=True)
+    length_head_loss(q, lo, torch.tensor(lengths), torch.tensor(0.0)).backward()
+    assert q.grad.abs().sum() > 0 and lo.grad.abs().sum() > 0
+
+
+def test_length_head_flags_are_checked():
+    assert any("add --length_head" in e for e in validate(TrainConfig.from_dict({"length_loss_weight": 2.0})))
+    assert any("--orthogonal_loss_weight" in e for e in validate(TrainConfig.from_dict(
+        {"length_head": True, "orthogonal_loss_weight": -1.0})))
+    assert not validate(TrainConfig.from_dict({"length_head": True, "length_loss_weight": 0.5}))
+
+
+def _length_pairs(n, seed):
+    """Pairs whose only signal is length: the chosen answer is the longer one, both random tokens."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        a, b = sorted(torch.randint(2, 30, (2,), generator=g).tolist())
+        b += 1  # chosen strictly longer
+        prompt = torch.randint(5, 300, (4,), generator=g).tolist()
+        chosen = torch.randint(5, 300, (b,), generator=g).tolist()
+        rejected = torch.randint(5, 300, (a,), generator=g).tolist()
+        pairs.append(TokenizedPair(prompt + chosen + [2], prompt + rejected + [2], None, "en", "x",
+                                   answer_lengths=[b, a]))
+    return pairs
+
+
+def _fit(tokenizer, folder, length_head):
+    from coati.data.collate import GlobalBatchSampler, PairLoader, make_collate
+
+    trainer = tiny_trainer(tokenizer, folder, log_sig_loss, batch_size=16, length_head=length_head)
+    collate = make_collate(tokenizer.pad_token_id, False, 0, True, "right")
+    train, held = _length_pairs(192, 0), _length_pairs(64, 1)
+    trainer.train = PairLoader(train, collate, GlobalBatchSampler(len(train), 16, seed=0))
+    trainer.steps_per_epoch, trainer.total_steps = 12, 36
+    trainer.optim = trainer.optim.__class__(**{**vars(trainer.optim), "max_epochs": 3, "batch_size": 16})
+    trainer.fit()
+    batch = collate(held)
+    with torch.no_grad():
+        out = trainer.model.eval()(**batch.inputs)
+    quality = out[0][:, 0] if isinstance(out, tuple) else out
+    return pearson(quality, batch.lengths.double()), out
+
+
+def test_the_quality_head_learns_to_ignore_a_length_only_preference(tokenizer, tmp_path):
+    plain, _ = _fit(tokenizer, tmp_path / "plain", length_head=False)
+    odin, out = _fit(tokenizer, tmp_path / "odin", length_head=True)
+    length_corr = pearson(out[0][:, 1], torch.cat([torch.tensor([p.answer_lengths for p in _length_pairs(64, 1)])
+                                                    [:, k] for k in (0, 1)]).double())
+    assert plain > 0.5  # without the length head the reward follows length
+    assert abs(odin) < 0.2 and abs(odin) < plain / 3  # the quality head does not
+    assert length_corr > 0.5  # the length head carries it
+
+
+@pytest.mark.slow
+def test_export_keeps_the_quality_head_and_ddp_equals_one_process(tmp_path):
+    common = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",
+              "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "7", "--mixed_precision", "fp32",
+              "--max_steps", "4", "--length_head", "--lora_rank", "4", "--eval_split", "0.2"]
+
+    def train(extra, nproc, out):
+        launcher = [sys.executable] if nproc == 1 else TORCHRUN + ["--standalone", "--nproc_per_node", str(nproc)]
+        proc = subprocess.run(launcher + [str(REPO / "train_reward_model.py")] + common + extra + ["--save_path",
+                              str(out)], capture_output=True, text=True, env=run_env(), timeout=600, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out
+
+    one = train(["--strategy", "naive", "--batch_size", "4"], 1, tmp_path / "one")
+    for strategy in ("ddp", "fsdp"):
+        two = train(["--strategy", strategy, "--batch_size", "2"], 2, tmp_path / strategy)
+        losses = [[r["loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())
+                   if r["split"] == "train"] for p in (one, two)]
+        assert len(losses[0]) == 4 and max(abs(a - b) for a, b in zip(*losses)) < 1e-5, strategy
+        for name in ("model.safetensors", "length_head.safetensors"):
+            wa, wb = load_file(one / name), load_file(two / name)
+            assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, name
+    # the export is a plain reward model: one score head, which is the trainer's quality head
+    model = AutoModelForSequenceClassification.from_pretrained(one)
+    head = load_file(one / "length_head.safetensors")["weight"]
+    assert head.shape == model.score.weight.shape and not torch.equal(head, model.score.weight)
+    assert not any("length" in k for k in load_file(one / "model.safetensors"))
+    from coati.scoring import RewardScorer
+
+    scorer = RewardScorer.from_pretrained(str(one), device="cpu")
+    ids = scorer.encode(["How are you?"], ["Fine, thanks."])
+    with torch.no_grad():
+        hf = model(torch.tensor(ids)).logits[0, 0].item()
+    assert scorer.score_texts(["How are you?"], ["Fine, thanks."])[0] == pytest.approx(hf, abs=1e-4)
+    evals = [r for r in map(json.loads, (one / "metrics.jsonl").read_text().splitlines()) if r["split"] == "eval"]
+    assert "pearson" in evals[-1]["length_bias"]
