@@ -182,7 +182,11 @@ def _about(recipe: dict, base_model: str | None) -> list[str]:
         "tokenizer's chat template when it has one (unless `chat_template` is `never` in `train_config.json`), else "
         "as `\\n\\nHuman: ...\\n\\nAssistant: `, followed by the answer and that token. coati's `RewardScorer` and "
         "`python3 -m coati.score` build exactly this; `config.json` also stores `reward_mean` and `reward_std` for "
-        "normalised scores `(r - reward_mean) / reward_std`.", ""]
+        "normalised scores `(r - reward_mean) / reward_std`.", ""] + ([
+        "It was trained with a length head (ODIN, Chen et al. 2024, arXiv 2402.07319): the value head above is the "
+        "quality head, trained to be uncorrelated with the answer's length; the length head's `[1, hidden]` weight "
+        "is in `length_head.safetensors` for those who want the length-carrying part of the reward.", ""]
+        if recipe.get("length_head") else [])
 
 
 def _recipe(recipe: dict, summary: dict) -> list[str]:

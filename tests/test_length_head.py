@@ -119,6 +119,7 @@ def test_export_keeps_the_quality_head_and_ddp_equals_one_process(tmp_path):
     head = load_file(one / "length_head.safetensors")["weight"]
     assert head.shape == model.score.weight.shape and not torch.equal(head, model.score.weight)
     assert not any("length" in k for k in load_file(one / "model.safetensors"))
+    assert "length_head.safetensors" in (one / "README.md").read_text(encoding="utf-8")  # the model card says so
     from coati.scoring import RewardScorer
 
     scorer = RewardScorer.from_pretrained(str(one), device="cpu")
