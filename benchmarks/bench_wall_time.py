@@ -20,7 +20,10 @@ so that neither runs out of data before the budget) and the budget itself:
   only: a bf16 matrix product runs about 100x slower than fp32 there, so TRL's default would hardly train).
 
 Reported per tool: optimizer steps, pairs trained, training seconds, and ``coati.evaluate``'s held-out acc overall
-and per language (the TRL export is read with ``--layout auto``, i.e. its chat template, as TRL trained it).
+and per language (the TRL export is read with ``--layout auto``, i.e. its chat template, as TRL trained it), with
+the length-bias figures (reward-length Pearson and Spearman, acc on the pairs whose chosen answer is the shorter
+one); ``--also_eval SPEC`` scores every export on more data the same way (e.g. ``ultrafeedback-eval``, never
+trained on).
 
     python benchmarks/bench_wall_time.py --minutes 10 --json benchmarks/results_wall_time.json
 """
@@ -56,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="another coati run: NAME=\"flags\" (e.g. coati-lr1e-4=\"--pretrain smollm2-135m --lr 1e-4\")")
     p.add_argument("--trl_fp32", action="store_true",
                    help="TRL in fp32 instead of its bf16 default (for CPUs that emulate bf16; reported as such)")
+    p.add_argument("--also_eval", action="append", default=[], metavar="SPEC",
+                   help="also evaluate every export on this dataset spec (named dataset or file), e.g. a held-out "
+                        "UltraFeedback file")
     p.add_argument("--workdir", default=None, help="where data and exports go (default: a temporary folder)")
     p.add_argument("--json", default=None)
     p.add_argument("--trl_child", nargs=3, default=None, help=argparse.SUPPRESS)
@@ -158,15 +164,23 @@ def run_coati(train: str, out: str, minutes: float, epochs: int, backbone: list[
             "truncation": s["truncation"]}
 
 
+def _bias(block: dict) -> dict:
+    b = block.get("length_bias") or {}
+    return {k: b.get(k) for k in ("pearson", "spearman", "acc_chosen_shorter", "pairs_chosen_shorter",
+                                  "acc_chosen_longer", "longer_wins_acc")}
+
+
 def evaluate(model: str, heldout: str, out: str) -> dict:
     cmd = [sys.executable, "-m", "coati.evaluate", "--model_path", model, "--dataset", heldout, "--output_dir", out,
-           "--disable_tqdm", "--device", "cpu"]
+           "--disable_tqdm", "--device", "cpu", "--data_dir", os.environ.get("COATI_DATA_DIR", "")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
     if proc.returncode:
         raise RuntimeError(f"coati.evaluate exited {proc.returncode}: {proc.stderr[-3000:]}")
     report = json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))
     return {"pairs": report["pairs"], "acc": report["acc"], "dist": report["dist"], "ece": report["ece"],
-            "languages": {k: {"pairs": v["pairs"], "acc": v["acc"]} for k, v in report["languages"].items()},
+            "length_bias": _bias(report),
+            "languages": {k: {"pairs": v["pairs"], "acc": v["acc"], "length_bias": _bias(v)}
+                          for k, v in report["languages"].items()},
             "eval_seconds": report["seconds"]}
 
 
@@ -197,10 +211,14 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"TRL exited {proc.returncode}: {proc.stderr[-3000:]}")
             r = json.loads(line[7:])
         r["heldout"] = evaluate(out, heldout, os.path.join(folder, f"eval-{tool}"))
+        for k, spec in enumerate(args.also_eval):
+            r.setdefault("also_eval", {})[spec] = evaluate(out, spec, os.path.join(folder, f"eval-{tool}-{k}"))
         results[tool] = r
         langs = ", ".join(f"{k} {v['acc']:.3f} ({v['pairs']})" for k, v in r["heldout"]["languages"].items())
+        bias = r["heldout"]["length_bias"]
         print(f"{tool}: {r['steps']} steps, {r['pairs_trained']} pairs in {r['train_seconds']:.0f} s; held-out acc "
-              f"{r['heldout']['acc']:.3f} ({langs})", flush=True)
+              f"{r['heldout']['acc']:.3f} ({langs}); reward-length Pearson {bias['pearson']}, acc when the chosen "
+              f"answer is shorter {bias['acc_chosen_shorter']}", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

@@ -129,3 +129,30 @@ def test_export_keeps_the_quality_head_and_ddp_equals_one_process(tmp_path):
     assert scorer.score_texts(["How are you?"], ["Fine, thanks."])[0] == pytest.approx(hf, abs=1e-4)
     evals = [r for r in map(json.loads, (one / "metrics.jsonl").read_text().splitlines()) if r["split"] == "eval"]
     assert "pearson" in evals[-1]["length_bias"]
+
+
+def test_ranked_lists_with_a_length_head_take_the_weighted_loss_on_the_sum(tokenizer, tmp_path):
+    """A batch of ranked lists (packed): the trainer's loss is the per-prompt weighted pairwise loss on quality +
+    length outputs plus the length terms over every sequence, and the metrics see the quality outputs."""
+    from coati.data.collate import collate_packed
+
+    trainer = tiny_trainer(tokenizer, tmp_path, log_sig_loss, length_head=True, length_loss_weight=0.5)
+    g = torch.Generator().manual_seed(5)
+    items = []
+    for k, lens in ((3, [9, 4, 6]), (2, [3, 7]), (4, [2, 8, 5, 11])):
+        prompt = torch.randint(5, 300, (4,), generator=g).tolist()
+        seqs = [prompt + torch.randint(5, 300, (n,), generator=g).tolist() + [2] for n in lens]
+        items.append(TokenizedPair(seqs[0], seqs[1], None, "en", "x", seqs[2:], answer_lengths=lens))
+    batch = collate_packed(items, tokenizer.pad_token_id)
+    loss, chosen, rejected, rewards = trainer._forward(batch)
+    with torch.no_grad():
+        both, overlap = trainer.model(**batch.inputs)
+    total = both.sum(-1)
+    pairwise = log_sig_loss(total[batch.pairs[:, 0]], total[batch.pairs[:, 1]], None, batch.weight)
+    lengths = batch.lengths.float()
+    expected = pairwise + 0.5 * (abs(_corr(both[:, 0].tolist(), lengths.tolist()))
+                                 - _corr(both[:, 1].tolist(), lengths.tolist())) + overlap
+    assert batch.weight is not None and len(batch.pairs) == 3 + 1 + 6
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert torch.allclose(rewards, both[:, 0], atol=1e-6) and torch.allclose(chosen, both[batch.pairs[:, 0], 0],
+                                                                              atol=1e-6)

@@ -358,3 +358,25 @@ def test_4bit_ddp_on_two_processes_trains_like_naive(tmp_path):
     assert len(la) == len(lb) == 4 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
     wa, wb = load_file(tmp_path / "naive" / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_a_length_head_trains_beside_the_adapters_of_a_4bit_model(tokenizer):
+    """QLoRA with --length_head: both heads, the adapters and the ODIN terms get finite, non-zero gradients."""
+    from coati.losses import length_head_loss
+
+    rm = _build(tokenizer, load_in_4bit=True).train()
+    head = rm.add_length_head()
+    pairs = _pairs(prompt=True)
+    batch = collate_packed(pairs, tokenizer.pad_token_id, 0)
+    both, overlap = rm(**batch.inputs)
+    total = both.sum(-1)
+    lengths = torch.tensor([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs])
+    loss = log_sig_loss(total[:len(pairs)], total[len(pairs):]) + length_head_loss(both[:, 0], both[:, 1], lengths,
+                                                                                    overlap)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    grads = {n: p.grad for n, p in rm.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora" in n)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "score" in n)
