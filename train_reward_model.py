@@ -5,7 +5,7 @@ See ``python train_reward_model.py --help`` and the README.
 
 import sys
 
-from coati.train import main
+from coati.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_tokenizer_for(args):
     """The run's tokenizer (the pretrained backbone's, else SmolLM2's)."""
-    from coati.models.loading import SMOLLM2_ALIAS, load_tokenizer, resolve_pretrain
+    from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain
+    from coati.models.loading import load_tokenizer
 
     return load_tokenizer(resolve_pretrain(args.pretrain or SMOLLM2_ALIAS, with_model=False))
 
@@ -195,7 +196,8 @@ def run_trl(args, tokenizer, pair) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from coati.models.backbones import get_backbone
-    from coati.models.loading import build_model, resolve_pretrain
+    from coati.models.cache import resolve_pretrain
+    from coati.models.loading import build_model
 
     torch.manual_seed(0)
     if args.pretrain:

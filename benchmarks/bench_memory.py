@@ -151,7 +151,7 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    from coati.models.loading import resolve_pretrain
+    from coati.models.cache import resolve_pretrain
 
     tokenizer, pairs, backbone, plan = setup(args)
     rows = [pairs[i] for idx in plan for i in idx]  # the coati modes' batches, in order
@@ -212,7 +212,8 @@ def main(argv=None) -> int:
     folder = None
     if args.pretrain is None:  # one random-init checkpoint for every mode
         from coati.models.backbones import get_backbone
-        from coati.models.loading import SMOLLM2_ALIAS, build_model, load_tokenizer, resolve_pretrain
+        from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain
+        from coati.models.loading import build_model, load_tokenizer
 
         folder = tempfile.mkdtemp(prefix=f"bench-memory-{args.model_config}-")
         tokenizer = load_tokenizer(resolve_pretrain(SMOLLM2_ALIAS, with_model=False))

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                         "without it)")
     args, rest = p.parse_known_args(argv)
 
-    from coati.config import parse_args
+    from coati.cli.train import parse_args
     from coati.data.collate import make_loaders, prepare_data
     from coati.memory import trim_between_blocks
     from coati.models import packed_attention

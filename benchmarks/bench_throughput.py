@@ -70,7 +70,8 @@ def load_setup(args):
     from coati.data.sources import default_data_dir, load_pairs
     from coati.data.template import SequenceEncoder, tokenize_pairs, use_chat_template
     from coati.models.backbones import get_backbone
-    from coati.models.loading import SMOLLM2_ALIAS, build_model, load_tokenizer, resolve_pretrain
+    from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain
+    from coati.models.loading import build_model, load_tokenizer
 
     tokenizer = load_tokenizer(resolve_pretrain(args.pretrain or SMOLLM2_ALIAS, with_model=False))
     raw, _ = load_pairs(args.dataset, default_data_dir(), None, seed=args.seed)

@@ -47,7 +47,8 @@ def _percentile(values: list[int], q: float) -> int:
 def measure(pretrain: str, pairs: list, max_lens: list[int]) -> dict:
     """Token counts of ``pairs`` (:class:`~coati.data.formats.PreferencePair`) under ``pretrain``'s tokenizer."""
     from coati.data.template import render_prompt, use_chat_template
-    from coati.models.loading import load_tokenizer, resolve_pretrain
+    from coati.models.cache import resolve_pretrain
+    from coati.models.loading import load_tokenizer
 
     tok = load_tokenizer(resolve_pretrain(pretrain, with_model=False))
     chat = use_chat_template(tok, "auto")
@@ -79,7 +80,7 @@ def measure(pretrain: str, pairs: list, max_lens: list[int]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from coati.data.sources import default_data_dir, select_pairs
-    from coati.config import read_recipe
+    from coati.cli.recipe import read_recipe
 
     cfg = read_recipe(args.config)
     sel = select_pairs(cfg["dataset"], default_data_dir(), cfg.get("max_samples"), False, 0, None, None,

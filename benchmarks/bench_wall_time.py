@@ -106,7 +106,8 @@ def run_trl(train: str, out: str, minutes: float, epochs: int, fp32: bool = Fals
     from trl import RewardConfig, RewardTrainer
 
     from coati.models.backbones import get_backbone
-    from coati.models.loading import SMOLLM2_ALIAS, build_model, resolve_pretrain
+    from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain
+    from coati.models.loading import build_model
 
     rows = []
     with open(train, encoding="utf-8") as f:

@@ -1,29 +1,21 @@
 """TrainConfig: every training option, once, in groups (backbone, LoRA, data, loss, strategy, optimisation, logging).
 
 Each group is a dataclass whose field names are the flat command-line flags of Coati (``--max_len``, ``--lr``...);
-transformers' ``HfArgumentParser`` builds the parser from them, and each component is built from its own group
-(the strategy from :class:`StrategyArgs`, the loss from :class:`LossArgs`...). A new option is one field here.
-``--config recipe.yaml`` (or ``.json``, such as the ``train_config.json`` written beside every export) sets any
-flag; the command line overrides the file.
+:mod:`coati.cli.train` builds the parser from them (transformers' ``HfArgumentParser``), and each component is
+built from its own group (the strategy from :class:`StrategyArgs`, the loss from :class:`LossArgs`...). A new option
+is one field here. This module is a leaf: it imports nothing of coati. Each option checks itself
+(:func:`value_problems`) and the rules between options live here too (:func:`rule_problems`); checks that need a
+component (a backbone, a strategy, an installed package) are :func:`coati.preflight.validate`'s.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import difflib
-import json
 import math
 import typing
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
-from transformers import HfArgumentParser
-from transformers.hf_argparser import string_to_bool
-
-from coati.reporting import REPORT_TO
 
 
 @dataclass(frozen=True)
@@ -62,6 +54,9 @@ class Range:
             bounds = ""
         return kind + bounds
 
+
+#: ``--report_to`` choices (:mod:`coati.reporting` writes each)
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 POSITIVE = Range(0, lo_open=True)
 NON_NEGATIVE = Range(0)
@@ -154,6 +149,11 @@ class LoraArgs:
     lora_alpha: float = _opt(16.0, "LoRA alpha (scaling = alpha / rank)", valid=POSITIVE)
     lora_dropout: float = _opt(0.0, "LoRA dropout", valid=Range(0, 1, hi_open=True))
     lora_train_bias: str = _opt("none", "which biases to train with LoRA", choices=("none", "all", "lora_only"))
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the run trains LoRA adapters (``--lora_rank`` > 0) rather than the whole backbone."""
+        return isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool) and self.lora_rank > 0
 
 
 @dataclass
@@ -328,15 +328,6 @@ class LogArgs:
                                  "WANDB_MODE says otherwise)", choices=REPORT_TO)
 
 
-@dataclass(frozen=True)
-class Registered:
-    """A registry entry (losses, penalties): ``build(group) -> component`` from the options group it belongs to,
-    and ``takes``, the options of that group it reads; setting another component's option is a parse-time error."""
-
-    build: Any
-    takes: tuple[str, ...] = ()
-
-
 #: group name -> its dataclass; TrainConfig has one attribute per group, in this order
 GROUPS: dict[str, type] = {"backbone": ModelArgs, "lora": LoraArgs, "data": DataArgs, "loss": LossArgs,
                            "strategy": StrategyArgs, "optim": OptimArgs, "log": LogArgs}
@@ -389,222 +380,21 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **values})
 
 
-def _registries() -> dict[str, dict]:
-    """Option name -> the registry whose keys are its choices."""
-    from coati.losses import LOSSES, PENALTIES
-    from coati.models.backbones import AUTO, BACKBONES
-    from coati.strategies import STRATEGIES
-
-    # --model auto takes every option a backbone may take: which ones apply is known once the checkpoint is read
-    auto = Registered(build=None, takes=tuple(sorted({o for b in BACKBONES.values() for o in b.takes})))
-    return {"model": {**BACKBONES, AUTO: auto}, "loss_fn": LOSSES, "penalty": PENALTIES, "strategy": STRATEGIES}
-
-
-class DefaultsOnceHelpFormatter(argparse.HelpFormatter):
-    """Adds ``(default: X)`` to an option's help unless the help already mentions its default, or X is None,
-    False or SUPPRESS (so ``--help`` shows each default once)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        unset = any(action.default is v for v in (None, False, argparse.SUPPRESS))  # `is`: 0 == False
-        if "default" in text.lower() or unset or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-def checked(base: type, rule: Range | None):
-    """An argparse ``type`` that converts with ``base`` and enforces ``rule``, so a bad value fails at parse time."""
-    def convert(text: str):
-        try:
-            value = base(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {rule.text if rule else base.__name__}, got {text!r}") from None
-        if rule is not None and not rule.ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule.text}, got {text!r}")
-        return value
-    convert.__name__ = base.__name__
-    return convert
-
-
-class _SetAlias(argparse.Action):
-    """An old flag merged into another one (``--bf16 [true|false]`` sets ``--mixed_precision``)."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        target, convert = ALIASES[self.dest]
-        setattr(namespace, target, convert(value))
-
-
-def or_auto(convert):
-    """An argparse ``type`` that reads ``auto`` as None (the field's "resolve it for this run") and anything else
-    with ``convert``."""
-    def read(text: str):
-        return None if text == "auto" else convert(text)
-    read.__name__ = convert.__name__
-    return read
-
-
-class _Parser(HfArgumentParser):
-    """``HfArgumentParser`` whose numeric flags also carry their :class:`Range` (the field's ``valid``), whose
-    ``auto`` fields (metadata ``auto=True``: None in the dataclass) show and take ``auto``, and whose errors are one
-    ``error: ...`` line (no usage block of 60 flags)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-    @staticmethod
-    def _parse_dataclass_field(parser, f: dataclasses.Field):
-        shadow = copy.copy(f)
-        meta = {k: v for k, v in f.metadata.items() if k not in ("valid", "auto")}
-        shadow.metadata = MappingProxyType(dict(meta, help=meta["help"].replace("%", "%%")))  # argparse formats help
-        HfArgumentParser._parse_dataclass_field(parser, shadow)
-        for option in [o for o in parser._option_string_actions if "-" in o[2:]]:  # Coati's flags: underscores only
-            parser._option_string_actions.pop(option).option_strings.remove(option)
-        action = parser._option_string_actions[f"--{f.name}"]
-        if f.metadata.get("valid") is not None:
-            action.type = checked(action.type, f.metadata["valid"])
-        if f.metadata.get("auto"):  # a string default goes through `type` too: "auto" -> None
-            action.type, action.default = or_auto(action.type), "auto"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser: one ``--<field>`` flag per option of every group (``--help`` lists them by group), the merged
-    old spellings (``--bf16``, ``--zero_cpu_offload``) and ``--config``.
-
-    Numeric flags carry their :class:`Range` as the argparse ``type``, so ``--lr inf`` or ``--max_steps 0`` stop at
-    parse time with ``argument --lr: must be a finite number > 0, got 'inf'`` (exit code 2).
-    """
-    for name, cls in GROUPS.items():
-        cls._argument_group_name = name
-    parser = _Parser(list(GROUPS.values()), prog="train_reward_model.py", formatter_class=DefaultsOnceHelpFormatter,
-                     description="Train a reward model (backbone + value head) on preference pairs.")
-    for name, registry in _registries().items():
-        parser._option_string_actions[f"--{name}"].choices = tuple(registry)
-    parser.add_argument("--bf16", dest="bf16", action=_SetAlias, nargs="?", const=True, type=string_to_bool,
-                        default=argparse.SUPPRESS, help="same as --mixed_precision bf16 (--bf16 false: fp32)")
-    parser.add_argument("--config", metavar="RECIPE", default=None,
-                        help="a YAML or JSON file of options (flag name: value), e.g. examples/*.yaml or the "
-                             "train_config.json of an export; flags on the command line override it")
-    return parser
-
-
-#: the largest recipe file read (bytes); a recipe is a page of options
-MAX_RECIPE_BYTES = 1 << 20
-#: the most values (mappings, lists and scalars, YAML aliases counted each time they are used) a recipe may expand
-#: to: a "billion laughs" alias bomb is refused before anything expands it
-MAX_RECIPE_VALUES = 100_000
-
-
-class _RecipeRefused(ValueError):
-    """A recipe refused by its bounds (size, expansion, cycle): already one line naming the file."""
-
-
-def _expanded_size(node, path: str, memo: dict[int, int], open_nodes: set[int]) -> int:
-    """How many values a composed YAML node stands for once its aliases are expanded (aliases share node objects,
-    so each node is sized once)."""
-    import yaml
-
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    if key in open_nodes:
-        raise _RecipeRefused(f"--config {path}: a YAML alias refers to a value that contains it (a cycle)")
-    open_nodes.add(key)
-    if isinstance(node, yaml.MappingNode):
-        size = 1 + sum(_expanded_size(k, path, memo, open_nodes) + _expanded_size(v, path, memo, open_nodes)
-                       for k, v in node.value)
-    elif isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(v, path, memo, open_nodes) for v in node.value)
-    else:
-        size = 1
-    open_nodes.discard(key)
-    memo[key] = min(size, MAX_RECIPE_VALUES + 1)
-    return memo[key]
-
-
-def _load_recipe_file(path: str) -> Any:
-    """The parsed content of a recipe file, bounded: at most :data:`MAX_RECIPE_BYTES` bytes and, for YAML, at most
-    :data:`MAX_RECIPE_VALUES` values with aliases expanded (checked on the composed node graph, before anything is
-    built), no alias cycle. Only plain YAML types are built (``yaml.SafeLoader``: no Python tags).
-
-    Raises:
-        ValueError: one line naming the file, for an unreadable, unparsable, too large, too deep or self-referring
-            file.
-    """
-    import yaml
-
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_RECIPE_BYTES + 1)
-        if len(raw) > MAX_RECIPE_BYTES:
-            raise _RecipeRefused(f"--config {path}: larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a mapping "
-                                 "of options")
-        text = raw.decode("utf-8")
-        if path.endswith(".json"):
-            return json.loads(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None and _expanded_size(node, path, {}, set()) > MAX_RECIPE_VALUES:
-            raise _RecipeRefused(f"--config {path}: expands to more than {MAX_RECIPE_VALUES:,} values (YAML "
-                                 "aliases reused over and over); refused")
-        return yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 (SafeLoader)
-    except _RecipeRefused:
-        raise
-    except RecursionError:
-        raise ValueError(f"--config {path}: nested too deeply") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
-    except (OSError, ValueError, yaml.YAMLError) as e:  # JSON's ValueErrors too (syntax, 4,300-digit integers)
-        raise ValueError(f"--config {path}: cannot read it ({' '.join(str(e).split())})") from None
-
-
-def read_recipe(path: str) -> dict[str, Any]:
-    """The options of a recipe file (``.yaml``/``.yml`` or ``.json``: a mapping of flag names to values).
-
-    A string given for a list option (``dataset: hh-rlhf``) becomes a one-element list; old spellings
-    (``bf16: true``) are translated. A value that is not a string must have the option's type (strings are parsed
-    by the flag's own parser, as on the command line).
-
-    Raises:
-        ValueError: the file cannot be read or parsed, is too large or expands too far
-            (:func:`_load_recipe_file`), is not a mapping, names an unknown option, or gives an option a value of
-            the wrong type (one line with the file and the name).
-    """
-    values = _load_recipe_file(path)
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of option names to values")
-    fields, out = option_fields(), {}
-    hints = _option_hints()
-    for name, value in values.items():
-        if name in ALIASES:
-            target, convert = ALIASES[name]
-            out.setdefault(target, convert(value))
-        elif name not in fields:
-            close = difflib.get_close_matches(str(name), fields, n=1)
-            raise ValueError(f"--config {path}: unknown option {name!r}"
-                             + (f" (did you mean {close[0]!r}?)" if close else ""))
-        else:
-            value = [value] if isinstance(value, str) and fields[name][1].metadata.get("nargs") else value
-            if not isinstance(value, str) and not _has_type(hints[name], value):
-                raise ValueError(f"--config {path}: --{name}: must be {_type_text(hints[name])}, got "
-                                 f"{_short_repr(value)}")
-            out[name] = value
-    return out
-
-
-def _option_hints() -> dict[str, Any]:
+def option_hints() -> dict[str, Any]:
     """Flag name -> its field's type hint (``int``, ``str | None``, ``list[str]``...)."""
     return {name: hint for cls in GROUPS.values() for name, hint in typing.get_type_hints(cls).items()}
 
 
-def _has_type(hint: Any, value: Any) -> bool:
+def has_type(hint: Any, value: Any) -> bool:
     """Whether ``value`` is of the type ``hint`` names (``bool`` is not an ``int``; an ``int`` is a ``float``)."""
     args = typing.get_args(hint)
     origin = typing.get_origin(hint)
     if origin is typing.Union or type(hint).__name__ == "UnionType":
-        return any(_has_type(h, value) for h in args)
+        return any(has_type(h, value) for h in args)
     if hint is type(None):
         return value is None
     if origin is list:
-        return isinstance(value, list) and all(_has_type(args[0], v) for v in value)
+        return isinstance(value, list) and all(has_type(args[0], v) for v in value)
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -616,201 +406,61 @@ def _has_type(hint: Any, value: Any) -> bool:
     return True
 
 
-def _type_text(hint: Any) -> str:
+def type_text(hint: Any) -> str:
     """``list[str] | None`` -> ``a list of strings or null``."""
     if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType":
-        return " or ".join(_type_text(h) for h in typing.get_args(hint))
+        return " or ".join(type_text(h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is list:
-        return f"a list of {_type_text(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+        return f"a list of {type_text(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             type(None): "null"}.get(hint, str(hint))
 
 
-def _short_repr(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _value_error(name: str, f: dataclasses.Field, hint: Any, value: Any, choices) -> str | None:
+def value_error(name: str, f: dataclasses.Field, hint: Any, value: Any, choices) -> str | None:
     rule = f.metadata.get("valid")
     if value is None and type(None) in typing.get_args(hint):
         return None
     if rule is not None:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or (rule.integer and not isinstance(value, int)) or not rule.ok(value):
-            return f"--{name}: must be {rule.text}, got {_short_repr(value)}"
-    elif not _has_type(hint, value):
-        return f"--{name}: must be {_type_text(hint)}, got {_short_repr(value)}"
+            return f"--{name}: must be {rule.text}, got {short_repr(value)}"
+    elif not has_type(hint, value):
+        return f"--{name}: must be {type_text(hint)}, got {short_repr(value)}"
     if choices and value not in choices:
         return f"--{name}: must be one of {', '.join(map(str, choices))}, got {value!r}"
     return None
 
 
-def _cpu_flags() -> frozenset[str] | None:
-    """The processor's feature flags from ``/proc/cpuinfo`` (Linux), or None where that file cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        return None
-    return frozenset()
+def value_problems(cfg: TrainConfig, choices: dict[str, tuple] | None = None) -> list[str]:
+    """Each option checked on its own: its type, numeric :class:`Range` and choices (also for configs built in code
+    or read from a recipe), as ``--flag: must be ..., got ...`` lines (empty when every value is valid).
 
-
-def native_bf16(device_type: str) -> bool:
-    """Whether ``device_type`` (``"cuda"`` or ``"cpu"``, as ``torch.device.type``) computes bf16 matrix products in
-    hardware rather than by emulation.
-
-    * ``cuda``: ``torch.cuda.is_available()`` and ``torch.cuda.is_bf16_supported`` without emulation (compute
-      capability 8.0 or later, or ROCm);
-    * ``cpu``: the processor flags name ``avx512_bf16`` (AVX512-BF16) or ``amx_bf16`` (AMX); where ``/proc/cpuinfo``
-      cannot be read, torch's own AVX512-BF16 check;
-    * any other device type: False.
-
-    Never raises: a check that fails (a CPU-only torch asked about CUDA) answers False.
+    Args:
+        choices: flag name -> the names its registry accepts (``--model``, ``--loss_fn``...), which this module does
+            not know; other flags use their own ``choices``.
     """
-    import torch
-
-    try:
-        if device_type == "cuda":
-            if not torch.cuda.is_available():
-                return False
-            try:
-                return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-            except TypeError:  # torch before 2.3 has no including_emulation (and did not count emulation)
-                return bool(torch.cuda.is_bf16_supported())
-        if device_type == "cpu":
-            flags = _cpu_flags()
-            if flags is None:
-                check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-                return bool(check and check())
-            return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except (RuntimeError, AssertionError, AttributeError):
-        return False
-    return False
-
-
-def auto_precision(strategy: str) -> str:
-    """What ``--mixed_precision auto`` stands for under ``--strategy strategy`` on this machine: bf16 when the
-    strategy's device (the first CUDA GPU when one is visible, else the CPU) computes bf16 natively
-    (:func:`native_bf16`), else fp32; a strategy that does not train in that precision gets the first of
-    bf16 / fp32 / fp16 (natively bf16) or fp32 / fp16 / bf16 (not) that it does (colossalai_gemini, which has no
-    fp32: fp16 without native bf16). An unknown strategy name is treated as one that trains in fp32 or bf16
-    (:func:`validate` reports the name)."""
-    import torch
-
-    from coati.strategies import STRATEGIES
-
-    accepted = getattr(STRATEGIES.get(strategy), "precisions", ("fp32", "bf16"))
-    order = ("bf16", "fp32", "fp16") if native_bf16("cuda" if torch.cuda.is_available() else "cpu") \
-        else ("fp32", "fp16", "bf16")
-    return next((p for p in order if p in accepted), "fp32")
-
-
-def auto_lr(lora_rank: int) -> float:
-    """The peak learning rate of ``--lr auto``: :data:`LR_LORA` with LoRA (``lora_rank`` > 0), else :data:`LR_FULL`."""
-    return LR_LORA if lora_rank > 0 else LR_FULL
-
-
-def resolve_auto(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with ``--lr auto`` (None or ``"auto"``) and ``--mixed_precision auto`` replaced by the values they stand
-    for here (:func:`auto_lr`, :func:`auto_precision`), so that the config, and the ``train_config.json`` written
-    with every export, records what the run used; ``cfg`` itself is returned when nothing is ``auto``.
-
-    ``--warmup_steps auto`` stays None (``"auto"`` becomes None): it depends on the planned steps, known once the data
-    is loaded (:func:`coati.trainer.plan_warmup`). Other values are kept as they are, invalid ones too
-    (:func:`validate` reports those); never raises for a bad value.
-    """
-    values: dict[str, Any] = {}
-    if cfg.optim.lr is None or cfg.optim.lr == "auto":
-        rank = cfg.lora.lora_rank
-        values["lr"] = auto_lr(rank if isinstance(rank, int) and not isinstance(rank, bool) else 0)
-    if cfg.strategy.mixed_precision == "auto":
-        values["mixed_precision"] = auto_precision(cfg.strategy.strategy)
-    if cfg.optim.warmup_steps == "auto":
-        values["warmup_steps"] = None
-    return cfg.replace(**values) if values else cfg
-
-
-#: ``layout`` choices of :meth:`coati.scoring.RewardScorer.from_pretrained` and ``--layout`` (``auto`` resolves to one
-#: of the others).
-LAYOUTS = ("auto", "coati", "chat", "text")
-BITSANDBYTES_INSTALL = "pip install --no-deps bitsandbytes==0.50.2 (or scripts/setup.sh)"
-
-
-def quantization_problems(cfg: TrainConfig) -> list[str]:
-    """What is wrong with the 4-/8-bit options of ``cfg`` (one line each): both widths, a quantised backbone without
-    LoRA (nothing would train but the value head), 4-bit options without ``--load_in_4bit``, bitsandbytes missing."""
-    import importlib.util
-
-    m, errors = cfg.backbone, []
-    flag = "--load_in_4bit" if m.load_in_4bit else "--load_in_8bit"
-    if m.load_in_4bit and m.load_in_8bit:
-        errors.append("--load_in_4bit and --load_in_8bit: choose one")
-    if m.quantized and cfg.lora.lora_rank <= 0:
-        errors.append(f"{flag} freezes the quantised backbone, so it needs LoRA adapters to train: add --lora_rank "
-                      "(e.g. 16; QLoRA trains the adapters and the value head)")
-    defaults = ModelArgs()
-    for name in ("bnb_4bit_quant_type", "bnb_4bit_double_quant"):
-        if getattr(m, name) != getattr(defaults, name) and not m.load_in_4bit:
-            errors.append(f"--{name} is used only with --load_in_4bit: drop it or add --load_in_4bit")
-    if m.quantized and importlib.util.find_spec("bitsandbytes") is None:
-        errors.append(f"{flag} needs the bitsandbytes package: {BITSANDBYTES_INSTALL}")
+    errors, flat, hints = [], cfg.to_dict(), option_hints()
+    for name, (group, f) in option_fields().items():
+        problem = value_error(name, f, hints[name], flat[name], (choices or {}).get(name) or f.metadata.get("choices"))
+        if problem:
+            errors.append(problem)
     return errors
 
 
-def sequence_parallel_problems(cfg: TrainConfig) -> list[str]:
-    """What stops ``--sequence_parallel_size`` S > 1 (one line each): a backbone without per-group attention (BLOOM),
-    S not dividing the number of processes (``WORLD_SIZE``, 1 outside torchrun), S not dividing the query heads
-    (read from the preset or the checkpoint's ``config.json`` when it is a folder; a GGUF file is checked once
-    converted, still before the model loads)."""
-    import os
-
-    size = cfg.strategy.sequence_parallel_size
-    if size <= 1:
-        return []
-    from coati.models.backbones import get_backbone
-    from coati.models.loading import attention_heads
-    from coati.strategies.sequence_parallel import head_problem
-
+def rule_problems(cfg: TrainConfig) -> list[str]:
+    """The rules between options that need nothing but the options (``--export_adapter`` needs LoRA, ``--resume``
+    and ``--init_from`` exclude each other...), one line each; for a config whose values passed
+    :func:`value_problems`. Rules that need a component (a backbone's heads, a strategy's capabilities, an installed
+    package) are :func:`coati.preflight.validate`'s."""
     errors = []
-    if cfg.backbone.model != "auto" and get_backbone(cfg.backbone.model).packed_forward is not None:
-        errors.append(f"--sequence_parallel_size needs per-group attention (llama, internlm2): --model "
-                      f"{cfg.backbone.model}'s ALiBi attention runs transformers' own attention over one dense mask "
-                      f"of the whole row, which cannot be split by heads")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % size:
-        errors.append(f"--sequence_parallel_size {size} must divide the number of processes ({world}; start "
-                      f"S x data-parallel processes with torchrun --nproc_per_node)")
-    heads = None if errors else attention_heads(cfg.backbone)
-    problem = heads and head_problem(size, *heads)
-    return errors + ([problem] if problem else [])
-
-
-def validate(cfg: TrainConfig) -> list[str]:
-    """Every rule a config breaks, as ``--flag: must be ..., got ...`` lines (empty when valid).
-
-    Covers each option's type, numeric :class:`Range` and choices (also for configs built in code or read from a
-    recipe), the rules between options, the options the chosen components do not take (``--focal_gamma`` without
-    ``--loss_fn focal``, ``--zero_stage`` without ``--strategy fsdp``) and what the chosen strategy cannot do here
-    (LoRA, resume checkpoints, a precision, a missing GPU or package: its class-level capabilities).
-    ``auto`` values are checked as what they stand for here (:func:`resolve_auto`).
-    """
-    cfg = resolve_auto(cfg)
-    errors, registries, flat = [], _registries(), cfg.to_dict()
-    hints = _option_hints()
-    for name, (group, f) in option_fields().items():
-        hint = hints[name]
-        problem = _value_error(name, f, hint, flat[name], tuple(registries.get(name, ())) or f.metadata.get("choices"))
-        if problem:
-            errors.append(problem)
-    if errors:
-        return errors
     if cfg.backbone.reward_token not in ("auto", "eos") and not cfg.backbone.reward_token.isdigit():
         errors.append(f"--reward_token: must be auto, eos or a token id, got {cfg.backbone.reward_token!r}")
-    errors += quantization_problems(cfg) + sequence_parallel_problems(cfg)
-    if cfg.log.export_adapter and cfg.lora.lora_rank <= 0:
+    if cfg.log.export_adapter and not cfg.lora.uses_lora:
         errors.append("--export_adapter writes the LoRA adapter: add --lora_rank, or drop it (full fine-tuning "
                       "exports the whole model)")
     if cfg.backbone.model == "auto" and not (cfg.backbone.pretrain or cfg.optim.init_from):
@@ -827,42 +477,4 @@ def validate(cfg: TrainConfig) -> list[str]:
             errors.append(f"--{name} weighs a term of --length_head: add --length_head, or drop it")
     if cfg.loss.tie_param is not None and cfg.data.ties == "drop":
         errors.append("--tie_param is the tie parameter of --ties rao_kupper / davidson: drop it, or keep the ties")
-    defaults = TrainConfig().to_dict()
-    for selector, registry in registries.items():
-        chosen = registry[flat[selector]]
-        governed = {opt for entry in registry.values() for opt in entry.takes}
-        for opt in sorted(governed - set(chosen.takes)):
-            if flat[opt] != defaults[opt]:
-                users = [k for k, e in registry.items() if opt in e.takes]
-                errors.append(f"--{opt} is not used by --{selector} {flat[selector]} (only by "
-                              f"{', '.join(users)}): drop it or choose one of those")
-    from coati.reporting import report_to_problem
-
-    backend = report_to_problem(cfg.log.report_to)
-    return errors + registries["strategy"][flat["strategy"]].refusals(cfg) + ([backend] if backend else [])
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse CLI arguments (and the ``--config`` recipe they name) into a validated :class:`TrainConfig`, with
-    ``--lr auto`` and ``--mixed_precision auto`` resolved for this run (:func:`resolve_auto`).
-
-    Raises:
-        SystemExit: (from argparse, exit code 2) on an unknown flag, a bad value, a bad recipe or an invalid
-            combination, with a one-line message naming the flag.
-    """
-    parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    recipe = pre.parse_known_args(argv)[0].config
-    if recipe:
-        try:
-            parser.set_defaults(**read_recipe(recipe))
-        except ValueError as e:
-            parser.error(str(e))
-    values = vars(parser.parse_args(argv))
-    values.pop("config")
-    cfg = resolve_auto(TrainConfig.from_dict(values))
-    errors = validate(cfg)
-    if errors:
-        parser.error("; ".join(errors))
-    return cfg
+    return errors

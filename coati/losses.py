@@ -18,7 +18,7 @@ Ties (``--ties rao_kupper`` / ``davidson``): :class:`TieLoss` extends the signat
 ``loss(chosen, rejected, margin, weight, tie_a [T], tie_b [T], tie_weight [T] | None)``, and takes the weighted mean
 over the M strict and T tied comparisons together.
 
-Add a loss = one function + one entry in ``LOSSES``: a :class:`~coati.config.Registered` whose ``build`` takes the
+Add a loss = one function + one entry in ``LOSSES``: a :class:`~coati.registry.Registered` whose ``build`` takes the
 :class:`~coati.config.LossArgs` group and returns the loss, and whose ``takes`` names the options it reads (a new
 option is one field of ``LossArgs``). A penalty likewise in ``PENALTIES``.
 """
@@ -32,7 +32,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from coati.config import LossArgs, Registered
+from coati.config import LossArgs
+from coati.registry import Registered
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 

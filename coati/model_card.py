@@ -313,12 +313,12 @@ def render_model_card(recipe: dict, summary: dict, base_model: str | None = None
 
     Args:
         recipe: the run's flat config (``TrainConfig.to_dict()``: flag name -> value).
-        summary: the run's ``summary.json`` content (:func:`coati.train.summarize`): ``steps``, ``total_steps``,
+        summary: the run's ``summary.json`` content (:func:`coati.run.summarize`): ``steps``, ``total_steps``,
             ``train_pairs``, ``eval_pairs``, ``eval`` (final metrics with ``languages`` and, if present,
             ``subsets``; ``{}`` when there was no evaluation), ``data`` (the data report's ``to_dict()``),
             ``truncation``, ...
         base_model: the base model's Hub id, or the ``--pretrain`` folder or file (named in the text only), or None
-            for a random init (:func:`coati.models.loading.base_model_info`).
+            for a random init (:func:`coati.models.cache.base_model_info`).
         license: the base model's Hub license id (``apache-2.0``, ``gemma``: the Gemma Terms of Use are named), or
             None when unknown.
     Returns:

@@ -12,12 +12,10 @@ import json
 import logging
 import os
 
+from coati.config import REPORT_TO
 from coati.io import dumps
 
 logger = logging.getLogger(__name__)
-
-#: the ``--report_to`` choices
-REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 def report_to_problem(kind: str) -> str | None:

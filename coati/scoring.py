@@ -41,14 +41,15 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from coati.checkpoint import non_finite_names
-from coati.config import BITSANDBYTES_INSTALL, LAYOUTS, DataArgs, ModelArgs
+from coati.config import DataArgs, ModelArgs
 from coati.data.collate import pad_sequences
 from coati.data.formats import check_answer, check_text, ordered_pairs, parse_message
-from coati.data.template import (Encoded, SequenceEncoder, TruncationStats, apply_template, render_prompt,
+from coati.data.template import (LAYOUTS, Encoded, SequenceEncoder, TruncationStats, apply_template, render_prompt,
                                  tokenize_pairs, use_chat_template)
 from coati.models.backbones import Backbone, backbone_for
 from coati.models.internlm2 import internlm2_to_llama_config, load_internlm2
-from coati.models.loading import check_weight_files, load_explained, load_tokenizer, quantization_config
+from coati.models.loading import (BITSANDBYTES_INSTALL, check_weight_files, load_explained, load_tokenizer,
+                                  quantization_config)
 from coati.models.lora import keep_standard_4bit_layout
 from coati.models.reward_model import RewardModel
 
@@ -71,13 +72,8 @@ def scoring_backbone(config) -> Backbone:
         return backbone_for(config)
     except ValueError:
         pass
-
-    def no_packing(*_args):
-        raise ValueError(f"model_type {config.model_type!r}: packed batches are not supported (scoring uses padded "
-                         "batches)")
-
     return Backbone(name=config.model_type, config_class=type(config), model_class=AutoModelForSequenceClassification,
-                    model_types=(config.model_type,), lora_targets=(), packed_forward=no_packing)
+                    model_types=(config.model_type,), lora_targets=(), packs=False)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

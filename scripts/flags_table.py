@@ -1,6 +1,7 @@
 """Print the README's flag tables from the config groups (paste them under '## Flags' after adding a flag)."""
 
-from coati.config import ALIASES, GROUPS, build_parser, option_fields
+from coati.cli.train import build_parser
+from coati.config import ALIASES, GROUPS, option_fields
 
 
 def main() -> None:

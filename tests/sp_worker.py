@@ -20,7 +20,8 @@ from coati.config import LoraArgs, ModelArgs, StrategyArgs  # noqa: E402
 from coati.data.collate import collate_packed, collate_pairs  # noqa: E402
 from coati.losses import log_sig_loss  # noqa: E402
 from coati.models.backbones import get_backbone  # noqa: E402
-from coati.models.loading import SMOLLM2_ALIAS, build_reward_model, load_tokenizer, resolve_pretrain  # noqa: E402
+from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain  # noqa: E402
+from coati.models.loading import build_reward_model, load_tokenizer
 from coati.models.reward_model import RewardModel  # noqa: E402
 from coati.strategies import STRATEGIES  # noqa: E402
 from test_packing import _pairs  # noqa: E402

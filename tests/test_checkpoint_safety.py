@@ -232,7 +232,7 @@ def test_a_second_run_into_a_locked_save_path_is_refused_with_the_owner(tmp_path
 def test_the_cli_refuses_a_save_path_another_process_is_training_into(tmp_path, capsys):
     import sys
 
-    from coati.train import main
+    from coati.cli.train import main
 
     out = tmp_path / "rm"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from coati.checkpoint import "

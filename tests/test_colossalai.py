@@ -17,7 +17,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from coati.config import StrategyArgs, TrainConfig, validate
+from coati.config import StrategyArgs, TrainConfig
+from coati.preflight import validate
 from coati.strategies.colossalai import (ColossalAIDDPStrategy, ColossalAIGeminiStrategy, ColossalAIZero2Strategy,
                                          _export_skeleton, _fill_skeleton)
 from conftest import run_env
@@ -98,7 +99,7 @@ def test_missing_package_names_the_install_script(cls, environment):
 
 def test_registry_and_validation_do_not_import_colossalai():
     code = ("import sys\n"
-            "from coati.config import TrainConfig, validate\n"
+            "from coati.config import TrainConfig\nfrom coati.preflight import validate\n"
             "from coati.strategies import STRATEGIES\n"
             "for name in ('colossalai_ddp', 'colossalai_zero2', 'gemini'):\n"
             "    STRATEGIES[name].unavailable()\n"

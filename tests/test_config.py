@@ -5,7 +5,9 @@ import typing
 
 import pytest
 
-from coati.config import GROUPS, TrainConfig, option_fields, parse_args, validate
+from coati.cli.train import parse_args
+from coati.config import GROUPS, TrainConfig, option_fields
+from coati.preflight import validate
 
 # (flag, a value that must be refused): every numeric flag, with the values the hostile-input report tried
 BAD = [
@@ -95,7 +97,7 @@ def test_the_chosen_components_take_their_options():
 
 @pytest.mark.parametrize("native", [False, True])
 def test_merged_flags_keep_their_old_spelling(native, monkeypatch):
-    monkeypatch.setattr("coati.config.native_bf16", lambda device_type: native)  # the old spelling wins either way
+    monkeypatch.setattr("coati.preflight.native_bf16", lambda device_type: native)  # the old spelling wins either way
     assert parse_args(["--bf16"]).strategy.mixed_precision == "bf16"
     assert parse_args(["--bf16", "false"]).strategy.mixed_precision == "fp32"
     assert parse_args(["--mixed_precision", "bf16", "--bf16", "false"]).strategy.mixed_precision == "fp32"
@@ -148,7 +150,7 @@ def test_a_bad_recipe_is_one_line(text, message, tmp_path, capsys):
 
 
 def test_a_recipe_larger_than_the_bound_is_refused_unread(tmp_path, capsys):
-    from coati.config import MAX_RECIPE_BYTES
+    from coati.cli.recipe import MAX_RECIPE_BYTES
 
     recipe = tmp_path / "big.yaml"
     recipe.write_text("lr: 0.1\n" + "#" * MAX_RECIPE_BYTES + "\n")

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import coati.config as config
-from coati.config import (LR_FULL, LR_LORA, WARMUP_MAX_STEPS, OptimArgs, TrainConfig, auto_precision, build_parser,
-                          native_bf16, parse_args, resolve_auto, validate)
+import coati.preflight as preflight
+from coati.cli.train import build_parser, parse_args
+from coati.config import LR_FULL, LR_LORA, WARMUP_MAX_STEPS, OptimArgs, TrainConfig
+from coati.preflight import auto_precision, native_bf16, resolve_auto, validate
 from coati.trainer import plan_warmup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +25,7 @@ def cpu(monkeypatch):
     """``cpu(flags)``: no CUDA, and a processor whose ``/proc/cpuinfo`` flags are ``flags`` (None: unreadable)."""
     def set_(flags):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        monkeypatch.setattr(config, "_cpu_flags", lambda: None if flags is None else frozenset(flags))
+        monkeypatch.setattr(preflight, "_cpu_flags", lambda: None if flags is None else frozenset(flags))
     return set_
 
 
@@ -33,7 +35,7 @@ def cuda(monkeypatch):
     def set_(bf16: bool):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
-        monkeypatch.setattr(config, "_cpu_flags", lambda: frozenset({"avx2"}))
+        monkeypatch.setattr(preflight, "_cpu_flags", lambda: frozenset({"avx2"}))
     return set_
 
 
@@ -54,7 +56,7 @@ def test_the_resolved_values_are_what_train_config_json_records(cpu, tmp_path):
     recipe.write_text("lr: auto\nmixed_precision: auto\nwarmup_steps: auto\nlora_rank: 8\n")
     cfg = parse_args(["--config", str(recipe)])
     assert (cfg.optim.lr, cfg.strategy.mixed_precision, cfg.optim.warmup_steps) == (LR_LORA, "bf16", None)
-    written = tmp_path / "train_config.json"  # what coati.train.export writes: cfg.to_dict()
+    written = tmp_path / "train_config.json"  # what coati.run.export writes: cfg.to_dict()
     written.write_text(json.dumps(cfg.to_dict()))
     assert json.loads(written.read_text())["lr"] == LR_LORA
     cpu({"avx2"})  # rerun elsewhere: the recorded values, not this machine's auto
@@ -117,7 +119,7 @@ def test_cuda_check_that_fails_means_no_native_bf16(monkeypatch):
 def test_auto_precision_is_one_every_strategy_accepts(native, monkeypatch):
     from coati.strategies import STRATEGIES
 
-    monkeypatch.setattr(config, "native_bf16", lambda device_type: native)
+    monkeypatch.setattr(preflight, "native_bf16", lambda device_type: native)
     for name, cls in STRATEGIES.items():
         chosen = auto_precision(name)
         assert chosen in cls.precisions, (name, chosen)

@@ -29,7 +29,7 @@ def _tokenizer_without_eos(folder: Path) -> Path:
     """A copy of SmolLM2's tokenizer whose EOS token is removed (reloads with ``eos_token_id`` None)."""
     from transformers import AutoTokenizer
 
-    from coati.models.loading import SMOLLM2_ALIAS, resolve_pretrain
+    from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain
 
     tok = AutoTokenizer.from_pretrained(resolve_pretrain(SMOLLM2_ALIAS, with_model=False))
     tok.eos_token = None

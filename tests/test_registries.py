@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from coati.config import build_parser
+from coati.cli.train import build_parser
 from coati.data.formats import FORMATS
 from coati.data.sources import NAMED_DATASETS
 from coati.losses import LOSSES, PENALTIES

@@ -65,7 +65,8 @@ def test_reward_is_value_head_at_last_real_token(name, tokenizer):
 def test_the_pad_token_is_moved_off_the_reward_token():
     from transformers import AutoTokenizer
 
-    from coati.models.loading import SMOLLM2_ALIAS, choose_pad_token_id, prepare_tokenizer, resolve_pretrain
+    from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain
+    from coati.models.loading import choose_pad_token_id, prepare_tokenizer
 
     raw = AutoTokenizer.from_pretrained(resolve_pretrain(SMOLLM2_ALIAS, with_model=False))
     raw.pad_token = raw.eos_token  # the LLaMA-style default that would make exports read the reward one token early

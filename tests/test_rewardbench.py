@@ -11,7 +11,7 @@ from conftest import tiny_model
 
 from coati.checkpoint import export_hf
 from coati.data.formats import PreferencePair, parse_row
-from coati.evaluate import main
+from coati.cli.evaluate import main
 from coati.rewardbench import (V1_SECTIONS, V1_SUBSET_WEIGHTS, benchmark_scores, leaderboard_table, prompt_credit,
                                ties_score)
 from coati.scoring import RewardScorer

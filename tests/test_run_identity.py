@@ -15,7 +15,7 @@ from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
 from coati.signals import Interrupted
 from coati.strategies.naive import NaiveStrategy
-from coati.train import main
+from coati.cli.train import main
 from conftest import tiny_model, tiny_trainer
 
 RUN = ["--strategy", "naive", "--dataset", "hh-rlhf", "--max_samples", "24", "--max_len", "64", "--batch_size", "4",
@@ -86,7 +86,8 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(finished, tmp_pat
     # the weights it loads are exactly the checkpoint's: the finished run exported them at step 4
     strategy = NaiveStrategy()
     strategy.setup()
-    from coati.models.loading import SMOLLM2_ALIAS, load_tokenizer, resolve_pretrain
+    from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain
+    from coati.models.loading import load_tokenizer
 
     tok = load_tokenizer(resolve_pretrain(SMOLLM2_ALIAS, with_model=False))
     model = RewardModel(tiny_model("llama", tok, seed=5), get_backbone("llama"))

@@ -16,7 +16,7 @@ from coati.data.formats import PreferencePair
 from coati.data.template import SequenceEncoder, render_prompt, tokenize_pairs, use_chat_template
 from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
-from coati.score import main as score_main
+from coati.cli.score import main as score_main
 from coati.scoring import RewardScorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_best_of_n_ranking(scorer, tmp_path, export):
 
 
 def test_best_index_is_first_on_ties():
-    from coati.score import _Row, attach_scores
+    from coati.cli.score import _Row, attach_scores
 
     out = attach_scores([_Row({"responses": ["a", "b", "c"]}, "responses", 0, 3)], [1.0, 3.0, 3.0])
     assert out[0]["best"] == 1

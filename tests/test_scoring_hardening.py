@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from coati.checkpoint import export_hf
 from coati.data.sources import select_pairs
-from coati.evaluate import build_parser as evaluate_parser
-from coati.evaluate import main as evaluate_main
+from coati.cli.evaluate import build_parser as evaluate_parser
+from coati.cli.evaluate import main as evaluate_main
 from coati.models.reward_model import RewardModel
-from coati.score import build_parser as score_parser
-from coati.score import main as score_main
+from coati.cli.score import build_parser as score_parser
+from coati.cli.score import main as score_main
 from coati.scoring import RewardScorer, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coati.config import parse_args
+from coati.cli.train import parse_args
 from conftest import run_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,17 +133,21 @@ def test_bad_settings_fail_at_parse_time_with_one_line(argv, world, message, mon
 
 def test_heads_of_a_converted_checkpoint_are_checked_before_the_model_loads(monkeypatch):
     """SmolLM2's 9 query heads: S = 2 is refused once the GGUF file is converted (before any weights load)."""
-    from coati.models.loading import attention_heads, prepare_model_files, resolve_pretrain
-    from coati.train import check_sequence_parallel_heads
+    from coati.models.cache import resolve_pretrain
+    from coati.models.loading import attention_heads, prepare_model_files
+    from coati.preflight import sequence_parallel_problems
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = parse_args(["--pretrain", "smollm2-135m", "--strategy", "ddp", "--sequence_parallel_size", "2",
                       "--save_path", "/tmp/unused"])
     prepare_model_files(cfg.backbone)
     assert attention_heads(cfg.backbone, resolve_pretrain("smollm2-135m")) == (9, 3)
-    with pytest.raises(ValueError, match="must divide the 9 attention heads"):
-        check_sequence_parallel_heads(cfg)
-    check_sequence_parallel_heads(cfg.replace(sequence_parallel_size=3))  # 3 divides 9: accepted
+    assert sequence_parallel_problems(cfg) == []  # at parse time the alias is not converted: heads unknown
+    problems = sequence_parallel_problems(cfg, resolve_pretrain("smollm2-135m"))
+    assert len(problems) == 1 and "must divide the 9 attention heads" in problems[0], problems
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    folder = resolve_pretrain("smollm2-135m")
+    assert sequence_parallel_problems(cfg.replace(sequence_parallel_size=3), folder) == []  # 3 divides 9: accepted
 
 
 def test_split_causal_attention_equals_the_written_out_mask():

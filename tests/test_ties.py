@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coati.config import LossArgs, TrainConfig, validate
+from coati.config import LossArgs, TrainConfig
+from coati.preflight import validate
 from coati.data.collate import collate_packed, collate_pairs, list_layout
 from coati.data.formats import DataFormatError, parse_row
 from coati.data.sources import load_pairs

@@ -65,7 +65,7 @@ def test_cli_trains_evaluates_and_exports(tmp_path):
 
 
 def test_help_groups_the_flags_and_shows_each_default_once():
-    from coati.config import build_parser
+    from coati.cli.train import build_parser
 
     text = " ".join(build_parser().format_help().split())  # argparse wraps lines anywhere
     for group in ("backbone:", "lora:", "data:", "loss:", "strategy:", "optim:", "log:"):
@@ -80,7 +80,7 @@ def test_help_groups_the_flags_and_shows_each_default_once():
 ])
 def test_user_errors_are_one_clear_line(args, message, tmp_path, capsys):
     """In-process (tests/test_errors.py runs the CLI as a subprocess for each kind of mistake)."""
-    from coati.train import main
+    from coati.cli.train import main
 
     try:
         code = main(args + ["--save_path", str(tmp_path / "x"), "--max_steps", "1"])

@@ -15,6 +15,11 @@ from transformers import PreTrainedTokenizerBase
 
 from coati.data.formats import ordered_pairs, tied_pairs
 
+#: how a prompt and answer are rendered into text: ``coati`` (this trainer's template, from an export's
+#: train_config.json), ``chat`` (the tokenizer's chat template), ``text`` (plain ``Human: / Assistant:`` turns);
+#: ``auto`` resolves to one of the others (:meth:`coati.scoring.RewardScorer.from_pretrained`, ``--layout``)
+LAYOUTS = ("auto", "coati", "chat", "text")
+
 _PLAIN_ROLES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 #: the longest a chat template may take to render one conversation (seconds); real templates take milliseconds.

@@ -4,7 +4,7 @@ A reward model here *is* a transformers ``*ForSequenceClassification`` with ``nu
 the value head, so the export is a standard folder that ``AutoModelForSequenceClassification`` loads. To add a
 backbone, add one :class:`Backbone` entry to ``BACKBONES`` (its classes, accepted ``model_type`` values, LoRA targets,
 presets). A RoPE model using transformers' attention interface needs nothing else: its packed batches run the
-per-group attention of :mod:`coati.models.packed_attention`. A model whose attention cannot gives a ``packed_forward``
+per-group attention of :mod:`coati.models.packed_attention`. A model whose attention cannot gives a ``dense_packed_forward``
 (:mod:`coati.models.bloom`), one with checkpoints in a foreign layout a ``load_pretrained`` converter
 (:mod:`coati.models.internlm2`), each from a module of its own.
 """
@@ -52,9 +52,12 @@ class Backbone:
         load_pretrained: optional ``(path, **kwargs) -> model`` for checkpoints that need conversion.
         config_from_dict: optional converter of a foreign ``config.json`` dict into ``config_class`` (random init
             from an InternLM2 config, for example); None = pass the keys to ``config_class``.
-        packed_forward: how a packed batch is run: None = transformers' own forward with the per-group attention
-            ``coati_packed`` (:mod:`coati.models.packed_attention`; RoPE backbones); else ``(body, input_ids,
-            position_ids, groups) -> [R, L, hidden]`` last hidden states (:func:`coati.models.bloom.packed_forward`).
+        dense_packed_forward: for a backbone without per-group attention (BLOOM's ALiBi), how a packed batch runs
+            over one dense mask per row: ``(body, input_ids, position_ids, groups) -> [R, L, hidden]`` last hidden
+            states (:func:`coati.models.bloom.packed_forward`); None = transformers' own forward with the per-group
+            attention ``coati_packed`` (:mod:`coati.models.packed_attention`; RoPE backbones).
+        packs: False for a scoring-only entry (a model type coati does not train): padded batches only, and a
+            packed batch is refused with one line.
         takes: options of its config group it reads (for the config validator).
     """
 
@@ -66,14 +69,21 @@ class Backbone:
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     load_pretrained: Callable[..., PreTrainedModel] | None = None
     config_from_dict: Callable[[dict[str, Any]], PretrainedConfig] | None = None
-    packed_forward: Callable[..., Any] | None = None
+    dense_packed_forward: Callable[..., Any] | None = None
+    packs: bool = True
     takes: tuple[str, ...] = ()
+
+    @property
+    def group_attention(self) -> bool:
+        """Whether packed batches run through the per-group attention (``coati_packed``): what sequence parallelism
+        and a whole-batch packed row need."""
+        return self.packs and self.dense_packed_forward is None
 
     def row_capacity(self, max_len: int, share_prefix: bool) -> int:
         """Default packed row capacity in tokens (when ``--max_tokens_per_batch`` is 0): 0 (the whole batch in one row,
         no padding) with per-group attention; with a dense mask (quadratic in the row length) the longest group,
         ``2 * max_len`` with prefix sharing (a pair), else ``max_len``."""
-        return 0 if self.packed_forward is None else (2 if share_prefix else 1) * max_len
+        return 0 if self.group_attention else (2 if share_prefix else 1) * max_len
 
 
 _LLAMA_PRESETS = {
@@ -125,7 +135,7 @@ _MISTRAL_PRESETS = {"tiny": dict(_TINY, sliding_window=32), "small": dict(_SMALL
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone(name="bloom", config_class=BloomConfig, model_class=BloomForSequenceClassification,
              model_types=("bloom",), lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-             presets=bloom.BLOOM_PRESETS, packed_forward=bloom.packed_forward),
+             presets=bloom.BLOOM_PRESETS, dense_packed_forward=bloom.packed_forward),
     Backbone(name="llama", config_class=LlamaConfig, model_class=LlamaForSequenceClassification,
              model_types=("llama",), lora_targets=_PROJECTIONS, presets=_LLAMA_PRESETS),
     # InternLM2 checkpoints are converted at load time into native LLaMA modules (no remote code)

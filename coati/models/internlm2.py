@@ -284,7 +284,7 @@ def sentencepiece_tokenizer_folder(path: str, cache_root: str) -> str | None:
     remote-code ``InternLM2Tokenizer`` (class or ``auto_map``), or a folder holding ``tokenizer.model`` and neither
     ``tokenizer_config.json`` nor ``tokenizer.json``. The folder (``<cache_root>/tokenizers/sentencepiece-<hash>``,
     keyed by the sentencepiece file, the settings and the transformers version; built once, see
-    :func:`coati.models.loading.build_cached_folder`) holds a ``tokenizer_config.json`` naming ``LlamaTokenizer`` and
+    :func:`coati.models.cache.build_cached_folder`) holds a ``tokenizer_config.json`` naming ``LlamaTokenizer`` and
     the ``tokenizer.json`` transformers converted.
 
     Settings: special tokens come from the source ``tokenizer_config.json`` when it names them, else from the
@@ -301,7 +301,7 @@ def sentencepiece_tokenizer_folder(path: str, cache_root: str) -> str | None:
         ValueError: an ``added_tokens_decoder`` entry whose id does not survive the conversion.
         RuntimeError: the converted vocabulary is smaller than the sentencepiece model (sentencepiece or protobuf
             missing: transformers then falls back to a 3-token vocabulary).
-        coati.models.loading.CacheError: the cache folder could not be written.
+        coati.models.cache.CacheError: the cache folder could not be written.
     """
     src_cfg: dict[str, Any] = {}
     if os.path.isfile(path) and path.endswith(".model"):
@@ -326,7 +326,7 @@ def sentencepiece_tokenizer_folder(path: str, cache_root: str) -> str | None:
     import transformers
     from sentencepiece import sentencepiece_model_pb2
 
-    from coati.models.loading import build_cached_folder
+    from coati.models.cache import build_cached_folder
 
     with open(sp_file, "rb") as f:
         sp_bytes = f.read()

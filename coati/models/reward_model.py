@@ -43,7 +43,7 @@ class RewardModel(nn.Module):
 
     Args:
         model: the HF sequence-classification model (or peft wrapper of one).
-        backbone: its registry entry, which says how a packed batch is run (:attr:`Backbone.packed_forward`); with
+        backbone: its registry entry, which says how a packed batch is run (:attr:`Backbone.group_attention`, :attr:`Backbone.dense_packed_forward`); with
             per-group attention the model is switched to ``coati_packed`` here (:func:`packed_attention.enable`).
     """
 
@@ -54,7 +54,7 @@ class RewardModel(nn.Module):
         super().__init__()
         self.model, self.backbone = model, backbone
         self.length_head: nn.Linear | None = None  # ODIN's length head (add_length_head)
-        if backbone.packed_forward is None:
+        if backbone.group_attention:
             packed_attention.enable(self.hf_model)
 
     def add_length_head(self) -> nn.Linear:
@@ -141,8 +141,11 @@ class RewardModel(nn.Module):
         else:
             if groups is None:
                 raise ValueError("a packed batch needs its group table (collate_packed's inputs['groups'])")
-            if self.backbone.packed_forward is not None:
-                hidden = self.backbone.packed_forward(body, input_ids, position_ids, groups)
+            if not self.backbone.packs:
+                raise ValueError(f"model_type {self.backbone.name!r}: packed batches are not supported (scoring uses "
+                                 "padded batches)")
+            if self.backbone.dense_packed_forward is not None:
+                hidden = self.backbone.dense_packed_forward(body, input_ids, position_ids, groups)
             elif (impl := seq_cls.config._attn_implementation) != packed_attention.PACKED_ATTENTION:
                 raise ValueError(f"packed batches need SDPA or eager attention (switched to coati_packed), not "
                                  f"{impl!r}; use padded batches (--packing false)")
@@ -187,7 +190,7 @@ class RewardModel(nn.Module):
         contiguous). Rows are padded at the end to a multiple of S, so rank j holds columns ``[j L/S, (j + 1) L/S)``.
         """
         sp = self.sequence_parallel
-        if self.backbone.packed_forward is not None:
+        if not self.backbone.group_attention:
             raise ValueError("sequence parallelism needs a backbone with per-group attention (llama, internlm2)")
         if reward_index is None:  # padded: one group per row
             mask = attention_mask.to(torch.bool)

@@ -2,7 +2,7 @@
 
 A strategy is built from the :class:`~coati.config.StrategyArgs` group (``Strategy(args)``) and reads only the options
 it names in ``takes``. What it cannot do (LoRA, resume checkpoints, a precision, running without CUDA or without a
-package) is a class-level capability that :func:`coati.config.validate` checks once, before any model is loaded.
+package) is a class-level capability that :func:`coati.preflight.validate` checks once, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Strategy(ABC):
     @classmethod
     def refusals(cls, cfg) -> list[str]:
         """What ``cfg`` (a :class:`~coati.config.TrainConfig`) asks that this strategy cannot do, one line each."""
-        wants = {"lora": cfg.lora.lora_rank > 0, "resume": cfg.optim.save_every > 0 or bool(cfg.optim.resume),
+        wants = {"lora": cfg.lora.uses_lora, "resume": cfg.optim.save_every > 0 or bool(cfg.optim.resume),
                  "quantized": cfg.backbone.quantized}
         errors = [f"--strategy {cls.name} {why}" for need, why in cls.refuses.items() if wants[need]]
         if cfg.strategy.mixed_precision not in cls.precisions:

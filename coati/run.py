@@ -1,39 +1,33 @@
-"""The training entry point: config -> model files -> strategy -> data -> model -> fit -> evaluate -> export."""
+"""A training run composed from a validated config (no argv): model files -> strategy -> data -> model -> fit ->
+evaluate -> export. The command line that builds the config is :mod:`coati.cli.train`."""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
-import sys
 import time
 
 import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from coati.checkpoint import (LENGTH_HEAD_FILE, CheckpointError, ExportError, NonFiniteWeightsError, export_hf, init_from_kind,
+from coati.checkpoint import (LENGTH_HEAD_FILE, export_hf, init_from_kind,
                               load_checkpoint_weights, prepare_save_path, resume_run, run_fingerprint,
                               save_resume_checkpoint)
-from coati.config import OptimArgs, TrainConfig, parse_args, sequence_parallel_problems
+from coati.config import OptimArgs, TrainConfig
 from coati.data.collate import RunData, make_loaders, prepare_data
-from coati.data.formats import DataFormatError
 from coati.data.sources import content_digest, pairs_digest
 from coati.losses import auto_tie_param, build_loss
 from coati.model_card import render_model_card
-from coati.models.loading import (CacheError, attention_heads, base_model_info, build_reward_model,
-                                  prepare_model_files, resolve_model, resolve_pretrain)
+from coati.models.cache import base_model_info, resolve_pretrain
+from coati.models.loading import build_reward_model, prepare_model_files, resolve_model
+from coati.preflight import check_model_fits, sequence_parallel_problems
 from coati.reporting import MetricsLog
-from coati.signals import Interrupted, signals_raise
-from coati.strategies import STRATEGIES, StrategyUnavailable
-from coati.strategies.sequence_parallel import head_problem
+from coati.strategies import STRATEGIES
 from coati.trainer import NonFiniteError, Trainer, plan_steps, plan_warmup
 
 logger = logging.getLogger("coati")
-
-USER_ERRORS = (ValueError, FileNotFoundError, StrategyUnavailable, DataFormatError, PermissionError,
-               CheckpointError, NonFiniteError, NonFiniteWeightsError, ExportError, CacheError)
-
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch RNGs."""
@@ -94,40 +88,6 @@ def export(cfg: TrainConfig, model, tokenizer, reward_token_id: int, data: RunDa
                     final_eval["loss"], final_eval["pairs"], langs)
 
 
-def check_sequence_parallel_heads(cfg: TrainConfig) -> None:
-    """Once the model files are prepared (a GGUF checkpoint converted), refuse a sequence-parallel size that does not
-    divide the query heads, before any model loads (:func:`coati.config.sequence_parallel_problems` checks presets
-    and folders at parse time).
-
-    Raises:
-        ValueError: one line naming the heads.
-    """
-    size = cfg.strategy.sequence_parallel_size
-    if size > 1 and cfg.backbone.pretrain:
-        heads = attention_heads(cfg.backbone, resolve_pretrain(cfg.backbone.pretrain))
-        if problem := heads and head_problem(size, *heads):
-            raise ValueError(problem)
-
-
-def check_model_fits(cfg: TrainConfig, model_config, say: bool = True) -> None:
-    """Settings that cannot be what the user meant for this backbone: a LoRA rank above the hidden size is refused
-    (an adapter's rank cannot exceed the matrix's), a ``--max_len`` past the positions the backbone was trained on
-    is one warning (rotary backbones run past them, with what quality nobody measured here).
-
-    Raises:
-        ValueError: ``--lora_rank`` > the hidden size.
-    """
-    hidden = getattr(model_config, "hidden_size", None)
-    if cfg.lora.lora_rank and isinstance(hidden, int) and cfg.lora.lora_rank > hidden:
-        raise ValueError(f"--lora_rank {cfg.lora.lora_rank} is above the backbone's hidden size {hidden}: a LoRA "
-                         f"adapter's rank cannot exceed its matrix's (use at most {hidden}; 8-64 is usual)")
-    positions = getattr(model_config, "max_position_embeddings", None)
-    if say and isinstance(positions, int) and cfg.data.max_len > positions:
-        logger.warning("warning: --max_len %d is past the %d positions the backbone was trained on "
-                       "(max_position_embeddings); sequences longer than that are scored beyond them",
-                       cfg.data.max_len, positions)
-
-
 def check_updates_applied(trainer: Trainer, data: RunData, start_step: int) -> None:
     """Refuse to call a run good when none of its optimizer steps updated the weights (each one skipped for a
     non-finite loss or gradient, fewer in a row than ``--max_bad_steps``): the export would be the initial model.
@@ -169,8 +129,9 @@ def resolve_tie_param(cfg, pairs: list, log: bool = False):
                     ties + strict, nu)
     return cfg.replace(tie_param=nu)
 
+
 def run(cfg: TrainConfig) -> dict:
-    """Train, evaluate and export a validated config (:func:`coati.config.parse_args`) into its ``--save_path``,
+    """Train, evaluate and export a validated config (:func:`coati.cli.train.parse_args`) into its ``--save_path``,
     checked and locked for the run (:func:`coati.checkpoint.prepare_save_path`); returns the summary written to
     ``<save_path>/summary.json``."""
     t_start = time.perf_counter()
@@ -190,9 +151,11 @@ def _run(cfg: TrainConfig, t_start: float) -> dict:
     family, chosen = resolve_model(cfg.backbone)
     if family != cfg.backbone.model:  # --model auto: the recipe written with the export names the family
         cfg = cfg.replace(model=family)
-        if problems := sequence_parallel_problems(cfg):
-            raise ValueError("; ".join(problems))
-    check_sequence_parallel_heads(cfg)
+    # again now that the family is known and a GGUF checkpoint is converted (its config.json readable)
+    sp = cfg.strategy.sequence_parallel_size > 1
+    folder = resolve_pretrain(cfg.backbone.pretrain) if sp and cfg.backbone.pretrain else None
+    if problems := sequence_parallel_problems(cfg, folder):
+        raise ValueError("; ".join(problems))
     strategy = STRATEGIES[cfg.strategy.strategy](cfg.strategy)
     strategy.setup()
     main = strategy.is_main
@@ -219,7 +182,7 @@ def _run(cfg: TrainConfig, t_start: float) -> dict:
         n_train = sum(p.numel() for p in reward_model.parameters() if p.requires_grad)
         stored = sum(p.numel() * p.element_size() for p in reward_model.parameters())
         kind = "4-bit" if cfg.backbone.load_in_4bit else "8-bit" if cfg.backbone.load_in_8bit else "fp32"
-        if cfg.lora.lora_rank > 0 and not cfg.backbone.quantized:
+        if cfg.lora.uses_lora and not cfg.backbone.quantized:
             kind = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, kind)
         logger.info("model: %s (%s backbone), parameters stored in %.1f MB, %.2fM trainable", cfg.backbone.model,
                     kind, stored / 2**20, n_train / 1e6)
@@ -273,35 +236,3 @@ def _run(cfg: TrainConfig, t_start: float) -> dict:
     strategy.barrier()
     strategy.teardown()
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry: parse flags, run, and turn user mistakes into one clear line on stderr.
-
-    Exit codes: 0 done; 2 a user error (bad flag, data, checkpoint, non-finite weights, failed export); 130 / 143
-    stopped by SIGINT / SIGTERM (after a resume checkpoint when ``--save_every`` is on).
-    """
-    cfg = parse_args(argv)
-    # the same mistake is found by every rank: say it once (rank 0); anything else is a crash of the rank
-    # that raised it, shown by that rank, and torchrun then stops the others
-    say = os.environ.get("RANK", "0") == "0"
-    with signals_raise("training"):
-        try:
-            run(cfg)
-        except Interrupted as e:
-            if say:
-                print(f"error: {e}", file=sys.stderr)
-            return e.exit_code
-        except KeyboardInterrupt:  # SIGINT before the handlers were installed
-            if say:
-                print("error: training was interrupted by SIGINT", file=sys.stderr)
-            return 130
-        except USER_ERRORS as e:
-            if say:
-                print(f"error: {e}", file=sys.stderr)
-            return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
