@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         trim_between_blocks(model, args.heap_trim, backward=not args.heap_trim_forward_only)
     if args.mmap_threshold:
         LIBC.mallopt(M_MMAP_THRESHOLD, args.mmap_threshold)
-    capacity = cfg.data.max_tokens_per_batch or model.backbone.row_capacity(cfg.data.max_len, cfg.data.share_prefix)
+    capacity = model.backbone.row_capacity(cfg.data.max_len, cfg.data.share_prefix, cfg.data.max_tokens_per_batch)
     train, _ = make_loaders(data, cfg.data, cfg.optim.batch_size, cfg.optim.batch_size, cfg.optim.seed,
                             tokenizer.pad_token_id, capacity, strategy)
     params = {q.untyped_storage().data_ptr() for q in model.parameters()}

@@ -115,7 +115,7 @@ def run_coati(args, mode: str) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     plan = batches(pairs, args.batch_size, args.warmup + args.steps, args.seed)
     share = mode == "coati_packed"
-    capacity = args.max_tokens_per_batch or backbone.row_capacity(args.max_len, share)
+    capacity = backbone.row_capacity(args.max_len, share, args.max_tokens_per_batch)
     real = computed = total = 0
     t0 = None
     for step, idx in enumerate(plan):

@@ -191,10 +191,9 @@ class DataArgs:
                                     "the prompts first and continue each answer through their key/value cache (not "
                                     "under --gradient_checkpointing or sequence parallelism, where padded batches "
                                     "keep one row per answer); rewards and gradients are unchanged")
-    max_tokens_per_batch: int = _opt(0, "packed row capacity in tokens (0 = auto: LLaMA and InternLM2 put the whole "
-                                        "batch in one row, which their per-sequence attention makes free of "
-                                        "padding; BLOOM, whose packed attention is a dense mask, uses rows of "
-                                        "2 x --max_len, or --max_len without --share_prefix)",
+    max_tokens_per_batch: int = _opt(0, "packed row capacity in tokens (0 = auto: the backbone's own, "
+                                        "Backbone.row_capacity: the whole batch in one row with per-group "
+                                        "attention, free of padding; rows of one group for BLOOM's dense mask)",
                                    valid=NON_NEGATIVE_INT)
     group_by_length: bool = _opt(False, "padded path: batch pairs of similar length together (less padding)")
     padding_side: str = _opt("right", "padding side of batches (rewards do not depend on it)",

@@ -224,21 +224,21 @@ def evaluate(scorer, pairs: list, datasets: Sequence[str], output_dir: str, bins
     if benchmark is not None:
         check_rows(benchmark, pairs)
     t0 = time.perf_counter()
-    chosen, rejected = scorer.score_pairs(pairs, progress=progress)
+    scores = scorer.score_pairs(pairs, progress=progress)
     seconds = time.perf_counter() - t0
-    lengths = scorer.last_lengths
-    owners = [pairs[i] for i in getattr(scorer, "last_owner", range(len(pairs)))]  # the row of each comparison
+    chosen, rejected, lengths = scores.chosen, scores.rejected, scores.lengths
+    owners = [pairs[i] for i in scores.owner]  # the row of each comparison
     top1 = {}
     if any(p.more for p in pairs):  # ranked lists: the share of prompts whose best answer scores highest
-        top1 = {"prompts": len(pairs), "top1": scorer.last_top1.double().mean().item()}
-    bench = None if benchmark is None else benchmark_scores(benchmark, pairs, scorer.last_answer_rewards)
+        top1 = {"prompts": len(pairs), "top1": scores.top1.double().mean().item()}
+    bench = None if benchmark is None else benchmark_scores(benchmark, pairs, scores.answer_rewards)
     report = {"model_path": scorer.path, "datasets": list(datasets), "heldout": heldout,
               **({} if bench is None else {"benchmark": bench}),
               **pair_metrics(chosen, rejected, bins, lengths), **top1, "bins": bins,
               "subsets": grouped_metrics(chosen, rejected, [subset_name(p, subset_by) for p in owners], bins,
                                          lengths),
               "languages": grouped_metrics(chosen, rejected, [p.lang for p in owners], bins, lengths),
-              "truncation": vars(scorer.last_truncation), "data": data_report or {}, "max_len": scorer.encoder.max_len,
+              "truncation": vars(scores.truncation), "data": data_report or {}, "max_len": scorer.encoder.max_len,
               "chat_template": scorer.chat_template, "seconds": seconds,
               "pairs_per_s": len(pairs) / seconds if seconds > 0 else None}
 

@@ -170,7 +170,7 @@ def benchmark_scores(version: str, pairs: Sequence, answer_rewards: Sequence[Seq
         version: ``"rewardbench"`` (v1) or ``"rewardbench2"``.
         pairs: the N parsed rows (:class:`~coati.data.formats.PreferencePair`, ``subset`` set from the row).
         answer_rewards: for each row, the rewards of its responses in ``pair.responses`` order (chosen first), as
-            :attr:`coati.scoring.RewardScorer.last_answer_rewards` gives them.
+            :attr:`coati.scoring.PairScores.answer_rewards` gives them.
     Returns:
         a dict: ``version``, ``prompts``, ``ties_at_top`` (prompts whose top reward is shared by a chosen and a
         rejected response), ``subsets`` ``{name: {"prompts", "score"}}`` (score in [0, 1]), ``sections`` (v1:

@@ -192,8 +192,8 @@ def _run(cfg: TrainConfig, t_start: float) -> dict:
         if main:
             logger.info("initialised the weights from %s (new optimizer, schedule and step)", optim.init_from)
     model, optimizer = strategy.prepare(reward_model, make_optimizer(optim), accumulates=optim.accumulation_steps > 1)
-    capacity = cfg.data.max_tokens_per_batch or reward_model.backbone.row_capacity(cfg.data.max_len,
-                                                                                   cfg.data.share_prefix)
+    capacity = reward_model.backbone.row_capacity(cfg.data.max_len, cfg.data.share_prefix,
+                                                  cfg.data.max_tokens_per_batch)
     train, evaluation = make_loaders(data, cfg.data, optim.batch_size, optim.eval_batch_size or optim.batch_size,
                                      optim.seed, tokenizer.pad_token_id, capacity, strategy,
                                      cfg.loss.list_weighting, cfg.loss.margin_from_scores,

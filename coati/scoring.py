@@ -135,6 +135,31 @@ def normalize_prompt(prompt: Prompt) -> list[dict[str, str]]:
 
 
 @dataclass
+class PairScores:
+    """What :meth:`RewardScorer.score_pairs` returns for N inputs (pairs or ranked lists) giving M comparisons.
+
+    Attributes:
+        chosen / rejected: ``[M]`` float32 CPU tensors, the raw rewards of each comparison's winner and loser, in
+            input order (M = N for pairs; a ranked list gives its ordered pairs).
+        owner: ``list[int]`` (M), the input index of each comparison.
+        top1: ``[N]`` bool, whether each input's best answer scored highest (:func:`coati.metrics.top1_correct`).
+        answer_rewards: N lists of floats, every answer's reward in each input's
+            :attr:`~coati.data.formats.PreferencePair.responses` order (chosen, rejected, then the rest).
+        lengths: two ``[M]`` int64 tensors, the winner's and the loser's answer length in tokens (each answer alone,
+            before any cut to ``max_len``).
+        truncation: :class:`~coati.data.template.TruncationStats` of the inputs.
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    owner: list[int]
+    top1: torch.Tensor
+    answer_rewards: list[list[float]]
+    lengths: tuple[torch.Tensor, torch.Tensor]
+    truncation: TruncationStats
+
+
+@dataclass
 class _Answers:
     """What :func:`~coati.data.collate.list_layout` reads of a tokenized item, for layouts that encode each answer
     whole: the number of answers (placeholder sequences) and their scores."""
@@ -194,7 +219,6 @@ class RewardScorer:
             scored, so the reward is read where transformers' sequence-classification pooling reads it (the last
             token that is not the pad id); None: nothing stripped.
         append_reward_token: with ``chat``, the config's ``reward_token_id`` is appended to every text.
-        last_truncation: :class:`~coati.data.template.TruncationStats` of the last :meth:`score_pairs` call.
     """
 
     def __init__(self, model: RewardModel, tokenizer, encoder: SequenceEncoder, chat_template: bool,
@@ -208,7 +232,6 @@ class RewardScorer:
         self.model, self.tokenizer, self.encoder, self.chat_template = model, tokenizer, encoder, chat_template
         self.device, self.batch_size, self.train_config, self.path = device, batch_size, train_config or {}, path
         self.layout, self.strip_pad_id, self.append_reward_token = layout, strip_pad_id, append_reward_token
-        self.last_truncation = TruncationStats()
         self.set_normalization(reward_mean, reward_std)
 
     @classmethod
@@ -452,8 +475,7 @@ class RewardScorer:
             seq = list(seq) + extra
             while self.strip_pad_id is not None and len(seq) > 1 and seq[-1] == self.strip_pad_id:
                 seq.pop()
-            cut = len(seq) > self.encoder.max_len
-            out.append(Encoded(seq[-self.encoder.max_len:], cut, False))
+            out.append(self.encoder.fit_whole(seq))
         return out
 
     def encode(self, prompts: Sequence[Prompt] | None, responses: Sequence[str]) -> list[list[int]]:
@@ -480,25 +502,19 @@ class RewardScorer:
             rewards = self.normalize(rewards)
         return rewards.tolist()
 
-    def score_pairs(self, pairs: Sequence, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_pairs(self, pairs: Sequence, progress: bool = False) -> PairScores:
         """Score N :class:`~coati.data.formats.PreferencePair` (pairs or ranked lists) exactly as the trainer's
         evaluation does (:func:`tokenize_pairs`, every answer scored once); ``progress``: tqdm bar over batches.
 
         Returns:
-            (chosen, rejected): two ``[M]`` float32 CPU tensors of raw rewards of the M comparisons (M = N for
-            pairs; a ranked list gives its ordered pairs), in input order. Kept for the caller: truncation counts in
-            :attr:`last_truncation`, the input index of each comparison in :attr:`last_owner` (``list[int]``, M) and
-            the per-prompt top-1 result in :attr:`last_top1` (``[N]`` bool, :func:`coati.metrics.top1_correct`) and
-            every answer's reward in :attr:`last_answer_rewards` (N lists of floats, in each input's
-            :attr:`~coati.data.formats.PreferencePair.responses` order: chosen, rejected, then the rest), and the
-            answers' lengths in tokens (each answer alone, before any cut to ``max_len``) of the comparisons in
-            :attr:`last_lengths` (two ``[M]`` int64 tensors, winner and loser).
+            :class:`PairScores`: the M comparisons' rewards, which input each comes from, per-input top-1 and
+            answer rewards, the answers' lengths and the truncation counts.
         """
         from coati.data.collate import list_layout
         from coati.metrics import top1_correct
 
         if self.layout == "coati":
-            items, self.last_truncation = tokenize_pairs(list(pairs), self.encoder, self.chat_template)
+            items, truncation = tokenize_pairs(list(pairs), self.encoder, self.chat_template)
             layout = list_layout(items)
             sequences = layout.sequences
             answer_lengths = [it.answer_lengths for it in items]
@@ -512,19 +528,20 @@ class RewardScorer:
                                         [pairs[b].responses[k] for b, k in owners])
             sequences = [e.input_ids for e in encoded]
             cut = {b for (b, _), e in zip(owners, encoded) if e.prompt_truncated}
-            self.last_truncation = TruncationStats(len(pairs), len(cut), 0)
+            truncation = TruncationStats(len(pairs), len(cut), 0)
             counts = iter(self.tokenizer([a for p in pairs for a in p.responses], add_special_tokens=False).input_ids)
             answer_lengths = [[len(next(counts)) for _ in p.responses] for p in pairs]
         rewards = self.score_ids(sequences, progress)
         index = torch.tensor(layout.pairs, dtype=torch.int64).reshape(-1, 2)
-        self.last_owner = [layout.item[w] for w, _ in layout.pairs]
-        self.last_top1 = top1_correct(rewards, torch.tensor(layout.item), torch.tensor(layout.best), len(layout.index))
-        self.last_answer_rewards = [rewards[torch.tensor(idx)].tolist() for idx in layout.index]
         lengths = torch.zeros(len(sequences), dtype=torch.int64)
         for idx, answer_len in zip(layout.index, answer_lengths):
             lengths[idx] = torch.tensor(answer_len, dtype=torch.int64)
-        self.last_lengths = (lengths[index[:, 0]], lengths[index[:, 1]])
-        return rewards[index[:, 0]].clone(), rewards[index[:, 1]].clone()
+        return PairScores(chosen=rewards[index[:, 0]].clone(), rejected=rewards[index[:, 1]].clone(),
+                          owner=[layout.item[w] for w, _ in layout.pairs],
+                          top1=top1_correct(rewards, torch.tensor(layout.item), torch.tensor(layout.best),
+                                            len(layout.index)),
+                          answer_rewards=[rewards[torch.tensor(idx)].tolist() for idx in layout.index],
+                          lengths=(lengths[index[:, 0]], lengths[index[:, 1]]), truncation=truncation)
 
     def best_of_n(self, prompt: Prompt, responses: Sequence[str], normalize: bool = False) -> tuple[list[float], int]:
         """Score N >= 1 candidate responses to one prompt and pick the best (Best-of-N / rejection sampling).

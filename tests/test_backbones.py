@@ -27,6 +27,8 @@ def test_row_capacity():
         assert get_backbone(name).row_capacity(256, True) == get_backbone(name).row_capacity(256, False) == 0
     assert get_backbone("bloom").row_capacity(256, True) == 512  # dense mask: the longest shared-prefix group
     assert get_backbone("bloom").row_capacity(256, False) == 256
+    assert get_backbone("bloom").row_capacity(256, True, requested=300) == 300  # --max_tokens_per_batch wins
+    assert get_backbone("llama").row_capacity(256, True, requested=300) == 300
 
 
 def test_backbone_for():

@@ -101,7 +101,8 @@ def test_score_pairs_equal_trainer_layout(export, tokenizer, data_files):
     path, hf = export
     scorer = RewardScorer.from_pretrained(str(path), device="cpu", batch_size=3)
     pairs, _ = load_pairs([str(data_files[0])], seed=None)
-    chosen, rejected = scorer.score_pairs(pairs)
+    scores = scorer.score_pairs(pairs)
+    chosen, rejected = scores.chosen, scores.rejected
     assert chosen.shape == rejected.shape == (len(pairs),) and chosen.dtype == torch.float32
     # the trainer's evaluation: tokenize_pairs with the train config's max_len / chat template, collate, RewardModel
     from coati.data.template import SequenceEncoder, use_chat_template

@@ -112,7 +112,8 @@ def test_score_texts_equal_trainer_layout(export, scorer, tokenizer):
         expected = RewardModel(hf, get_backbone("llama")).eval()(ids, mask)
     assert torch.allclose(torch.tensor(got), expected, atol=1e-5), (got, expected)
     # score_pairs on the same pairs gives the same chosen rewards
-    chosen, rejected = scorer.score_pairs(pairs)
+    scores = scorer.score_pairs(pairs)
+    chosen, rejected = scores.chosen, scores.rejected
     assert chosen.dtype == rejected.dtype == torch.float32 and chosen.shape == (len(TEXTS),)
     assert torch.allclose(chosen, expected, atol=1e-5)
     # batch composition and size do not matter

@@ -161,6 +161,19 @@ class SequenceEncoder:
         return Encoded(self.prefix + p[len(p) - keep:] + a[:budget - keep] + [self.reward_token_id], prompt_cut,
                        answer_cut)
 
+    def fit_whole(self, ids: list[int], prefix: list[int] | tuple[int, ...] = ()) -> Encoded:
+        """Cut a sequence that was tokenized whole (the ``chat`` / ``text`` layouts of another trainer's model, the
+        server's raw ``text``) to ``max_len``: its oldest tokens go, as the prompt's do in :meth:`encode_ids`, after
+        ``prefix`` (the BOS ``ids`` start with, kept in front). The one truncation rule besides :meth:`encode_ids`.
+
+        Returns:
+            :class:`Encoded` with ``prompt_truncated`` True when tokens were cut (the start of a whole text is its
+            prompt), ``answer_truncated`` False.
+        """
+        if len(ids) <= self.max_len:
+            return Encoded(list(ids), False, False)
+        return Encoded(list(prefix) + list(ids[len(ids) - (self.max_len - len(prefix)):]), True, False)
+
 
 @dataclass
 class TokenizedPair:

@@ -79,10 +79,12 @@ class Backbone:
         and a whole-batch packed row need."""
         return self.packs and self.dense_packed_forward is None
 
-    def row_capacity(self, max_len: int, share_prefix: bool) -> int:
-        """Default packed row capacity in tokens (when ``--max_tokens_per_batch`` is 0): 0 (the whole batch in one row,
-        no padding) with per-group attention; with a dense mask (quadratic in the row length) the longest group,
-        ``2 * max_len`` with prefix sharing (a pair), else ``max_len``."""
+    def row_capacity(self, max_len: int, share_prefix: bool, requested: int = 0) -> int:
+        """Packed row capacity in tokens, the one owner of that rule: ``requested`` (``--max_tokens_per_batch``) when
+        given, else 0 (the whole batch in one row, no padding) with per-group attention; with a dense mask (quadratic
+        in the row length) the longest group, ``2 * max_len`` with prefix sharing (a pair), else ``max_len``."""
+        if requested:
+            return requested
         return 0 if self.group_attention else (2 if share_prefix else 1) * max_len
 
 
