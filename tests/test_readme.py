@@ -39,11 +39,16 @@ def _main_job_save_path() -> str:
 
 
 def _section(text: str, heading: str) -> str:
-    """``text`` from the line ``heading`` to the next heading of the same or a higher level."""
-    start = text.index(f"\n{heading}\n")
-    level = heading.split(" ")[0]
-    ends = [m.start() for m in re.finditer(r"^(#+) ", text[start + 1:], flags=re.M) if len(m.group(1)) <= len(level)]
-    return text[start:start + 1 + ends[1]] if len(ends) > 1 else text[start:]
+    """``text`` from the line ``heading`` to the next heading of the same or a higher level (not in code blocks)."""
+    lines = text.split("\n")
+    start = lines.index(heading)
+    level, fenced = len(heading.split(" ")[0]), False
+    for end in range(start + 1, len(lines)):
+        fenced ^= lines[end].startswith("```")
+        hashes = re.match(r"(#+) ", lines[end])
+        if not fenced and hashes and len(hashes.group(1)) <= level:
+            return "\n".join(lines[start:end])
+    return "\n".join(lines[start:])
 
 
 def test_readme_keeps_the_fresh_machine_commands():
@@ -69,8 +74,10 @@ def test_readme_evaluates_the_held_out_pairs():
     assert any("--heldout" in argv for argv in _commands("coati.evaluate"))
 
 
-def test_main_job_excerpt_names_the_folder_the_command_writes():
-    excerpt = _section(TRAINING, "## Main job output (real excerpt)")
+@pytest.mark.parametrize("page, heading", [("docs/training.md", "## Main job output (real excerpt)"),
+                                           ("README.md", "### Train")])  # the whole excerpt; the tour's lines of it
+def test_main_job_excerpt_names_the_folder_the_command_writes(page, heading):
+    excerpt = _section(PAGES[page], heading)
     exported = re.findall(r"exported to (\S+) \(", excerpt)
     assert exported == [_main_job_save_path()]
 
