@@ -10,8 +10,8 @@ messages. Each tool runs in its own process with its defaults, except the epoch 
 so that neither runs out of data before the budget) and the budget itself:
 
 - coati: ``train_reward_model.py --pretrain smollm2-135m --dataset train.jsonl --max_epochs 3 --max_train_minutes
-  M`` with coati's defaults (see README "Defaults and why": precision and learning rate resolved for the run, batch 4,
-  cosine schedule with a capped warm-up, max_len 512 with truncation, packing with prefix sharing);
+  M`` with coati's defaults (see docs/defaults.md, "Defaults and why": precision and learning rate resolved for the
+  run, batch 4, cosine schedule with a capped warm-up, max_len 512 with truncation, packing with prefix sharing);
 - coati-gemma3: the same with ``--pretrain gemma3-270m --model auto`` (Gemma 3 270M, multilingual tokenizer);
 - ``--variant NAME="flags"``: another coati run, its defaults plus those flags (e.g. another ``--lr``);
 - TRL 1.16: ``RewardTrainer`` with ``RewardConfig`` defaults (bf16, batch 8, lr 1e-4, linear schedule, gradient

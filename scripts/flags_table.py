@@ -1,4 +1,5 @@
-"""Print the README's flag tables from the config groups (paste them under '## Flags' after adding a flag)."""
+"""Print the flag tables of docs/training.md from the config groups (paste them under '## Flags' there after adding
+a flag; tests/test_defaults.py and tests/test_registries.py read them)."""
 
 from coati.cli.train import build_parser
 from coati.config import ALIASES, GROUPS, option_fields

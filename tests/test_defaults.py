@@ -1,6 +1,6 @@
 """The defaults a user gets without flags: ``--lr auto`` per fine-tuning mode, ``--mixed_precision auto`` from what
-the device computes natively, a warm-up bounded for short and time-limited runs, and the README and ``--help`` saying
-the same values as the code."""
+the device computes natively, a warm-up bounded for short and time-limited runs, and the docs (the flags tables of
+docs/training.md, docs/defaults.md) and ``--help`` saying the same values as the code."""
 
 import json
 import re
@@ -17,7 +17,8 @@ from coati.preflight import auto_precision, native_bf16, resolve_auto, validate
 from coati.trainer import plan_warmup
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text(encoding="utf-8")
+TRAINING = (REPO / "docs" / "training.md").read_text(encoding="utf-8")  # the flags tables (scripts/flags_table.py)
+DEFAULTS = (REPO / "docs" / "defaults.md").read_text(encoding="utf-8")  # "Defaults and why"
 
 
 @pytest.fixture
@@ -171,11 +172,11 @@ def test_warmup_steps_parses_auto_and_numbers():
     assert parse_args(["--warmup_steps", "0", "--warmup_steps", "auto"]).optim.warmup_steps is None
 
 
-# --------------------------------------------------------------------------- README and --help say the same
+# ----------------------------------------------------------------------------- docs and --help say the same
 
-def _readme_row(flag: str) -> tuple[str, str]:
-    """``(default, meaning)`` of ``flag``'s row in the README's flag tables."""
-    rows = re.findall(rf"^\| `{flag}` \| `([^`]*)` \| (.*) \|$", README, flags=re.M)
+def _table_row(flag: str) -> tuple[str, str]:
+    """``(default, meaning)`` of ``flag``'s row in the flag tables of docs/training.md."""
+    rows = re.findall(rf"^\| `{flag}` \| `([^`]*)` \| (.*) \|$", TRAINING, flags=re.M)
     assert len(rows) == 1, (flag, rows)
     return rows[0]
 
@@ -189,14 +190,14 @@ def _numbers(text: str) -> set[float]:
     return {float(x) for x in re.findall(r"\d+(?:\.\d+)?e-\d+", text)}
 
 
-def test_readme_table_and_help_state_the_codes_defaults():
+def test_flags_table_and_help_state_the_codes_defaults():
     for flag in ("--lr", "--mixed_precision", "--warmup_steps", "--warmup_ratio"):
-        default, meaning = _readme_row(flag)
+        default, meaning = _table_row(flag)
         assert meaning.startswith(_help(flag)), flag  # the table is the help text (scripts/flags_table.py)
         action = next(a for a in build_parser()._actions if flag in a.option_strings)
         assert default == str(action.default), flag
-    assert _readme_row("--lr")[0] == _readme_row("--mixed_precision")[0] == _readme_row("--warmup_steps")[0] == "auto"
-    assert _readme_row("--warmup_ratio")[0] == str(OptimArgs().warmup_ratio)
+    assert _table_row("--lr")[0] == _table_row("--mixed_precision")[0] == _table_row("--warmup_steps")[0] == "auto"
+    assert _table_row("--warmup_ratio")[0] == str(OptimArgs().warmup_ratio)
     lr_help = _help("--lr")
     assert f"default auto = {config._sci(LR_LORA)} with LoRA" in lr_help and \
         f"{config._sci(LR_FULL)} for full fine-tuning" in lr_help
@@ -205,9 +206,10 @@ def test_readme_table_and_help_state_the_codes_defaults():
     assert "AVX512-BF16 or AMX-BF16" in _help("--mixed_precision") and "else fp32" in _help("--mixed_precision")
 
 
-def test_readme_defaults_and_why_names_the_same_values():
-    start = README.index("\n## Defaults and why\n")
-    section = README[start:README.index("\n## ", start + 1)]
+def test_defaults_and_why_names_the_same_values():
+    start = DEFAULTS.index("# Defaults and why\n")
+    end = DEFAULTS.find("\n## ", start + 1)
+    section = DEFAULTS[start:end if end != -1 else len(DEFAULTS)]
     rows = dict(re.findall(r"^\| `(--\w+)` \| (.*) \|$", section, flags=re.M))
     assert set(rows) == {"--lr", "--mixed_precision", "--warmup_steps"}
     assert {LR_LORA, LR_FULL} <= _numbers(rows["--lr"])
