@@ -61,7 +61,7 @@ def test_readme_keeps_the_fresh_machine_commands():
 def test_readme_commands_parse_and_use_the_main_jobs_export(module):
     import importlib
 
-    parser = importlib.import_module(module).build_parser()
+    parser = importlib.import_module(module.replace("coati.", "coati.cli.")).build_parser()  # -m coati.X runs it
     commands = _commands(module)
     assert commands, module
     for page, text in PAGES.items():  # the docs pages' commands too
