@@ -24,7 +24,8 @@ from coati.client import AsyncRewardClient, RemoteRewardFunction, RewardClient, 
 from coati.data.template import render_prompt
 from coati.scoring import RewardScorer, normalize_prompt
 from coati.data.collate import prefix_groups
-from coati.serve import RewardEngine, ServeSettings, create_app
+from coati.serving.app import ServeSettings, create_app
+from coati.serving.engine import RewardEngine
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is the capital of France?", "Name a prime number.", [
