@@ -20,11 +20,12 @@ import pytest
 from conftest import free_port, run_env, tiny_model
 
 from coati.checkpoint import export_hf
-from coati.client import AsyncRewardClient, RemoteRewardFunction, RewardClient, RewardServerError
+from coati.serving.client import AsyncRewardClient, RemoteRewardFunction, RewardClient, RewardServerError
 from coati.data.template import render_prompt
 from coati.scoring import RewardScorer, normalize_prompt
 from coati.data.collate import prefix_groups
-from coati.serve import RewardEngine, ServeSettings, create_app
+from coati.serving.app import ServeSettings, create_app
+from coati.serving.engine import RewardEngine
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is the capital of France?", "Name a prime number.", [
