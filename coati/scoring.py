@@ -42,7 +42,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from coati.checkpoint import non_finite_names
 from coati.config import BITSANDBYTES_INSTALL, LAYOUTS, DataArgs, ModelArgs
-from coati.data.collate import pad_sequences
+from coati.data.batch import pad_sequences
 from coati.data.formats import check_answer, check_text, ordered_pairs, parse_message
 from coati.data.template import (Encoded, SequenceEncoder, TruncationStats, apply_template, render_prompt,
                                  tokenize_pairs, use_chat_template)
@@ -140,7 +140,7 @@ def normalize_prompt(prompt: Prompt) -> list[dict[str, str]]:
 
 @dataclass
 class _Answers:
-    """What :func:`~coati.data.collate.list_layout` reads of a tokenized item, for layouts that encode each answer
+    """What :func:`~coati.data.batch.list_layout` reads of a tokenized item, for layouts that encode each answer
     whole: the number of answers (placeholder sequences) and their scores."""
 
     count: int
@@ -498,7 +498,7 @@ class RewardScorer:
             answers' lengths in tokens (each answer alone, before any cut to ``max_len``) of the comparisons in
             :attr:`last_lengths` (two ``[M]`` int64 tensors, winner and loser).
         """
-        from coati.data.collate import list_layout
+        from coati.data.batch import list_layout
         from coati.metrics import top1_correct
 
         if self.layout == "coati":
