@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from coati.checkpoint import NonFiniteWeightsError
 from coati.config import WARMUP_MAX_STEPS, LogArgs, OptimArgs
-from coati.data.batch import Batch, PairLoader
+from coati.data.batch import Batch
+from coati.data.loader import PairLoader
 from coati.memory import heap_trim_enabled, trim_between_blocks
 from coati.losses import length_head_loss
 from coati.metrics import PairMetrics, top1_correct
@@ -74,7 +75,7 @@ class Trainer:
         optimizer, scheduler: built after ``strategy.prepare`` (the scheduler over ``plan_steps``' total).
         loss_fn: ``(chosen [M], rejected [M], margin [M] | None[, weight [M]]) -> scalar`` over a batch's M
             comparisons (``weight`` passed only for ranked lists weighted per prompt); see :mod:`coati.losses`.
-        train, evaluation: this rank's :class:`~coati.data.batch.PairLoader` of the training / evaluation pairs
+        train, evaluation: this rank's :class:`~coati.data.loader.PairLoader` of the training / evaluation pairs
             (``evaluation`` None: nothing to evaluate).
         optim, log: the optimisation/loop and logging option groups.
         write_row: called with every metrics row on the main rank (metrics.jsonl and the ``--report_to`` backend).

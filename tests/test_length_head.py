@@ -66,7 +66,7 @@ def _length_pairs(n, seed):
 
 
 def _fit(tokenizer, folder, length_head):
-    from coati.data.batch import GlobalBatchSampler, PairLoader, make_collate
+    from coati.data.loader import GlobalBatchSampler, PairLoader, make_collate
 
     trainer = tiny_trainer(tokenizer, folder, log_sig_loss, batch_size=16, length_head=length_head)
     collate = make_collate(tokenizer.pad_token_id, False, 0, True, "right")

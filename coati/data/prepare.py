@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coati.config import DataArgs
-from coati.data.batch import GlobalBatchSampler, PairLoader, make_collate
+from coati.data.loader import GlobalBatchSampler, PairLoader, make_collate
 from coati.data.sources import PairSelection, default_data_dir, select_pairs
 from coati.data.template import SequenceEncoder, TokenizedPair, TruncationStats, tokenize_pairs, use_chat_template
 
@@ -57,7 +57,8 @@ def make_loaders(data: RunData, args: DataArgs, batch_size: int, eval_batch_size
 
     Args:
         capacity: packed row capacity (``--max_tokens_per_batch``, or the backbone's default when that is 0).
-        list_weighting, margin_from_scores: ranked lists' loss weights and margins (:func:`~coati.data.batch.list_layout`).
+        list_weighting, margin_from_scores: ranked lists' loss weights and margins
+            (:func:`~coati.data.batch.list_layout`).
         cache_prompt: padded batches with ``--share_prefix`` may compute each prompt once and continue it through
             the key/value cache; False (gradient checkpointing, which drops the cache, or sequence parallelism) keeps
             one row per sequence.
