@@ -61,7 +61,7 @@ from typing import Any, Callable
 import torch
 
 from coati.config import COUNT, POSITIVE, DefaultsOnceHelpFormatter, Range, checked
-from coati.data.batch import prefix_groups
+from coati.data.packing import prefix_groups
 from coati.data.template import Encoded
 
 logger = logging.getLogger("coati.serve")
@@ -144,12 +144,12 @@ class RewardEngine:
         """Raw rewards of ``groups`` (each a list of token-id sequences ending in the reward token), in the same
         nesting and order. Called from one thread at a time (the server's worker thread). Packed: the sequences of a
         group that share a start are one packed group, the prompt computed once
-        (:func:`~coati.data.batch.item_groups`).
+        (:func:`~coati.data.packing.item_groups`).
 
         Raises:
             ValueError: a reward that is not finite (see :meth:`~coati.scoring.RewardScorer.score_ids`).
         """
-        from coati.data.batch import item_groups, pack_groups
+        from coati.data.packing import item_groups, pack_groups
 
         if not self.packed:  # padded batches, one row per sequence
             flat = [s for g in groups for s in g]

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from coati.data.batch import collate_packed, collate_pairs, pack_rows
+from coati.data.batch import collate_pairs
 from coati.data.loader import GlobalBatchSampler
+from coati.data.packing import collate_packed, pack_rows
 from coati.data.template import TokenizedPair
 from coati.losses import log_sig_loss
 from coati.models.backbones import BACKBONES, get_backbone

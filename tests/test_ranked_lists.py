@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from coati.config import LossArgs
-from coati.data.batch import collate_packed, collate_pairs, list_layout
+from coati.data.batch import collate_pairs, list_layout
+from coati.data.packing import collate_packed
 from coati.data.formats import DataFormatError, parse_row
 from coati.data.sources import load_pairs
 from coati.data.template import TokenizedPair

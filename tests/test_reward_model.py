@@ -111,7 +111,7 @@ def test_a_shared_prompt_padded_batch_is_refused_where_a_sliding_window_would_sh
     """transformers' sliding-window cache keeps keys by column: a right-padded prompt batch longer than the window
     would read other rewards (measured: 0.1 off for gemma3 tiny, prompts of 10-70 tokens, window 32), so it is
     refused, and one row per answer gives the packed rewards."""
-    from coati.data.batch import collate_packed
+    from coati.data.packing import collate_packed
 
     g = torch.Generator().manual_seed(0)
     pairs = []

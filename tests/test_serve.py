@@ -23,7 +23,7 @@ from coati.checkpoint import export_hf
 from coati.client import AsyncRewardClient, RemoteRewardFunction, RewardClient, RewardServerError
 from coati.data.template import render_prompt
 from coati.scoring import RewardScorer, normalize_prompt
-from coati.data.batch import prefix_groups
+from coati.data.packing import prefix_groups
 from coati.serve import RewardEngine, ServeSettings, create_app
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from coati.data.batch import Batch, collate_packed, collate_pairs, item_loss_weight
+from coati.data.batch import Batch, collate_pairs, item_loss_weight
+from coati.data.packing import collate_packed
 from coati.data.template import TokenizedPair
 
 
@@ -127,7 +128,7 @@ class PairLoader:
 def make_collate(pad_id: int, packing: bool, capacity: int, share_prefix: bool, padding_side: str,
                  list_weighting: str = "prompt", margin_from_scores: bool = False, keep_ties: bool = False
                  ) -> Callable[[list[TokenizedPair]], Batch]:
-    """``items -> Batch``: :func:`~coati.data.batch.collate_packed` (rows of ``capacity`` tokens, 0 = one row), or
+    """``items -> Batch``: :func:`~coati.data.packing.collate_packed` (rows of ``capacity`` tokens, 0 = one row), or
     :func:`~coati.data.batch.collate_pairs` (with ``share_prefix``: each prompt computed once and continued through
     the key/value cache); ``list_weighting``, ``margin_from_scores`` and ``keep_ties`` as
     :func:`~coati.data.batch.list_layout`."""
