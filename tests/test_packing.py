@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from coati.data.batch import collate_pairs
+from coati.data.batch import collate_pairs, shared_prefix_len
 from coati.data.loader import GlobalBatchSampler
 from coati.data.packing import collate_packed, pack_rows
 from coati.data.template import TokenizedPair
 from coati.losses import log_sig_loss
 from coati.models.backbones import BACKBONES, get_backbone
 from coati.models import packed_attention
-from coati.models.packed_attention import PackPlan, group_attention, packed_causal_mask, shared_prefix_len, varlen_layout
+from coati.models.packed_attention import PackPlan, group_attention, packed_causal_mask, varlen_layout
 from coati.models.reward_model import RewardModel
 from conftest import tiny_model
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 
 from coati.data.template import TokenizedPair
-from coati.models.packed_attention import shared_prefix_len
 
 
 @dataclass
@@ -103,9 +102,20 @@ def item_loss_weight(comparisons: int, list_weighting: str = "prompt") -> float:
     return float(comparisons > 0) if list_weighting == "prompt" else float(comparisons)
 
 
+def shared_prefix_len(chosen: list[int], rejected: list[int]) -> int:
+    """Length of the common start of two token sequences, leaving each at least its last token.
+
+    Returns:
+        ``p`` with ``chosen[:p] == rejected[:p]`` and ``p <= min(len) - 1`` (each sequence keeps its own last token,
+        where its reward is read).
+    """
+    limit = min(len(chosen), len(rejected)) - 1
+    return next((p for p in range(limit) if chosen[p] != rejected[p]), max(limit, 0))
+
+
 def common_prefix_len(seqs: list[list[int]]) -> int:
     """Length of the start that all K >= 2 sequences share, leaving each its last token
-    (:func:`~coati.models.packed_attention.shared_prefix_len` of the first against each other)."""
+    (:func:`shared_prefix_len` of the first against each other)."""
     return min(shared_prefix_len(seqs[0], s) for s in seqs[1:])
 
 
@@ -163,7 +173,7 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "
 
     Without ``share_prefix`` every sequence is a row of its own (``computed_tokens == real_tokens``: each answer's
     prompt is computed with it). With ``share_prefix`` the prompt of each item (the tokens all its K sequences
-    share at their start, :func:`~coati.models.packed_attention.shared_prefix_len`) is a row of a prompt batch
+    share at their start, :func:`shared_prefix_len`) is a row of a prompt batch
     computed once, and each answer is a row that continues it through the model's key/value cache
     (:meth:`coati.models.reward_model.RewardModel.forward`): the same rewards as one row per sequence. A batch in
     which some item's sequences share no token falls back to one row per sequence.

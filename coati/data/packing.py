@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from coati.data.batch import Batch, _batch, common_prefix_len, list_layout
+from coati.data.batch import Batch, _batch, common_prefix_len, list_layout, shared_prefix_len
 from coati.data.template import TokenizedPair
-from coati.models.packed_attention import shared_prefix_len
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
