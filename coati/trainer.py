@@ -247,7 +247,7 @@ class Trainer:
         """Factor on micro-batch ``index``'s loss (a weighted mean over this rank's comparisons) before backward, so
         that the gradient the strategy averages over D data-parallel ranks and A accumulated micro-batches is the
         weighted mean over every comparison of the optimizer step: ``w_local * D / w_step``, with ``w`` the loss
-        weights (:func:`~coati.data.batch.loss_weight`; ``w_step`` over all ranks' micro-batches of the step).
+        weights (:func:`~coati.data.batch.item_loss_weight`; ``w_step`` over all ranks' micro-batches of the step).
         None (the caller divides by A) when every rank's micro-batches weigh the same (pairs, or lists weighted per
         prompt); it matters for ranked lists weighted per pair, whose comparison counts differ between batches."""
         accumulation, world = self.optim.accumulation_steps, self.strategy.data_world_size

@@ -1,5 +1,6 @@
-"""Batches of preference pairs (padded or packed), the deterministic rank-aware batch order, and the loader that
-joins them: what the trainer iterates."""
+"""The typed :class:`Batch` of preference pairs or ranked lists: their sequences numbered answer-major with their
+comparisons and loss weights (:func:`list_layout`), and the padded layout (:func:`collate_pairs`). Packed rows
+are :mod:`coati.data.packing`; the rank-aware order and loader, :mod:`coati.data.loader`."""
 
 from __future__ import annotations
 
