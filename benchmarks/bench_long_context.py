@@ -136,7 +136,7 @@ def child(args) -> dict:
     import torch.distributed as dist
 
     from coati.config import LoraArgs, ModelArgs, StrategyArgs
-    from coati.data.collate import collate_packed
+    from coati.data.packing import collate_packed
     from coati.losses import log_sig_loss
     from coati.models.loading import build_reward_model
     from coati.strategies import STRATEGIES

@@ -112,7 +112,7 @@ def setup(args):
 
 def run_coati(args, mode: str) -> dict:
     from coati.config import LoraArgs, ModelArgs
-    from coati.data.collate import collate_packed
+    from coati.data.packing import collate_packed
     from coati.losses import log_sig_loss
     from coati.models.loading import build_reward_model
 

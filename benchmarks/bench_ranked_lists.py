@@ -99,7 +99,7 @@ def plan(args, n: int) -> list[list[int]]:
 
 def dataset_tokens(tokenizer, tokenized, expanded) -> dict:
     """Token positions each way computes for the whole dataset (one pass, no model)."""
-    from coati.data.collate import collate_packed
+    from coati.data.packing import collate_packed
 
     pad = tokenizer.pad_token_id
     lists = sum(collate_packed([t], pad).computed_tokens for t in tokenized)
@@ -112,7 +112,7 @@ def dataset_tokens(tokenizer, tokenized, expanded) -> dict:
 
 
 def run_coati(args, mode: str) -> dict:
-    from coati.data.collate import collate_packed
+    from coati.data.packing import collate_packed
     from coati.losses import get_loss
     from coati.models.reward_model import RewardModel
 

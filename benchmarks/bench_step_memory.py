@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = p.parse_known_args(argv)
 
     from coati.cli.train import parse_args
-    from coati.data.collate import make_loaders, prepare_data
+    from coati.data.prepare import make_loaders, prepare_data
     from coati.memory import trim_between_blocks
     from coati.models import packed_attention
     from coati.models.loading import build_reward_model, prepare_model_files

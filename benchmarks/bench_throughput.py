@@ -101,7 +101,8 @@ def batches(pairs, batch_size, count, seed):
 # ---------------------------------------------------------------------------------------------- modes (children)
 
 def run_coati(args, mode: str) -> dict:
-    from coati.data.collate import collate_packed, collate_pairs
+    from coati.data.batch import collate_pairs
+    from coati.data.packing import collate_packed
     from coati.losses import log_sig_loss
     from coati.models.loading import enable_gradient_checkpointing
     from coati.models.reward_model import RewardModel

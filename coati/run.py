@@ -16,7 +16,7 @@ from coati.checkpoint import (LENGTH_HEAD_FILE, export_hf, init_from_kind,
                               load_checkpoint_weights, prepare_save_path, resume_run, run_fingerprint,
                               save_resume_checkpoint)
 from coati.config import OptimArgs, TrainConfig
-from coati.data.collate import RunData, make_loaders, prepare_data
+from coati.data.prepare import RunData, make_loaders, prepare_data
 from coati.data.sources import content_digest, pairs_digest
 from coati.losses import auto_tie_param, build_loss
 from coati.model_card import render_model_card

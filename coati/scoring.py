@@ -42,7 +42,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from coati.checkpoint import non_finite_names
 from coati.config import DataArgs, ModelArgs
-from coati.data.collate import pad_sequences
+from coati.data.batch import pad_sequences
 from coati.data.formats import check_answer, check_text, ordered_pairs, parse_message
 from coati.data.template import (LAYOUTS, Encoded, SequenceEncoder, TruncationStats, apply_template, render_prompt,
                                  tokenize_pairs, use_chat_template)
@@ -161,7 +161,7 @@ class PairScores:
 
 @dataclass
 class _Answers:
-    """What :func:`~coati.data.collate.list_layout` reads of a tokenized item, for layouts that encode each answer
+    """What :func:`~coati.data.batch.list_layout` reads of a tokenized item, for layouts that encode each answer
     whole: the number of answers (placeholder sequences) and their scores."""
 
     count: int
@@ -510,7 +510,7 @@ class RewardScorer:
             :class:`PairScores`: the M comparisons' rewards, which input each comes from, per-input top-1 and
             answer rewards, the answers' lengths and the truncation counts.
         """
-        from coati.data.collate import list_layout
+        from coati.data.batch import list_layout
         from coati.metrics import top1_correct
 
         if self.layout == "coati":

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from coati.checkpoint import NonFiniteWeightsError
 from coati.config import WARMUP_MAX_STEPS, LogArgs, OptimArgs
-from coati.data.collate import Batch, PairLoader
+from coati.data.batch import Batch
+from coati.data.loader import PairLoader
 from coati.memory import heap_trim_enabled, trim_between_blocks
 from coati.losses import length_head_loss
 from coati.metrics import PairMetrics, top1_correct
@@ -74,7 +75,7 @@ class Trainer:
         optimizer, scheduler: built after ``strategy.prepare`` (the scheduler over ``plan_steps``' total).
         loss_fn: ``(chosen [M], rejected [M], margin [M] | None[, weight [M]]) -> scalar`` over a batch's M
             comparisons (``weight`` passed only for ranked lists weighted per prompt); see :mod:`coati.losses`.
-        train, evaluation: this rank's :class:`~coati.data.collate.PairLoader` of the training / evaluation pairs
+        train, evaluation: this rank's :class:`~coati.data.loader.PairLoader` of the training / evaluation pairs
             (``evaluation`` None: nothing to evaluate).
         optim, log: the optimisation/loop and logging option groups.
         write_row: called with every metrics row on the main rank (metrics.jsonl and the ``--report_to`` backend).
@@ -246,7 +247,7 @@ class Trainer:
         """Factor on micro-batch ``index``'s loss (a weighted mean over this rank's comparisons) before backward, so
         that the gradient the strategy averages over D data-parallel ranks and A accumulated micro-batches is the
         weighted mean over every comparison of the optimizer step: ``w_local * D / w_step``, with ``w`` the loss
-        weights (:func:`~coati.data.collate.loss_weight`; ``w_step`` over all ranks' micro-batches of the step).
+        weights (:func:`~coati.data.batch.item_loss_weight`; ``w_step`` over all ranks' micro-batches of the step).
         None (the caller divides by A) when every rank's micro-batches weigh the same (pairs, or lists weighted per
         prompt); it matters for ranked lists weighted per pair, whose comparison counts differ between batches."""
         accumulation, world = self.optim.accumulation_steps, self.strategy.data_world_size

@@ -66,7 +66,7 @@ def tiny_trainer(tokenizer, folder, loss_fn, **options):
     constant learning rate, padded batches; ``metrics.jsonl`` in ``folder``; ``options`` set any
     :class:`~coati.config.TrainConfig` option (flat names)."""
     from coati.config import TrainConfig
-    from coati.data.collate import GlobalBatchSampler, PairLoader, make_collate
+    from coati.data.loader import GlobalBatchSampler, PairLoader, make_collate
     from coati.data.template import TokenizedPair
     from coati.models.backbones import get_backbone
     from coati.models.reward_model import RewardModel

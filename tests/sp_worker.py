@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from coati.config import LoraArgs, ModelArgs, StrategyArgs  # noqa: E402
-from coati.data.collate import collate_packed, collate_pairs  # noqa: E402
+from coati.data.batch import collate_pairs  # noqa: E402
+from coati.data.packing import collate_packed  # noqa: E402
 from coati.losses import log_sig_loss  # noqa: E402
 from coati.models.backbones import get_backbone  # noqa: E402
 from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain  # noqa: E402

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from coati.data.collate import collate_packed
+from coati.data.packing import collate_packed
 from coati.losses import log_sig_loss
 from coati.models.backbones import get_backbone
 from coati.models.loading import build_model, enable_gradient_checkpointing

@@ -67,7 +67,7 @@ def _length_pairs(n, seed):
 
 
 def _fit(tokenizer, folder, length_head):
-    from coati.data.collate import GlobalBatchSampler, PairLoader, make_collate
+    from coati.data.loader import GlobalBatchSampler, PairLoader, make_collate
 
     trainer = tiny_trainer(tokenizer, folder, log_sig_loss, batch_size=16, length_head=length_head)
     collate = make_collate(tokenizer.pad_token_id, False, 0, True, "right")
@@ -135,7 +135,7 @@ def test_export_keeps_the_quality_head_and_ddp_equals_one_process(tmp_path):
 def test_ranked_lists_with_a_length_head_take_the_weighted_loss_on_the_sum(tokenizer, tmp_path):
     """A batch of ranked lists (packed): the trainer's loss is the per-prompt weighted pairwise loss on quality +
     length outputs plus the length terms over every sequence, and the metrics see the quality outputs."""
-    from coati.data.collate import collate_packed
+    from coati.data.packing import collate_packed
 
     trainer = tiny_trainer(tokenizer, tmp_path, log_sig_loss, length_head=True, length_loss_weight=0.5)
     g = torch.Generator().manual_seed(5)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from coati import memory
-from coati.data.collate import collate_packed
+from coati.data.packing import collate_packed
 from coati.losses import log_sig_loss
 from coati.models import packed_attention
 from coati.models.backbones import get_backbone

@@ -3,12 +3,14 @@
 import pytest
 import torch
 
-from coati.data.collate import GlobalBatchSampler, collate_packed, collate_pairs, pack_rows
+from coati.data.batch import collate_pairs, shared_prefix_len
+from coati.data.loader import GlobalBatchSampler
+from coati.data.packing import collate_packed, pack_rows
 from coati.data.template import TokenizedPair
 from coati.losses import log_sig_loss
 from coati.models.backbones import BACKBONES, get_backbone
 from coati.models import packed_attention
-from coati.models.packed_attention import PackPlan, group_attention, packed_causal_mask, shared_prefix_len, varlen_layout
+from coati.models.packed_attention import PackPlan, group_attention, packed_causal_mask, varlen_layout
 from coati.models.reward_model import RewardModel
 from conftest import tiny_model
 
@@ -264,7 +266,7 @@ def test_list_whose_prompt_was_cut_for_some_answers_still_shares_it_among_the_ot
     """max_len cuts each answer's prompt by what that answer needs, so in a ranked list the long answers can start at
     other tokens than the short ones: the short ones still share their prompt (rank order kept), the others are plain
     sequences, and rewards and gradients equal the padded path's."""
-    from coati.data.collate import common_prefix_len
+    from coati.data.batch import common_prefix_len
 
     g = torch.Generator().manual_seed(3)
     rand = lambda n: torch.randint(5, 400, (n,), generator=g).tolist()  # noqa: E731

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from coati.checkpoint import _SafeReader
 from coati.cli.train import parse_args
 from coati.config import LoraArgs, LossArgs, ModelArgs
-from coati.data.collate import collate_packed, collate_pairs
+from coati.data.batch import collate_pairs
+from coati.data.packing import collate_packed
 from coati.losses import LOSSES, PENALTIES, build_loss, log_sig_loss
 from coati.models.backbones import BACKBONES
 from coati.models.loading import build_reward_model

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from coati.config import LossArgs
-from coati.data.collate import collate_packed, collate_pairs, list_layout
+from coati.data.batch import collate_pairs, list_layout
+from coati.data.packing import collate_packed
 from coati.data.formats import DataFormatError, parse_row
 from coati.data.sources import load_pairs
 from coati.data.template import TokenizedPair
@@ -240,7 +241,7 @@ def test_top1_closed_form_and_pairs_give_acc():
 def test_list_file_trains_and_reports_top1(tmp_path, tokenizer):
     """A JSON-lines file of scored lists through the trainer's data path: every comparison counted."""
     from coati.config import DataArgs
-    from coati.data.collate import prepare_data
+    from coati.data.prepare import prepare_data
 
     rows = [{"prompt": f"question {i}", "responses": [f"answer {i} {j}" for j in range(4)],
              "scores": [4, 3, 3, 1]} for i in range(6)]

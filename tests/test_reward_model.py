@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coati.data.collate import collate_pairs
+from coati.data.batch import collate_pairs
 from coati.data.template import TokenizedPair
 from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel, last_token_index
@@ -112,7 +112,7 @@ def test_a_shared_prompt_padded_batch_is_refused_where_a_sliding_window_would_sh
     """transformers' sliding-window cache keeps keys by column: a right-padded prompt batch longer than the window
     would read other rewards (measured: 0.1 off for gemma3 tiny, prompts of 10-70 tokens, window 32), so it is
     refused, and one row per answer gives the packed rewards."""
-    from coati.data.collate import collate_packed
+    from coati.data.packing import collate_packed
 
     g = torch.Generator().manual_seed(0)
     pairs = []

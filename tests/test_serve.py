@@ -23,7 +23,7 @@ from coati.checkpoint import export_hf
 from coati.serving.client import AsyncRewardClient, RemoteRewardFunction, RewardClient, RewardServerError
 from coati.data.template import render_prompt
 from coati.scoring import RewardScorer, normalize_prompt
-from coati.data.collate import prefix_groups
+from coati.data.packing import prefix_groups
 from coati.serving.app import ServeSettings, create_app
 from coati.serving.engine import RewardEngine
 
@@ -132,7 +132,7 @@ def test_get_reward_reads_policy_texts_as_training_lays_them_out(server, scorer)
 def test_responses_whose_prompt_was_cut_do_not_stop_the_others_sharing_it(scorer):
     """max_len (48 here) cuts the prompt of a long response by what that response needs, so it starts at other tokens
     than the short responses; the short ones still share their prompt (one group each start), scores unchanged."""
-    from coati.data.collate import common_prefix_len
+    from coati.data.batch import common_prefix_len
 
     prompt, responses = "one two three four five six seven eight nine ten", ["Yes.", "word " * 30, "No.", "Maybe."]
     enc = scorer.encode_texts([prompt] * len(responses), responses)

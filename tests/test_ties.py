@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from coati.config import LossArgs, TrainConfig
+from coati.data.batch import collate_pairs, list_layout
+from coati.data.packing import collate_packed
 from coati.preflight import validate
-from coati.data.collate import collate_packed, collate_pairs, list_layout
 from coati.data.formats import DataFormatError, parse_row
 from coati.data.sources import load_pairs
 from coati.data.template import TokenizedPair

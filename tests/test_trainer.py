@@ -7,7 +7,7 @@ import torch
 
 from coati.checkpoint import list_checkpoints, verify_checkpoint
 from coati.config import OptimArgs
-from coati.data.collate import GlobalBatchSampler, PairLoader, make_collate
+from coati.data.loader import GlobalBatchSampler, PairLoader, make_collate
 from coati.data.template import TokenizedPair
 from coati.losses import log_sig_loss
 from coati.trainer import NonFiniteError, plan_steps

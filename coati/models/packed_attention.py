@@ -48,17 +48,6 @@ _PACKED_FORWARD = contextvars.ContextVar("coati_packed_forward", default=False)
 logger = logging.getLogger(__name__)
 
 
-def shared_prefix_len(chosen: list[int], rejected: list[int]) -> int:
-    """Length of the common start of two token sequences, leaving each at least its last token.
-
-    Returns:
-        ``p`` with ``chosen[:p] == rejected[:p]`` and ``p <= min(len) - 1`` (each sequence keeps its own last token,
-        where its reward is read).
-    """
-    limit = min(len(chosen), len(rejected)) - 1
-    return next((p for p in range(limit) if chosen[p] != rejected[p]), max(limit, 0))
-
-
 def tails(shape) -> list[int]:
     """The answer lengths ``[len_T1, ..., len_TK]`` of a group shape ``(prefix_len, len_T1, ...)``, zeros dropped."""
     return [int(t) for t in shape[1:] if t]

@@ -100,7 +100,7 @@ class RewardModel(nn.Module):
 
         Padded: ``input_ids`` and ``attention_mask`` ``[N, L]`` (1 on real tokens, padding on either side); the
         reward of row i is read at its last real token.
-        Padded with a shared prompt (:func:`coati.data.collate.collate_pairs` with ``share_prefix``): ``prompt_ids``
+        Padded with a shared prompt (:func:`coati.data.batch.collate_pairs` with ``share_prefix``): ``prompt_ids``
         and ``prompt_mask`` ``[B, Lp]`` (right-padded) are computed once, their keys and values (transformers' cache)
         are selected for each answer by ``prompt_index`` ``[N]``, and ``input_ids`` / ``attention_mask`` ``[N, La]``
         (the answers' own tokens) continue them at the positions they have in their own sequences.

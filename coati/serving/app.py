@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from coati.data.collate import prefix_groups
+from coati.data.packing import prefix_groups
 from coati.data.template import Encoded
 from coati.serving.batcher import Batcher, Job
 from coati.serving.engine import RewardEngine, coati_version

@@ -81,12 +81,12 @@ class RewardEngine:
         """Raw rewards of ``groups`` (each a list of token-id sequences ending in the reward token), in the same
         nesting and order. Called from one thread at a time (the server's worker thread). Packed: the sequences of a
         group that share a start are one packed group, the prompt computed once
-        (:func:`~coati.data.collate.item_groups`).
+        (:func:`~coati.data.packing.item_groups`).
 
         Raises:
             ValueError: a reward that is not finite (see :meth:`~coati.scoring.RewardScorer.score_ids`).
         """
-        from coati.data.collate import item_groups, pack_groups
+        from coati.data.packing import item_groups, pack_groups
 
         if not self.packed:  # padded batches, one row per sequence
             flat = [s for g in groups for s in g]
