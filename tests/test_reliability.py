@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coati.checkpoint import CheckpointError, find_resume_checkpoint, list_checkpoints, verify_checkpoint
+from coati.checkpoint.resume import CheckpointError, find_resume_checkpoint, list_checkpoints, verify_checkpoint
 from coati.losses import log_sig_loss
 from coati.trainer import NonFiniteError
 from conftest import run_env, tiny_trainer
