@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from coati.checkpoint.resume import (LENGTH_HEAD_FILE, CheckpointError, ExportError, NonFiniteWeightsError,
-                                     export_hf, init_from_kind, load_checkpoint_weights, prepare_save_path,
-                                     resume_run, run_fingerprint, save_resume_checkpoint)
+from coati.checkpoint.export import LENGTH_HEAD_FILE, ExportError, NonFiniteWeightsError, export_hf
+from coati.checkpoint.fingerprint import run_fingerprint
+from coati.checkpoint.resume import (init_from_kind, load_checkpoint_weights, prepare_save_path, resume_run,
+                                     save_resume_checkpoint)
+from coati.checkpoint.safe_load import CheckpointError
 from coati.config import OptimArgs, TrainConfig, parse_args, sequence_parallel_problems
 from coati.data.collate import RunData, make_loaders, prepare_data
 from coati.data.formats import DataFormatError

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from coati.checkpoint.resume import NonFiniteWeightsError
+from coati.checkpoint.export import NonFiniteWeightsError
 from coati.config import WARMUP_MAX_STEPS, LogArgs, OptimArgs
 from coati.data.collate import Batch, PairLoader
 from coati.memory import heap_trim_enabled, trim_between_blocks

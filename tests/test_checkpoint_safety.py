@@ -13,8 +13,9 @@ import subprocess
 import pytest
 import torch
 
-from coati.checkpoint.resume import (CheckpointError, ExportError, NonFiniteWeightsError, dcp_load, export_hf,
-                                     list_checkpoints, load_resume_checkpoint, save_resume_checkpoint, verify_checkpoint)
+from coati.checkpoint.export import ExportError, NonFiniteWeightsError, export_hf
+from coati.checkpoint.resume import list_checkpoints, load_resume_checkpoint, save_resume_checkpoint, verify_checkpoint
+from coati.checkpoint.safe_load import CheckpointError, dcp_load
 from coati.strategies.naive import NaiveStrategy
 from conftest import tiny_model
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coati.checkpoint.resume import NonFiniteWeightsError, list_checkpoints, save_resume_checkpoint
+from coati.checkpoint.export import NonFiniteWeightsError
+from coati.checkpoint.resume import list_checkpoints, save_resume_checkpoint
 from coati.losses import log_sig_loss
 from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
@@ -169,7 +170,7 @@ def _checkpoint_weights_finite(path):
     """True when every tensor stored in a DCP checkpoint is finite (read with the safe reader)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from coati.checkpoint.resume import _SafeReader, dcp_load
+    from coati.checkpoint.safe_load import _SafeReader, dcp_load
 
     meta = _SafeReader(os.path.join(path, "model_optim")).read_metadata()
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
