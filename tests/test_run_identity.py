@@ -58,6 +58,26 @@ def test_resume_refuses_another_runs_checkpoint(finished, tmp_path, change, name
     assert (other / "model.safetensors").read_bytes() == before  # nothing exported
 
 
+def test_the_fingerprint_names_options_of_the_config_once(monkeypatch):
+    """FINGERPRINT_FIELDS is checked against coati.config when imported: a misspelt name or a renamed option fails
+    there, not at the first run; the settings keep its order (what checkpoints have always stored)."""
+    import coati.checkpoint.fingerprint as fingerprint
+    from coati.config import TrainConfig, option_fields
+
+    fields = fingerprint.FINGERPRINT_FIELDS
+    assert set(fields) <= set(option_fields()) and len(set(fields)) == len(fields)
+    settings = fingerprint.run_fingerprint(TrainConfig().to_dict(), [], 8, 10)["settings"]
+    assert list(settings) == [*fields, "global_batch", "total_steps"]
+    with pytest.raises(ValueError, match=r"max_length is not an option \(did you mean max_len\?\)"):
+        fingerprint._check_fields((*fields, "max_length"))
+    with pytest.raises(ValueError, match="seed is named more than once"):
+        fingerprint._check_fields((*fields, "seed"))
+    renamed = {("learning_rate" if k == "lr" else k): v for k, v in option_fields().items()}  # --lr renamed
+    monkeypatch.setattr(fingerprint, "option_fields", lambda: renamed)
+    with pytest.raises(ValueError, match="once: lr is not an option$"):
+        fingerprint._check_fields(fields)
+
+
 def test_resume_of_the_same_run_is_accepted(finished, tmp_path, capsys):
     import shutil
 

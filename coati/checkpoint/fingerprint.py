@@ -1,28 +1,50 @@
 """The run fingerprint: what a resume checkpoint records about its run, so that it never resumes another one.
 
-The fingerprint holds the options that change what a run computes (:data:`FINGERPRINT_FIELDS`) and the SHA-256 of
-the training pairs.
+The fingerprint holds the options that change what a run computes (:data:`FINGERPRINT_FIELDS`, each checked against
+the options :mod:`coati.config` defines when this module is imported) and the SHA-256 of the training pairs.
 """
 
 from __future__ import annotations
 
 import array
+import difflib
 import hashlib
 
 from coati.checkpoint.safe_load import CheckpointError, read_trainer_state
-from coati.config import TrainConfig
+from coati.config import TrainConfig, option_fields
+
+
+def _check_fields(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` unchanged when each is an option of :func:`coati.config.option_fields`, named once.
+
+    The fingerprint names the options it keeps (in the order checkpoints have always stored them); this check makes a
+    misspelt name, or an option renamed in :mod:`coati.config`, fail at import instead of at the first run that
+    fingerprints its settings.
+
+    Raises:
+        ValueError: a name that is not an option (with the closest option names), or one named twice.
+    """
+    options = option_fields()
+    problems = [f"{n} is not an option" + "".join(f" (did you mean {m}?)"
+                                                  for m in difflib.get_close_matches(n, options, n=1))
+                for n in names if n not in options]
+    problems += [f"{n} is named more than once" for n in sorted({n for n in names if names.count(n) > 1})]
+    if problems:
+        raise ValueError("FINGERPRINT_FIELDS must name each option of coati.config once: " + "; ".join(problems))
+    return names
 
 
 #: options that change what a run computes: a resume checkpoint carries them and refuses a run that differs.
 #: (Strategy, logging, checkpoint and packing layout settings are left out: they do not change the math, and a
 #: checkpoint resumes under another strategy.)
-FINGERPRINT_FIELDS = ("model", "pretrain", "model_config", "tokenizer", "lora_rank", "lora_alpha", "lora_dropout",
-                      "lora_train_bias", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
-                      "bnb_4bit_double_quant", "loss_fn", "focal_gamma", "penalty", "penalty_weight", "reward_bound",
-                      "center_rewards_coefficient", "reward_token", "max_len", "chat_template", "group_by_length",
-                      "max_epochs", "max_steps", "lr", "weight_decay", "adam_eps", "warmup_ratio", "warmup_steps",
-                      "max_grad_norm", "mixed_precision", "seed", "init_from", "ties", "tie_param", "length_head",
-                      "length_loss_weight", "orthogonal_loss_weight")
+FINGERPRINT_FIELDS = _check_fields((
+    "model", "pretrain", "model_config", "tokenizer", "lora_rank", "lora_alpha", "lora_dropout", "lora_train_bias",
+    "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_double_quant", "loss_fn", "focal_gamma", "penalty",
+    "penalty_weight", "reward_bound", "center_rewards_coefficient", "reward_token", "max_len", "chat_template",
+    "group_by_length", "max_epochs", "max_steps", "lr", "weight_decay", "adam_eps", "warmup_ratio", "warmup_steps",
+    "max_grad_norm", "mixed_precision", "seed", "init_from", "ties", "tie_param", "length_head", "length_loss_weight",
+    "orthogonal_loss_weight",
+))
 
 
 def run_fingerprint(options: dict, train_tok: list, global_batch: int, total_steps: int) -> dict:
