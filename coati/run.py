@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from coati.checkpoint import (LENGTH_HEAD_FILE, export_hf, init_from_kind,
-                              load_checkpoint_weights, prepare_save_path, resume_run, run_fingerprint,
-                              save_resume_checkpoint)
+from coati.checkpoint.export import LENGTH_HEAD_FILE, export_hf
+from coati.checkpoint.fingerprint import run_fingerprint
+from coati.checkpoint.resume import (init_from_kind, load_checkpoint_weights, prepare_save_path, resume_run,
+                                     save_resume_checkpoint)
 from coati.config import OptimArgs, TrainConfig
 from coati.data.prepare import RunData, make_loaders, prepare_data
 from coati.data.sources import content_digest, pairs_digest
@@ -132,7 +133,7 @@ def resolve_tie_param(cfg, pairs: list, log: bool = False):
 
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate and export a validated config (:func:`coati.cli.train.parse_args`) into its ``--save_path``,
-    checked and locked for the run (:func:`coati.checkpoint.prepare_save_path`); returns the summary written to
+    checked and locked for the run (:func:`coati.checkpoint.resume.prepare_save_path`); returns the summary written to
     ``<save_path>/summary.json``."""
     t_start = time.perf_counter()
     lock = prepare_save_path(cfg.log.save_path, resuming=bool(cfg.optim.resume), overwrite=cfg.log.overwrite_output_dir)

@@ -1,8 +1,9 @@
 """Use a trained reward model: load an exported folder and score texts, preference pairs or Best-of-N candidates.
 
-The exported folder (see :func:`coati.checkpoint.export_hf`) is a Hugging Face ``*ForSequenceClassification`` with
-``num_labels == 1``, its tokenizer and ``train_config.json``. :class:`RewardScorer` scores text exactly as the
-trainer did, so rewards are comparable with the ones seen in training:
+The exported folder (see :func:`coati.checkpoint.export.export_hf`) is a Hugging Face
+``*ForSequenceClassification`` with ``num_labels == 1``, its tokenizer and ``train_config.json``.
+:class:`RewardScorer` scores text exactly as the trainer did, so rewards are comparable with the ones seen in
+training:
 
 * the conversation is rendered with :func:`coati.data.template.render_prompt` (the tokenizer's chat template when
   ``use_chat_template(tokenizer, train_config["chat_template"])`` says so, default mode ``auto``; otherwise the
@@ -40,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from coati.checkpoint import non_finite_names
+from coati.checkpoint.export import non_finite_names
 from coati.config import DataArgs, ModelArgs
 from coati.data.batch import pad_sequences
 from coati.data.formats import check_answer, check_text, ordered_pairs, parse_message
@@ -243,7 +244,7 @@ class RewardScorer:
         label (TRL's, for example), or a released InternLM2 reward model (``InternLM2ForRewardModel``).
 
         Args:
-            path: folder written by :func:`coati.checkpoint.export_hf`; or any HF ``*ForSequenceClassification``
+            path: folder written by :func:`coati.checkpoint.export.export_hf`; or any HF ``*ForSequenceClassification``
                 folder with ``num_labels == 1``, a ``score`` head and a tokenizer; or an InternLM2 reward model
                 (``model_type: internlm2`` with ``v_head.weight``), converted without remote code as the backbone
                 is (:func:`coati.models.internlm2.load_internlm2` with ``reward_head``).

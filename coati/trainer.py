@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from coati.checkpoint import NonFiniteWeightsError
+from coati.checkpoint.export import NonFiniteWeightsError
 from coati.config import WARMUP_MAX_STEPS, LogArgs, OptimArgs
 from coati.data.batch import Batch
 from coati.data.loader import PairLoader

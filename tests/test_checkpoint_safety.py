@@ -13,8 +13,9 @@ import subprocess
 import pytest
 import torch
 
-from coati.checkpoint import (CheckpointError, ExportError, NonFiniteWeightsError, dcp_load, export_hf,
-                              list_checkpoints, load_resume_checkpoint, save_resume_checkpoint, verify_checkpoint)
+from coati.checkpoint.export import ExportError, NonFiniteWeightsError, export_hf
+from coati.checkpoint.resume import list_checkpoints, load_resume_checkpoint, save_resume_checkpoint, verify_checkpoint
+from coati.checkpoint.safe_load import CheckpointError, dcp_load
 from coati.strategies.naive import NaiveStrategy
 from conftest import tiny_model
 
@@ -194,7 +195,7 @@ def test_an_export_on_a_full_tmpfs_keeps_the_previous_one(tokenizer, tmp_path):
 # ------------------------------------------------------------------------------ the save path: whose, and in use
 
 def test_the_save_path_refuses_the_root_a_file_and_someone_elses_folder(tmp_path):
-    from coati.checkpoint import SavePathError, prepare_save_path
+    from coati.checkpoint.resume import SavePathError, prepare_save_path
 
     with pytest.raises(SavePathError, match="is the filesystem root"):
         prepare_save_path("/", resuming=False)
@@ -218,7 +219,7 @@ def test_the_save_path_refuses_the_root_a_file_and_someone_elses_folder(tmp_path
 
 
 def test_a_second_run_into_a_locked_save_path_is_refused_with_the_owner(tmp_path):
-    from coati.checkpoint import LOCK_NAME, SavePathError, prepare_save_path
+    from coati.checkpoint.resume import LOCK_NAME, SavePathError, prepare_save_path
 
     first = prepare_save_path(str(tmp_path / "rm"), resuming=False)
     with pytest.raises(SavePathError, match=rf"in use by another run \(pid {os.getpid()} on host "):
@@ -235,8 +236,8 @@ def test_the_cli_refuses_a_save_path_another_process_is_training_into(tmp_path, 
     from coati.cli.train import main
 
     out = tmp_path / "rm"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from coati.checkpoint import "
-                               "prepare_save_path; lock = prepare_save_path(sys.argv[1], False); print('held', "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from coati.checkpoint.resume "
+                               "import prepare_save_path; lock = prepare_save_path(sys.argv[1], False); print('held', "
                                "flush=True); time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -259,7 +260,7 @@ def test_a_checkpoint_renamed_to_another_step_is_refused(tmp_path):
 
 
 def test_a_checkpoint_of_nan_weights_is_refused_when_loaded(tmp_path, monkeypatch):
-    import coati.checkpoint as checkpoint
+    import coati.checkpoint.resume as checkpoint
 
     strategy, model, optimizer, scheduler, _ = _checkpoint(tmp_path)
     with torch.no_grad():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from coati.checkpoint import export_hf
+from coati.checkpoint.export import export_hf
 from coati.data.sources import load_pairs
 from coati.data.template import tokenize_pairs
 from coati.cli.evaluate import main

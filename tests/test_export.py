@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from coati.checkpoint import export_hf
+from coati.checkpoint.export import export_hf
 from coati.data.template import SequenceEncoder
 from coati.models.backbones import get_backbone
 from coati.models.lora import apply_lora

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
-from coati.checkpoint import export_hf
+from coati.checkpoint.export import export_hf
 from coati.data.template import SequenceEncoder
 from coati.models.backbones import build_config, get_backbone
 from coati.models.internlm2 import load_internlm2, split_wqkv

@@ -142,7 +142,7 @@ def test_hostile_names_break_neither_yaml_nor_tables():
 
 
 def test_export_hf_refuses_a_path_as_a_file_name(tokenizer, tmp_path):
-    from coati.checkpoint import export_hf
+    from coati.checkpoint.export import export_hf
     from conftest import tiny_model
 
     with pytest.raises(ValueError, match="not a plain file name"):

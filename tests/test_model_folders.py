@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
-from coati.checkpoint import export_hf
+from coati.checkpoint.export import export_hf
 from coati.cli.score import main as score_main
 from coati.cli.train import main as train_main
 

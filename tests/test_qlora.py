@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coati.checkpoint import _SafeReader
+from coati.checkpoint.safe_load import _SafeReader
 from coati.cli.train import parse_args
 from coati.config import LoraArgs, LossArgs, ModelArgs
 from coati.data.batch import collate_pairs
@@ -87,7 +87,7 @@ def test_export_of_a_4bit_model_scores_like_the_trainer(compute, tokenizer, tmp_
     rewards' spread (measured 0.08 at a spread of 1.3: bf16's rounding of the activations, LoRA's path included)."""
     from transformers import AutoModelForSequenceClassification
 
-    from coati.checkpoint import export_hf
+    from coati.checkpoint.export import export_hf
 
     rm = _train_a_little(_build(tokenizer, compute=compute, load_in_4bit=True), tokenizer, compute=compute)
     assert is_quantized(rm)
@@ -235,7 +235,7 @@ def test_scorer_loads_an_export_in_4bit(tokenizer, tmp_path):
     quantisation and back (bitsandbytes' own round trip), i.e. its error is the weights' quantisation error only."""
     import bitsandbytes.functional as F
 
-    from coati.checkpoint import export_hf
+    from coati.checkpoint.export import export_hf
     from coati.scoring import RewardScorer
 
     rm = _train_a_little(_build(tokenizer), tokenizer)
@@ -267,7 +267,7 @@ def test_scorer_loads_an_export_in_4bit(tokenizer, tmp_path):
 def test_8bit_backbone_trains_and_exports(tokenizer, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from coati.checkpoint import export_hf
+    from coati.checkpoint.export import export_hf
 
     rm = _train_a_little(_build(tokenizer, load_in_8bit=True), tokenizer)
     assert is_quantized(rm)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coati.checkpoint import CheckpointError, find_resume_checkpoint, list_checkpoints, verify_checkpoint
+from coati.checkpoint.resume import find_resume_checkpoint, list_checkpoints, verify_checkpoint
+from coati.checkpoint.safe_load import CheckpointError
 from coati.losses import log_sig_loss
 from coati.trainer import NonFiniteError
 from conftest import run_env, tiny_trainer

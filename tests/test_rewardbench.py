@@ -9,7 +9,7 @@ import math
 import pytest
 from conftest import tiny_model
 
-from coati.checkpoint import export_hf
+from coati.checkpoint.export import export_hf
 from coati.data.formats import PreferencePair, parse_row
 from coati.cli.evaluate import main
 from coati.rewardbench import (V1_SECTIONS, V1_SUBSET_WEIGHTS, benchmark_scores, leaderboard_table, prompt_credit,

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coati.checkpoint import NonFiniteWeightsError, list_checkpoints, save_resume_checkpoint
+from coati.checkpoint.export import NonFiniteWeightsError
+from coati.checkpoint.resume import list_checkpoints, save_resume_checkpoint
 from coati.losses import log_sig_loss
 from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
@@ -57,6 +58,26 @@ def test_resume_refuses_another_runs_checkpoint(finished, tmp_path, change, name
     assert (other / "model.safetensors").read_bytes() == before  # nothing exported
 
 
+def test_the_fingerprint_names_options_of_the_config_once(monkeypatch):
+    """FINGERPRINT_FIELDS is checked against coati.config when imported: a misspelt name or a renamed option fails
+    there, not at the first run; the settings keep its order (what checkpoints have always stored)."""
+    import coati.checkpoint.fingerprint as fingerprint
+    from coati.config import TrainConfig, option_fields
+
+    fields = fingerprint.FINGERPRINT_FIELDS
+    assert set(fields) <= set(option_fields()) and len(set(fields)) == len(fields)
+    settings = fingerprint.run_fingerprint(TrainConfig().to_dict(), [], 8, 10)["settings"]
+    assert list(settings) == [*fields, "global_batch", "total_steps"]
+    with pytest.raises(ValueError, match=r"max_length is not an option \(did you mean max_len\?\)"):
+        fingerprint._check_fields((*fields, "max_length"))
+    with pytest.raises(ValueError, match="seed is named more than once"):
+        fingerprint._check_fields((*fields, "seed"))
+    renamed = {("learning_rate" if k == "lr" else k): v for k, v in option_fields().items()}  # --lr renamed
+    monkeypatch.setattr(fingerprint, "option_fields", lambda: renamed)
+    with pytest.raises(ValueError, match="once: lr is not an option$"):
+        fingerprint._check_fields(fields)
+
+
 def test_resume_of_the_same_run_is_accepted(finished, tmp_path, capsys):
     import shutil
 
@@ -80,7 +101,7 @@ def test_a_new_run_into_a_folder_with_checkpoints_stops(finished, tmp_path, caps
 
 
 def test_init_from_starts_a_new_run_from_a_checkpoints_weights(finished, tmp_path, capsys):
-    from coati.checkpoint import load_checkpoint_weights
+    from coati.checkpoint.resume import load_checkpoint_weights
 
     ckpt = str(finished / "checkpoints" / "step-000004")
     # the weights it loads are exactly the checkpoint's: the finished run exported them at step 4
@@ -128,7 +149,7 @@ def test_an_update_that_makes_weights_nan_stops_before_any_checkpoint_of_them(to
         trainer.fit()
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step-000002"]
     reloaded = _trainer(tokenizer, tmp_path / "x")
-    from coati.checkpoint import load_resume_checkpoint
+    from coati.checkpoint.resume import load_resume_checkpoint
 
     load_resume_checkpoint(str(tmp_path / "checkpoints" / "step-000002"), reloaded.strategy, reloaded.model,
                            reloaded.optimizer, reloaded.scheduler)
@@ -170,7 +191,7 @@ def _checkpoint_weights_finite(path):
     """True when every tensor stored in a DCP checkpoint is finite (read with the safe reader)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from coati.checkpoint import _SafeReader, dcp_load
+    from coati.checkpoint.safe_load import _SafeReader, dcp_load
 
     meta = _SafeReader(os.path.join(path, "model_optim")).read_metadata()
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
@@ -199,7 +220,7 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_resumes_exactly(tokeniz
     assert stopped.step == 5
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed after fit
 
-    from coati.checkpoint import find_resume_checkpoint, load_resume_checkpoint
+    from coati.checkpoint.resume import find_resume_checkpoint, load_resume_checkpoint
 
     resumed = _trainer(tokenizer, tmp_path / "stopped")
     state = load_resume_checkpoint(find_resume_checkpoint(str(tmp_path / "stopped"), "auto"), resumed.strategy,

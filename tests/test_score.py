@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 from transformers import AutoModelForSequenceClassification
 
-from coati.checkpoint import export_hf
+from coati.checkpoint.export import export_hf
 from coati.data.formats import PreferencePair
 from coati.data.template import SequenceEncoder, render_prompt, tokenize_pairs, use_chat_template
 from coati.models.backbones import get_backbone

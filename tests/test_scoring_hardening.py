@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
-from coati.checkpoint import export_hf
+from coati.checkpoint.export import export_hf
 from coati.data.sources import select_pairs
 from coati.cli.evaluate import build_parser as evaluate_parser
 from coati.cli.evaluate import main as evaluate_main

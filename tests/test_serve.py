@@ -19,7 +19,7 @@ import httpx
 import pytest
 from conftest import free_port, run_env, tiny_model
 
-from coati.checkpoint import export_hf
+from coati.checkpoint.export import export_hf
 from coati.serving.client import AsyncRewardClient, RemoteRewardFunction, RewardClient, RewardServerError
 from coati.data.template import render_prompt
 from coati.scoring import RewardScorer, normalize_prompt

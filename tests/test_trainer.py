@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from coati.checkpoint import list_checkpoints, verify_checkpoint
+from coati.checkpoint.resume import list_checkpoints, verify_checkpoint
 from coati.config import OptimArgs
 from coati.data.loader import GlobalBatchSampler, PairLoader, make_collate
 from coati.data.template import TokenizedPair
@@ -68,7 +68,7 @@ def test_non_finite_steps_are_skipped_and_counted(tokenizer, tmp_path):
 
 
 def test_too_many_bad_steps_stop_with_a_last_good_checkpoint(tokenizer, tmp_path):
-    from coati.checkpoint import save_resume_checkpoint
+    from coati.checkpoint.resume import save_resume_checkpoint
 
     trainer = _trainer(tokenizer, tmp_path, _nan_on(set(range(3, 100))), max_bad_steps=3, save_every=100)
     trainer.on_save = lambda step: save_resume_checkpoint(str(tmp_path), step, trainer.strategy, trainer.model,

@@ -18,7 +18,8 @@ from types import MappingProxyType
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from coati.checkpoint import CheckpointError, ExportError, NonFiniteWeightsError
+from coati.checkpoint.export import ExportError, NonFiniteWeightsError
+from coati.checkpoint.safe_load import CheckpointError
 from coati.cli.options import DefaultsOnceHelpFormatter, checked, or_auto
 from coati.cli.recipe import read_recipe
 from coati.config import ALIASES, GROUPS, TrainConfig

@@ -1,20 +1,16 @@
-"""Two kinds of output, kept apart: the HF export (a standard ``*ForSequenceClassification`` folder, LoRA merged, that
-anyone can load) and resume checkpoints (model + optimizer + scheduler + RNG + data position, written atomically).
+"""Resume checkpoints (model + optimizer + scheduler + RNG + data position, written atomically): their layout and
+manifest, the save path a run locks, and writing and reading them back (``--resume``, ``--init_from``).
 
-Neither is trusted as code when read back: exports are safetensors + JSON; resume checkpoints are
-``torch.distributed.checkpoint`` folders whose pickled ``.metadata`` is read with an allow-list unpickler (only the
-metadata classes DCP itself writes) and whose non-tensor items load with ``torch.load(weights_only=True)``.
+A checkpoint is read without trusting it as code (:mod:`coati.checkpoint.safe_load`) and only by the run it belongs
+to (:mod:`coati.checkpoint.fingerprint`); the HF export is :mod:`coati.checkpoint.export`.
 """
 
 from __future__ import annotations
 
-import array
 import hashlib
-import io
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -22,129 +18,15 @@ import tempfile
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
-from safetensors.torch import save_file
-from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from transformers import PreTrainedTokenizerBase
 
-from coati.config import TrainConfig
+from coati.checkpoint.export import NonFiniteWeightsError
+from coati.checkpoint.fingerprint import check_same_run
+from coati.checkpoint.safe_load import CheckpointError, _failures, dcp_load, read_trainer_state
 from coati.io import describe_os_error, make_readable, write_json
-from coati.models.lora import merged_copy
 from coati.signals import Interrupted
-from coati.strategies.base import all_finite, dcp_state, load_dcp_state, parameters_finite
+from coati.strategies.base import all_finite, dcp_state, load_dcp_state
 
 logger = logging.getLogger(__name__)
-
-
-class ExportError(RuntimeError):
-    """The export could not be written (no space, no permission); the previous export is left whole."""
-
-
-class NonFiniteWeightsError(RuntimeError):
-    """Model parameters hold NaN or infinity, so they are never written as a usable model or checkpoint."""
-
-
-def non_finite_names(model: nn.Module) -> list[str]:
-    """Names of the parameters of ``model`` that hold NaN or infinity (for error messages)."""
-    return [n for n, p in model.named_parameters()
-            if not bool(torch.isfinite((p.to_local() if hasattr(p, "to_local") else p).detach()).all())]
-
-
-def _is_weight_file(name: str) -> bool:
-    return name in ("model.safetensors", "model.safetensors.index.json") or (
-        name.startswith("model-") and name.endswith(".safetensors"))
-
-
-#: Weight files an export may carry beside the model's own (``export_hf``'s ``extra_tensors``): an export without one
-#: removes an earlier export's copy, so a folder never mixes two runs' files.
-LENGTH_HEAD_FILE = "length_head.safetensors"
-EXTRA_WEIGHT_FILES = (LENGTH_HEAD_FILE,)
-
-
-def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, train_config: dict | None = None,
-              extra_config: dict | None = None, extra_json: dict[str, dict] | None = None,
-              adapter: bool = False, extra_text: dict[str, str] | None = None,
-              extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
-    """Write ``model`` to ``path`` as a Hugging Face folder, atomically.
-
-    The folder holds ``config.json`` (``num_labels == 1``, ``pad_token_id`` distinct from EOS), ``model.safetensors``,
-    the tokenizer (right padding) and ``train_config.json``. ``AutoModelForSequenceClassification.from_pretrained``
-    then reads the reward at the last non-pad token, which is the EOS the trainer scored.
-
-    Everything is written into a temporary folder inside ``path`` and moved into place when complete (``config.json``
-    last), so a full disk or an interrupt leaves the previous export whole and no temporary folder. Files are readable
-    by others (0644 under umask 022); other files in ``path`` (checkpoints, metrics) are kept.
-
-    Args:
-        model: the HF sequence-classification model or its peft wrapper (merged on a copy; ``model`` is unchanged).
-        train_config: written as ``train_config.json``.
-        extra_config: keys added to ``config.json`` (e.g. reward statistics).
-        extra_json: more JSON files written with the export, ``{file name: content}`` (e.g. ``summary.json``).
-        extra_text: text files written with the export (UTF-8), ``{file name: text}`` (e.g. the ``README.md``
-            model card of :func:`coati.model_card.render_model_card`); plain file names only.
-        adapter: also write the peft adapter (LoRA weights and the trained value head, peft's own layout) to
-            ``path/adapter``, for users who load it over their own (e.g. 4-bit) copy of the base model.
-        extra_tensors: safetensors files written with the export, ``{file name: {tensor name: tensor}}``; names
-            from :data:`EXTRA_WEIGHT_FILES` only (e.g. the length head of ``--length_head``).
-    Returns:
-        ``path``.
-    Raises:
-        ValueError: a name in ``extra_json`` or ``extra_text`` is not a plain file name, or one in ``extra_tensors``
-            is not in :data:`EXTRA_WEIGHT_FILES` (nothing is written).
-        NonFiniteWeightsError: a weight is NaN or infinite (nothing is written).
-        ExportError: writing failed; the message names the cause (e.g. ``No space left on device``).
-    """
-    for name in [*(extra_json or {}), *(extra_text or {})]:
-        if not name or name in (".", "..") or os.path.basename(name) != name or "\\" in name:
-            raise ValueError(f"export file name {name!r} is not a plain file name")
-    for name in extra_tensors or {}:
-        if name not in EXTRA_WEIGHT_FILES:
-            raise ValueError(f"export weight file {name!r} is not one of {', '.join(EXTRA_WEIGHT_FILES)}")
-    plain = merged_copy(model)
-    extra_params = [t for tensors in (extra_tensors or {}).values() for t in tensors.values()]
-    if not parameters_finite(list(plain.parameters()) + extra_params):
-        bad = non_finite_names(plain)
-        raise NonFiniteWeightsError(f"{len(bad)} weight tensors are NaN or infinite (e.g. {bad[0]}); nothing was "
-                                    f"exported to {path}. Lower --lr or check the data")
-    plain.config.update({"num_labels": 1, "id2label": {0: "reward"}, "label2id": {"reward": 0},
-                         "pad_token_id": tokenizer.pad_token_id, **(extra_config or {})})
-    files = {**(extra_json or {}), **({} if train_config is None else {"train_config.json": train_config})}
-    tmp = None
-    try:
-        os.makedirs(path, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".export.tmp", dir=path)
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.padding_side = "right"
-        tokenizer.save_pretrained(tmp)
-        for name, content in files.items():
-            write_json(os.path.join(tmp, name), content)
-        for name, text in (extra_text or {}).items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        for name, tensors in (extra_tensors or {}).items():
-            save_file(tensors, os.path.join(tmp, name))
-        if adapter and hasattr(model, "peft_config"):
-            model.save_pretrained(os.path.join(tmp, "adapter"))
-            shutil.rmtree(os.path.join(path, "adapter"), ignore_errors=True)
-        make_readable(tmp)
-        new = set(os.listdir(tmp))
-        if not any(_is_weight_file(n) for n in new):
-            raise ExportError(f"export to {path} failed: save_pretrained wrote no weights")
-        for name in os.listdir(path):  # weight files of an earlier export that this one does not replace
-            if (_is_weight_file(name) or name in EXTRA_WEIGHT_FILES) and name not in new:
-                os.remove(os.path.join(path, name))
-        for name in sorted(new, key=lambda n: n == "config.json"):
-            os.replace(os.path.join(tmp, name), os.path.join(path, name))
-    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
-        raise ExportError(f"export to {path} failed: {describe_os_error(e)}; the previous export there (if any) is "
-                          "unchanged") from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- resume state
@@ -160,10 +42,6 @@ def export_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str, t
 
 CHECKPOINT_DIR = "checkpoints"
 _PREFIX = "step-"
-
-
-class CheckpointError(RuntimeError):
-    """A resume checkpoint is missing, incomplete, corrupt, unsafe or of another run; the message says why."""
 
 
 def _sha256(path: str) -> str:
@@ -346,136 +224,6 @@ def init_from_kind(path: str) -> str:
                           "(no config.json)")
 
 
-# ---------------------------------------------------------------------------------------------- run fingerprint
-
-#: options that change what a run computes: a resume checkpoint carries them and refuses a run that differs.
-#: (Strategy, logging, checkpoint and packing layout settings are left out: they do not change the math, and a
-#: checkpoint resumes under another strategy.)
-FINGERPRINT_FIELDS = ("model", "pretrain", "model_config", "tokenizer", "lora_rank", "lora_alpha", "lora_dropout",
-                      "lora_train_bias", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
-                      "bnb_4bit_double_quant", "loss_fn", "focal_gamma", "penalty", "penalty_weight", "reward_bound",
-                      "center_rewards_coefficient", "reward_token", "max_len", "chat_template", "group_by_length",
-                      "max_epochs", "max_steps", "lr", "weight_decay", "adam_eps", "warmup_ratio", "warmup_steps",
-                      "max_grad_norm", "mixed_precision", "seed", "init_from", "ties", "tie_param", "length_head",
-                      "length_loss_weight", "orthogonal_loss_weight")
-
-
-def run_fingerprint(options: dict, train_tok: list, global_batch: int, total_steps: int) -> dict:
-    """What identifies a run: its math-changing options (``options``: the flat config) and the SHA-256 of its
-    training pairs (token ids and margins, in order), so a checkpoint never resumes another run's data or settings.
-
-    Returns:
-        ``{"settings": {field: value, "global_batch": int, "total_steps": int}, "data_sha256": hex str}``.
-    """
-    settings = dict({k: options[k] for k in FINGERPRINT_FIELDS}, global_batch=global_batch, total_steps=total_steps)
-    h = hashlib.sha256()
-    for p in train_tok:
-        h.update(array.array("q", [len(p.chosen_ids), *p.chosen_ids, len(p.rejected_ids), *p.rejected_ids]).tobytes())
-        h.update(repr(p.margin).encode())
-    return {"settings": settings, "data_sha256": h.hexdigest()}
-
-
-def check_same_run(path: str, fingerprint: dict) -> None:
-    """Refuse to resume the checkpoint ``path`` of another run: one line naming every setting (``name: old -> new``)
-    in which its fingerprint (see :func:`run_fingerprint`) differs; a checkpoint without one (an older coati)
-    differs in everything.
-
-    Raises:
-        CheckpointError: the fingerprints differ, or the checkpoint's trainer state is unreadable.
-    """
-    saved = read_trainer_state(path).get("fingerprint")
-    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
-        diffs = ["run fingerprint (the checkpoint has none: written by an older coati)"]
-    else:
-        defaults = TrainConfig().to_dict()  # a setting added since the checkpoint was written had its default then
-        new = fingerprint["settings"]
-        old = {k: saved["settings"].get(k, defaults.get(k)) for k in set(saved["settings"]) | set(new)}
-        diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                 if old.get(k) != new.get(k)]
-        if saved.get("data_sha256") != fingerprint.get("data_sha256"):
-            diffs.append("training data (the pairs' content or order differs)")
-    if diffs:
-        raise CheckpointError(f"--resume: {path} belongs to another run ({'; '.join(diffs)}); resume with that run's "
-                              "settings and data, or start a new run from its weights with --init_from " + path +
-                              " and another --save_path")
-
-
-# ---------------------------------------------------------------------------------------------- safe DCP reading
-
-# The only globals a DCP ``.metadata`` pickle refers to (torch 2.4 - 2.13): its own dataclasses and enums, torch's
-# Size, dtypes, layouts and memory formats, and the path type. Anything else (os.system, builtins.eval, ...) is
-# refused before it is called.
-_METADATA_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata",
-                                              "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
-                                              "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
-    "torch.serialization": {"_get_layout"},
-    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
-    "collections": {"OrderedDict"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (
-                torch.dtype, torch.layout, torch.memory_format))):
-            return getattr(torch, name)
-        if name in _METADATA_CLASSES.get(module, ()):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refers to {module}.{name}, which checkpoint metadata never holds")
-
-
-class _SafeReader(FileSystemReader):
-    """A DCP ``FileSystemReader`` whose metadata is read by the allow-list unpickler (never runs code)."""
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        meta_path = self._get_metadata_path(kwargs.get("rank"))
-        try:
-            with self.fs.create_stream(meta_path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{meta_path}: not a checkpoint's metadata ({e}); refused without running "
-                                  "it") from None
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{meta_path}: holds a {type(metadata).__name__}, not checkpoint metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _SafePlanner(DefaultLoadPlanner):
-    """DCP's default load planner, except that non-tensor items load with ``torch.load(weights_only=True)``."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"checkpoint item {read_item.dest_index.fqn}: refused, it is not plain data "
-                                  f"({str(e).splitlines()[-1][:200]})") from None
-        clean = io.BytesIO()
-        torch.save(obj, clean)  # only plain containers, numbers and tensors survive weights_only loading
-        clean.seek(0)
-        super().load_bytes(read_item, clean)
-
-
-def dcp_load(state: dict, path: str) -> None:
-    """``torch.distributed.checkpoint.load`` of ``state`` (in place) from ``path``, without unpickling code.
-
-    Raises:
-        CheckpointError: the metadata or an item refers to anything but checkpoint data.
-    """
-    reader = _SafeReader(path)
-    reader.read_metadata()  # refuse a crafted metadata file here, with its own message (DCP would wrap it)
-    try:
-        dcp.load(state, storage_reader=reader, planner=_SafePlanner())
-    except CheckpointException as e:  # a BaseException holding each rank's error
-        if inner := [f for f in _failures(e) if isinstance(f, CheckpointError)]:
-            raise inner[0] from None
-        raise
-
-
 # ---------------------------------------------------------------------------------------------- write / read
 
 def save_resume_checkpoint(save_path: str, step: int, strategy, model, optimizer, scheduler, trainer_state: dict,
@@ -523,14 +271,6 @@ def save_resume_checkpoint(save_path: str, step: int, strategy, model, optimizer
     return final
 
 
-def _failures(e: BaseException) -> list[BaseException]:
-    """The per-rank exceptions inside a DCP ``CheckpointException`` (nested ones unpacked), or ``[e]``."""
-    failures = getattr(e, "failures", None)
-    if not isinstance(failures, dict):
-        return [e]
-    return [inner for f in failures.values() for inner in _failures(f[0] if isinstance(f, tuple) else f)]
-
-
 def _write_error(e: BaseException, final: str) -> BaseException:
     """What a failed checkpoint write raises: an interrupt goes on as itself; a disk error (also one rank's, inside
     DCP's ``CheckpointException``) becomes one CheckpointError line; any other error of DCP a CheckpointError with its
@@ -556,18 +296,6 @@ def _torn_write(e: BaseException) -> bool:
     text = str(e)
     return isinstance(e, RuntimeError) and any(s in text for s in ("unexpected pos", "PytorchStreamWriter failed",
                                                                    "file write failed"))
-
-
-def read_trainer_state(path: str) -> dict:
-    """The ``trainer_state.json`` of a verified checkpoint; raises CheckpointError when unreadable or not an object."""
-    try:
-        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}/trainer_state.json: unreadable ({e})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}/trainer_state.json: not a JSON object")
-    return state
 
 
 def load_resume_checkpoint(path: str, strategy, model, optimizer, scheduler) -> dict:
