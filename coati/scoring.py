@@ -36,6 +36,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -199,6 +200,99 @@ def check_recipe_unchanged(path: str, train_config: dict) -> None:
                          "restore it, or score with --layout chat / text")
 
 
+def _read_model_folder(path: str, load_in_4bit: bool) -> tuple[dict, Any, dict]:
+    """``(config.json as a dict, the model config, train_config.json or {})`` of a reward-model folder; an
+    InternLM2 reward model's config converted to LLaMA's (:func:`coati.models.internlm2.internlm2_to_llama_config`).
+
+    Raises:
+        ValueError: not a folder, no ``config.json``, an InternLM2 model with ``load_in_4bit``, or not a
+            single-output model (``num_labels != 1``).
+    """
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such model folder (expected an export written by train_reward_model.py "
+                         "--save_path)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path}: not a reward-model export (no config.json); pass the --save_path folder of a "
+                         "training run")
+    raw = json.loads(Path(path, "config.json").read_text(encoding="utf-8"))
+    raw = raw if isinstance(raw, dict) else {}
+    internlm2 = raw.get("model_type") == "internlm2"
+    if internlm2 and load_in_4bit:
+        raise ValueError(f"{path}: --load_in_4bit is not supported for InternLM2 reward models (they are "
+                         "converted in fp32)")
+    config = internlm2_to_llama_config(raw) if internlm2 else \
+        load_explained(lambda: AutoConfig.from_pretrained(path, trust_remote_code=False), path)
+    if getattr(config, "num_labels", None) != 1:
+        raise ValueError(f"{path}: config.json has num_labels={getattr(config, 'num_labels', None)}, a reward "
+                         "model export has num_labels=1 (one scalar per sequence)")
+    tc_path = os.path.join(path, "train_config.json")
+    train_config = json.loads(Path(tc_path).read_text(encoding="utf-8")) if os.path.isfile(tc_path) else {}
+    return raw, config, train_config
+
+
+def _text_layout(path: str, layout: str, tokenizer, train_config: dict, max_len: int | None) -> tuple[str, int, bool]:
+    """``(layout, max_len, chat template on)`` of a folder (:meth:`RewardScorer.from_pretrained`'s ``layout``):
+    ``auto`` resolved, ``coati``'s settings and recipe digest read from ``train_config``.
+
+    Raises:
+        ValueError: ``chat`` without a chat template, ``max_len`` < 8, an edited recipe
+            (:func:`check_recipe_unchanged`).
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if layout == "auto":
+        layout = "coati" if train_config else "chat" if has_template else "text"
+    if layout == "coati":
+        check_recipe_unchanged(path, train_config)
+    if layout == "chat" and not has_template:
+        raise ValueError(f"{path}: layout chat, but its tokenizer has no chat template (use layout text)")
+    if layout == "coati" and not train_config:
+        logger.warning("%s has no train_config.json: using max_len=%d and chat_template=%s; scores may not match "
+                       "the layout the model was trained on", path, DEFAULTS.max_len, DEFAULTS.chat_template)
+    default_len = train_config.get("max_len", DEFAULTS.max_len) if layout == "coati" else FOREIGN_MAX_LEN
+    max_len = int(max_len if max_len is not None else default_len)
+    if max_len < 8:
+        raise ValueError(f"max_len must be at least 8, got {max_len}")
+    chat = use_chat_template(tokenizer, train_config.get("chat_template") or DEFAULTS.chat_template) \
+        if layout == "coati" else layout == "chat"
+    return layout, max_len, chat
+
+
+def _load_value_model(path: str, internlm2: bool, tokenizer, dtype: torch.dtype, device: torch.device,
+                      load_in_4bit: bool):
+    """The ``*ForSequenceClassification`` model of a folder in eval mode on ``device``, its value head ``score`` in
+    fp32 (4-bit NF4 linear layers with ``load_in_4bit``; an InternLM2 reward model converted, ``v_head`` as ``score``).
+
+    Raises:
+        ValueError: unreadable weight files (:func:`coati.models.loading.check_weight_files`), no ``score`` head,
+            or weights that are not finite.
+    """
+    quantization = quantization_config(ModelArgs(load_in_4bit=True), dtype) if load_in_4bit else None
+    check_weight_files(path)
+    if internlm2:
+        hf_model = load_explained(lambda: load_internlm2(path, pad_token_id=tokenizer.pad_token_id,
+                                                         reward_head=True).to(dtype), path)
+    else:
+        hf_model = load_explained(lambda: AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype, trust_remote_code=False, **({} if quantization is None else {
+                "quantization_config": quantization, "device_map": {"": str(device)}})), path)
+    if not isinstance(getattr(hf_model, "score", None), torch.nn.Linear):
+        raise ValueError(f"{path}: {type(hf_model).__name__} has no 'score' head (Linear(hidden, 1)); coati "
+                         "reads decoder reward models whose value head is 'score', as transformers' "
+                         "*ForSequenceClassification and coati's exports have")
+    if bad := non_finite_names(hf_model):  # one torch.isfinite(p).all() per parameter, no copies
+        what = "1 weight tensor is" if len(bad) == 1 else f"{len(bad)} weight tensors are"
+        loaded = str(hf_model.dtype).replace("torch.", "")
+        advice = ("this export is broken, retrain it" if loaded == "float32" else f"they do not fit in {loaded}: "
+                  "load it in float32 (--dtype float32), or retrain it if that fails too")
+        raise ValueError(f"{path}: {what} not finite (NaN/inf), e.g. {bad[0]}; {advice}")
+    hf_model.score.to(torch.float32)  # RewardModel runs the value head in fp32
+    if quantization is None:  # a quantised model was loaded onto the device
+        hf_model.to(device)
+    else:
+        keep_standard_4bit_layout(hf_model)  # scores computed in the chosen dtype, not bnb's bf16 CPU kernel
+    return hf_model.eval()
+
+
 class RewardScorer:
     """A loaded reward model that scores (prompt, response) texts in the trainer's layout.
 
@@ -292,69 +386,13 @@ class RewardScorer:
         if load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(f"--load_in_4bit needs the bitsandbytes package: {BITSANDBYTES_INSTALL}")
         path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise ValueError(f"{path}: no such model folder (expected an export written by train_reward_model.py "
-                             "--save_path)")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"{path}: not a reward-model export (no config.json); pass the --save_path folder of a "
-                             "training run")
-        raw = json.loads(Path(path, "config.json").read_text(encoding="utf-8"))
-        internlm2 = isinstance(raw, dict) and raw.get("model_type") == "internlm2"
-        if internlm2 and load_in_4bit:
-            raise ValueError(f"{path}: --load_in_4bit is not supported for InternLM2 reward models (they are "
-                             "converted in fp32)")
-        config = internlm2_to_llama_config(raw) if internlm2 else \
-            load_explained(lambda: AutoConfig.from_pretrained(path, trust_remote_code=False), path)
-        if getattr(config, "num_labels", None) != 1:
-            raise ValueError(f"{path}: config.json has num_labels={getattr(config, 'num_labels', None)}, a reward "
-                             "model export has num_labels=1 (one scalar per sequence)")
-        tc_path = os.path.join(path, "train_config.json")
-        train_config = json.loads(Path(tc_path).read_text(encoding="utf-8")) if os.path.isfile(tc_path) else {}
+        raw, config, train_config = _read_model_folder(path, load_in_4bit)
+        internlm2 = raw.get("model_type") == "internlm2"
         stored = raw.get("reward_token_id") if internlm2 else getattr(config, "reward_token_id", None)  # None: EOS
         tokenizer = load_tokenizer(path, reward_token="auto" if stored is None else str(stored))
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        if layout == "auto":
-            layout = "coati" if train_config else "chat" if has_template else "text"
-        if layout == "coati":
-            check_recipe_unchanged(path, train_config)
-        if layout == "chat" and not has_template:
-            raise ValueError(f"{path}: layout chat, but its tokenizer has no chat template (use layout text)")
-        if layout == "coati" and not train_config:
-            logger.warning("%s has no train_config.json: using max_len=%d and chat_template=%s; scores may not match "
-                           "the layout the model was trained on", path, DEFAULTS.max_len, DEFAULTS.chat_template)
-        default_len = train_config.get("max_len", DEFAULTS.max_len) if layout == "coati" else FOREIGN_MAX_LEN
-        max_len = int(max_len if max_len is not None else default_len)
-        if max_len < 8:
-            raise ValueError(f"max_len must be at least 8, got {max_len}")
-
-        chat = use_chat_template(tokenizer, train_config.get("chat_template") or DEFAULTS.chat_template) \
-            if layout == "coati" else layout == "chat"
+        layout, max_len, chat = _text_layout(path, layout, tokenizer, train_config, max_len)
         encoder = SequenceEncoder(tokenizer, max_len, stored)
-        quantization = quantization_config(ModelArgs(load_in_4bit=True), dtype) if load_in_4bit else None
-        check_weight_files(path)
-        if internlm2:
-            hf_model = load_explained(lambda: load_internlm2(path, pad_token_id=tokenizer.pad_token_id,
-                                                             reward_head=True).to(dtype), path)
-        else:
-            hf_model = load_explained(lambda: AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=dtype, trust_remote_code=False, **({} if quantization is None else {
-                    "quantization_config": quantization, "device_map": {"": str(dev)}})), path)
-        if not isinstance(getattr(hf_model, "score", None), torch.nn.Linear):
-            raise ValueError(f"{path}: {type(hf_model).__name__} has no 'score' head (Linear(hidden, 1)); coati "
-                             "reads decoder reward models whose value head is 'score', as transformers' "
-                             "*ForSequenceClassification and coati's exports have")
-        if bad := non_finite_names(hf_model):  # one torch.isfinite(p).all() per parameter, no copies
-            what = "1 weight tensor is" if len(bad) == 1 else f"{len(bad)} weight tensors are"
-            loaded = str(hf_model.dtype).replace("torch.", "")
-            advice = ("this export is broken, retrain it" if loaded == "float32" else f"they do not fit in {loaded}: "
-                      "load it in float32 (--dtype float32), or retrain it if that fails too")
-            raise ValueError(f"{path}: {what} not finite (NaN/inf), e.g. {bad[0]}; {advice}")
-        hf_model.score.to(torch.float32)  # RewardModel runs the value head in fp32
-        if quantization is None:  # a quantised model was loaded onto the device
-            hf_model.to(dev)
-        else:
-            keep_standard_4bit_layout(hf_model)  # scores computed in the chosen dtype, not bnb's bf16 CPU kernel
-        hf_model.eval()
+        hf_model = _load_value_model(path, internlm2, tokenizer, dtype, dev, load_in_4bit)
         model = RewardModel(hf_model, backbone_for(config) if layout == "coati" else scoring_backbone(config)).eval()
         if reward_mean is None and reward_std is None:
             reward_mean, reward_std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
