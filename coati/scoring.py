@@ -369,7 +369,7 @@ class RewardScorer:
                 ``reward_std`` (both or neither).
             load_in_4bit: load the backbone's linear layers as bitsandbytes NF4 (double quantisation, computing in
                 ``dtype``) on ``device``: about a quarter of the fp32 weight memory; scores move by the
-                quantisation error (measured in the README); the value head stays fp32.
+                quantisation error (measured in docs/qlora.md); the value head stays fp32.
         Returns:
             the scorer, model in eval mode on ``device``.
         Raises:

@@ -84,7 +84,7 @@ def add_model_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="backbone weights dtype")
     p.add_argument("--load_in_4bit", action="store_true",
                    help="load the backbone's linear layers in 4 bits (bitsandbytes NF4, computing in --dtype): less "
-                        "memory, scores within the quantisation error (see README)")
+                        "memory, scores within the quantisation error (see docs/qlora.md)")
     p.add_argument("--layout", choices=LAYOUTS, default="auto",
                    help="how prompt and response become tokens: coati (this trainer's, read from train_config.json), "
                         "chat (the whole conversation through the tokenizer's chat template, as TRL trains on "
