@@ -21,7 +21,7 @@ from coati.config import StrategyArgs, TrainConfig
 from coati.preflight import validate
 from coati.strategies.colossalai import (ColossalAIDDPStrategy, ColossalAIGeminiStrategy, ColossalAIZero2Strategy,
                                          _export_skeleton, _fill_skeleton)
-from conftest import run_env
+from helpers import run_env
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO = [ColossalAIZero2Strategy, ColossalAIGeminiStrategy]
@@ -229,7 +229,7 @@ def test_export_skeleton_costs_no_memory_and_takes_gathered_weights():
 
 
 def test_value_head_takes_fp32_input_when_weights_are_cast(tokenizer):
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     from coati.models.backbones import get_backbone
     from coati.models.reward_model import RewardModel

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_env
+from helpers import run_env
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ["COATI_DATA_DIR"]  # set by conftest.py (default ../shared/data)

@@ -17,7 +17,7 @@ from coati.checkpoint.resume import find_resume_checkpoint, list_checkpoints, ve
 from coati.checkpoint.safe_load import CheckpointError
 from coati.losses import log_sig_loss
 from coati.trainer import NonFiniteError
-from conftest import run_env, tiny_trainer
+from helpers import run_env, tiny_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from coati.cli.train import parse_args
-from conftest import run_env
+from helpers import run_env
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]

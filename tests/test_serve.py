@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, run_env, tiny_model
+from helpers import free_port, run_env, tiny_model
 
 from coati.checkpoint.export import export_hf
 from coati.serving.client import AsyncRewardClient, RemoteRewardFunction, RewardClient, RewardServerError

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import free_port, run_env
+from helpers import free_port, run_env
 
 REPO = Path(__file__).resolve().parents[1]
 # Adam turns round-off in (near-)zero gradients into +-lr steps (BLOOM's final LayerNorm bias has a gradient that is

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from conftest import run_env
+from helpers import run_env
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--dataset", "hh-rlhf", "--max_samples", "48", "--max_len", "96", "--lr", "1e-3", "--log_every", "1",
