@@ -67,7 +67,7 @@ FRACTION = Range(0, 1)
 # --------------------------------------------------------------------------------------- defaults that read the run
 # `--lr auto`, `--mixed_precision auto` (resolved at parse time: :func:`resolve_auto`) and `--warmup_steps auto`
 # (resolved once the planned steps are known: coati.trainer.plan_warmup). The evidence for each value is in README.md,
-# "Defaults and why"; tests/test_defaults.py keeps the README, --help and these constants in agreement.
+# "Defaults and why"; tests/test_preflight.py keeps the README, --help and these constants in agreement.
 
 #: peak AdamW learning rate of ``--lr auto`` with LoRA adapters (``--lora_rank`` > 0). Measured by coati: its main job
 #: (examples/rm_bilingual.yaml, SmolLM2-135M + LoRA r16, bf16) reached held-out acc 0.614 at this rate. Published

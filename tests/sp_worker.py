@@ -1,4 +1,5 @@
-"""Run under torchrun by tests/test_sequence_parallel.py: sequence-parallel training == one process, case by case.
+"""Run under torchrun by tests/strategies/test_sequence_parallel.py: sequence-parallel training == one process, case
+by case.
 
 Every rank trains a copy with ``--sequence_parallel_size S`` under the real DDP or FSDP strategy (W / S data-parallel groups,
 each on its share of the global batch) and, alongside, a reference copy on the whole global batch without any

@@ -14,7 +14,7 @@ from coati.data.formats import (FORMATS, DataFormatError, PreferencePair, detect
                                 parse_row)
 from coati.data.sources import NAMED_DATASETS, default_data_dir, load_pairs, split_eval
 
-DATA_DIR = os.environ.get("COATI_DATA_DIR") or str(Path(__file__).resolve().parents[1].parent / "shared" / "data")
+DATA_DIR = os.environ.get("COATI_DATA_DIR") or str(Path(__file__).resolve().parents[2].parent / "shared" / "data")
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR), reason=f"real data dir {DATA_DIR} not found")
 
 

@@ -26,7 +26,7 @@ from coati.models.lora import is_quantized, merged_copy
 from helpers import make_pairs, run_env
 
 pytest.importorskip("bitsandbytes")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QLORA = ["--lora_rank", "8", "--load_in_4bit"]
 
 

@@ -19,7 +19,7 @@ from coati.losses import log_sig_loss
 from coati.trainer import NonFiniteError
 from helpers import run_env, tiny_trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 COMMON = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",
           "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "3", "--max_steps", "8",
