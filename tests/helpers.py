@@ -101,6 +101,36 @@ def make_pairs(seed=0, n=6, prompt=False):
     return out
 
 
+# ------------------------------------------------------------------------------------------------ data rows
+# one row in each layout coati.data.formats reads (tests/data/test_formats.py parses them, test_sources.py loads them)
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+HH_PROMPT = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a colour."
+HH = {"chosen": HH_PROMPT + "\n\nAssistant: Blue. ", "rejected": HH_PROMPT + "\n\nAssistant: No."}
+HH_CN = {"context": [{"role": "human", "text": "你好"}, {"role": "assistant", "text": "你好！有什么可以帮你？"},
+                     {"role": "human", "text": "推荐一本书。"}],
+         "chosen": {"role": "assistant", "text": "《红楼梦》。"}, "rejected": {"role": "assistant", "text": "不知道。"}}
+FLAT = {"prompt": "how to cook t-bone", "chosen": "Oven at 200C.", "rejected": "Boil it.", "margin": 2,
+        "metadata": {"score_chosen": 9.0}, "source_index": 7}
+UF_HUB = {"source": "evol_instruct", "prompt": "What is 2+2?",
+          "chosen": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+          "rejected": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "5"}],
+          "chosen-rating": 5.0, "rejected-rating": 1.0}
+SHAREGPT = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                              {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "2+2?"}],
+            "chosen": {"from": "gpt", "value": "4"}, "rejected": {"from": "gpt", "value": "22"}}
+MEDICAL = {"conversations": [{"from": "human", "value": "头痛怎么办？"}], "chosen": "多休息，必要时就医。",
+           "rejected": "忍着。", "system": "你是医生。"}
+RANKED = {"instruction": "翻译成英文", "input": "你好", "output": ["Hello", "Hi there", "Yo"],
+          "history": [["你是谁？", "我是助手。"]]}
+
+
 # ------------------------------------------------------------------------------------------------- InternLM2
 HEADS, KV_HEADS, HIDDEN, INTER, LAYERS = 4, 2, 64, 96, 2  # the tiny InternLM2 of internlm2_config
 
