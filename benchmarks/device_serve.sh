@@ -13,7 +13,7 @@ export PYTHONPATH=/tmp/site:$PWD COATI_DATA_DIR=$PWD/.gpu/data COATI_TEST_TOKENI
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   nproc; } 2>&1 | tee "$OUT/gpu.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_packing.py -k "varlen or packed_equals_padded" 2>&1 \
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/data/test_packing.py -k "varlen or packed_equals_padded" 2>&1 \
     | tee "$OUT/tests.txt" | tail -5
 timeout 420 python3 benchmarks/bench_serve.py --device cuda --skeleton .gpu/skeleton --requests 64 \
     --json "$OUT/results_serve_gpu.json" 2>&1 | grep -v -e "Loading weights" -e "Writing model"

@@ -1,5 +1,5 @@
 """Print the flag tables of docs/training.md from the config groups (paste them under '## Flags' there after adding
-a flag; tests/test_defaults.py and tests/test_registries.py read them)."""
+a flag; tests/test_preflight.py and tests/test_registry.py read them)."""
 
 from coati.cli.train import build_parser
 from coati.config import ALIASES, GROUPS, option_fields

@@ -1,4 +1,5 @@
-"""Run under torchrun by tests/test_sequence_parallel.py: sequence-parallel training == one process, case by case.
+"""Run under torchrun by tests/strategies/test_sequence_parallel.py: sequence-parallel training == one process, case
+by case.
 
 Every rank trains a copy with ``--sequence_parallel_size S`` under the real DDP or FSDP strategy (W / S data-parallel groups,
 each on its share of the global batch) and, alongside, a reference copy on the whole global batch without any
@@ -25,7 +26,7 @@ from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain  # noqa: E402
 from coati.models.loading import build_reward_model, load_tokenizer
 from coati.models.reward_model import RewardModel  # noqa: E402
 from coati.strategies import STRATEGIES  # noqa: E402
-from test_packing import _pairs  # noqa: E402
+from helpers import make_pairs  # noqa: E402
 
 
 def model_for(name: str, tokenizer, lora: int, checkpointing: bool = False) -> RewardModel:
@@ -61,7 +62,7 @@ def run_case(strategy, tokenizer, name: str, layout: str, lora: int, checkpointi
         collate = lambda items: collate_packed(items, tokenizer.pad_token_id, 0, layout == "shared")  # noqa: E731
     per_group, worst_loss, odd_rows = 3, 0.0, 0
     for step in range(steps):
-        pairs = _pairs(seed=10 + step, n=per_group * strategy.data_world_size, prompt=True)
+        pairs = make_pairs(seed=10 + step, n=per_group * strategy.data_world_size, prompt=True)
         mine = pairs[strategy.data_rank * per_group:(strategy.data_rank + 1) * per_group]
         batch = collate(mine)
         odd_rows += int(batch.inputs["input_ids"].shape[1] % strategy.sp_size != 0)

@@ -102,7 +102,7 @@ def test_merged_flags_keep_their_old_spelling(native, monkeypatch):
     assert parse_args(["--bf16", "false"]).strategy.mixed_precision == "fp32"
     assert parse_args(["--mixed_precision", "bf16", "--bf16", "false"]).strategy.mixed_precision == "fp32"
     assert parse_args(["--strategy", "fsdp", "--zero_cpu_offload"]).strategy.cpu_offload is True
-    assert parse_args([]).strategy.mixed_precision == ("bf16" if native else "fp32")  # auto (tests/test_defaults.py)
+    assert parse_args([]).strategy.mixed_precision == ("bf16" if native else "fp32")  # auto (tests/test_preflight.py)
 
 
 def test_a_recipe_sets_options_and_the_command_line_overrides_it(tmp_path):

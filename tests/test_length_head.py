@@ -17,7 +17,7 @@ from coati.preflight import validate
 from coati.data.template import TokenizedPair
 from coati.losses import length_head_loss, log_sig_loss, pearson_corr
 from coati.metrics import pearson
-from conftest import run_env, tiny_trainer
+from helpers import run_env, tiny_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

@@ -9,8 +9,7 @@ from coati.losses import log_sig_loss
 from coati.models import packed_attention
 from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
-from conftest import tiny_model
-from test_packing import _pairs
+from helpers import make_pairs, tiny_model
 
 
 def _train_step(tokenizer, pairs, autocast=False, hooks_every=0, saved=None):
@@ -38,7 +37,7 @@ def _train_step(tokenizer, pairs, autocast=False, hooks_every=0, saved=None):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_recomputed_attention_scores_give_identical_gradients_and_are_not_kept(autocast, tokenizer, monkeypatch):
-    pairs = _pairs(prompt=True)
+    pairs = make_pairs(prompt=True)
     kept, recomputed = [], []
     monkeypatch.setattr(packed_attention, "RECOMPUTE_SCORES", False)
     r0, g0, batch = _train_step(tokenizer, pairs, autocast, saved=kept)
@@ -58,7 +57,7 @@ def test_recomputed_attention_scores_give_identical_gradients_and_are_not_kept(a
 
 
 def test_trim_between_blocks_releases_in_forward_and_backward_and_changes_nothing(tokenizer, monkeypatch):
-    pairs = _pairs(prompt=True)
+    pairs = make_pairs(prompt=True)
     calls = []
     monkeypatch.setattr(memory, "release_free_heap", lambda: calls.append(1) or True)
     r0, g0, _ = _train_step(tokenizer, pairs)

@@ -143,7 +143,7 @@ def test_hostile_names_break_neither_yaml_nor_tables():
 
 def test_export_hf_refuses_a_path_as_a_file_name(tokenizer, tmp_path):
     from coati.checkpoint.export import export_hf
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     with pytest.raises(ValueError, match="not a plain file name"):
         export_hf(tiny_model("llama", tokenizer), tokenizer, str(tmp_path / "rm"), extra_text={"../README.md": "x"})

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import tiny_model
+from helpers import tiny_model
 
 from coati.checkpoint.export import export_hf
 from coati.data.formats import PreferencePair, parse_row

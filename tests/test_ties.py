@@ -23,7 +23,7 @@ from coati.losses import TieLoss, auto_tie_param, build_loss, log_sig_loss, tie_
 from coati.metrics import PairMetrics
 from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
-from conftest import run_env, tiny_model
+from helpers import run_env, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from coati.data.loader import GlobalBatchSampler, PairLoader, make_collate
 from coati.data.template import TokenizedPair
 from coati.losses import log_sig_loss
 from coati.trainer import NonFiniteError, plan_steps
-from conftest import tiny_trainer
+from helpers import tiny_trainer
 
 
 @pytest.mark.parametrize("batches, accumulation, epochs, max_steps, expected", [

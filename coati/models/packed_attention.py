@@ -204,8 +204,8 @@ def causal_split_attention(shape: tuple[int, ...], q: torch.Tensor, k: torch.Ten
 #: in bf16 the written-out path takes 0.6x the split path's time at a mean group length of 189, 0.88x at 567 and
 #: 2.8x at 756. In fp32 the split path was 1.1-1.6x faster at every length, but short fp32 groups keep the
 #: written-out path: both are equally close to fp64 (7e-7 per call), yet with the SDPA kernel the 3-step
-#: sequence-parallel parity gap of ``tests/test_sequence_parallel.py`` (S = 2 against one process, SGD lr 0.5)
-#: grew from 2e-6 to 1.4e-5, past the 1e-5 that coati's parity guarantees are stated in.
+#: sequence-parallel parity gap of ``tests/strategies/test_sequence_parallel.py`` (S = 2 against one process, SGD
+#: lr 0.5) grew from 2e-6 to 1.4e-5, past the 1e-5 that coati's parity guarantees are stated in.
 SPLIT_ATTENTION_MIN_LEN = 640
 
 

@@ -17,7 +17,7 @@ from coati.checkpoint.export import ExportError, NonFiniteWeightsError, export_h
 from coati.checkpoint.resume import list_checkpoints, load_resume_checkpoint, save_resume_checkpoint, verify_checkpoint
 from coati.checkpoint.safe_load import CheckpointError, dcp_load
 from coati.strategies.naive import NaiveStrategy
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 class _RunsCode:

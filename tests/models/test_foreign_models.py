@@ -8,13 +8,13 @@ import json
 
 import pytest
 import torch
-from test_internlm2 import TOKENIZER_DIR, internlm2_config, internlm2_weights, reference_hidden, write_internlm2
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from coati.cli.evaluate import main
 from coati.models.backbones import build_config, get_backbone
 from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain
 from coati.scoring import RewardScorer
+from helpers import TOKENIZER_DIR, internlm2_config, internlm2_weights, reference_hidden, write_internlm2
 
 TOL = 1e-5
 TEXTS = [("What is the capital of France?", "Paris."), ("Name a colour.", "Blue, like the sky."),

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from safetensors.torch import load_file, save_file
 
 from coati.checkpoint.export import export_hf

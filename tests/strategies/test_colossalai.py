@@ -21,9 +21,9 @@ from coati.config import StrategyArgs, TrainConfig
 from coati.preflight import validate
 from coati.strategies.colossalai import (ColossalAIDDPStrategy, ColossalAIGeminiStrategy, ColossalAIZero2Strategy,
                                          _export_skeleton, _fill_skeleton)
-from conftest import run_env
+from helpers import run_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ZERO = [ColossalAIZero2Strategy, ColossalAIGeminiStrategy]
 _INSTALL_HINT = "colossalai is not importable: pip install -e .[colossalai] && bash scripts/install_colossalai.sh"
 _real_find_spec = importlib.util.find_spec
@@ -65,7 +65,7 @@ def environment(monkeypatch):
     ({"strategy": "gemini", "mixed_precision": "bf16", "placement_policy": "auto", "accumulation_steps": 4}, True, []),
     ({"strategy": "colossalai_gemini", "mixed_precision": "fp32"}, True,
      ["--strategy colossalai_gemini trains in bf16 or fp16, not --mixed_precision fp32"]),
-    ({"strategy": "colossalai_gemini"}, True, []),  # auto: bf16, or fp16 on a GPU without bf16 (test_defaults.py)
+    ({"strategy": "colossalai_gemini"}, True, []),  # auto: bf16, or fp16 on a GPU without bf16 (tests/test_preflight.py)
     ({"strategy": "colossalai_gemini", "mixed_precision": "fp16", "lora_rank": 4}, True,
      ["--strategy colossalai_gemini does not support LoRA", "use --strategy colossalai_zero2, fsdp or ddp"]),
     ({"strategy": "colossalai_gemini", "mixed_precision": "bf16", "cpu_offload": True}, True,
@@ -229,7 +229,7 @@ def test_export_skeleton_costs_no_memory_and_takes_gathered_weights():
 
 
 def test_value_head_takes_fp32_input_when_weights_are_cast(tokenizer):
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     from coati.models.backbones import get_backbone
     from coati.models.reward_model import RewardModel

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from conftest import run_env
+from helpers import run_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMMON = ["--dataset", "hh-rlhf", "--max_samples", "48", "--max_len", "96", "--lr", "1e-3", "--log_every", "1",
           "--disable_tqdm", "--seed", "7", "--mixed_precision", "fp32"]
 
@@ -79,7 +79,7 @@ def test_help_groups_the_flags_and_shows_each_default_once():
     (["--dataset", "/no/such/file.jsonl"], "error: unknown data spec '/no/such/file.jsonl'"),
 ])
 def test_user_errors_are_one_clear_line(args, message, tmp_path, capsys):
-    """In-process (tests/test_errors.py runs the CLI as a subprocess for each kind of mistake)."""
+    """In-process (tests/cli/test_errors.py runs the CLI as a subprocess for each kind of mistake)."""
     from coati.cli.train import main
 
     try:

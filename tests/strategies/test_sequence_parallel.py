@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from coati.cli.train import parse_args
-from conftest import run_env
+from helpers import run_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-# as tests/test_strategies.py: Adam's eps keeps round-off in near-zero gradients below the tolerance
+# as tests/strategies/test_strategies.py: Adam's eps keeps round-off in near-zero gradients below the tolerance
 COMMON = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",
           "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "7", "--batch_size", "4",
           "--eval_split", "0.25", "--mixed_precision", "fp32"]

@@ -9,7 +9,7 @@ from coati.losses import log_sig_loss
 from coati.models.backbones import get_backbone
 from coati.models.loading import build_model, enable_gradient_checkpointing
 from coati.models.reward_model import RewardModel
-from test_packing import _pairs
+from helpers import make_pairs
 
 
 def _grads(name, tokenizer, ratio):
@@ -23,7 +23,7 @@ def _grads(name, tokenizer, ratio):
         for part in block.children():
             part.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
     rm = RewardModel(hf, backbone).train()
-    pairs = _pairs(prompt=True)
+    pairs = make_pairs(prompt=True)
     batch = collate_packed(pairs, tokenizer.pad_token_id, backbone.row_capacity(128, share_prefix=True))  # 0 or 256
     rewards = rm(**batch.inputs)
     log_sig_loss(rewards[:len(pairs)], rewards[len(pairs):]).backward()

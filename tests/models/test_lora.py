@@ -23,11 +23,10 @@ from coati.losses import LOSSES, PENALTIES, build_loss, log_sig_loss
 from coati.models.backbones import BACKBONES
 from coati.models.loading import build_reward_model
 from coati.models.lora import is_quantized, merged_copy
-from conftest import run_env
-from test_packing import _pairs
+from helpers import make_pairs, run_env
 
 pytest.importorskip("bitsandbytes")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QLORA = ["--lora_rank", "8", "--load_in_4bit"]
 
 
@@ -39,7 +38,7 @@ def _build(tokenizer, name="llama", compute=torch.float32, **model_options):
 def _train_a_little(rm, tokenizer, steps=3, compute=torch.float32):
     """A few optimizer steps on random pairs, so LoRA's B (zero at init) and the value head move."""
     opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
-    pairs = _pairs(seed=1, prompt=True)
+    pairs = make_pairs(seed=1, prompt=True)
     batch = collate_packed(pairs, tokenizer.pad_token_id, 0 if rm.backbone.group_attention else 256)
     for _ in range(steps):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute is torch.bfloat16):
@@ -91,7 +90,7 @@ def test_export_of_a_4bit_model_scores_like_the_trainer(compute, tokenizer, tmp_
 
     rm = _train_a_little(_build(tokenizer, compute=compute, load_in_4bit=True), tokenizer, compute=compute)
     assert is_quantized(rm)
-    pairs = _pairs(seed=2)
+    pairs = make_pairs(seed=2)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute is torch.bfloat16):
         trainer = rm(**batch.inputs)
@@ -112,7 +111,7 @@ def test_an_evaluation_forward_leaves_the_4bit_layers_trainable_and_exportable(t
     wrongly. coati keeps the standard layout: after an evaluation, gradients equal those of a twin that never
     evaluated, and the export still equals the trainer."""
     evaluated, twin = _build(tokenizer, load_in_4bit=True), _build(tokenizer, load_in_4bit=True)
-    pairs = _pairs(seed=3, prompt=True)
+    pairs = make_pairs(seed=3, prompt=True)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
         before = evaluated.eval()(**batch.inputs)
@@ -150,7 +149,7 @@ def test_merged_copy_uses_the_dequantised_weights_the_forward_used(tokenizer):
 def test_4bit_packed_equals_padded(name, share_prefix, tokenizer):
     """Packing and prefix sharing are unchanged on a 4-bit backbone (4-bit layers computing in fp32)."""
     rm = _build(tokenizer, name, load_in_4bit=True).train()
-    pairs = _pairs(prompt=True)
+    pairs = make_pairs(prompt=True)
     capacity = 0 if rm.backbone.group_attention else 256
     padded = rm(**collate_pairs(pairs, tokenizer.pad_token_id).inputs)
     packed_batch = collate_packed(pairs, tokenizer.pad_token_id, capacity, share_prefix=share_prefix)
@@ -164,7 +163,7 @@ def test_4bit_packed_equals_padded(name, share_prefix, tokenizer):
 def test_every_loss_and_penalty_trains_the_adapters_and_value_head_of_a_4bit_model(loss_fn, penalty, tokenizer):
     rm = _build(tokenizer, load_in_4bit=True).train()
     loss = build_loss(LossArgs(loss_fn=loss_fn, penalty=penalty))
-    pairs = _pairs(prompt=True)
+    pairs = make_pairs(prompt=True)
     r = rm(**collate_packed(pairs, tokenizer.pad_token_id, 0).inputs)
     value = loss(r[:len(pairs)], r[len(pairs):], None)
     assert torch.isfinite(value)
@@ -186,7 +185,7 @@ def test_lora_backbone_is_stored_in_bf16_and_computes_exactly_as_the_fp32_store(
     assert {p.dtype for p in bf16_store.parameters() if p.requires_grad} == {torch.float32}
     stored = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
     assert stored(bf16_store) < stored(fp32_store)
-    pairs = _pairs(prompt=True)
+    pairs = make_pairs(prompt=True)
     results = []
     for rm in (fp32_store, bf16_store):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -271,7 +270,7 @@ def test_8bit_backbone_trains_and_exports(tokenizer, tmp_path):
 
     rm = _train_a_little(_build(tokenizer, load_in_8bit=True), tokenizer)
     assert is_quantized(rm)
-    batch = collate_pairs(_pairs(seed=2), tokenizer.pad_token_id)
+    batch = collate_pairs(make_pairs(seed=2), tokenizer.pad_token_id)
     with torch.no_grad():
         trainer = rm(**batch.inputs)
     export_hf(rm.model, tokenizer, str(tmp_path))
@@ -368,7 +367,7 @@ def test_a_length_head_trains_beside_the_adapters_of_a_4bit_model(tokenizer):
 
     rm = _build(tokenizer, load_in_4bit=True).train()
     head = rm.add_length_head()
-    pairs = _pairs(prompt=True)
+    pairs = make_pairs(prompt=True)
     batch = collate_packed(pairs, tokenizer.pad_token_id, 0)
     both, overlap = rm(**batch.inputs)
     total = both.sum(-1)

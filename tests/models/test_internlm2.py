@@ -1,24 +1,20 @@
 """InternLM2 backbone: checkpoint conversion against an independent reference forward, tokenizer, random init.
 
-The reference forward below is written from the InternLM2 equations (technical report arXiv 2403.17297 and the
-HF remote-code layout ``modeling_internlm2.py``): RMSNorm, rotary embedding (rotate-half, ``rope_theta``, linear or
-dynamic-NTK scaling), a fused ``wqkv`` grouped per key/value head, grouped-query causal attention, SwiGLU
-``w2(silu(w1 x) * w3 x)``. It works on the raw InternLM2 tensors in float64 and shares no code with the converter.
+The reference forward (``reference_hidden`` in tests/helpers.py) is written from the InternLM2 equations (technical
+report arXiv 2403.17297 and the HF remote-code layout ``modeling_internlm2.py``): RMSNorm, rotary embedding
+(rotate-half, ``rope_theta``, linear or dynamic-NTK scaling), a fused ``wqkv`` grouped per key/value head,
+grouped-query causal attention, SwiGLU ``w2(silu(w1 x) * w3 x)``. It works on the raw InternLM2 tensors in float64
+and shares no code with the converter.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import pickle
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
 from coati.checkpoint.export import export_hf
@@ -27,14 +23,12 @@ from coati.models.backbones import build_config, get_backbone
 from coati.models.internlm2 import load_internlm2, split_wqkv
 from coati.models.loading import build_model, load_tokenizer
 from coati.models.reward_model import RewardModel
-
-REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = Path(os.environ.get("COATI_TOKENIZER_DIR", REPO.parent / "shared" / "tokenizers" / "internlm2"))
+from helpers import (HEADS, HIDDEN, INTER, KV_HEADS, LAYERS, TOKENIZER_DIR, internlm2_config, internlm2_weights,
+                     reference_hidden, write_internlm2)
 
 HELLO = "你好，世界"
 HELLO_IDS = [77230, 60353, 68339]  # "你好", "，", "世界": observed with sentencepiece on the real tokenizer.model
 TOL = 1e-5
-HEADS, KV_HEADS, HIDDEN, INTER, LAYERS = 4, 2, 64, 96, 2
 
 
 @pytest.fixture(scope="session")
@@ -43,127 +37,6 @@ def internlm2_tokenizer():
     if not (TOKENIZER_DIR / "tokenizer.model").is_file():
         pytest.fail(f"{TOKENIZER_DIR}/tokenizer.model is missing (set COATI_TOKENIZER_DIR)")
     return load_tokenizer(str(TOKENIZER_DIR))
-
-
-# ------------------------------------------------------------------------------------------ tiny InternLM2 folder
-def internlm2_config(vocab_size: int, rope_scaling=None, rope_theta=50000.0, bias=False, max_pos=64) -> dict:
-    """A config.json in InternLM2's own key names (as released checkpoints write it)."""
-    return {
-        "architectures": ["InternLM2ForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
-                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
-        "model_type": "internlm2", "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "rms_norm_eps": 1e-5,
-        "rope_theta": rope_theta, "rope_scaling": rope_scaling, "vocab_size": vocab_size, "bias": bias,
-        "max_position_embeddings": max_pos, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
-        "pad_token_id": 2, "tie_word_embeddings": False, "attn_implementation": "eager", "torch_dtype": "float32",
-    }
-
-
-def internlm2_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random float32 tensors under InternLM2's names (including the LM head ``output``)."""
-    g = torch.Generator().manual_seed(seed)
-    hd, q_per_kv = HIDDEN // HEADS, HEADS // KV_HEADS
-
-    def rnd(*shape, std=0.15):
-        return torch.randn(*shape, generator=g) * std
-
-    w = {"model.tok_embeddings.weight": rnd(cfg["vocab_size"], HIDDEN, std=1.0),
-         "model.norm.weight": 1 + rnd(HIDDEN, std=0.1),
-         "output.weight": rnd(cfg["vocab_size"], HIDDEN)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        w[p + "attention.wqkv.weight"] = rnd(KV_HEADS * (q_per_kv + 2) * hd, HIDDEN)
-        w[p + "attention.wo.weight"] = rnd(HIDDEN, HIDDEN)
-        if cfg["bias"]:
-            w[p + "attention.wqkv.bias"] = rnd(KV_HEADS * (q_per_kv + 2) * hd, std=0.5)
-            w[p + "attention.wo.bias"] = rnd(HIDDEN, std=0.5)
-        w[p + "feed_forward.w1.weight"] = rnd(INTER, HIDDEN)
-        w[p + "feed_forward.w3.weight"] = rnd(INTER, HIDDEN)
-        w[p + "feed_forward.w2.weight"] = rnd(HIDDEN, INTER)
-        w[p + "attention_norm.weight"] = 1 + rnd(HIDDEN, std=0.1)
-        w[p + "ffn_norm.weight"] = 1 + rnd(HIDDEN, std=0.1)
-    return w
-
-
-def write_internlm2(folder: Path, cfg: dict, weights: dict[str, torch.Tensor], fmt: str = "safetensors") -> Path:
-    """Write a checkpoint folder: ``safetensors``, ``sharded`` (safetensors + index) or ``bin``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
-    if fmt == "safetensors":
-        save_file(weights, str(folder / "model.safetensors"))
-    elif fmt == "sharded":
-        names = sorted(weights)
-        halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-        weight_map = {}
-        for shard, keys in halves.items():
-            save_file({k: weights[k] for k in keys}, str(folder / shard))
-            weight_map.update({k: shard for k in keys})
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    elif fmt == "bin":
-        torch.save(weights, str(folder / "pytorch_model.bin"))
-    else:
-        raise ValueError(fmt)
-    return folder
-
-
-# ----------------------------------------------------------------------------------------- reference forward
-def reference_hidden(w: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor) -> torch.Tensor:
-    """InternLM2 final hidden states (after the last RMSNorm), float64, from the raw InternLM2 tensors.
-
-    Args:
-        ids: ``[B, T]`` int64, no padding (positions 0..T-1).
-    Returns:
-        ``[B, T, hidden]`` float64.
-    """
-    W = {k: v.double() for k, v in w.items()}
-    heads, kv_heads, hidden = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
-    hd, groups, eps = hidden // heads, heads // kv_heads, cfg["rms_norm_eps"]
-    bsz, T = ids.shape
-
-    def rms(x, weight):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-    # rotary embedding, InternLM2RotaryEmbedding / ...LinearScaling... / ...DynamicNTKScaling...
-    base, pos = float(cfg["rope_theta"]), torch.arange(T, dtype=torch.float64)
-    scaling = cfg.get("rope_scaling") or {}
-    if scaling.get("type") == "linear":
-        pos = pos / scaling["factor"]
-    elif scaling.get("type") == "dynamic" and T > cfg["max_position_embeddings"]:
-        f = scaling["factor"]
-        base = base * ((f * T / cfg["max_position_embeddings"]) - (f - 1)) ** (hd / (hd - 2))
-    inv_freq = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    angles = torch.outer(pos, inv_freq)
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # [T, hd]
-
-    def rotate(t):  # t: [B, heads, T, hd]; rotate_half layout
-        t1, t2 = t[..., : hd // 2], t[..., hd // 2:]
-        return t * cos + torch.cat([-t2, t1], -1) * sin
-
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    x = W["model.tok_embeddings.weight"][ids]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        h = rms(x, W[p + "attention_norm.weight"])
-        qkv = h @ W[p + "attention.wqkv.weight"].T
-        if p + "attention.wqkv.bias" in W:
-            qkv = qkv + W[p + "attention.wqkv.bias"]
-        qkv = qkv.view(bsz, T, kv_heads, groups + 2, hd)  # per kv head: its q heads, then k, then v
-        q = qkv[:, :, :, :groups].reshape(bsz, T, heads, hd).transpose(1, 2)
-        k = qkv[:, :, :, groups].transpose(1, 2)
-        v = qkv[:, :, :, groups + 1].transpose(1, 2)
-        q, k = rotate(q), rotate(k)
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # q head h -> kv h // groups
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        attn = (probs @ v).transpose(1, 2).reshape(bsz, T, hidden) @ W[p + "attention.wo.weight"].T
-        if p + "attention.wo.bias" in W:
-            attn = attn + W[p + "attention.wo.bias"]
-        x = x + attn
-        h = rms(x, W[p + "ffn_norm.weight"])
-        x = x + (F.silu(h @ W[p + "feed_forward.w1.weight"].T) * (h @ W[p + "feed_forward.w3.weight"].T)) \
-            @ W[p + "feed_forward.w2.weight"].T
-    return rms(x, W["model.norm.weight"])
 
 
 def body_hidden(model: LlamaForSequenceClassification, ids: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from coati.data.template import SequenceEncoder
 from coati.models.backbones import get_backbone
 from coati.models.lora import apply_lora
 from coati.models.reward_model import RewardModel
-from conftest import tiny_model
+from helpers import tiny_model
 
 TEXTS = [("Human: What is 2+2?", "It is 4."), ("Human: 你好吗？", "我很好，谢谢。"), ("", "A lone answer with no prompt")]
 

@@ -20,7 +20,7 @@ from coati.metrics import PairMetrics, top1_correct
 from coati.models.backbones import BACKBONES, get_backbone
 from coati.models.packed_attention import PackPlan, _group_mask, group_attention
 from coati.models.reward_model import RewardModel
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 # ---------------------------------------------------------------- formats

@@ -7,7 +7,7 @@ from coati.data.batch import collate_pairs
 from coati.data.template import TokenizedPair
 from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel, last_token_index
-from conftest import tiny_model
+from helpers import tiny_model
 
 SEQS = [[5, 6, 7, 8, 9, 2], [11, 12, 2], [20, 21, 22, 23, 24, 25, 26, 27, 28, 2]]
 

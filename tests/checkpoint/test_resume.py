@@ -17,9 +17,9 @@ from coati.checkpoint.resume import find_resume_checkpoint, list_checkpoints, ve
 from coati.checkpoint.safe_load import CheckpointError
 from coati.losses import log_sig_loss
 from coati.trainer import NonFiniteError
-from conftest import run_env, tiny_trainer
+from helpers import run_env, tiny_trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 COMMON = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",
           "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "3", "--max_steps", "8",

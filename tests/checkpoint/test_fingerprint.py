@@ -17,7 +17,7 @@ from coati.models.reward_model import RewardModel
 from coati.signals import Interrupted
 from coati.strategies.naive import NaiveStrategy
 from coati.cli.train import main
-from conftest import tiny_model, tiny_trainer
+from helpers import tiny_model, tiny_trainer
 
 RUN = ["--strategy", "naive", "--dataset", "hh-rlhf", "--max_samples", "24", "--max_len", "64", "--batch_size", "4",
        "--max_steps", "4", "--save_every", "2", "--log_every", "1", "--disable_tqdm", "--lr", "1e-3",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from coati.checkpoint.export import export_hf
 from coati.data.sources import load_pairs

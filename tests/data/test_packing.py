@@ -12,21 +12,7 @@ from coati.models.backbones import BACKBONES, get_backbone
 from coati.models import packed_attention
 from coati.models.packed_attention import PackPlan, group_attention, packed_causal_mask, varlen_layout
 from coati.models.reward_model import RewardModel
-from conftest import tiny_model
-
-
-def _pairs(seed=0, n=6, prompt=False):
-    """Random pairs; with ``prompt``, chosen and rejected start with the same 5-30 tokens (as real pairs do)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        lc, lr = torch.randint(3, 40, (2,), generator=g).tolist()
-        n_prompt = int(torch.randint(5, 31, (1,), generator=g)) if prompt else 0
-        p = torch.randint(5, 400, (n_prompt,), generator=g).tolist()
-        c = p + torch.randint(5, 400, (lc,), generator=g).tolist() + [2]
-        r = p + torch.randint(5, 400, (lr,), generator=g).tolist() + [2]
-        out.append(TokenizedPair(c, r, None, "en", "x"))
-    return out
+from helpers import make_pairs, tiny_model
 
 
 def test_pack_rows_first_fit_decreasing():
@@ -90,7 +76,7 @@ def test_packed_causal_mask_blocks():
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_packed_equals_padded_rewards_and_gradients(name, prompt, capacity, tokenizer):
     backbone = get_backbone(name)
-    pairs = _pairs(prompt=prompt)
+    pairs = make_pairs(prompt=prompt)
 
     def run(collate):
         torch.manual_seed(0)
@@ -158,7 +144,7 @@ def test_packed_batch_on_unswitchable_attention_is_a_clear_error(tokenizer):
     rm = RewardModel(hf, get_backbone("llama"))
     assert hf.config._attn_implementation == "flash_attention_2"
     with pytest.raises(ValueError, match="--packing false"):
-        rm(**collate_packed(_pairs(n=2), tokenizer.pad_token_id).inputs)
+        rm(**collate_packed(make_pairs(n=2), tokenizer.pad_token_id).inputs)
 
 
 def _lists(seed=1, n=3):
@@ -207,7 +193,7 @@ def test_varlen_layout_segments():
 def test_varlen_path_equals_per_group_attention(name, capacity, tokenizer, monkeypatch):
     """The single variable-length call (CUDA's path) over :func:`varlen_layout` gives the rewards and gradients of
     the per-group calls: run here with the kernel written out (:func:`_varlen_reference`), in fp32."""
-    items = _pairs(prompt=True) + _lists()
+    items = make_pairs(prompt=True) + _lists()
     batch = collate_packed(items, tokenizer.pad_token_id, capacity)
     assert (batch.total_tokens > batch.computed_tokens) == (capacity > 0)  # padding, so q_index is used
     weights = torch.linspace(-1.0, 2.0, batch.inputs["reward_index"].shape[0])
@@ -237,7 +223,7 @@ def test_varlen_path_equals_per_group_attention(name, capacity, tokenizer, monke
 def test_varlen_kernel_on_cuda_equals_per_group_attention(tokenizer, monkeypatch):
     """On a GPU, in bf16: the real ``varlen_attn`` against the per-group SDPA calls (``COATI_VARLEN_ATTENTION=0``),
     rewards and gradients, within bf16 rounding."""
-    items = _pairs(prompt=True) + _lists()
+    items = make_pairs(prompt=True) + _lists()
     batch = collate_packed(items, tokenizer.pad_token_id, 160)
     inputs = {k: v.cuda() for k, v in batch.inputs.items()}
 
@@ -272,7 +258,7 @@ def test_list_whose_prompt_was_cut_for_some_answers_still_shares_it_among_the_ot
     rand = lambda n: torch.randint(5, 400, (n,), generator=g).tolist()  # noqa: E731
     p = rand(12)
     seqs = [p + rand(6) + [2], rand(30) + [2], p + rand(4) + [2], rand(25) + [2], p + rand(9) + [2]]
-    pair = _pairs(n=1, prompt=True)[0]
+    pair = make_pairs(n=1, prompt=True)[0]
     items = [TokenizedPair(seqs[0], seqs[1], None, "en", "x", more_ids=seqs[2:]), pair]
     assert common_prefix_len(seqs) == 0 and common_prefix_len([seqs[0], seqs[2], seqs[4]]) == 12
     batch = collate_packed(items, tokenizer.pad_token_id, capacity)
