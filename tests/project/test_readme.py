@@ -107,3 +107,33 @@ def test_links_between_the_pages_resolve():
             assert file.exists(), (page, target)
             if anchor:
                 assert anchor in _anchors(file.read_text(encoding="utf-8")), (page, target)
+
+
+def test_the_layout_page_names_every_module_of_the_package():
+    """docs/layout.md is the package's plan: every module under coati/ is named there (its path, or its file name in
+    its folder's entry), and every coati/ path it names exists."""
+    layout = DOCS["docs/layout.md"]
+    block = re.search(r"```\n(.*?)```", layout, flags=re.S).group(1)
+    entries: dict[str, str] = {}  # first column (a path, or "coati/a.py, b.py" for several) -> its text
+    head = None
+    for line in block.splitlines():
+        if line and not line[0].isspace():
+            head, _, text = line.partition("  ")
+            entries[head] = text
+        elif head is not None:
+            entries[head] += " " + line.strip()
+    missing = []
+    for path in sorted((REPO / "coati").rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        rel = path.relative_to(REPO).as_posix()
+        parent = rel.rsplit("/", 1)[0] + "/"
+        names = [n.strip() for h in entries for n in h.split(",")]
+        listed = rel in names or any(h.startswith(parent) and "," in h and path.name in [n.strip() for n in
+                                     h.replace(parent, "").split(",")] for h in entries)
+        in_folder = re.search(rf"\b{re.escape(path.name)}\b", entries.get(parent, "")) is not None
+        if not (listed or in_folder):
+            missing.append(rel)
+    assert not missing, f"docs/layout.md does not name {missing}"
+    for named in re.findall(r"\bcoati/[\w/]+(?:\.py|/)", block):
+        assert (REPO / named).exists(), f"docs/layout.md names {named}, which does not exist"
