@@ -144,7 +144,6 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _run(cfg: TrainConfig, t_start: float) -> dict:
-    save_path = cfg.log.save_path
     init_from = cfg.optim.init_from and init_from_kind(cfg.optim.init_from)
     if init_from == "export":
         cfg = cfg.replace(pretrain=cfg.optim.init_from)
@@ -159,6 +158,16 @@ def _run(cfg: TrainConfig, t_start: float) -> dict:
         raise ValueError("; ".join(problems))
     strategy = STRATEGIES[cfg.strategy.strategy](cfg.strategy)
     strategy.setup()
+    try:
+        return _train(cfg, strategy, tokenizer, reward_token_id, chosen, init_from, t_start)
+    except BaseException:
+        strategy.abandon()  # a run that failed in this process leaves no process group behind
+        raise
+
+
+def _train(cfg: TrainConfig, strategy, tokenizer, reward_token_id: int, chosen: str | None, init_from: str | None,
+           t_start: float) -> dict:
+    save_path = cfg.log.save_path
     main = strategy.is_main
     if main:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")

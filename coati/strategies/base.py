@@ -161,6 +161,10 @@ class Strategy(ABC):
     def teardown(self) -> None:
         """Release the process group."""
 
+    def abandon(self) -> None:
+        """After a run failed in this process: release what :meth:`setup` made without waiting for other ranks
+        (they may never reach a barrier); the default has nothing to release."""
+
 
 def all_finite(strategy: Strategy, params: Iterable[torch.Tensor]) -> bool:
     """True when every rank's ``params`` are all finite (see :func:`parameters_finite`; one all-reduce)."""

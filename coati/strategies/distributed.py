@@ -116,3 +116,10 @@ class ProcessGroupMixin:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+    def abandon(self) -> None:
+        """After a failed run: destroy the process group when this process is its whole world (a library caller may
+        run again in the same process); with other ranks nothing is done, as they may be inside a collective and
+        the launcher stops them all once this one exits."""
+        if dist.is_initialized() and dist.get_world_size() == 1:
+            dist.destroy_process_group()

@@ -91,6 +91,9 @@ def test_user_errors_are_one_clear_line(args, message, tmp_path, capsys):
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [next(
         line for line in err.splitlines() if message in line)]
     assert "Traceback" not in err
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # a failed run leaves no process group behind (a second run can start)
 
 
 @pytest.mark.slow
