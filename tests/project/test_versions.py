@@ -37,3 +37,16 @@ def test_installed_versions_are_the_pinned_ones():
         if have.split("+")[0] != want:
             wrong.append((name, have, want))
     assert wrong == []
+
+
+def test_console_scripts_point_at_functions_that_exist():
+    """Every [project.scripts] entry of pyproject.toml names a module and function that import (a moved entry point
+    would install a command that fails on its first call)."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert scripts
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function, None)), (name, target)
