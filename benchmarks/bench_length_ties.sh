@@ -4,7 +4,7 @@
 #     (equal steps, so the two see the same pairs); held-out figures from the trainer's final evaluation of 200
 #     held-out pairs (metrics.jsonl / summary.json: acc per language, length_bias), and coati.evaluate on
 #     UltraFeedback's held-out file (never trained on) for the length bias with Spearman's correlation;
-#  2. UltraFeedback's 1,000 training pairs (111 tied) for 20 steps with --ties drop and --ties rao_kupper, scored on
+#  2. UltraFeedback's 1,000 training pairs (111 tied) for 20 steps with --ties drop, rao_kupper and davidson, scored on
 #     its held-out file: the trainer's evaluation (acc; tie_nll with ties kept) and coati.evaluate's acc and ECE.
 # Usage: COATI_DATA_DIR=../shared/data bash benchmarks/bench_length_ties.sh OUT_DIR
 set -u
@@ -26,7 +26,7 @@ for v in base odin; do
 done
 T="--model llama --pretrain smollm2-135m --dataset $UF --eval_dataset $UFE --max_len 256 --batch_size 4 --lora_rank 16
    --lora_alpha 32 --max_steps 20 --eval_every 0 --log_every 10 --disable_tqdm --overwrite_output_dir --seed 0"
-for t in drop rao_kupper; do
+for t in drop rao_kupper davidson; do
   date; echo "== ties $t"
   scripts/python -m coati.launch --standalone --nproc_per_node 2 train_reward_model.py $T --ties $t \
      --save_path "$OUT/ties-$t" > "$OUT/ties-$t.log" 2>&1; echo "rc=$?"
