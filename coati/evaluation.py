@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from coati.data.sources import json_object_lines
+from coati.config import TrainConfig
+from coati.data.sources import default_data_dir, json_object_lines, pairs_digest, select_pairs
 from coati.io import dumps, write_json
 from coati.metrics import grouped_metrics, pair_metrics
 from coati.rewardbench import NO_SUBSET, benchmark_scores, check_rows, leaderboard_table
@@ -265,8 +266,6 @@ def heldout_settings(model_path: str) -> dict:
         FileNotFoundError: no ``train_config.json``. ValueError: it is not a JSON object, or the run held out no
             pairs (``eval_split`` 0 and no ``eval_dataset``).
     """
-    from coati.config import TrainConfig
-
     path = os.path.join(model_path, "train_config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--heldout: {path} is missing, so the pairs held out in training are unknown; "
@@ -305,8 +304,6 @@ def heldout_pairs(model_path: str, settings: dict, data_dir: str | None = None, 
         ValueError: the stored ``data_dir`` is gone and no ``data_dir`` is given, or the data changed since training
             (another held-out count than ``summary.json``'s); as :func:`~coati.data.sources.select_pairs`.
     """
-    from coati.data.sources import default_data_dir, pairs_digest, select_pairs
-
     stored_dir = settings.get("data_dir")
     if stored_dir and not os.path.isdir(stored_dir):
         if not data_dir:

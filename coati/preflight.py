@@ -14,21 +14,20 @@ import logging
 import os
 from typing import Any
 
-from coati.config import (LR_FULL, LR_LORA, ModelArgs, TrainConfig, rule_problems, value_problems)
-from coati.models.loading import BITSANDBYTES_INSTALL
+from coati.config import LR_FULL, LR_LORA, ModelArgs, TrainConfig, rule_problems, value_problems
+from coati.losses import LOSSES, PENALTIES
+from coati.models.backbones import AUTO, BACKBONES, get_backbone
+from coati.models.loading import BITSANDBYTES_INSTALL, attention_heads
 from coati.registry import Registered
 from coati.reporting import report_to_problem
 from coati.strategies import STRATEGIES
+from coati.strategies.sequence_parallel import head_problem
 
 logger = logging.getLogger("coati")
 
 
 def registries() -> dict[str, dict]:
     """Option name -> the registry whose keys are its choices."""
-    from coati.losses import LOSSES, PENALTIES
-    from coati.models.backbones import AUTO, BACKBONES
-    from coati.strategies import STRATEGIES
-
     # --model auto takes every option a backbone may take: which ones apply is known once the checkpoint is read
     auto = Registered(build=None, takes=tuple(sorted({o for b in BACKBONES.values() for o in b.takes})))
     return {"model": {**BACKBONES, AUTO: auto}, "loss_fn": LOSSES, "penalty": PENALTIES, "strategy": STRATEGIES}
@@ -94,9 +93,9 @@ def auto_precision(strategy: str) -> str:
     return next((p for p in order if p in accepted), "fp32")
 
 
-def auto_lr(lora_rank: int) -> float:
-    """The peak learning rate of ``--lr auto``: :data:`LR_LORA` with LoRA (``lora_rank`` > 0), else :data:`LR_FULL`."""
-    return LR_LORA if lora_rank > 0 else LR_FULL
+def auto_lr(uses_lora: bool) -> float:
+    """The peak learning rate of ``--lr auto``: :data:`LR_LORA` with LoRA adapters, else :data:`LR_FULL`."""
+    return LR_LORA if uses_lora else LR_FULL
 
 
 def resolve_auto(cfg: TrainConfig) -> TrainConfig:
@@ -110,7 +109,7 @@ def resolve_auto(cfg: TrainConfig) -> TrainConfig:
     """
     values: dict[str, Any] = {}
     if cfg.optim.lr is None or cfg.optim.lr == "auto":
-        values["lr"] = auto_lr(cfg.lora.lora_rank if cfg.lora.uses_lora else 0)
+        values["lr"] = auto_lr(cfg.lora.uses_lora)
     if cfg.strategy.mixed_precision == "auto":
         values["mixed_precision"] = auto_precision(cfg.strategy.strategy)
     if cfg.optim.warmup_steps == "auto":
@@ -148,10 +147,6 @@ def sequence_parallel_problems(cfg: TrainConfig, folder: str | None = None) -> l
     size = cfg.strategy.sequence_parallel_size
     if size <= 1:
         return []
-    from coati.models.backbones import get_backbone
-    from coati.models.loading import attention_heads
-    from coati.strategies.sequence_parallel import head_problem
-
     errors = []
     if cfg.backbone.model != "auto" and not get_backbone(cfg.backbone.model).group_attention:
         errors.append(f"--sequence_parallel_size needs per-group attention (llama, internlm2): --model "

@@ -44,10 +44,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from coati.checkpoint.export import non_finite_names
 from coati.config import DataArgs, ModelArgs
-from coati.data.batch import pad_sequences
+from coati.data.batch import list_layout, pad_sequences
 from coati.data.formats import check_answer, check_text, ordered_pairs, parse_message
+from coati.data.sources import content_digest
 from coati.data.template import (LAYOUTS, Encoded, SequenceEncoder, TruncationStats, apply_template, render_prompt,
                                  tokenize_pairs, use_chat_template)
+from coati.metrics import top1_correct
 from coati.models.backbones import Backbone, backbone_for
 from coati.models.internlm2 import internlm2_to_llama_config, load_internlm2
 from coati.models.loading import (BITSANDBYTES_INSTALL, check_weight_files, load_explained, load_tokenizer,
@@ -185,8 +187,6 @@ def check_recipe_unchanged(path: str, train_config: dict) -> None:
     Raises:
         ValueError: one line naming the file.
     """
-    from coati.data.sources import content_digest
-
     summary_path = os.path.join(path, "summary.json")
     if not train_config or not os.path.isfile(summary_path):
         return
@@ -549,9 +549,6 @@ class RewardScorer:
             :class:`PairScores`: the M comparisons' rewards, which input each comes from, per-input top-1 and
             answer rewards, the answers' lengths and the truncation counts.
         """
-        from coati.data.batch import list_layout
-        from coati.metrics import top1_correct
-
         if self.layout == "coati":
             items, truncation = tokenize_pairs(list(pairs), self.encoder, self.chat_template)
             layout = list_layout(items)

@@ -33,6 +33,8 @@ from typing import Any, Iterator
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+from coati.models.cache import build_cached_folder
+
 logger = logging.getLogger(__name__)
 
 #: ``--model_config`` presets for random init (kwargs of :class:`transformers.LlamaConfig`; vocab from the tokenizer).
@@ -325,8 +327,6 @@ def sentencepiece_tokenizer_folder(path: str, cache_root: str) -> str | None:
 
     import transformers
     from sentencepiece import sentencepiece_model_pb2
-
-    from coati.models.cache import build_cached_folder
 
     with open(sp_file, "rb") as f:
         sp_bytes = f.read()

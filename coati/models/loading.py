@@ -19,8 +19,9 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 from transformers.utils import logging as hf_logging
 
 from coati.config import LoraArgs, ModelArgs
-from coati.models.backbones import Backbone, build_config, get_backbone
+from coati.models.backbones import AUTO, Backbone, backbone_for, build_config, detect, get_backbone
 from coati.models.cache import SMOLLM2_ALIAS, cache_dir, resolve_pretrain
+from coati.models.internlm2 import sentencepiece_tokenizer_folder
 from coati.models.lora import apply_lora, is_quantized, keep_standard_4bit_layout
 from coati.models.reward_model import RewardModel
 
@@ -38,8 +39,6 @@ def resolve_model(args: ModelArgs) -> tuple[str, str | None]:
     Raises:
         ValueError: no checkpoint, or a model_type no entry accepts (the file named).
     """
-    from coati.models.backbones import AUTO, backbone_for, detect
-
     if args.model != AUTO:
         return args.model, None
     if not args.pretrain:
@@ -83,8 +82,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, reward_token: str
     Raises:
         ValueError: no EOS token with ``auto``/``eos``, or a reward token id outside the vocabulary.
     """
-    from coati.models.internlm2 import sentencepiece_tokenizer_folder
-
     native = sentencepiece_tokenizer_folder(path, cache_dir())
     if native is None and os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, n))
                                                           for n in TOKENIZER_FILES):

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from coati.data.packing import item_groups, pack_groups
 from coati.data.template import Encoded
 
 def coati_version() -> str:
@@ -86,8 +87,6 @@ class RewardEngine:
         Raises:
             ValueError: a reward that is not finite (see :meth:`~coati.scoring.RewardScorer.score_ids`).
         """
-        from coati.data.packing import item_groups, pack_groups
-
         if not self.packed:  # padded batches, one row per sequence
             flat = [s for g in groups for s in g]
             values = self.scorer.score_ids(flat).tolist()
