@@ -30,6 +30,7 @@ from coati.trainer import NonFiniteError, Trainer, plan_steps, plan_warmup
 
 logger = logging.getLogger("coati")
 
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch RNGs."""
     random.seed(seed)

@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 
 from coati.checkpoint.export import NonFiniteWeightsError
 from coati.checkpoint.fingerprint import check_same_run
-from coati.checkpoint.safe_load import CheckpointError, _failures, dcp_load, read_trainer_state
+from coati.checkpoint.safe_load import CheckpointError, dcp_failures, dcp_load, read_trainer_state
 from coati.io import describe_os_error, make_readable, write_json
 from coati.signals import Interrupted
 from coati.strategies.base import all_finite, dcp_state, load_dcp_state
@@ -275,7 +275,7 @@ def _write_error(e: BaseException, final: str) -> BaseException:
     """What a failed checkpoint write raises: an interrupt goes on as itself; a disk error (also one rank's, inside
     DCP's ``CheckpointException``) becomes one CheckpointError line; any other error of DCP a CheckpointError with its
     first cause; anything else is raised unchanged."""
-    inner = _failures(e)
+    inner = dcp_failures(e)
     stop = next((f for f in inner if not isinstance(f, Exception) or isinstance(f, Interrupted)), None)
     cause = next((f for f in inner if isinstance(f, OSError)), None)
     if stop is not None:

@@ -23,12 +23,13 @@ class CheckpointError(RuntimeError):
     """A resume checkpoint is missing, incomplete, corrupt, unsafe or of another run; the message says why."""
 
 
-def _failures(e: BaseException) -> list[BaseException]:
-    """The per-rank exceptions inside a DCP ``CheckpointException`` (nested ones unpacked), or ``[e]``."""
+def dcp_failures(e: BaseException) -> list[BaseException]:
+    """The per-rank exceptions inside a DCP ``CheckpointException`` (nested ones unpacked), or ``[e]``; read by the
+    writer (:mod:`coati.checkpoint.resume`) and the reader alike."""
     failures = getattr(e, "failures", None)
     if not isinstance(failures, dict):
         return [e]
-    return [inner for f in failures.values() for inner in _failures(f[0] if isinstance(f, tuple) else f)]
+    return [inner for f in failures.values() for inner in dcp_failures(f[0] if isinstance(f, tuple) else f)]
 
 
 def read_trainer_state(path: str) -> dict:
@@ -112,6 +113,6 @@ def dcp_load(state: dict, path: str) -> None:
     try:
         dcp.load(state, storage_reader=reader, planner=_SafePlanner())
     except CheckpointException as e:  # a BaseException holding each rank's error
-        if inner := [f for f in _failures(e) if isinstance(f, CheckpointError)]:
+        if inner := [f for f in dcp_failures(e) if isinstance(f, CheckpointError)]:
             raise inner[0] from None
         raise

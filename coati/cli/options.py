@@ -39,7 +39,6 @@ def checked(base: type, rule: Range | None):
     return convert
 
 
-
 def check_output_target(flag: str, path: str, folder: bool = False) -> None:
     """Fail before any work when an output path cannot be written; creates nothing.
 
@@ -72,7 +71,6 @@ def check_output_target(flag: str, path: str, folder: bool = False) -> None:
         raise PermissionError(f"{flag} {path}: not writable")
 
 
-
 def add_model_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of loading and running the model, shared by ``coati.score``, ``coati.evaluate`` and ``coati.serve``;
     returns ``p``."""
@@ -93,18 +91,6 @@ def add_model_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "chat when the tokenizer has a template, else text")
     p.add_argument("--disable_tqdm", action="store_true", help="no progress bar (it goes to stderr)")
     return p
-
-
-
-def or_auto(convert):
-    """An argparse ``type`` that reads ``auto`` as None (the field's "resolve it for this run") and anything else
-    with ``convert``."""
-    def read(text: str):
-        return None if text == "auto" else convert(text)
-    read.__name__ = convert.__name__
-    return read
-
-
 
 
 def user_errors_exit(run: Callable, args, errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:

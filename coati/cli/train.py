@@ -20,7 +20,7 @@ from transformers.hf_argparser import string_to_bool
 
 from coati.checkpoint.export import ExportError, NonFiniteWeightsError
 from coati.checkpoint.safe_load import CheckpointError
-from coati.cli.options import DefaultsOnceHelpFormatter, checked, or_auto
+from coati.cli.options import DefaultsOnceHelpFormatter, checked
 from coati.cli.recipe import read_recipe
 from coati.config import ALIASES, GROUPS, TrainConfig
 from coati.data.formats import DataFormatError
@@ -34,6 +34,15 @@ from coati.trainer import NonFiniteError
 #: what a user's mistake raises: one ``error: ...`` line and exit code 2, never a traceback
 USER_ERRORS = (ValueError, FileNotFoundError, StrategyUnavailable, DataFormatError, PermissionError,
                CheckpointError, NonFiniteError, NonFiniteWeightsError, ExportError, CacheError)
+
+
+def or_auto(convert):
+    """An argparse ``type`` that reads ``auto`` as None (the field's "resolve it for this run") and anything else
+    with ``convert``."""
+    def read(text: str):
+        return None if text == "auto" else convert(text)
+    read.__name__ = convert.__name__
+    return read
 
 
 class _SetAlias(argparse.Action):

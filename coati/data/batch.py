@@ -193,13 +193,13 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int, padding_side: str = "
     prefix = [common_prefix_len(it.sequences) for it in items] if share_prefix else []
     if not prefix or min(prefix) == 0:
         input_ids, attention_mask = pad_sequences(layout.sequences, pad_id, padding_side)
-        return _batch(items, layout, {"input_ids": input_ids, "attention_mask": attention_mask}, input_ids.numel())
+        return build_batch(items, layout, {"input_ids": input_ids, "attention_mask": attention_mask}, input_ids.numel())
     prompt_ids, prompt_mask = pad_sequences([it.sequences[0][:p] for it, p in zip(items, prefix)], pad_id, "right")
     answers = [s[prefix[b]:] for s, b in zip(layout.sequences, layout.item)]
     input_ids, attention_mask = pad_sequences(answers, pad_id, padding_side)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_ids": prompt_ids,
               "prompt_mask": prompt_mask, "prompt_index": torch.tensor(layout.item, dtype=torch.int64)}
-    return _batch(items, layout, inputs, input_ids.numel() + prompt_ids.numel(),
+    return build_batch(items, layout, inputs, input_ids.numel() + prompt_ids.numel(),
                   computed=sum(prefix) + sum(map(len, answers)))
 
 
@@ -224,8 +224,13 @@ def pad_sequences(seqs, pad_id: int, padding_side: str = "right") -> tuple[torch
     return input_ids, attention_mask
 
 
-def _batch(items: list[TokenizedPair], layout: ListLayout, inputs: dict, total_tokens: int,
-           computed: int | None = None) -> Batch:
+def build_batch(items: list[TokenizedPair], layout: ListLayout, inputs: dict, total_tokens: int,
+                computed: int | None = None) -> Batch:
+    """The :class:`Batch` of ``items`` laid out by ``layout`` around the model ``inputs`` (padded or packed): the
+    comparisons with their margins, weights, languages and sources, the tied pairs, each sequence's answer length;
+    ``total_tokens`` the positions of ``inputs``, ``computed`` the positions a forward computes (default: the real
+    tokens). Shared by the padded (:func:`collate_pairs`) and packed (:func:`coati.data.packing.collate_packed`)
+    layouts."""
     margin = None if layout.margins is None else torch.tensor(layout.margins, dtype=torch.float32)
     weight = None if layout.weights is None else torch.tensor(layout.weights, dtype=torch.float32)
     real = sum(map(len, layout.sequences))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from coati.data.batch import Batch, _batch, common_prefix_len, list_layout, shared_prefix_len
+from coati.data.batch import Batch, build_batch, common_prefix_len, list_layout, shared_prefix_len
 from coati.data.template import TokenizedPair
 
 
@@ -99,7 +99,7 @@ def collate_packed(items: list[TokenizedPair], pad_id: int, capacity: int = 0, s
     for b, it in enumerate(items):
         groups += item_groups(it.sequences, layout.index[b], capacity, share_prefix)
     inputs = pack_groups(groups, len(layout.sequences), pad_id, capacity)
-    return _batch(items, layout, inputs, inputs["input_ids"].numel(), computed=sum(len(g[0]) for g in groups))
+    return build_batch(items, layout, inputs, inputs["input_ids"].numel(), computed=sum(len(g[0]) for g in groups))
 
 
 #: Sequences of one item that share no start with all the others are grouped with those they share at least this many
