@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import REPO, tiny_model
 
 from coati.checkpoint.export import export_hf
 from coati.data.sources import load_pairs
@@ -23,7 +23,6 @@ from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
 from coati.scoring import RewardScorer
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 EN_ROWS = [

@@ -5,7 +5,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +16,8 @@ from coati.preflight import validate
 from coati.data.template import TokenizedPair
 from coati.losses import length_head_loss, log_sig_loss, pearson_corr
 from coati.metrics import pearson
-from helpers import run_env, tiny_trainer
+from helpers import REPO, run_env, tiny_trainer
 
-REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 

@@ -4,7 +4,6 @@ docs/training.md, docs/defaults.md) and ``--help`` saying the same values as the
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,8 @@ from coati.config import LR_FULL, LR_LORA, WARMUP_MAX_STEPS, OptimArgs, TrainCon
 from coati.preflight import auto_precision, native_bf16, resolve_auto, validate
 from coati.trainer import plan_warmup
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 TRAINING = (REPO / "docs" / "training.md").read_text(encoding="utf-8")  # the flags tables (scripts/flags_table.py)
 DEFAULTS = (REPO / "docs" / "defaults.md").read_text(encoding="utf-8")  # "Defaults and why"
 

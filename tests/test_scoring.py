@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import REPO, tiny_model
 from transformers import AutoModelForSequenceClassification
 
 from coati.checkpoint.export import export_hf
@@ -19,7 +19,6 @@ from coati.models.reward_model import RewardModel
 from coati.cli.score import main as score_main
 from coati.scoring import RewardScorer
 
-REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = 0.25, 2.0
 MAX_LEN = 48
 

@@ -4,11 +4,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import REPO, tiny_model
 from safetensors.torch import load_file, save_file
 
 from coati.checkpoint.export import export_hf
@@ -20,7 +19,6 @@ from coati.cli.score import build_parser as score_parser
 from coati.cli.score import main as score_main
 from coati.scoring import RewardScorer, resolve_device
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 48
 PAIRS = [
     {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "London, I think."},

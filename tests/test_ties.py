@@ -6,11 +6,9 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from coati.config import LossArgs, TrainConfig
 from coati.data.batch import collate_pairs, list_layout
@@ -23,9 +21,8 @@ from coati.losses import TieLoss, auto_tie_param, build_loss, log_sig_loss, tie_
 from coati.metrics import PairMetrics
 from coati.models.backbones import get_backbone
 from coati.models.reward_model import RewardModel
-from helpers import run_env, tiny_model
+from helpers import REPO, run_env, tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- the tie models in closed form

@@ -1,25 +1,19 @@
 """Runs lose nothing: exact resume after SIGKILL / SIGTERM / SIGINT, one failing rank stops them all."""
 
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from coati.checkpoint.resume import find_resume_checkpoint, list_checkpoints, verify_checkpoint
+from coati.checkpoint.resume import find_resume_checkpoint
 from coati.checkpoint.safe_load import CheckpointError
-from coati.losses import log_sig_loss
-from coati.trainer import NonFiniteError
-from helpers import run_env, tiny_trainer
+from helpers import REPO, run_env
 
-REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 COMMON = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",
           "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "3", "--max_steps", "8",

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_env
+from helpers import REPO, run_env
 
-REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = os.environ["COATI_DATA_DIR"]  # set by conftest.py (default ../shared/data)
 MAX_SECONDS = 30.0
 COMMON = ["--model", "llama", "--max_steps", "1", "--disable_tqdm"]

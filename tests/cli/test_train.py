@@ -1,7 +1,6 @@
 """End to end through the CLI: real hh-rlhf rows, tiny models, and a real 2-process torchrun on gloo."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from helpers import run_env
+from helpers import REPO, TOKENIZER_DIR, run_env
 
-REPO = Path(__file__).resolve().parents[2]
 COMMON = ["--dataset", "hh-rlhf", "--max_samples", "48", "--max_len", "96", "--lr", "1e-3", "--log_every", "1",
           "--disable_tqdm", "--seed", "7", "--mixed_precision", "fp32"]
 
@@ -99,7 +97,7 @@ def test_user_errors_are_one_clear_line(args, message, tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_internlm2_focal_log_barrier_on_chinese_pairs(tmp_path, data_dir):
     """InternLM2 recipe end to end: real InternLM2 tokenizer, focal loss + log barrier, XTuner's reward token."""
-    tok_dir = Path(os.environ.get("COATI_TOKENIZER_DIR", REPO.parent / "shared" / "tokenizers" / "internlm2"))
+    tok_dir = TOKENIZER_DIR
     out = tmp_path / "rm"
     _run(["--model", "internlm2", "--tokenizer", str(tok_dir), "--strategy", "naive", "--loss_fn", "focal",
           "--penalty", "log_barrier", "--reward_token", "92527", "--dataset", str(data_dir / "zh/medicalgpt_dpo_zh_500.jsonl"),

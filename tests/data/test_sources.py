@@ -15,8 +15,9 @@ import pytest
 from coati.data.formats import DataFormatError, PreferencePair
 from coati.data.sources import NAMED_DATASETS, default_data_dir, load_pairs, split_eval
 from helpers import FLAT, HH, HH_CN, RANKED, SHAREGPT, UF_HUB, user
+from helpers import DATA_DIR as SHARED_DATA
 
-DATA_DIR = os.environ.get("COATI_DATA_DIR") or str(Path(__file__).resolve().parents[2].parent / "shared" / "data")
+DATA_DIR = str(SHARED_DATA)
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR), reason=f"real data dir {DATA_DIR} not found")
 
 

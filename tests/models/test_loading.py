@@ -10,7 +10,6 @@ import pickle
 import shutil
 
 import pytest
-import torch
 from helpers import tiny_model
 from safetensors.torch import load_file, save_file
 

@@ -23,10 +23,9 @@ from coati.losses import LOSSES, PENALTIES, build_loss, log_sig_loss
 from coati.models.backbones import BACKBONES
 from coati.models.loading import build_reward_model
 from coati.models.lora import is_quantized, merged_copy
-from helpers import make_pairs, run_env
+from helpers import REPO, make_pairs, run_env
 
 pytest.importorskip("bitsandbytes")
-REPO = Path(__file__).resolve().parents[2]
 QLORA = ["--lora_rank", "8", "--load_in_4bit"]
 
 

@@ -3,11 +3,11 @@ README keeps the two fresh-machine commands, and the links between the pages res
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
+
 README = (REPO / "README.md").read_text(encoding="utf-8")
 DOCS = {f"docs/{p.name}": p.read_text(encoding="utf-8") for p in sorted((REPO / "docs").glob("*.md"))}
 PAGES = {"README.md": README, **DOCS}

@@ -2,9 +2,9 @@
 
 import re
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
+
 
 
 def _pins() -> dict[str, str]:

@@ -13,11 +13,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-from helpers import free_port, run_env, tiny_model
+from helpers import REPO, free_port, run_env, tiny_model
 
 from coati.checkpoint.export import export_hf
 from coati.serving.client import AsyncRewardClient, RemoteRewardFunction, RewardClient, RewardServerError
@@ -27,7 +26,6 @@ from coati.data.packing import prefix_groups
 from coati.serving.app import ServeSettings, create_app
 from coati.serving.engine import RewardEngine
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["What is the capital of France?", "Name a prime number.", [
     {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello in Chinese."}]]
 RESPONSES = [["Paris.", "Lyon, I think.", "The capital of France is Paris, a city on the Seine."],

@@ -21,9 +21,8 @@ from coati.config import StrategyArgs, TrainConfig
 from coati.preflight import validate
 from coati.strategies.colossalai import (ColossalAIDDPStrategy, ColossalAIGeminiStrategy, ColossalAIZero2Strategy,
                                          _export_skeleton, _fill_skeleton)
-from helpers import run_env
+from helpers import REPO, run_env
 
-REPO = Path(__file__).resolve().parents[2]
 ZERO = [ColossalAIZero2Strategy, ColossalAIGeminiStrategy]
 _INSTALL_HINT = "colossalai is not importable: pip install -e .[colossalai] && bash scripts/install_colossalai.sh"
 _real_find_spec = importlib.util.find_spec

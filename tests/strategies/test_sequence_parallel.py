@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from coati.cli.train import parse_args
-from helpers import run_env
+from helpers import REPO, run_env
 
-REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # as tests/strategies/test_strategies.py: Adam's eps keeps round-off in near-zero gradients below the tolerance
 COMMON = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import free_port, run_env
+from helpers import REPO, free_port, run_env
 
-REPO = Path(__file__).resolve().parents[2]
 # Adam turns round-off in (near-)zero gradients into +-lr steps (BLOOM's final LayerNorm bias has a gradient that is
 # exactly 0 in real arithmetic under a pairwise loss); eps=1e-6 keeps such noise below the tolerance compared here.
 COMMON = ["--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3", "--adam_eps", "1e-6",
