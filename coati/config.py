@@ -228,6 +228,10 @@ class LossArgs:
                                      valid=Range(0, 100))
     orthogonal_loss_weight: float = _opt(1.0, "--length_head: weight of abs(w_quality . w_length), keeping the "
                                               "two heads' weights orthogonal", valid=Range(0, 100))
+    length_groups: str = _opt("language", "--length_head: language pools the correlations within each language of "
+                                          "the micro-batch, so languages whose answers differ in length do not "
+                                          "stand for length; batch takes one correlation over the whole micro-batch "
+                                          "(ODIN as published)", choices=("language", "batch"))
     tie_param: float | None = _opt(None, "--ties rao_kupper / davidson: the tie parameter nu (log theta of Rao-"
                                          "Kupper, nu of Davidson), fixed during training; default auto = the value "
                                          "at which two answers with equal rewards tie with the probability of a "
@@ -471,9 +475,9 @@ def rule_problems(cfg: TrainConfig) -> list[str]:
     if cfg.data.ties != "drop" and cfg.loss.loss_fn not in ("log_sig", "log_exp"):
         errors.append(f"--ties {cfg.data.ties} is a Bradley-Terry model with ties, so it replaces log_sig / log_exp: "
                       f"not with --loss_fn {cfg.loss.loss_fn}")
-    for name in ("length_loss_weight", "orthogonal_loss_weight"):
+    for name in ("length_loss_weight", "orthogonal_loss_weight", "length_groups"):
         if not cfg.loss.length_head and getattr(cfg.loss, name) != getattr(LossArgs(), name):
-            errors.append(f"--{name} weighs a term of --length_head: add --length_head, or drop it")
+            errors.append(f"--{name} is an option of --length_head: add --length_head, or drop it")
     if cfg.loss.tie_param is not None and cfg.data.ties == "drop":
         errors.append("--tie_param is the tie parameter of --ties rao_kupper / davidson: drop it, or keep the ties")
     return errors

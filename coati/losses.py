@@ -193,15 +193,36 @@ class TieLoss:
 
 # ---------------------------------------------------------------------------------------------- ODIN length head
 
-def pearson_corr(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def pearson_corr(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor | None = None,
+                 eps: float = 1e-8) -> torch.Tensor:
     """Pearson's correlation of two ``[n]`` tensors in fp32, differentiable: ``cov(x, y) / (std x std y + eps)``
-    (0 for n < 2 or a constant side, through the ``eps``)."""
-    a, b = x.float() - x.float().mean(), y.float() - y.float().mean()
+    (0 for n < 2 or a constant side, through the ``eps``).
+
+    With ``groups`` (``[n]`` int64 labels) it is the pooled within-group correlation: each side is centred on its
+    group's mean before the covariance and the deviations are taken, so what differs between the groups' means (two
+    languages whose answers differ in length and in mean reward) does not count; one group gives the plain value.
+    """
+    x, y = x.float(), y.float()
+    if groups is None:
+        a, b = x - x.mean(), y - y.mean()
+    else:
+        a, b = x - group_means(x, groups), y - group_means(y, groups)
     return (a * b).mean() / ((a.pow(2).mean() * b.pow(2).mean()).sqrt() + eps)
 
 
+def group_means(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``[n]`` float: each element's group mean, for ``values`` ``[n]`` float and ``groups`` ``[n]`` int64 labels
+    (any integers; a group is the elements with one label)."""
+    _, index = torch.unique(groups.to(values.device), return_inverse=True)
+    count = int(index.max()) + 1 if index.numel() else 0
+    sums = values.new_zeros(count).index_add(0, index, values)
+    sizes = torch.bincount(index, minlength=count).to(values.dtype)
+    return (sums / sizes)[index]
+
+
 def length_head_loss(quality: torch.Tensor, length_out: torch.Tensor, lengths: torch.Tensor, overlap: torch.Tensor,
-                     length_weight: float = 1.0, orthogonal_weight: float = 1.0) -> torch.Tensor:
+                     length_weight: float = 1.0, orthogonal_weight: float = 1.0,
+                     groups: torch.Tensor | None = None) -> torch.Tensor:
     """ODIN's disentangling terms (Chen et al., "ODIN: Disentangled Reward Mitigates Hacking in RLHF", ICML 2024,
     arXiv 2402.07319, section 4): ``length_weight * (|rho(r_Q, L)| - rho(r_L, L)) + orthogonal_weight * overlap``.
 
@@ -209,16 +230,19 @@ def length_head_loss(quality: torch.Tensor, length_out: torch.Tensor, lengths: t
     the quality head's output ``r_Q`` is pushed to be uncorrelated with the answer length ``L`` and the length
     head's ``r_L`` to carry it; ``overlap`` is ``|w_Q . w_L|`` of the two heads' weights
     (:meth:`coati.models.reward_model.RewardModel.add_length_head`). The pairwise loss, added by the caller, is taken
-    on ``r_Q + r_L``.
+    on ``r_Q + r_L``. With ``groups`` (``--length_groups language``: a label per sequence) both correlations are
+    pooled within the groups (:func:`pearson_corr`), a departure from the paper's one batch-wide correlation: in a
+    mixed-language batch the languages' different answer lengths would otherwise stand for "length" and leave each
+    language's own length bias in place.
 
     Args:
         quality, length_out: ``[n]`` the two heads' outputs; lengths: ``[n]`` answer lengths in tokens (any dtype);
-        overlap: 0-dim float.
+        overlap: 0-dim float; groups: ``[n]`` int64 labels, or None for one group.
     Returns:
         0-dim float32.
     """
     lengths = lengths.to(device=quality.device, dtype=torch.float32)
-    decorrelate = pearson_corr(quality, lengths).abs() - pearson_corr(length_out, lengths)
+    decorrelate = pearson_corr(quality, lengths, groups).abs() - pearson_corr(length_out, lengths, groups)
     return length_weight * decorrelate + orthogonal_weight * overlap.float()
 
 

@@ -229,7 +229,7 @@ def _train(cfg: TrainConfig, strategy, tokenizer, reward_token_id: int, chosen: 
                           on_save=lambda step: save_resume_checkpoint(save_path, step, strategy, model, optimizer,
                                                                       scheduler, run_state, optim.keep_last),
                           start_step=start, length_head=(cfg.loss.length_loss_weight, cfg.loss.orthogonal_loss_weight)
-                          if cfg.loss.length_head else None)
+                          if cfg.loss.length_head else None, length_groups=cfg.loss.length_groups)
         t_fit = time.perf_counter()
         trainer.fit()
         fit_s = time.perf_counter() - t_fit

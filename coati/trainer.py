@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import time
+import zlib
 from typing import Callable
 
 import torch
@@ -83,19 +84,21 @@ class Trainer:
         start_step: the step a resumed run continues from (the data order continues exactly there).
         length_head: ``(length_loss_weight, orthogonal_loss_weight)`` of ``--length_head``, used when the model
             returns both heads' outputs (:meth:`~coati.models.reward_model.RewardModel.add_length_head`).
+        length_groups: ``--length_groups``: "language" pools the length correlations within each language of the
+            batch, "batch" takes them over the whole batch (:func:`coati.losses.length_head_loss`).
     """
 
     def __init__(self, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                  loss_fn: Callable, train: PairLoader, evaluation: PairLoader | None, optim: OptimArgs,
                  log: LogArgs, write_row: Callable[[dict], None] | None = None,
                  on_save: Callable[[int], str] | None = None, start_step: int = 0,
-                 length_head: tuple[float, float] | None = None):
+                 length_head: tuple[float, float] | None = None, length_groups: str = "language"):
         self.strategy, self.model, self.optimizer, self.scheduler = strategy, model, optimizer, scheduler
         self.loss_fn, self.train, self.evaluation = loss_fn, train, evaluation
         self.optim, self.log, self.write_row, self.on_save = optim, log, write_row, on_save
         self.steps_per_epoch, self.total_steps = plan_steps(len(train), optim)
         self.step = start_step
-        self.length_head = length_head
+        self.length_head, self.length_groups = length_head, length_groups
         self.history: list[dict] = []
         self.epoch_metrics: dict = {}  # online train metrics of the last epoch (all ranks, all its batches)
         self.last_checkpoint: tuple[int, str] | None = None  # (step, folder) of the newest checkpoint written
@@ -147,8 +150,12 @@ class Trainer:
         gathered = self.strategy.gather_data(torch.stack([quality, length_out], dim=1))
         lengths = self.strategy.gather_data(batch.lengths.to(both.device, torch.float32)[:, None])[:, 0]
         weights = self.length_head or (1.0, 1.0)
+        groups = None
+        if self.length_groups == "language":
+            labels = torch.tensor([zlib.crc32(lang.encode()) for lang in batch.item_langs], dtype=torch.int64)
+            groups = self.strategy.gather_data(labels[batch.item].to(both.device)[:, None])[:, 0]
         loss = self._pairwise(batch, quality + length_out) + length_head_loss(
-            gathered[:, 0], gathered[:, 1], lengths, overlap, *weights)
+            gathered[:, 0], gathered[:, 1], lengths, overlap, *weights, groups=groups)
         pairs = batch.pairs.to(quality.device)
         return loss, quality[pairs[:, 0]], quality[pairs[:, 1]], quality
 

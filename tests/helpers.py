@@ -82,7 +82,7 @@ def tiny_trainer(tokenizer, folder, loss_fn, **options):
     return Trainer(strategy, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), loss_fn,
                    loader, None, cfg.optim, cfg.log, write_row=log.write,
                    length_head=(cfg.loss.length_loss_weight, cfg.loss.orthogonal_loss_weight)
-                   if cfg.loss.length_head else None)
+                   if cfg.loss.length_head else None, length_groups=cfg.loss.length_groups)
 
 
 def make_pairs(seed=0, n=6, prompt=False):

@@ -42,11 +42,74 @@ def test_length_head_loss_in_closed_form():
     assert q.grad.abs().sum() > 0 and lo.grad.abs().sum() > 0
 
 
+def test_grouped_correlation_ignores_what_differs_between_groups():
+    # two groups whose means differ in both sides (a long-answer language with higher rewards), no relation inside
+    # either group: the batch-wide correlation is strong, the pooled within-group one is 0
+    x = torch.tensor([0.0, 1.0, 0.0, 1.0, 10.0, 11.0, 10.0, 11.0])
+    y = torch.tensor([1.0, 1.0, 3.0, 3.0, 101.0, 101.0, 103.0, 103.0])
+    groups = torch.tensor([7, 7, 7, 7, 3, 3, 3, 3])
+    assert pearson_corr(x, y).item() > 0.99
+    assert pearson_corr(x, y, groups).item() == pytest.approx(0.0, abs=1e-6)
+    # closed form: each side centred on its group mean, then Pearson's correlation of the deviations
+    x = [0.5, -1.0, 2.0, 0.0, 1.5, 3.0]
+    y = [10, 40, 5, 20, 80, 30]
+    labels = [1, 1, 1, 2, 2, 2]
+    dx, dy = [], []
+    for g in (1, 2):
+        xs, ys = [a for a, k in zip(x, labels) if k == g], [b for b, k in zip(y, labels) if k == g]
+        dx += [a - sum(xs) / 3 for a in xs]
+        dy += [b - sum(ys) / 3 for b in ys]
+    expected = sum(a * b for a, b in zip(dx, dy)) / math.sqrt(sum(a * a for a in dx) * sum(b * b for b in dy))
+    got = pearson_corr(torch.tensor(x), torch.tensor(y, dtype=torch.float32), torch.tensor(labels))
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    # one group gives the plain value
+    one = pearson_corr(torch.tensor(x), torch.tensor(y, dtype=torch.float32), torch.zeros(6, dtype=torch.int64))
+    assert one.item() == pytest.approx(_corr(x, y), abs=1e-6)
+    # the length head's output equal to the length correlates 1 within every group
+    loss = length_head_loss(torch.tensor(x), torch.tensor(y, dtype=torch.float32), torch.tensor(y), torch.tensor(0.0),
+                            groups=torch.tensor(labels))
+    assert loss.item() == pytest.approx(abs(expected) - 1.0, abs=1e-5)
+
+
+def test_language_groups_reach_the_trainers_length_terms(tokenizer, tmp_path):
+    """A mixed-language batch: --length_groups language takes the correlations within each language, batch over
+    all sequences; a one-language batch gives the same loss either way."""
+    from coati.data.loader import make_collate
+
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for k, (lang, lens) in enumerate((("en", [4, 9]), ("zh", [20, 14]), ("en", [7, 3]), ("zh", [25, 30]))):
+        prompt = torch.randint(5, 300, (4,), generator=g).tolist()
+        seqs = [prompt + torch.randint(5, 300, (n,), generator=g).tolist() + [2] for n in lens]
+        items.append(TokenizedPair(seqs[0], seqs[1], None, lang, "x", answer_lengths=lens))
+    collate = make_collate(tokenizer.pad_token_id, False, 0, True, "right")
+    losses = {}
+    for groups in ("language", "batch"):
+        trainer = tiny_trainer(tokenizer, tmp_path / groups, log_sig_loss, length_head=True, length_groups=groups)
+        for name, batch in (("mixed", collate(items)), ("en", collate(items[::2]))):
+            loss, *_ = trainer._forward(batch)
+            with torch.no_grad():
+                both, overlap = trainer.model(**batch.inputs)
+            total = both.sum(-1)
+            labels = torch.tensor([0 if batch.item_langs[i] == "en" else 1 for i in batch.item])
+            lengths = batch.lengths.float()
+            split = labels if groups == "language" else None
+            expected = (log_sig_loss(total[batch.pairs[:, 0]], total[batch.pairs[:, 1]], None)
+                        + pearson_corr(both[:, 0], lengths, split).abs() - pearson_corr(both[:, 1], lengths, split)
+                        + overlap)
+            assert loss.item() == pytest.approx(expected.item(), abs=1e-5), (groups, name)
+            losses[groups, name] = loss.item()
+    assert losses["language", "en"] == pytest.approx(losses["batch", "en"], abs=1e-6)
+    assert abs(losses["language", "mixed"] - losses["batch", "mixed"]) > 1e-3
+
+
 def test_length_head_flags_are_checked():
     assert any("add --length_head" in e for e in validate(TrainConfig.from_dict({"length_loss_weight": 2.0})))
     assert any("--orthogonal_loss_weight" in e for e in validate(TrainConfig.from_dict(
         {"length_head": True, "orthogonal_loss_weight": -1.0})))
     assert not validate(TrainConfig.from_dict({"length_head": True, "length_loss_weight": 0.5}))
+    assert any("--length_groups is an option of --length_head" in e
+               for e in validate(TrainConfig.from_dict({"length_groups": "batch"})))
 
 
 def _length_pairs(n, seed):
@@ -93,7 +156,8 @@ def test_the_quality_head_learns_to_ignore_a_length_only_preference(tokenizer, t
 
 @pytest.mark.slow
 def test_export_keeps_the_quality_head_and_ddp_equals_one_process(tmp_path):
-    common = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",
+    # two languages, so each rank's language labels are gathered with its rewards (--length_groups language)
+    common = ["--model", "llama", "--dataset", "hh-rlhf", "dpo-zh-demo", "--max_samples", "32", "--max_len", "96", "--lr", "1e-3",
               "--adam_eps", "1e-6", "--log_every", "1", "--disable_tqdm", "--seed", "7", "--mixed_precision", "fp32",
               "--max_steps", "4", "--length_head", "--lora_rank", "4", "--eval_split", "0.2"]
 

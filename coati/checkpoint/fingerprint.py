@@ -43,7 +43,7 @@ FINGERPRINT_FIELDS = _check_fields((
     "penalty_weight", "reward_bound", "center_rewards_coefficient", "reward_token", "max_len", "chat_template",
     "group_by_length", "max_epochs", "max_steps", "lr", "weight_decay", "adam_eps", "warmup_ratio", "warmup_steps",
     "max_grad_norm", "mixed_precision", "seed", "init_from", "ties", "tie_param", "length_head", "length_loss_weight",
-    "orthogonal_loss_weight",
+    "orthogonal_loss_weight", "length_groups",
 ))
 
 
