@@ -20,7 +20,7 @@ from helpers import REPO, free_port, run_env, tiny_model
 
 from coati.checkpoint.export import export_hf
 from coati.serving.client import AsyncRewardClient, RemoteRewardFunction, RewardClient, RewardServerError
-from coati.data.template import render_prompt
+from coati.data.template import TEMPLATE_SECONDS, render_prompt
 from coati.scoring import RewardScorer, normalize_prompt
 from coati.data.packing import prefix_groups
 from coati.serving.app import ServeSettings, create_app
@@ -403,6 +403,10 @@ def test_a_slow_chat_template_keeps_health_timeouts_and_sigterm_alive(slow_templ
             answer = slow.result()
             assert answer.status_code == 504 and "--request_timeout 2" in answer.json()["error"], answer.text
             assert time.monotonic() - t0 < 10
+            # the dropped request's render stops itself TEMPLATE_SECONDS after it began; until then its traced loop
+            # contends for the GIL, which on a slow host can hold a new request past the 2 s timeout. After it
+            # stops, the server must answer as before.
+            time.sleep(max(0.0, t0 + TEMPLATE_SECONDS + 0.5 - time.monotonic()))
             assert httpx.post(url + "/get_reward", json={"query": ["hi there"]}, timeout=30).status_code == 200
             pool.submit(httpx.post, url + "/score", json=body, timeout=60)
             time.sleep(0.5)  # a render is running when SIGTERM arrives
