@@ -213,10 +213,9 @@ def pearson_corr(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor | None =
 def group_means(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """``[n]`` float: each element's group mean, for ``values`` ``[n]`` float and ``groups`` ``[n]`` int64 labels
     (any integers; a group is the elements with one label)."""
-    _, index = torch.unique(groups.to(values.device), return_inverse=True)
-    count = int(index.max()) + 1 if index.numel() else 0
-    sums = values.new_zeros(count).index_add(0, index, values)
-    sizes = torch.bincount(index, minlength=count).to(values.dtype)
+    labels, index = torch.unique(groups.to(values.device), return_inverse=True)
+    sums = values.new_zeros(len(labels)).index_add(0, index, values)
+    sizes = torch.bincount(index, minlength=len(labels)).to(values.dtype)
     return (sums / sizes)[index]
 
 
