@@ -1,5 +1,6 @@
 """User mistakes fail fast through the CLI: exit code 2, one ``error: ...`` line, no traceback, and before the
-model is built (no ``model:`` log line, well under 30 s).
+model is built (no ``model:`` log line). How long a run takes is not asserted: that depends on the machine and its
+load (benchmarks, not tests, hold time goals).
 
 The five CLI runs are started by a module fixture, as many at a time as there are cores, so the file stays fast;
 each test then checks its own run. The
@@ -11,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +20,6 @@ import pytest
 from helpers import REPO, run_env
 
 DATA_DIR = os.environ["COATI_DATA_DIR"]  # set by conftest.py (default ../shared/data)
-MAX_SECONDS = 30.0
 COMMON = ["--model", "llama", "--max_steps", "1", "--disable_tqdm"]
 
 
@@ -46,7 +45,7 @@ def _tokenizer_without_eos(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, request):
-    """Run every case once: ``runs[case]`` is (returncode, stderr, stdout, seconds of that run)."""
+    """Run every case once: ``runs[case]`` is (returncode, stderr, stdout)."""
     tmp = tmp_path_factory.mktemp("cli_errors")
     (tmp / "afile").write_text("a file, not a folder")  # a path under a file cannot be created, even by root
     all_bad = tmp / "all_bad.jsonl"
@@ -61,13 +60,12 @@ def runs(tmp_path_factory, request):
         "strategy_unavailable": ["--strategy", "colossalai_zero2"],
         "all_rows_bad": ["--dataset", str(all_bad)],
     }
-    def launch(args: list[str]) -> tuple[int, str, str, float]:
+    def launch(args: list[str]) -> tuple[int, str, str]:
         cmd = [sys.executable, str(REPO / "train_reward_model.py")] + COMMON + args
-        t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env(), cwd=tmp, timeout=300)
-        return proc.returncode, proc.stderr, proc.stdout, time.perf_counter() - t0
+        return proc.returncode, proc.stderr, proc.stdout
 
-    # as many runs at a time as there are cores: each run's own time stays close to a lone run's
+    # as many runs at a time as there are cores
     with ThreadPoolExecutor(max_workers=max(1, min(len(cases), os.cpu_count() or 1))) as pool:
         futures = {case: pool.submit(launch, args if "--save_path" in args
                                      else args + ["--save_path", str(tmp / f"out_{case}")])
@@ -86,15 +84,14 @@ def runs(tmp_path_factory, request):
 
 
 def _error_line(runs, case: str) -> str:
-    code, err, out, seconds = runs[case]
+    code, err, out = runs[case]
     assert code == 2, f"exit code {code}\n{err[-3000:]}"
     assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err[-3000:]
     assert len(errors[0]) > len("error: ") + 10
-    # failed before the model was built: no model log line, and fast
+    # failed before the model was built: no model log line
     assert "model:" not in err and "model:" not in out, err[-3000:]
-    assert seconds < MAX_SECONDS, f"{case} took {seconds:.1f} s"
     return errors[0]
 
 
