@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import torch
-from transformers import get_cosine_schedule_with_warmup
 
 from coati.checkpoint.export import LENGTH_HEAD_FILE, export_hf
 from coati.checkpoint.fingerprint import run_fingerprint
@@ -215,6 +214,10 @@ def _train(cfg: TrainConfig, strategy, tokenizer, reward_token_id: int, chosen: 
         raise ValueError(f"{len(data.train)} training pairs make no optimizer step with batch_size "
                          f"{optim.batch_size} x {strategy.data_world_size} data-parallel processes x accumulation "
                          f"{optim.accumulation_steps}")
+    # imported here: transformers.optimization pulls in trainer_utils -> peft -> bitsandbytes (about 2.5 s of a
+    # process start on a 2-core CPU), which a run that stops at a data or setup error never needs
+    from transformers import get_cosine_schedule_with_warmup
+
     scheduler = get_cosine_schedule_with_warmup(optimizer, plan_warmup(total, optim), total)
     global_batch = optim.batch_size * optim.accumulation_steps * strategy.data_world_size
     run_state = {"fingerprint": run_fingerprint(cfg.to_dict(), data.train, global_batch, total)}
