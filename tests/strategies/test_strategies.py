@@ -1,6 +1,7 @@
 """Strategies are interchangeable: same losses and weights, checkpoints that move between them, two nodes."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,11 +64,16 @@ def test_checkpoint_moves_between_ddp_and_fsdp(tmp_path):
     straight = _train(args + ["ddp"] + COMMON, nproc=2, save_path=tmp_path / "straight")
     for first, second in (("ddp", "fsdp"), ("fsdp", "ddp")):
         out = tmp_path / f"{first}_to_{second}"
-        _train(args + [first, "--max_steps", "6"] + COMMON, nproc=2, save_path=out)
-        # keep only the step-3 checkpoint and finish the run under the other strategy
-        for extra in (out / "checkpoints").glob("step-000006"):
-            import shutil
-            shutil.rmtree(extra)
+        if first == "ddp":  # the uninterrupted ddp run wrote the same checkpoints: start from a copy of its folder
+            shutil.copytree(straight, out)
+        else:
+            _train(args + [first] + COMMON, nproc=2, save_path=out)
+        # keep only the step-3 checkpoint and the rows up to it (so the resumed run must write steps 4-6 and the
+        # export itself), then finish the run under the other strategy
+        shutil.rmtree(out / "checkpoints" / "step-000006")
+        (out / "model.safetensors").unlink()
+        rows = (out / "metrics.jsonl").read_text().splitlines()
+        (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= 3))
         _train(args + [second, "--resume", "auto"] + COMMON, nproc=2, save_path=out)
         assert max(abs(x - y) for x, y in zip(_losses(out), _losses(straight))) < 1e-5
         assert len(_losses(out)) == 6
