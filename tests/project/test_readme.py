@@ -18,7 +18,7 @@ MAIN_JOB = (REPO / "examples" / "train_rm_bilingual.sh").read_text(encoding="utf
 FRESH_MACHINE = (
     "bash scripts/setup.sh && bash examples/train_rm_bilingual.sh",
     "bash scripts/setup.sh && bash scripts/install_colossalai.sh && COATI_DATA_DIR=../shared/data scripts/python -m "
-    "pytest -q tests",
+    "pytest -q -n 2 --dist loadfile tests",
 )
 
 
