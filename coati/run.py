@@ -131,19 +131,23 @@ def resolve_tie_param(cfg, pairs: list, log: bool = False):
     return cfg.replace(tie_param=nu)
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, exit_after: bool = False) -> dict:
     """Train, evaluate and export a validated config (:func:`coati.cli.train.parse_args`) into its ``--save_path``,
     checked and locked for the run (:func:`coati.checkpoint.resume.prepare_save_path`); returns the summary written to
-    ``<save_path>/summary.json``."""
+    ``<save_path>/summary.json``.
+
+    ``exit_after``: the caller ends the process right after a successful run (the CLI does, with ``os._exit``), so a
+    process group of several ranks is left for the operating system to reclaim rather than destroyed (see
+    :meth:`coati.strategies.distributed.ProcessGroupMixin.teardown` for the gloo deadlock that avoids)."""
     t_start = time.perf_counter()
     lock = prepare_save_path(cfg.log.save_path, resuming=bool(cfg.optim.resume), overwrite=cfg.log.overwrite_output_dir)
     try:
-        return _run(cfg, t_start)
+        return _run(cfg, t_start, exit_after)
     finally:
         lock.release()
 
 
-def _run(cfg: TrainConfig, t_start: float) -> dict:
+def _run(cfg: TrainConfig, t_start: float, exit_after: bool) -> dict:
     init_from = cfg.optim.init_from and init_from_kind(cfg.optim.init_from)
     if init_from == "export":
         cfg = cfg.replace(pretrain=cfg.optim.init_from)
@@ -159,14 +163,14 @@ def _run(cfg: TrainConfig, t_start: float) -> dict:
     strategy = STRATEGIES[cfg.strategy.strategy](cfg.strategy)
     strategy.setup()
     try:
-        return _train(cfg, strategy, tokenizer, reward_token_id, chosen, init_from, t_start)
+        return _train(cfg, strategy, tokenizer, reward_token_id, chosen, init_from, t_start, exit_after)
     except BaseException:
         strategy.abandon()  # a run that failed in this process leaves no process group behind
         raise
 
 
 def _train(cfg: TrainConfig, strategy, tokenizer, reward_token_id: int, chosen: str | None, init_from: str | None,
-           t_start: float) -> dict:
+           t_start: float, exit_after: bool) -> dict:
     save_path = cfg.log.save_path
     main = strategy.is_main
     if main:
@@ -248,5 +252,5 @@ def _train(cfg: TrainConfig, strategy, tokenizer, reward_token_id: int, chosen: 
         export(cfg, export_model, tokenizer, reward_token_id, data, summary, final_eval, trainer.epoch_metrics)
         logger.info("exported to %s (%.0f s in all, %.0f s training)", save_path, summary["wall_seconds"], fit_s)
     strategy.barrier()
-    strategy.teardown()
+    strategy.teardown(keep_process_group=exit_after)
     return summary

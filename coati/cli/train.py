@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import logging
 import os
 import sys
 from types import MappingProxyType
 
+import torch.distributed as dist
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
@@ -125,27 +127,42 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: parse flags, run, and turn user mistakes into one clear line on stderr (exit codes: see the module
-    docstring)."""
+    docstring). A rank of a multi-process run (torchrun) ends its process here with ``os._exit`` once its output is
+    flushed, rather than returning: see :func:`_end_process`."""
     cfg = parse_args(argv)
     # the same mistake is found by every rank: say it once (rank 0); anything else is a crash of the rank
     # that raised it, shown by that rank, and torchrun then stops the others
     say = os.environ.get("RANK", "0") == "0"
     with signals_raise("training"):
         try:
-            run(cfg)
+            run(cfg, exit_after=True)
         except Interrupted as e:
             if say:
                 print(f"error: {e}", file=sys.stderr)
-            return e.exit_code
+            return _end_process(e.exit_code)
         except KeyboardInterrupt:  # SIGINT before the handlers were installed
             if say:
                 print("error: training was interrupted by SIGINT", file=sys.stderr)
-            return 130
+            return _end_process(130)
         except USER_ERRORS as e:
             if say:
                 print(f"error: {e}", file=sys.stderr)
-            return 2
-    return 0
+            return _end_process(2)
+    return _end_process(0)
+
+
+def _end_process(code: int) -> int:
+    """Return ``code``, or, while a process group is still initialized (a rank of a multi-process run: :func:`run`
+    leaves the group alive for a CLI caller), flush logging, stdout and stderr and end the process with
+    ``os._exit(code)``. Every file the run writes is closed by then; what is skipped is the interpreter's teardown,
+    where freeing a DDP reducer can run ``~ProcessGroupGloo`` and deadlock (torch 2.13; see
+    :meth:`coati.strategies.distributed.ProcessGroupMixin.teardown`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -158,8 +158,9 @@ class Strategy(ABC):
         """The plain trained model to export, on the main rank (None elsewhere); every rank must call it."""
         return self.unwrap(model) if self.is_main else None
 
-    def teardown(self) -> None:
-        """Release the process group."""
+    def teardown(self, keep_process_group: bool = False) -> None:
+        """Release the process group; with ``keep_process_group`` (the caller ends the process right after) a group
+        of several ranks is left for the operating system to reclaim."""
 
     def abandon(self) -> None:
         """After a run failed in this process: release what :meth:`setup` made without waiting for other ranks

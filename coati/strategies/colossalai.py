@@ -170,10 +170,10 @@ class _BoosterStrategy(ProcessGroupMixin, Strategy):
         """``booster.backward``: loss scaling (fp16), backward, gradient reduction."""
         self._booster.backward(loss, self._optimizer)
 
-    def teardown(self) -> None:
-        """Drop the booster and destroy the process group."""
+    def teardown(self, keep_process_group: bool = False) -> None:
+        """Drop the booster, then :meth:`ProcessGroupMixin.teardown`."""
         self._booster = self._optimizer = None
-        super().teardown()
+        super().teardown(keep_process_group)
 
 
 class ColossalAIDDPStrategy(_BoosterStrategy):

@@ -106,16 +106,20 @@ class ProcessGroupMixin:
         """Wait for all ranks."""
         dist.barrier()
 
-    def teardown(self) -> None:
-        """Destroy the process group, after a barrier.
+    def teardown(self, keep_process_group: bool = False) -> None:
+        """Wait for every rank, then destroy the process group, or with ``keep_process_group`` and several ranks
+        leave it alive for the operating system to reclaim when the caller ends the process (the CLI does, with
+        ``os._exit``).
 
-        The barrier lets gloo's worker thread finish releasing the tensors of the last collective first: seen with
-        torch 2.13, a DDP reducer freed after ``destroy_process_group`` runs ``~ProcessGroupGloo`` holding the GIL
-        while that thread waits for the GIL to drop an ``all_gather``'s Python-owned outputs, and both hang.
+        Why keep it: seen with torch 2.13 on gloo, a DDP reducer freed after ``destroy_process_group`` runs
+        ``~ProcessGroupGloo`` holding the GIL while a gloo worker thread waits for the GIL to drop an ``all_gather``'s
+        Python-owned outputs, and both hang. The barrier narrows that window but did not close it (a ddp test run
+        hung once after its export). With the group kept, freeing the reducer never runs that destructor.
         """
         if dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+            if not (keep_process_group and dist.get_world_size() > 1):
+                dist.destroy_process_group()
 
     def abandon(self) -> None:
         """After a failed run: destroy the process group when this process is its whole world (a library caller may

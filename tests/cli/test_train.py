@@ -138,3 +138,37 @@ def test_model_auto_picks_the_family_of_the_checkpoint_and_records_it(family, tm
     # no checkpoint to read: refused at parse time, one line
     bad = _run(["--model", "auto", "--save_path", str(tmp_path / "x")] + COMMON, expect_ok=False)
     assert bad.returncode == 2 and "--model auto reads the backbone family from a checkpoint" in bad.stderr
+
+
+END_PROCESS = """
+import atexit, os, sys
+import torch.distributed as dist
+from coati.cli.train import _end_process
+from coati.strategies.distributed import ProcessGroupMixin
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
+print(_end_process(5))  # no process group: the code comes back
+dist.init_process_group("gloo")
+ProcessGroupMixin().teardown(keep_process_group=True)  # one rank: destroyed all the same
+print(dist.is_initialized())
+dist.init_process_group("gloo")
+atexit.register(lambda: print("interpreter teardown ran"))
+print("written before the end", end="")  # buffered, not flushed, when stdout is a pipe
+_end_process(3)
+print("not reached")
+"""
+
+
+def test_a_rank_that_keeps_its_process_group_ends_without_interpreter_teardown(tmp_path):
+    """What the CLI does after a multi-process run (the gloo destructor deadlock is a race, so the test checks the
+    mechanism): the code is the exit status, buffered output is flushed, no interpreter teardown (atexit, and so no
+    destructors) runs, and with one rank ``keep_process_group`` destroys the group as usual."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", END_PROCESS, str(port)], capture_output=True, text=True,
+                          env=run_env(), timeout=300, cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout == "5\nFalse\nwritten before the end"
