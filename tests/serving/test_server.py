@@ -6,6 +6,8 @@ function give the same numbers."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import signal
 import subprocess
@@ -276,15 +278,17 @@ def test_body_limit_unknown_path_and_info(server):
     assert info["reward_token_id"] is not None and info["version"]
 
 
-class _SlowEngine(RewardEngine):
-    """The real engine, each forward pass held ``delay`` seconds (a busy model), counting the groups scored."""
+class _GatedEngine(RewardEngine):
+    """The real engine, each forward pass held at a gate the test opens (a busy model whose progress the test
+    controls, so that no outcome depends on how loaded the machine is), counting the groups scored."""
 
-    def __init__(self, scorer, delay):
+    def __init__(self, scorer):
         super().__init__(scorer)
-        self.delay, self.groups_scored = delay, 0
+        self.entered, self.passes, self.groups_scored = threading.Semaphore(0), threading.Semaphore(0), 0
 
     def rewards(self, groups):
-        time.sleep(self.delay)
+        self.entered.release()
+        assert self.passes.acquire(timeout=120), "the test never opened the gate"
         self.groups_scored += len(groups)
         return super().rewards(groups)
 
@@ -303,38 +307,50 @@ def _thread_server(engine, settings):
 
 
 def test_full_queue_answers_503_with_retry_after_and_timeouts_drop_requests(scorer):
-    engine = _SlowEngine(scorer, delay=1.0)
-    settings = ServeSettings(max_batch_tokens=8, max_wait_ms=0, max_queue=2, request_timeout=1.5)
+    engine = _GatedEngine(scorer)
+    settings = ServeSettings(max_batch_tokens=8, max_wait_ms=0, max_queue=2, request_timeout=3.0)
     server, thread, url = _thread_server(engine, settings)
+    body = {"prompt": "q", "responses": ["a", "b"]}  # more than 8 tokens: every request is a batch of its own
+    client = httpx.Client(timeout=60)  # one client for all threads: no TLS set-up per request on the clock
+    post = functools.partial(client.post, url + "/score", json=body)
     try:
-        body = {"prompt": "q", "responses": ["a", "b"]}  # more than 8 tokens: every request is a batch of its own
         with ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(httpx.post, url + "/score", json=body, timeout=30) for _ in range(6)]
-            responses = [f.result() for f in futures]
-        codes = sorted(r.status_code for r in responses)
-        # one scored (0-1 s); two queued: the second runs 1-2 s and times out at 1.5 s, the third times out while
-        # still queued (never computed); the other three find the queue full
-        assert codes == [200, 503, 503, 503, 504, 504], codes
-        busy = next(r for r in responses if r.status_code == 503)
-        assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["error"]
-        assert "--request_timeout" in next(r for r in responses if r.status_code == 504).json()["error"]
-        time.sleep(1.0)
-        assert httpx.post(url + "/score", json=body, timeout=30).status_code == 200  # still serving
-        assert engine.groups_scored == 3  # the first, the one that timed out while running, the last
-        info = httpx.get(url + "/info").json()
-        assert info["dropped"] == 1 and info["requests"] == 3
+            first = pool.submit(post)
+            assert engine.entered.acquire(timeout=60)  # the first request is in the model
+            rest = [pool.submit(post) for _ in range(5)]
+            # two of the other five wait in the queue (max_queue 2); three find it full and are answered at once
+            done = concurrent.futures.as_completed(rest, timeout=60)
+            busy = [next(done).result() for _ in range(3)]
+            assert [r.status_code for r in busy] == [503, 503, 503]
+            assert busy[0].headers["retry-after"] == "1" and "busy" in busy[0].json()["error"]
+            engine.passes.release()  # the first is scored; one queued request goes into the model and is held there
+            assert first.result().status_code == 200
+            assert engine.entered.acquire(timeout=60)
+            # both time out after 3 s: the one held in the model, and the one still queued behind it
+            late = [f.result() for f in rest if f.result().status_code != 503]
+            assert [r.status_code for r in late] == [504, 504]
+            assert "--request_timeout" in late[0].json()["error"]
+        for _ in range(2):  # the held one finishes (its result is dropped); the last request below is scored
+            engine.passes.release()
+        assert post().status_code == 200  # still serving
+        assert engine.groups_scored == 3  # the first, the one that timed out while in the model, the last
+        info = client.get(url + "/info").json()
+        assert info["dropped"] == 1 and info["requests"] == 3  # the one that timed out in the queue never ran
     finally:
+        for _ in range(4):
+            engine.passes.release()
+        client.close()
         server.should_exit = True
         thread.join(30)
 
 
 def test_sigterm_answers_every_accepted_request_then_exits_0(export, scorer):
-    proc, url = _start(export, "--max_wait_ms", "400")
+    proc, url = _start(export, "--max_wait_ms", "1500")
     body = {"prompt": PROMPTS[0], "responses": RESPONSES[0]}
     with httpx.Client(timeout=60) as client, ThreadPoolExecutor(8) as pool:
         client.get(url + "/health")
         futures = [pool.submit(client.post, url + "/score", json=body) for _ in range(8)]
-        time.sleep(0.25)  # the requests are accepted and waiting in the batcher
+        time.sleep(0.75)  # the requests are accepted and waiting in the batcher (up to 1.5 s for more to come)
         proc.send_signal(signal.SIGTERM)
         results = [f.result() for f in futures]
     assert [r.status_code for r in results] == [200] * 8
