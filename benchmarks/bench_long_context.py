@@ -181,7 +181,7 @@ def child(args) -> dict:
     activations = [t[0].item() - t[1].item() for t in every]
     step_mb = [t[3].item() - t[2].item() for t in every]  # peak of the measured steps over their start
     heap_step = [t[4].item() for t in every]
-    strategy.teardown()
+    strategy.teardown(keep_process_group=True)  # main ends the process with end_process
     return {"peak_rss_mb_max_rank": max(peaks), "activation_mb_max_rank": max(activations),
             "step_mb_max_rank": max(step_mb), "step_heap_mb_max_rank": max(heap_step), "peaks_mb": peaks,
             "computed_tokens": batch.computed_tokens, "tokens_per_s": batch.computed_tokens * args.steps / elapsed,
@@ -248,7 +248,9 @@ def main(argv=None) -> int:
             result = child(args)
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(result), flush=True)
-        return 0
+        from coati.strategies.distributed import end_process
+
+        return end_process(0)
     passed = list(argv if argv is not None else sys.argv[1:])
     from coati.data.sources import default_data_dir, load_pairs
 

@@ -26,6 +26,7 @@ from coati.models.cache import SMOLLM2_ALIAS, resolve_pretrain  # noqa: E402
 from coati.models.loading import build_reward_model, load_tokenizer
 from coati.models.reward_model import RewardModel  # noqa: E402
 from coati.strategies import STRATEGIES  # noqa: E402
+from coati.strategies.distributed import end_process  # noqa: E402
 from helpers import make_pairs  # noqa: E402
 
 
@@ -101,8 +102,8 @@ def main() -> int:
         results[case] = run_case(strategy, tokenizer, name, layout, int(lora), gc == ["gc"])
     if strategy.is_main:
         print("RESULT " + json.dumps(results), flush=True)
-    strategy.teardown()
-    return 0
+    strategy.teardown(keep_process_group=True)  # and end_process skips the teardown that can deadlock on gloo
+    return end_process(0)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import logging
 import os
 import sys
 from types import MappingProxyType
 
-import torch.distributed as dist
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
@@ -31,6 +29,7 @@ from coati.preflight import registries, resolve_auto, validate
 from coati.run import run
 from coati.signals import Interrupted, signals_raise
 from coati.strategies import StrategyUnavailable
+from coati.strategies.distributed import end_process
 from coati.trainer import NonFiniteError
 
 #: what a user's mistake raises: one ``error: ...`` line and exit code 2, never a traceback
@@ -128,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: parse flags, run, and turn user mistakes into one clear line on stderr (exit codes: see the module
     docstring). A rank of a multi-process run (torchrun) ends its process here with ``os._exit`` once its output is
-    flushed, rather than returning: see :func:`_end_process`."""
+    flushed, rather than returning: see :func:`coati.strategies.distributed.end_process`."""
     cfg = parse_args(argv)
     # the same mistake is found by every rank: say it once (rank 0); anything else is a crash of the rank
     # that raised it, shown by that rank, and torchrun then stops the others
@@ -139,30 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         except Interrupted as e:
             if say:
                 print(f"error: {e}", file=sys.stderr)
-            return _end_process(e.exit_code)
+            return end_process(e.exit_code)
         except KeyboardInterrupt:  # SIGINT before the handlers were installed
             if say:
                 print("error: training was interrupted by SIGINT", file=sys.stderr)
-            return _end_process(130)
+            return end_process(130)
         except USER_ERRORS as e:
             if say:
                 print(f"error: {e}", file=sys.stderr)
-            return _end_process(2)
-    return _end_process(0)
-
-
-def _end_process(code: int) -> int:
-    """Return ``code``, or, while a process group is still initialized (a rank of a multi-process run: :func:`run`
-    leaves the group alive for a CLI caller), flush logging, stdout and stderr and end the process with
-    ``os._exit(code)``. Every file the run writes is closed by then; what is skipped is the interpreter's teardown,
-    where freeing a DDP reducer can run ``~ProcessGroupGloo`` and deadlock (torch 2.13; see
-    :meth:`coati.strategies.distributed.ProcessGroupMixin.teardown`)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return code
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+            return end_process(2)
+    return end_process(0)
 
 
 if __name__ == "__main__":

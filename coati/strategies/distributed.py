@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -127,3 +129,20 @@ class ProcessGroupMixin:
         the launcher stops them all once this one exits."""
         if dist.is_initialized() and dist.get_world_size() == 1:
             dist.destroy_process_group()
+
+
+def end_process(code: int) -> int:
+    """Return ``code``, or, while a process group is still initialized (a rank of a multi-process run whose group was
+    kept: :meth:`ProcessGroupMixin.teardown` with ``keep_process_group``), flush logging, stdout and stderr and end
+    the process with ``os._exit(code)``.
+
+    The caller must have closed every file it wrote. What is skipped is the interpreter's teardown (atexit handlers,
+    destructors), where freeing a DDP reducer can run ``~ProcessGroupGloo`` and deadlock (torch 2.13; see
+    :meth:`ProcessGroupMixin.teardown`).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

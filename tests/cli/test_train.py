@@ -143,18 +143,18 @@ def test_model_auto_picks_the_family_of_the_checkpoint_and_records_it(family, tm
 END_PROCESS = """
 import atexit, os, sys
 import torch.distributed as dist
-from coati.cli.train import _end_process
+from coati.strategies.distributed import end_process
 from coati.strategies.distributed import ProcessGroupMixin
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
-print(_end_process(5))  # no process group: the code comes back
+print(end_process(5))  # no process group: the code comes back
 dist.init_process_group("gloo")
 ProcessGroupMixin().teardown(keep_process_group=True)  # one rank: destroyed all the same
 print(dist.is_initialized())
 dist.init_process_group("gloo")
 atexit.register(lambda: print("interpreter teardown ran"))
 print("written before the end", end="")  # buffered, not flushed, when stdout is a pipe
-_end_process(3)
+end_process(3)
 print("not reached")
 """
 
