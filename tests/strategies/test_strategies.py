@@ -38,10 +38,26 @@ def _max_weight_diff(a, b):
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
-@pytest.mark.parametrize("model", ["llama", "bloom"])
-def test_naive_ddp_fsdp2_fsdp3_train_identically(model, tmp_path):
+@pytest.fixture(scope="module")
+def naive_run(tmp_path_factory):
+    """``naive_run(model)``: the one-process reference run of ``model`` (5 steps, batch 4), made once per module."""
+    runs = {}
+
+    def get(model):
+        if model not in runs:
+            out = tmp_path_factory.mktemp(f"naive_{model}")
+            runs[model] = _train(["--model", model, "--max_steps", "5", "--strategy", "naive", "--batch_size", "4"]
+                                 + COMMON, save_path=out)
+        return runs[model]
+    return get
+
+
+# BLOOM runs the FSDP leg only: what is its own there is the wrapping of its blocks (ZeRO-3 shards them); DDP and
+# ZeRO-2 do not depend on the family and run on LLaMA
+@pytest.mark.parametrize("model, strategies", [("llama", ("ddp", "fsdp2", "fsdp3")), ("bloom", ("fsdp3",))])
+def test_naive_ddp_fsdp2_fsdp3_train_identically(model, strategies, tmp_path, naive_run):
     args = ["--model", model, "--max_steps", "5"] + COMMON
-    ref = _train(args + ["--strategy", "naive", "--batch_size", "4"], save_path=tmp_path / "naive")
+    ref = naive_run(model)
     runs = {
         "ddp": ["--strategy", "ddp"],
         "fsdp2": ["--strategy", "fsdp", "--zero_stage", "2"],
@@ -49,8 +65,8 @@ def test_naive_ddp_fsdp2_fsdp3_train_identically(model, tmp_path):
     }
     ref_losses = _losses(ref)
     assert len(ref_losses) == 5 and len(set(ref_losses)) > 1
-    for name, extra in runs.items():
-        out = _train(args + extra + ["--batch_size", "2"], nproc=2, save_path=tmp_path / name)
+    for name in strategies:
+        out = _train(args + runs[name] + ["--batch_size", "2"], nproc=2, save_path=tmp_path / name)
         losses = _losses(out)
         assert len(losses) == 5
         assert max(abs(x - y) for x, y in zip(losses, ref_losses)) < 1e-5, (name, losses, ref_losses)
@@ -79,11 +95,10 @@ def test_checkpoint_moves_between_ddp_and_fsdp(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_nodes_on_loopback(strategy, tmp_path):
+def test_two_nodes_on_loopback(strategy, tmp_path, naive_run):
     """Two torchrun agents as two nodes (one process each, static rendezvous on 127.0.0.1) == one process."""
-    args = ["--model", "llama", "--max_steps", "3", "--strategy", strategy, "--batch_size", "2"] + COMMON
-    ref = _train(["--model", "llama", "--max_steps", "3", "--strategy", "naive", "--batch_size", "4"] + COMMON,
-                 save_path=tmp_path / "ref")
+    args = ["--model", "llama", "--max_steps", "5", "--strategy", strategy, "--batch_size", "2"] + COMMON
+    ref = naive_run("llama")
     port = free_port()
     out = tmp_path / "multi"
     procs = []
