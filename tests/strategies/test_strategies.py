@@ -54,7 +54,8 @@ def naive_run(tmp_path_factory):
 
 # BLOOM runs the FSDP leg only: what is its own there is the wrapping of its blocks (ZeRO-3 shards them); DDP and
 # ZeRO-2 do not depend on the family and run on LLaMA
-@pytest.mark.parametrize("model, strategies", [("llama", ("ddp", "fsdp2", "fsdp3")), ("bloom", ("fsdp3",))])
+@pytest.mark.parametrize("model, strategies", [("llama", ("ddp", "fsdp2", "fsdp3")), ("bloom", ("fsdp3",))],
+                         ids=["llama", "bloom"])
 def test_naive_ddp_fsdp2_fsdp3_train_identically(model, strategies, tmp_path, naive_run):
     args = ["--model", model, "--max_steps", "5"] + COMMON
     ref = naive_run(model)
