@@ -33,6 +33,18 @@ def run_env(**extra) -> dict:
     return env
 
 
+def made_once(tmp_path_factory, make):
+    """``get(key)``: the folder ``make(key, folder)`` filled for ``key``, made on the first call with a new folder
+    and returned again after (what a module-scoped fixture hands to the tests that compare with the same run)."""
+    runs = {}
+
+    def get(key):
+        if key not in runs:
+            runs[key] = make(key, tmp_path_factory.mktemp(f"run_{key}"))
+        return runs[key]
+    return get
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (for a second torchrun rendezvous)."""
     with socket.socket() as s:

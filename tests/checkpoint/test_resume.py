@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from coati.checkpoint.resume import find_resume_checkpoint
 from coati.checkpoint.safe_load import CheckpointError
-from helpers import REPO, run_env
+from helpers import REPO, made_once, run_env
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 COMMON = ["--model", "llama", "--dataset", "hh-rlhf", "--max_samples", "64", "--max_len", "96", "--lr", "1e-3",
@@ -80,17 +80,12 @@ def _kill_tree(pid):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The uninterrupted runs (1 process naive, 2 processes ddp), made once for every interruption test."""
-    runs = {}
-
-    def get(nproc):
-        if nproc not in runs:
-            out = tmp_path_factory.mktemp(f"straight{nproc}")
-            proc = subprocess.run(_launch(nproc) + ["--save_path", str(out)], env=run_env(), cwd=REPO,
-                                  capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            runs[nproc] = out
-        return runs[nproc]
-    return get
+    def make(nproc, out):
+        proc = subprocess.run(_launch(nproc) + ["--save_path", str(out)], env=run_env(), cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out
+    return made_once(tmp_path_factory, make)
 
 
 @pytest.mark.slow

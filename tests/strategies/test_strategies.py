@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import REPO, free_port, run_env
+from helpers import REPO, free_port, made_once, run_env
 
 # Adam turns round-off in (near-)zero gradients into +-lr steps (BLOOM's final LayerNorm bias has a gradient that is
 # exactly 0 in real arithmetic under a pairwise loss); eps=1e-6 keeps such noise below the tolerance compared here.
@@ -41,15 +41,8 @@ def _max_weight_diff(a, b):
 @pytest.fixture(scope="module")
 def naive_run(tmp_path_factory):
     """``naive_run(model)``: the one-process reference run of ``model`` (5 steps, batch 4), made once per module."""
-    runs = {}
-
-    def get(model):
-        if model not in runs:
-            out = tmp_path_factory.mktemp(f"naive_{model}")
-            runs[model] = _train(["--model", model, "--max_steps", "5", "--strategy", "naive", "--batch_size", "4"]
-                                 + COMMON, save_path=out)
-        return runs[model]
-    return get
+    return made_once(tmp_path_factory, lambda model, out: _train(
+        ["--model", model, "--max_steps", "5", "--strategy", "naive", "--batch_size", "4"] + COMMON, save_path=out))
 
 
 # BLOOM runs the FSDP leg only: what is its own there is the wrapping of its blocks (ZeRO-3 shards them); DDP and
