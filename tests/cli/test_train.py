@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from helpers import REPO, TOKENIZER_DIR, run_env
+from helpers import REPO, TOKENIZER_DIR, free_port, run_env
 
 COMMON = ["--dataset", "hh-rlhf", "--max_samples", "48", "--max_len", "96", "--lr", "1e-3", "--log_every", "1",
           "--disable_tqdm", "--seed", "7", "--mixed_precision", "fp32"]
@@ -143,8 +143,7 @@ def test_model_auto_picks_the_family_of_the_checkpoint_and_records_it(family, tm
 END_PROCESS = """
 import atexit, os, sys
 import torch.distributed as dist
-from coati.strategies.distributed import end_process
-from coati.strategies.distributed import ProcessGroupMixin
+from coati.strategies.distributed import ProcessGroupMixin, end_process
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
 print(end_process(5))  # no process group: the code comes back
@@ -163,12 +162,7 @@ def test_a_rank_that_keeps_its_process_group_ends_without_interpreter_teardown(t
     """What the CLI does after a multi-process run (the gloo destructor deadlock is a race, so the test checks the
     mechanism): the code is the exit status, buffered output is flushed, no interpreter teardown (atexit, and so no
     destructors) runs, and with one rank ``keep_process_group`` destroys the group as usual."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-c", END_PROCESS, str(port)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", END_PROCESS, str(free_port())], capture_output=True, text=True,
                           env=run_env(), timeout=300, cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert proc.stdout == "5\nFalse\nwritten before the end"

@@ -6,7 +6,6 @@ function give the same numbers."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import json
 import signal
@@ -14,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import httpx
 import pytest
@@ -319,7 +318,7 @@ def test_full_queue_answers_503_with_retry_after_and_timeouts_drop_requests(scor
             assert engine.entered.acquire(timeout=60)  # the first request is in the model
             rest = [pool.submit(post) for _ in range(5)]
             # two of the other five wait in the queue (max_queue 2); three find it full and are answered at once
-            done = concurrent.futures.as_completed(rest, timeout=60)
+            done = as_completed(rest, timeout=60)
             busy = [next(done).result() for _ in range(3)]
             assert [r.status_code for r in busy] == [503, 503, 503]
             assert busy[0].headers["retry-after"] == "1" and "busy" in busy[0].json()["error"]
@@ -327,7 +326,7 @@ def test_full_queue_answers_503_with_retry_after_and_timeouts_drop_requests(scor
             assert first.result().status_code == 200
             assert engine.entered.acquire(timeout=60)
             # both time out after 3 s: the one held in the model, and the one still queued behind it
-            late = [f.result() for f in rest if f.result().status_code != 503]
+            late = [r for r in (f.result() for f in rest) if r.status_code != 503]
             assert [r.status_code for r in late] == [504, 504]
             assert "--request_timeout" in late[0].json()["error"]
         for _ in range(2):  # the held one finishes (its result is dropped); the last request below is scored

@@ -38,11 +38,17 @@ def _max_weight_diff(a, b):
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
+def _run_args(model):
+    """The 5-step run that the strategy-equality and two-node tests compare with its one-process reference."""
+    return ["--model", model, "--max_steps", "5"] + COMMON
+
+
 @pytest.fixture(scope="module")
 def naive_run(tmp_path_factory):
-    """``naive_run(model)``: the one-process reference run of ``model`` (5 steps, batch 4), made once per module."""
+    """``naive_run(model)``: the one-process reference run of ``model`` (:func:`_run_args`, batch 4), made once per
+    module."""
     return made_once(tmp_path_factory, lambda model, out: _train(
-        ["--model", model, "--max_steps", "5", "--strategy", "naive", "--batch_size", "4"] + COMMON, save_path=out))
+        _run_args(model) + ["--strategy", "naive", "--batch_size", "4"], save_path=out))
 
 
 # BLOOM runs the FSDP leg only: what is its own there is the wrapping of its blocks (ZeRO-3 shards them); DDP and
@@ -50,7 +56,7 @@ def naive_run(tmp_path_factory):
 @pytest.mark.parametrize("model, strategies", [("llama", ("ddp", "fsdp2", "fsdp3")), ("bloom", ("fsdp3",))],
                          ids=["llama", "bloom"])
 def test_naive_ddp_fsdp2_fsdp3_train_identically(model, strategies, tmp_path, naive_run):
-    args = ["--model", model, "--max_steps", "5"] + COMMON
+    args = _run_args(model)
     ref = naive_run(model)
     runs = {
         "ddp": ["--strategy", "ddp"],
@@ -91,7 +97,7 @@ def test_checkpoint_moves_between_ddp_and_fsdp(tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_nodes_on_loopback(strategy, tmp_path, naive_run):
     """Two torchrun agents as two nodes (one process each, static rendezvous on 127.0.0.1) == one process."""
-    args = ["--model", "llama", "--max_steps", "5", "--strategy", strategy, "--batch_size", "2"] + COMMON
+    args = _run_args("llama") + ["--strategy", strategy, "--batch_size", "2"]
     ref = naive_run("llama")
     port = free_port()
     out = tmp_path / "multi"
